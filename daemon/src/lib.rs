@@ -1,0 +1,7 @@
+//! `stratad`: the Strata daemon as a library. `main.rs` parses flags, loads
+//! the config and calls [`daemon::run`]; tests and benchmarks drive the
+//! same library.
+
+pub mod metrics;
+pub mod store;
+pub mod tier;

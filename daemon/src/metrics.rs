@@ -1,0 +1,370 @@
+//! Metrics: one struct of pre-resolved handles per subsystem, registered on
+//! a daemon-local Prometheus recorder (no global recorder, so several
+//! daemons in one test process keep their own numbers).
+//!
+//! Names follow `strata_<subsystem>_<name>_<unit>`; counters end in
+//! `_total`, sizes in `_bytes`, latencies in `_seconds` and are real
+//! Prometheus histograms (buckets configured below). Gauges that mirror store
+//! state (occupancy, lease counts) are set from a snapshot at scrape time, so
+//! they are never stale and cost nothing on the data path.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use strata_proto::TierKind;
+
+/// Latency buckets, seconds: 10 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static META: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// The daemon's metric registry.
+pub struct Registry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registry")
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .expect("static bucket list is non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        Registry { recorder, handle }
+    }
+
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+        Key::from_parts(name, labels)
+    }
+
+    pub fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Counter {
+        self.recorder
+            .describe_counter(name.into(), None, help.into());
+        self.recorder
+            .register_counter(&Self::key(name, labels), &META)
+    }
+
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        self.recorder
+            .describe_gauge(name.into(), Some(Unit::Count), help.into());
+        self.recorder
+            .register_gauge(&Self::key(name, labels), &META)
+    }
+
+    pub fn histogram(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Histogram {
+        self.recorder
+            .describe_histogram(name.into(), Some(Unit::Seconds), help.into());
+        self.recorder
+            .register_histogram(&Self::key(name, labels), &META)
+    }
+}
+
+/// One handle per tier.
+pub type PerTier<T> = [T; TierKind::ALL.len()];
+
+fn per_tier<T>(mut f: impl FnMut(&'static str) -> T) -> PerTier<T> {
+    TierKind::ALL.map(|t| f(t.name()))
+}
+
+/// Store (logical side) metrics.
+pub struct StoreMetrics {
+    pub lookups: Counter,
+    pub lookup_keys: Counter,
+    pub lookup_hits: PerTier<Counter>,
+    /// A chain's first absent key ends the hit run.
+    pub miss_absent: Counter,
+    /// A read whose checksum failed: served as a miss.
+    pub miss_checksum: Counter,
+    pub puts_stored: Counter,
+    pub puts_already_present: Counter,
+    pub puts_rejected: Counter,
+    pub evictions: PerTier<Counter>,
+    pub evicted_bytes: PerTier<Counter>,
+    pub checksum_failures: PerTier<Counter>,
+    pub bytes_in: PerTier<Counter>,
+    pub bytes_out: PerTier<Counter>,
+    pub leases_granted: Counter,
+    pub leases_expired: Counter,
+    pub reservations_expired: Counter,
+    pub abandoned_puts: Counter,
+}
+
+impl StoreMetrics {
+    pub fn new(r: &Registry) -> Self {
+        StoreMetrics {
+            lookups: r.counter("strata_store_lookups_total", "Lookup calls", &[]),
+            lookup_keys: r.counter("strata_store_lookup_keys_total", "Keys asked in lookups", &[]),
+            lookup_hits: per_tier(|t| {
+                r.counter(
+                    "strata_store_lookup_hits_total",
+                    "Keys found in the leading run of a lookup, by tier",
+                    &[("tier", t)],
+                )
+            }),
+            miss_absent: r.counter(
+                "strata_store_lookup_misses_total",
+                "Lookups or reads that missed, by reason",
+                &[("reason", "absent")],
+            ),
+            miss_checksum: r.counter(
+                "strata_store_lookup_misses_total",
+                "Lookups or reads that missed, by reason",
+                &[("reason", "checksum")],
+            ),
+            puts_stored: r.counter(
+                "strata_store_puts_total",
+                "Blocks offered for storage, by result",
+                &[("result", "stored")],
+            ),
+            puts_already_present: r.counter(
+                "strata_store_puts_total",
+                "Blocks offered for storage, by result",
+                &[("result", "already_present")],
+            ),
+            puts_rejected: r.counter(
+                "strata_store_puts_total",
+                "Blocks offered for storage, by result",
+                &[("result", "rejected")],
+            ),
+            evictions: per_tier(|t| {
+                r.counter("strata_store_evictions_total", "Blocks evicted, by tier", &[("tier", t)])
+            }),
+            evicted_bytes: per_tier(|t| {
+                r.counter(
+                    "strata_store_evicted_bytes_total",
+                    "Bytes of blocks evicted, by tier",
+                    &[("tier", t)],
+                )
+            }),
+            checksum_failures: per_tier(|t| {
+                r.counter(
+                    "strata_store_checksum_failures_total",
+                    "Blocks whose checksum failed after a read or transfer, by tier",
+                    &[("tier", t)],
+                )
+            }),
+            bytes_in: per_tier(|t| {
+                r.counter("strata_tier_bytes_in_total", "Bytes written into a tier", &[("tier", t)])
+            }),
+            bytes_out: per_tier(|t| {
+                r.counter("strata_tier_bytes_out_total", "Bytes read out of a tier", &[("tier", t)])
+            }),
+            leases_granted: r.counter("strata_store_leases_granted_total", "Leases granted", &[]),
+            leases_expired: r.counter(
+                "strata_store_leases_expired_total",
+                "Leases that expired before release",
+                &[],
+            ),
+            reservations_expired: r.counter(
+                "strata_store_reservations_expired_total",
+                "Zero-copy reservations never committed",
+                &[],
+            ),
+            abandoned_puts: r.counter(
+                "strata_store_abandoned_puts_total",
+                "Puts whose space was freed without publishing (stream broken, bad checksum, abort)",
+                &[],
+            ),
+        }
+    }
+}
+
+/// Gauges mirrored from a store snapshot at scrape time.
+pub struct StateGauges {
+    pub used_bytes: PerTier<Gauge>,
+    pub capacity_bytes: PerTier<Gauge>,
+    pub blocks: PerTier<Gauge>,
+    pub pinned_blocks: PerTier<Gauge>,
+    pub leases: Gauge,
+    pub reservations: Gauge,
+    pub reserved_bytes: Gauge,
+    pub index_bytes: Gauge,
+    pub namespaces: Gauge,
+}
+
+impl StateGauges {
+    pub fn new(r: &Registry) -> Self {
+        StateGauges {
+            used_bytes: per_tier(|t| {
+                r.gauge(
+                    "strata_tier_used_bytes",
+                    "Bytes occupied in a tier",
+                    &[("tier", t)],
+                )
+            }),
+            capacity_bytes: per_tier(|t| {
+                r.gauge(
+                    "strata_tier_capacity_bytes",
+                    "Configured size of a tier",
+                    &[("tier", t)],
+                )
+            }),
+            blocks: per_tier(|t| {
+                r.gauge(
+                    "strata_tier_blocks",
+                    "Blocks resident in a tier",
+                    &[("tier", t)],
+                )
+            }),
+            pinned_blocks: per_tier(|t| {
+                r.gauge(
+                    "strata_tier_pinned_blocks",
+                    "Blocks pinned by leases or reads",
+                    &[("tier", t)],
+                )
+            }),
+            leases: r.gauge("strata_store_leases", "Active leases", &[]),
+            reservations: r.gauge(
+                "strata_store_reservations",
+                "Puts reserved and not yet published (queue depth of the put path)",
+                &[],
+            ),
+            reserved_bytes: r.gauge(
+                "strata_store_reserved_bytes",
+                "Bytes held by puts in flight",
+                &[],
+            ),
+            index_bytes: r.gauge(
+                "strata_store_index_bytes",
+                "Heap bytes of the block index",
+                &[],
+            ),
+            namespaces: r.gauge("strata_store_namespaces", "Registered namespaces", &[]),
+        }
+    }
+}
+
+/// gRPC server metrics.
+pub struct ServerMetrics {
+    registry: Arc<Registry>,
+    pub streams_active: Gauge,
+    pub inflight_put_bytes: Gauge,
+    pub shm_clients: Counter,
+    pub shm_refused: Counter,
+}
+
+impl ServerMetrics {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        let r = &registry;
+        ServerMetrics {
+            streams_active: r.gauge(
+                "strata_server_streams_active",
+                "Put and Get streams in progress (queue depth of the stream path)",
+                &[],
+            ),
+            inflight_put_bytes: r.gauge(
+                "strata_server_inflight_put_bytes",
+                "Bytes admitted for puts not yet published",
+                &[],
+            ),
+            shm_clients: r.counter(
+                "strata_server_shm_handoffs_total",
+                "Arena descriptors handed to local clients",
+                &[],
+            ),
+            shm_refused: r.counter(
+                "strata_server_shm_refused_total",
+                "Local clients refused the arena (credentials)",
+                &[],
+            ),
+            registry: registry.clone(),
+        }
+    }
+
+    /// Per-method latency histogram and request counters are resolved once
+    /// per method at service construction.
+    pub fn method(&self, method: &'static str) -> MethodMetrics {
+        let r = &self.registry;
+        MethodMetrics {
+            latency: r.histogram(
+                "strata_server_request_duration_seconds",
+                "gRPC request latency by method",
+                &[("method", method)],
+            ),
+            ok: r.counter(
+                "strata_server_requests_total",
+                "gRPC requests by method and outcome",
+                &[("method", method), ("outcome", "ok")],
+            ),
+            client_error: r.counter(
+                "strata_server_requests_total",
+                "gRPC requests by method and outcome",
+                &[("method", method), ("outcome", "client_error")],
+            ),
+            server_error: r.counter(
+                "strata_server_requests_total",
+                "gRPC requests by method and outcome",
+                &[("method", method), ("outcome", "server_error")],
+            ),
+        }
+    }
+
+    pub fn limit_rejection(&self, limit: &'static str) -> Counter {
+        self.registry.counter(
+            "strata_server_limit_rejections_total",
+            "Requests refused by a configured limit",
+            &[("limit", limit)],
+        )
+    }
+}
+
+pub struct MethodMetrics {
+    pub latency: Histogram,
+    pub ok: Counter,
+    pub client_error: Counter,
+    pub server_error: Counter,
+}
+
+impl MethodMetrics {
+    pub fn record(&self, started: std::time::Instant, code: Option<tonic::Code>) {
+        self.latency.record(started.elapsed().as_secs_f64());
+        match code {
+            None => self.ok.increment(1),
+            Some(
+                tonic::Code::Internal
+                | tonic::Code::Unknown
+                | tonic::Code::DataLoss
+                | tonic::Code::Unavailable,
+            ) => self.server_error.increment(1),
+            Some(_) => self.client_error.increment(1),
+        }
+    }
+}

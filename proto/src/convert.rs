@@ -1,0 +1,445 @@
+//! Conversion of received wire messages into validated domain requests.
+//!
+//! Each `TryFrom` checks everything that can be checked without the daemon's
+//! state or configuration (key lengths, enum values, non-zero ids, layout
+//! dimensions). Configured limits (keys per call, block sizes the arena can
+//! hold) are checked by the server, which knows them.
+
+use std::fmt;
+
+use crate::domain::*;
+use crate::pb;
+
+/// A request field that failed validation: always answered with
+/// `INVALID_ARGUMENT` and the message `"<field>: <reason>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+impl From<FieldError> for tonic::Status {
+    fn from(e: FieldError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<LayoutError> for FieldError {
+    fn from(e: LayoutError) -> Self {
+        FieldError::new(e.field, e.reason)
+    }
+}
+
+fn key(field: &str, b: &[u8]) -> Result<BlockKey, FieldError> {
+    BlockKey::new(b).map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+fn keys(field: &str, v: &[bytes::Bytes]) -> Result<Vec<BlockKey>, FieldError> {
+    if v.is_empty() {
+        return Err(FieldError::new(field, "at least one key is required"));
+    }
+    v.iter()
+        .enumerate()
+        .map(|(i, b)| key(&format!("{field}[{i}]"), b))
+        .collect()
+}
+
+fn parent(field: &str, b: &[u8]) -> Result<Option<BlockKey>, FieldError> {
+    if b.is_empty() {
+        Ok(None)
+    } else {
+        key(field, b).map(Some)
+    }
+}
+
+fn namespace(v: u64) -> Result<NamespaceId, FieldError> {
+    if v == 0 {
+        return Err(FieldError::new(
+            "namespace_id",
+            "is missing (0); register a layout first to obtain one",
+        ));
+    }
+    Ok(NamespaceId(v))
+}
+
+impl TryFrom<pb::Dtype> for Dtype {
+    type Error = FieldError;
+    fn try_from(d: pb::Dtype) -> Result<Self, FieldError> {
+        match d {
+            pb::Dtype::F32 => Ok(Dtype::F32),
+            pb::Dtype::F16 => Ok(Dtype::F16),
+            pb::Dtype::Bf16 => Ok(Dtype::Bf16),
+            pb::Dtype::Fp8E4m3 => Ok(Dtype::Fp8E4m3),
+            pb::Dtype::Unspecified => Err(FieldError::new(
+                "layout.dtype",
+                "is unspecified; one of f32, f16, bf16, fp8_e4m3",
+            )),
+        }
+    }
+}
+
+impl From<Dtype> for pb::Dtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => pb::Dtype::F32,
+            Dtype::F16 => pb::Dtype::F16,
+            Dtype::Bf16 => pb::Dtype::Bf16,
+            Dtype::Fp8E4m3 => pb::Dtype::Fp8E4m3,
+        }
+    }
+}
+
+impl From<TierKind> for pb::Tier {
+    fn from(t: TierKind) -> Self {
+        match t {
+            TierKind::Gpu => pb::Tier::Gpu,
+            TierKind::Dram => pb::Tier::Dram,
+            TierKind::Cxl => pb::Tier::Cxl,
+            TierKind::Nvme => pb::Tier::Nvme,
+            TierKind::Remote => pb::Tier::Remote,
+        }
+    }
+}
+
+impl TryFrom<pb::Tier> for TierKind {
+    type Error = FieldError;
+    fn try_from(t: pb::Tier) -> Result<Self, FieldError> {
+        Ok(match t {
+            pb::Tier::Gpu => TierKind::Gpu,
+            pb::Tier::Dram => TierKind::Dram,
+            pb::Tier::Cxl => TierKind::Cxl,
+            pb::Tier::Nvme => TierKind::Nvme,
+            pb::Tier::Remote => TierKind::Remote,
+            pb::Tier::Unspecified => return Err(FieldError::new("tier", "is unspecified")),
+        })
+    }
+}
+
+impl TryFrom<pb::Layout> for Layout {
+    type Error = FieldError;
+    fn try_from(l: pb::Layout) -> Result<Self, FieldError> {
+        let dtype = pb::Dtype::try_from(l.dtype)
+            .map_err(|_| FieldError::new("layout.dtype", format!("unknown value {}", l.dtype)))?
+            .try_into()?;
+        let kv_kind = match pb::KvKind::try_from(l.kv_kind) {
+            Ok(pb::KvKind::Separate) => KvKind::Separate,
+            Ok(pb::KvKind::Mla) => KvKind::Mla,
+            Ok(pb::KvKind::Unspecified) => {
+                return Err(FieldError::new(
+                    "layout.kv_kind",
+                    "is unspecified; SEPARATE or MLA",
+                ));
+            }
+            Err(_) => {
+                return Err(FieldError::new(
+                    "layout.kv_kind",
+                    format!("unknown value {}", l.kv_kind),
+                ));
+            }
+        };
+        let layout = Layout {
+            model_id: l.model_id,
+            dtype,
+            num_layers: l.num_layers,
+            num_kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            tokens_per_block: l.tokens_per_block,
+            kv_kind,
+            tp_rank: l.tp_rank,
+            tp_size: l.tp_size,
+            tenant_salt: l.tenant_salt.to_vec(),
+        };
+        layout.validate()?;
+        Ok(layout)
+    }
+}
+
+impl From<&Layout> for pb::Layout {
+    fn from(l: &Layout) -> Self {
+        pb::Layout {
+            model_id: l.model_id.clone(),
+            dtype: pb::Dtype::from(l.dtype) as i32,
+            num_layers: l.num_layers,
+            num_kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            tokens_per_block: l.tokens_per_block,
+            kv_kind: match l.kv_kind {
+                KvKind::Separate => pb::KvKind::Separate,
+                KvKind::Mla => pb::KvKind::Mla,
+            } as i32,
+            tp_rank: l.tp_rank,
+            tp_size: l.tp_size,
+            tenant_salt: l.tenant_salt.clone().into(),
+        }
+    }
+}
+
+/// Lookup of a chain of keys, optionally leasing the hits.
+#[derive(Debug, Clone)]
+pub struct LookupReq {
+    pub namespace: NamespaceId,
+    pub keys: Vec<BlockKey>,
+    /// 0 = no lease.
+    pub lease_ttl_ms: u32,
+}
+
+impl TryFrom<pb::LookupRequest> for LookupReq {
+    type Error = FieldError;
+    fn try_from(r: pb::LookupRequest) -> Result<Self, FieldError> {
+        Ok(LookupReq {
+            namespace: namespace(r.namespace_id)?,
+            keys: keys("keys", &r.keys)?,
+            lease_ttl_ms: r.lease_ttl_ms,
+        })
+    }
+}
+
+/// The header of one block in a Put stream.
+#[derive(Debug, Clone, Copy)]
+pub struct PutHeader {
+    pub namespace: NamespaceId,
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub length: u64,
+    pub checksum: u64,
+}
+
+impl PutHeader {
+    /// `block` is the index of the block within its stream, for the message.
+    pub fn from_pb(h: &pb::PutHeader, block: usize) -> Result<Self, FieldError> {
+        let f = |name: &str| format!("blocks[{block}].{name}");
+        if h.length == 0 {
+            return Err(FieldError::new(f("length"), "must be at least 1"));
+        }
+        Ok(PutHeader {
+            namespace: namespace(h.namespace_id)
+                .map_err(|e| FieldError::new(f("namespace_id"), e.reason))?,
+            key: key(&f("key"), &h.key)?,
+            parent: parent(&f("parent"), &h.parent)?,
+            length: h.length,
+            checksum: h.checksum,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GetReq {
+    pub namespace: NamespaceId,
+    pub keys: Vec<BlockKey>,
+    pub lease: Option<LeaseId>,
+}
+
+impl TryFrom<pb::GetRequest> for GetReq {
+    type Error = FieldError;
+    fn try_from(r: pb::GetRequest) -> Result<Self, FieldError> {
+        Ok(GetReq {
+            namespace: namespace(r.namespace_id)?,
+            keys: keys("keys", &r.keys)?,
+            lease: (r.lease_id != 0).then_some(LeaseId(r.lease_id)),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeleteReq {
+    pub namespace: NamespaceId,
+    pub keys: Vec<BlockKey>,
+}
+
+impl TryFrom<pb::DeleteRequest> for DeleteReq {
+    type Error = FieldError;
+    fn try_from(r: pb::DeleteRequest) -> Result<Self, FieldError> {
+        Ok(DeleteReq {
+            namespace: namespace(r.namespace_id)?,
+            keys: keys("keys", &r.keys)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseReq {
+    pub lease: LeaseId,
+    /// When given, the lease must belong to this namespace.
+    pub namespace: Option<NamespaceId>,
+}
+
+impl TryFrom<pb::ReleaseRequest> for ReleaseReq {
+    type Error = FieldError;
+    fn try_from(r: pb::ReleaseRequest) -> Result<Self, FieldError> {
+        if r.lease_id == 0 {
+            return Err(FieldError::new("lease_id", "is missing (0)"));
+        }
+        Ok(ReleaseReq {
+            lease: LeaseId(r.lease_id),
+            namespace: (r.namespace_id != 0).then_some(NamespaceId(r.namespace_id)),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReserveBlock {
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReserveReq {
+    pub namespace: NamespaceId,
+    pub blocks: Vec<ReserveBlock>,
+    /// 0 = daemon default.
+    pub ttl_ms: u32,
+}
+
+impl TryFrom<pb::ReserveRequest> for ReserveReq {
+    type Error = FieldError;
+    fn try_from(r: pb::ReserveRequest) -> Result<Self, FieldError> {
+        if r.blocks.is_empty() {
+            return Err(FieldError::new("blocks", "at least one block is required"));
+        }
+        let blocks = r
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if b.length == 0 {
+                    return Err(FieldError::new(
+                        format!("blocks[{i}].length"),
+                        "must be at least 1",
+                    ));
+                }
+                Ok(ReserveBlock {
+                    key: key(&format!("blocks[{i}].key"), &b.key)?,
+                    parent: parent(&format!("blocks[{i}].parent"), &b.parent)?,
+                    length: b.length,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ReserveReq {
+            namespace: namespace(r.namespace_id)?,
+            blocks,
+            ttl_ms: r.ttl_ms,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CommitReq {
+    pub blocks: Vec<(ReservationId, u64)>,
+}
+
+impl TryFrom<pb::CommitRequest> for CommitReq {
+    type Error = FieldError;
+    fn try_from(r: pb::CommitRequest) -> Result<Self, FieldError> {
+        if r.blocks.is_empty() {
+            return Err(FieldError::new("blocks", "at least one block is required"));
+        }
+        let blocks = r
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if b.reservation_id == 0 {
+                    return Err(FieldError::new(
+                        format!("blocks[{i}].reservation_id"),
+                        "is missing (0)",
+                    ));
+                }
+                Ok((ReservationId(b.reservation_id), b.checksum))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(CommitReq { blocks })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GetSlotsReq {
+    pub namespace: NamespaceId,
+    pub lease: LeaseId,
+    pub keys: Vec<BlockKey>,
+}
+
+impl TryFrom<pb::GetSlotsRequest> for GetSlotsReq {
+    type Error = FieldError;
+    fn try_from(r: pb::GetSlotsRequest) -> Result<Self, FieldError> {
+        if r.lease_id == 0 {
+            return Err(FieldError::new(
+                "lease_id",
+                "is missing (0); take a lease with Lookup(lease_ttl_ms > 0) first",
+            ));
+        }
+        Ok(GetSlotsReq {
+            namespace: namespace(r.namespace_id)?,
+            lease: LeaseId(r.lease_id),
+            keys: keys("keys", &r.keys)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        let r = pb::LookupRequest {
+            namespace_id: 7,
+            keys: vec![vec![1u8].into(), vec![0u8; 40].into()],
+            lease_ttl_ms: 0,
+        };
+        let e = LookupReq::try_from(r).unwrap_err();
+        assert_eq!(e.field, "keys[1]");
+        assert!(e.reason.contains("40 bytes"), "{e}");
+
+        let r = pb::LookupRequest {
+            namespace_id: 0,
+            keys: vec![vec![1u8].into()],
+            lease_ttl_ms: 0,
+        };
+        assert_eq!(LookupReq::try_from(r).unwrap_err().field, "namespace_id");
+
+        let h = pb::PutHeader {
+            namespace_id: 1,
+            key: vec![].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            PutHeader::from_pb(&h, 3).unwrap_err().field,
+            "blocks[3].length"
+        );
+        let h = pb::PutHeader {
+            namespace_id: 1,
+            key: vec![].into(),
+            length: 4,
+            ..Default::default()
+        };
+        assert_eq!(
+            PutHeader::from_pb(&h, 3).unwrap_err().field,
+            "blocks[3].key"
+        );
+
+        let l = pb::Layout {
+            model_id: "m".into(),
+            dtype: 99,
+            ..Default::default()
+        };
+        assert_eq!(Layout::try_from(l).unwrap_err().field, "layout.dtype");
+    }
+}
