@@ -2,6 +2,8 @@
 //! the config and calls [`daemon::run`]; tests and benchmarks drive the
 //! same library.
 
+pub mod config;
 pub mod metrics;
+pub mod server;
 pub mod store;
 pub mod tier;

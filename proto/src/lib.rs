@@ -10,6 +10,7 @@
 
 pub mod convert;
 pub mod domain;
+pub mod shm;
 
 #[allow(clippy::all, clippy::unwrap_used, missing_docs)]
 pub mod pb {

@@ -503,14 +503,18 @@ impl Store {
 
     // ---- stream put -------------------------------------------------------
 
-    /// Reserves space for one block of a stream put. `block` is its index in
-    /// the stream (for error messages).
+    /// Reserves space for one block of a stream put whose header promises
+    /// `len` bytes hashing to `checksum`. `block` is its index in the stream
+    /// (for error messages). A present key with the same length and checksum
+    /// is `Reserve::Present` (nothing to write); with others, a conflict.
+    #[allow(clippy::too_many_arguments)]
     pub fn reserve(
         self: &Arc<Self>,
         ns: NamespaceId,
         key: BlockKey,
         parent: Option<BlockKey>,
         len: u64,
+        checksum: u64,
         block: usize,
     ) -> Result<Reserve, StoreError> {
         let mut g = self.lock();
@@ -521,9 +525,18 @@ impl Store {
         if let Some(id) = g.index.find(ns_o, &key) {
             let m = g.index.get(id);
             if !m.is_doomed() {
-                return Ok(Reserve::Present {
-                    len: m.len as u64,
-                    checksum: m.checksum,
+                if m.len as u64 == len && m.checksum == checksum {
+                    self.metrics.puts_already_present.increment(1);
+                    return Ok(Reserve::Present);
+                }
+                self.metrics.puts_rejected.increment(1);
+                return Err(StoreError::Conflict {
+                    field: f("checksum"),
+                    key,
+                    stored_len: m.len as u64,
+                    stored_checksum: m.checksum,
+                    len,
+                    checksum,
                 });
             }
         }
@@ -882,14 +895,16 @@ impl Store {
         })
     }
 
-    /// Copies a pinned block into `out` and verifies its checksum on the
-    /// copy. A mismatch drops the block (counted) and is a miss.
-    pub fn read_verified(&self, b: &ReadBlock, out: &mut [u8], i: usize) -> Result<(), StoreError> {
-        assert_eq!(out.len() as u64, b.len);
+    /// Copies a pinned block out of its tier and verifies the checksum of
+    /// the copy: what is returned is exactly what was verified. A mismatch
+    /// drops the block (counted) and is a miss. `i` is the key's position in
+    /// the request, for the error message.
+    pub fn read_block(&self, b: &ReadBlock, i: usize) -> Result<bytes::Bytes, StoreError> {
+        let mut out = bytes::BytesMut::with_capacity(b.len as usize);
         // SAFETY: the block is pinned by the caller's ReadGuard.
-        out.copy_from_slice(unsafe { self.dram.slice(b.addr, b.len) });
+        out.extend_from_slice(unsafe { self.dram.slice(b.addr, b.len) });
         let t = b.tier.index();
-        if strata_proto::checksum(out) != b.checksum {
+        if strata_proto::checksum(&out) != b.checksum {
             self.mark_corrupt(b.r);
             return Err(StoreError::Corrupt {
                 field: field("keys", i),
@@ -899,7 +914,7 @@ impl Store {
         }
         self.metrics.bytes_out[t].increment(b.len);
         self.lock().tiers[t].bytes_out += b.len;
-        Ok(())
+        Ok(out.freeze())
     }
 
     /// Records a failed checksum: the block stops being visible now and is
@@ -1172,12 +1187,9 @@ impl Store {
 /// Result of a stream reserve.
 #[derive(Debug)]
 pub enum Reserve {
-    /// The key is present: skip its bytes and report `AlreadyPresent` (or a
-    /// conflict if length or checksum differ).
-    Present {
-        len: u64,
-        checksum: u64,
-    },
+    /// The key is present with the same length and checksum: skip its bytes
+    /// and report `AlreadyPresent`.
+    Present,
     Slot(PutSlot),
 }
 

@@ -89,12 +89,9 @@ impl Fixture {
     ) -> Result<PutResult, StoreError> {
         match self
             .store
-            .reserve(self.ns, k, parent, data.len() as u64, 0)?
+            .reserve(self.ns, k, parent, data.len() as u64, checksum, 0)?
         {
-            Reserve::Present { len, checksum: c } => {
-                assert_eq!((len, c), (data.len() as u64, checksum));
-                Ok(PutResult::AlreadyPresent)
-            }
+            Reserve::Present => Ok(PutResult::AlreadyPresent),
             Reserve::Slot(mut slot) => {
                 slot.bytes_mut().copy_from_slice(data);
                 self.store.publish(slot, checksum)
@@ -120,9 +117,7 @@ impl Fixture {
         })?;
         let mut out = vec![];
         for (i, b) in guard.blocks.iter().enumerate() {
-            let mut buf = vec![0u8; b.len as usize];
-            self.store.read_verified(b, &mut buf, i)?;
-            out.push(buf);
+            out.push(self.store.read_block(b, i)?.to_vec());
         }
         Ok(out)
     }
@@ -164,11 +159,14 @@ fn partial_blocks_are_whole_tokens() {
             .unwrap(),
         PutResult::Stored
     );
-    let e = f.store.reserve(f.ns, key(1, 1), None, 100, 2).unwrap_err();
+    let e = f
+        .store
+        .reserve(f.ns, key(1, 1), None, 100, 0, 2)
+        .unwrap_err();
     assert!(e.to_string().starts_with("blocks[2].length:"), "{e}");
     let e = f
         .store
-        .reserve(f.ns, key(1, 1), None, 5 * 64, 0)
+        .reserve(f.ns, key(1, 1), None, 5 * 64, 0, 0)
         .unwrap_err();
     assert!(e.to_string().contains("up to 256 bytes"), "{e}");
 }
@@ -184,10 +182,10 @@ fn idempotent_put_and_conflict() {
     let k2 = key(1, 1);
     let data = payload(&k2, f.block);
     let c = strata_proto::checksum(&data);
-    let Reserve::Slot(mut a) = f.store.reserve(f.ns, k2, None, f.block, 0).unwrap() else {
+    let Reserve::Slot(mut a) = f.store.reserve(f.ns, k2, None, f.block, c, 0).unwrap() else {
         panic!()
     };
-    let Reserve::Slot(mut b) = f.store.reserve(f.ns, k2, None, f.block, 0).unwrap() else {
+    let Reserve::Slot(mut b) = f.store.reserve(f.ns, k2, None, f.block, c, 0).unwrap() else {
         panic!()
     };
     a.bytes_mut().copy_from_slice(&data);
@@ -200,10 +198,10 @@ fn idempotent_put_and_conflict() {
     // Same key, other bytes, both in flight: the second is refused as a
     // conflict, its space handed back, the stored block unchanged.
     let k3 = key(1, 3);
-    let Reserve::Slot(mut a) = f.store.reserve(f.ns, k3, None, f.block, 0).unwrap() else {
+    let Reserve::Slot(mut a) = f.store.reserve(f.ns, k3, None, f.block, 0, 0).unwrap() else {
         panic!()
     };
-    let Reserve::Slot(mut b) = f.store.reserve(f.ns, k3, None, f.block, 5).unwrap() else {
+    let Reserve::Slot(mut b) = f.store.reserve(f.ns, k3, None, f.block, 0, 5).unwrap() else {
         panic!()
     };
     let good = payload(&k3, f.block);
@@ -244,7 +242,11 @@ fn bad_checksum_changes_nothing() {
 #[test]
 fn abandoned_put_frees_space_and_is_invisible() {
     let f = fixture(2, 1, StoreConfig::default());
-    let Reserve::Slot(mut s) = f.store.reserve(f.ns, key(1, 0), None, f.block, 0).unwrap() else {
+    let Reserve::Slot(mut s) = f
+        .store
+        .reserve(f.ns, key(1, 0), None, f.block, 0, 0)
+        .unwrap()
+    else {
         panic!()
     };
     s.bytes_mut()[..4].copy_from_slice(b"half");

@@ -1,0 +1,503 @@
+//! Configuration: one TOML file, parsed and validated once in `main`, then
+//! passed down. Every field has a default; the defaults are the embedded file
+//! `config/default.toml`, which a test keeps equal to [`Config::default`].
+//! Nothing below `main` reads the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::{EvictionKind, StoreConfig};
+use crate::tier::DramConfig;
+
+/// The documented default configuration, compiled into the binary.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
+
+/// A size in bytes; parses `123`, `"64MiB"`, `"1GiB"`, `"10GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '_')
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: u64 = num.replace('_', "").parse().map_err(|_| {
+            format!("{s:?} is not a size; write a number of bytes or e.g. \"512MiB\", \"1GiB\"")
+        })?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => {
+                return Err(format!(
+                    "{s:?}: unknown size unit {u:?}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+                ));
+            }
+        };
+        num.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} overflows 64 bits"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if b >= 1 << shift && b % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}B")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Int(u64),
+            Str(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Int(n) => Ok(ByteSize(n)),
+            Repr::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub store: StoreSection,
+    pub tiers: TiersConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub uds: String,
+    pub shm_socket: String,
+    pub shm_allowed_uids: Vec<String>,
+    pub metrics_listen: String,
+    pub max_message_bytes: ByteSize,
+    pub stream_chunk_bytes: ByteSize,
+    pub max_keys_per_call: u32,
+    pub max_streams: u32,
+    pub max_concurrent_streams_per_connection: u32,
+    pub max_inflight_put_bytes: ByteSize,
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub eviction_policy: String,
+    pub max_blocks: u64,
+    pub max_leases: u64,
+    pub max_lease_ttl_ms: u64,
+    pub max_reservations: u64,
+    pub reservation_ttl_ms: u64,
+    pub max_reservation_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TiersConfig {
+    pub dram: DramSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DramSection {
+    pub bytes: ByteSize,
+    pub granule_bytes: ByteSize,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+    pub prefault: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("strata-data"),
+            server: ServerConfig::default(),
+            store: StoreSection::default(),
+            tiers: TiersConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7470".into(),
+            uds: String::new(),
+            shm_socket: String::new(),
+            shm_allowed_uids: vec![],
+            metrics_listen: "127.0.0.1:7471".into(),
+            max_message_bytes: ByteSize(16 << 20),
+            stream_chunk_bytes: ByteSize(1 << 20),
+            max_keys_per_call: 4096,
+            max_streams: 256,
+            max_concurrent_streams_per_connection: 256,
+            max_inflight_put_bytes: ByteSize(1 << 30),
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            eviction_policy: "prefix-lru".into(),
+            max_blocks: 1 << 24,
+            max_leases: 65536,
+            max_lease_ttl_ms: 300_000,
+            max_reservations: 65536,
+            reservation_ttl_ms: 30_000,
+            max_reservation_ttl_ms: 300_000,
+        }
+    }
+}
+
+impl Default for DramSection {
+    fn default() -> Self {
+        DramSection {
+            bytes: ByteSize(1 << 30),
+            granule_bytes: ByteSize(4096),
+            high_watermark: 0.95,
+            low_watermark: 0.90,
+            prefault: true,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration field that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn bad<T>(field: &'static str, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field,
+        reason: reason.into(),
+    })
+}
+
+/// A listen setting: an address, or off.
+fn parse_listen(field: &'static str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    match s {
+        "off" => Ok(None),
+        _ => s.parse().map(Some).or_else(|_| {
+            bad(
+                field,
+                format!("{s:?} is not an address like \"127.0.0.1:7470\", or \"off\""),
+            )
+        }),
+    }
+}
+
+/// Settings derived from a validated [`Config`], in the types the daemon uses.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub listen: Option<SocketAddr>,
+    pub uds: Option<PathBuf>,
+    pub shm_socket: Option<PathBuf>,
+    /// None = any uid.
+    pub shm_allowed_uids: Option<Vec<u32>>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub store: StoreConfig,
+    pub dram: DramConfig,
+    pub granule: u64,
+}
+
+impl Config {
+    /// Parses a TOML document; unknown fields and bad values are errors.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Checks every field and derives the daemon's settings.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let s = &self.server;
+        let listen = parse_listen("server.listen", &s.listen)?;
+        let metrics_listen = parse_listen("server.metrics_listen", &s.metrics_listen)?;
+        let uds = match s.uds.as_str() {
+            "off" => None,
+            "" => Some(self.data_dir.join("stratad.sock")),
+            p => Some(PathBuf::from(p)),
+        };
+        let shm_socket = match (s.shm_socket.as_str(), &uds) {
+            ("off", _) => None,
+            ("", Some(u)) => Some(shm_path_for(u)),
+            ("", None) => Some(self.data_dir.join("stratad.sock.shm")),
+            (p, _) => Some(PathBuf::from(p)),
+        };
+        for p in [&uds, &shm_socket].into_iter().flatten() {
+            // sun_path holds 108 bytes including the terminating NUL.
+            if p.as_os_str().len() > 107 {
+                return bad(
+                    "server.uds",
+                    format!(
+                        "socket path {} is longer than 107 bytes; use a shorter path",
+                        p.display()
+                    ),
+                );
+            }
+        }
+        if listen.is_none() && uds.is_none() {
+            return bad(
+                "server.listen",
+                "both server.listen and server.uds are off: nothing to serve",
+            );
+        }
+        let shm_allowed_uids = if s.shm_allowed_uids.iter().any(|u| u == "*") {
+            None
+        } else {
+            let mut v = Vec::new();
+            for u in &s.shm_allowed_uids {
+                v.push(u.parse::<u32>().or_else(|_| {
+                    bad(
+                        "server.shm_allowed_uids",
+                        format!("{u:?} is not a numeric uid or \"*\""),
+                    )
+                })?);
+            }
+            Some(v)
+        };
+        let msg = s.max_message_bytes.0;
+        if !(64 << 10..=1 << 30).contains(&msg) {
+            return bad(
+                "server.max_message_bytes",
+                format!("{} must be between 64KiB and 1GiB", s.max_message_bytes),
+            );
+        }
+        let chunk = s.stream_chunk_bytes.0;
+        if chunk < 4096 || chunk + 4096 > msg {
+            return bad(
+                "server.stream_chunk_bytes",
+                format!(
+                    "{} must be at least 4KiB and leave 4KiB of headroom below server.max_message_bytes ({})",
+                    s.stream_chunk_bytes, s.max_message_bytes
+                ),
+            );
+        }
+        for (field, v) in [
+            ("server.max_keys_per_call", s.max_keys_per_call),
+            ("server.max_streams", s.max_streams),
+            (
+                "server.max_concurrent_streams_per_connection",
+                s.max_concurrent_streams_per_connection,
+            ),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if s.max_inflight_put_bytes.0 == 0 || s.max_inflight_put_bytes.0 > u32::MAX as u64 {
+            return bad(
+                "server.max_inflight_put_bytes",
+                "must be between 1 byte and 4GiB",
+            );
+        }
+
+        let d = &self.tiers.dram;
+        let granule = d.granule_bytes.0;
+        if !granule.is_power_of_two() || !(16..=(64 << 20)).contains(&granule) {
+            return bad(
+                "tiers.dram.granule_bytes",
+                format!(
+                    "{} must be a power of two between 16B and 64MiB",
+                    d.granule_bytes
+                ),
+            );
+        }
+        if d.bytes.0 < granule.max(1 << 20) {
+            return bad(
+                "tiers.dram.bytes",
+                format!("{} is too small; at least 1MiB", d.bytes),
+            );
+        }
+        if !(0.0 < d.low_watermark
+            && d.low_watermark <= d.high_watermark
+            && d.high_watermark <= 1.0)
+        {
+            return bad(
+                "tiers.dram.high_watermark",
+                format!(
+                    "need 0 < low_watermark ({}) <= high_watermark ({}) <= 1",
+                    d.low_watermark, d.high_watermark
+                ),
+            );
+        }
+        let st = &self.store;
+        let eviction = EvictionKind::parse(&st.eviction_policy).map_or_else(
+            || {
+                bad(
+                    "store.eviction_policy",
+                    format!(
+                        "{:?} is not one of \"prefix-lru\", \"lru\"",
+                        st.eviction_policy
+                    ),
+                )
+            },
+            Ok,
+        )?;
+        for (field, v) in [
+            ("store.max_blocks", st.max_blocks),
+            ("store.max_leases", st.max_leases),
+            ("store.max_lease_ttl_ms", st.max_lease_ttl_ms),
+            ("store.max_reservations", st.max_reservations),
+            ("store.reservation_ttl_ms", st.reservation_ttl_ms),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if st.max_blocks >= u32::MAX as u64 {
+            return bad("store.max_blocks", "must be below 2^32");
+        }
+        if st.reservation_ttl_ms > st.max_reservation_ttl_ms {
+            return bad(
+                "store.reservation_ttl_ms",
+                "must not exceed store.max_reservation_ttl_ms",
+            );
+        }
+        if self.log.level.is_empty() {
+            return bad("log.level", "must not be empty; e.g. \"info\"");
+        }
+        Ok(Resolved {
+            listen,
+            uds,
+            shm_socket,
+            shm_allowed_uids,
+            metrics_listen,
+            store: StoreConfig {
+                high_watermark: d.high_watermark,
+                low_watermark: d.low_watermark,
+                eviction,
+                max_blocks: st.max_blocks as usize,
+                max_leases: st.max_leases as usize,
+                max_lease_ttl: Duration::from_millis(st.max_lease_ttl_ms),
+                max_reservations: st.max_reservations as usize,
+                reservation_ttl: Duration::from_millis(st.reservation_ttl_ms),
+                max_reservation_ttl: Duration::from_millis(st.max_reservation_ttl_ms),
+            },
+            dram: DramConfig {
+                bytes: d.bytes.0,
+                granule_bytes: granule,
+                prefault: d.prefault,
+            },
+            granule,
+        })
+    }
+}
+
+/// The zero-copy hand-off socket that goes with a gRPC Unix socket: the same
+/// path with `.shm` appended. Clients use the same rule.
+pub fn shm_path_for(uds: &Path) -> PathBuf {
+    let mut s = uds.as_os_str().to_owned();
+    s.push(".shm");
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_file_is_the_default() {
+        let parsed = Config::from_toml(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+        let r = parsed.resolve().unwrap();
+        assert_eq!(r.listen, Some("127.0.0.1:7470".parse().unwrap()));
+        assert_eq!(r.uds, Some(PathBuf::from("strata-data/stratad.sock")));
+        assert_eq!(
+            r.shm_socket,
+            Some(PathBuf::from("strata-data/stratad.sock.shm"))
+        );
+        assert_eq!(r.dram.bytes, 1 << 30);
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("1GiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 30));
+        assert_eq!("512 MiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
+        assert_eq!(
+            "10GB".parse::<ByteSize>().unwrap(),
+            ByteSize(10_000_000_000)
+        );
+        assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert!(
+            "1 GiBs"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
+        assert!("lots".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml("[tiers.dram]\nbytez = 1\n").unwrap_err();
+        assert!(e.contains("unknown field `bytez`"), "{e}");
+        let e = Config::from_toml("[tiers.dram]\nbytes = \"1 parsec\"\n").unwrap_err();
+        assert!(e.contains("unknown size unit"), "{e}");
+        let c = Config::from_toml("[tiers.dram]\nbytes = 1000\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "tiers.dram.bytes");
+        let c = Config::from_toml("[server]\nlisten = \"localhost\"\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "server.listen");
+        let c = Config::from_toml("[store]\neviction_policy = \"fifo\"\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "store.eviction_policy");
+        let c = Config::from_toml("[tiers.dram]\nlow_watermark = 0.99\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "tiers.dram.high_watermark");
+        let c = Config::from_toml("[server]\nlisten = \"off\"\nuds = \"off\"\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "server.listen");
+    }
+}

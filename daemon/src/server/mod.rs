@@ -1,0 +1,353 @@
+//! The daemon's front: gRPC on TCP and on a Unix socket, the arena hand-off
+//! socket, the metrics and health endpoint, and the background tasks.
+//!
+//! [`start`] binds every listener first (so a port clash fails at once, with
+//! the address named), opens the tiers while `/readyz` says what it is
+//! doing, then serves. [`Running::shutdown`] begins a drain: readiness goes
+//! false, listeners stop accepting, HTTP/2 connections get GOAWAY so no new
+//! call starts, in-flight calls finish (up to `server.drain_timeout_ms`),
+//! and the socket files are removed.
+
+pub mod http;
+pub mod limits;
+pub mod service;
+pub mod shm;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::pb::strata_server::StrataServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::{Config, ConfigError, Resolved};
+use crate::metrics::{Registry, ServerMetrics, StoreMetrics};
+use crate::store::{Store, SystemClock};
+use crate::tier::{DramError, DramTier};
+use http::Health;
+use limits::{Limits, MessageLimitLayer};
+use service::StrataService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{what} {path} is in use by a running process (another stratad?); stop it or choose another path"
+    )]
+    SocketInUse { what: &'static str, path: PathBuf },
+    #[error("cannot create directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dram(#[from] DramError),
+    #[error("opening tiers: {0}")]
+    Task(String),
+}
+
+/// A started daemon: its bound addresses, its store, and its tasks.
+pub struct Running {
+    pub tcp_addr: Option<SocketAddr>,
+    pub uds: Option<PathBuf>,
+    pub shm_socket: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub health: Arc<Health>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    drain_timeout: Duration,
+    health_reporter: tonic_health::server::HealthReporter,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("tcp_addr", &self.tcp_addr)
+            .field("uds", &self.uds)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish()
+    }
+}
+
+/// Removes a stale socket file, refusing if something still listens on it.
+fn prepare_socket(what: &'static str, path: &Path) -> Result<(), StartError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::Dir {
+            path: dir.into(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse {
+                what,
+                path: path.into(),
+            });
+        }
+        std::fs::remove_file(path).map_err(|source| StartError::Bind {
+            what,
+            addr: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn bind_unix(what: &'static str, path: &Path) -> Result<UnixListener, StartError> {
+    prepare_socket(what, path)?;
+    UnixListener::bind(path).map_err(|source| StartError::Bind {
+        what,
+        addr: path.display().to_string(),
+        source,
+    })
+}
+
+/// Starts a daemon from a configuration; returns once it serves.
+pub async fn start(cfg: &Config) -> Result<Running, StartError> {
+    let r: Resolved = cfg.resolve()?;
+    let registry = Arc::new(Registry::new());
+    let health = Arc::new(Health::default());
+    health.set(false, "starting: opening tiers");
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    // 1. Listeners first: a clash fails before minutes of pre-faulting.
+    let http_listener = match r.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "server.metrics_listen",
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let tcp = match r.listen {
+        Some(addr) => Some(
+            TcpIncoming::bind(addr)
+                .map_err(|source| StartError::Bind {
+                    what: "server.listen",
+                    addr: addr.to_string(),
+                    source,
+                })?
+                // Without no-delay every small call waits ~40 ms for Nagle.
+                .with_nodelay(Some(true)),
+        ),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
+    let uds = match &r.uds {
+        Some(p) => Some(bind_unix("server.uds", p)?),
+        None => None,
+    };
+    let shm_listener = match &r.shm_socket {
+        Some(p) => Some(bind_unix("server.shm_socket", p)?),
+        None => None,
+    };
+
+    // 2. Probes answer while the tiers open.
+    let (app, http_handle) = http::router(registry.clone(), health.clone());
+    if let Some(l) = http_listener {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = http::serve(l, app, stop).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
+    // 3. Tiers.
+    let dram_cfg = r.dram.clone();
+    let started = std::time::Instant::now();
+    let dram = tokio::task::spawn_blocking(move || DramTier::new(&dram_cfg))
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))??;
+    tracing::info!(
+        bytes = dram.capacity_bytes(),
+        prefault = r.dram.prefault,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "DRAM tier ready"
+    );
+    let store = Arc::new(Store::new(
+        r.store.clone(),
+        dram,
+        r.granule,
+        Arc::new(SystemClock),
+        StoreMetrics::new(&registry),
+    ));
+    let _ = http_handle.store.set(store.clone());
+
+    // 4. Background work: eviction to the low watermark, expiry of leases
+    //    and reservations.
+    {
+        let (store, stop) = (store.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = store.evict_wanted.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                let n = store.evict_to_watermark(64);
+                if n > 0 {
+                    tracing::trace!(evicted = n, "background eviction");
+                }
+            }
+        });
+    }
+    {
+        let (store, stop) = (store.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => { store.expire(); }
+                }
+            }
+        });
+    }
+
+    // 5. gRPC.
+    let server_metrics = Arc::new(ServerMetrics::new(registry.clone()));
+    let s = &cfg.server;
+    let limits = Limits::new(
+        s.max_keys_per_call,
+        s.max_streams,
+        s.max_inflight_put_bytes.0,
+        server_metrics.clone(),
+    );
+    let max_msg = s.max_message_bytes.0 as usize;
+    let svc = StrataServer::new(StrataService::new(
+        store.clone(),
+        limits,
+        s.stream_chunk_bytes.0 as usize,
+        &server_metrics,
+    ))
+    // tonic's own check stays as a second line, above ours.
+    .max_decoding_message_size(max_msg + (64 << 10))
+    .max_encoding_message_size(max_msg + (64 << 10));
+    let (health_reporter, health_svc) = tonic_health::server::health_reporter();
+    let limit_layer = MessageLimitLayer::new(
+        max_msg as u64,
+        server_metrics.limit_rejection("server.max_message_bytes"),
+    );
+    let per_conn = s.max_concurrent_streams_per_connection;
+    let builder = move || {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(per_conn)
+            .layer(limit_layer.clone())
+    };
+    let drain_timeout = Duration::from_millis(s.drain_timeout_ms);
+    if let Some(incoming) = tcp {
+        let (svc, health_svc, stop) = (svc.clone(), health_svc.clone(), stop.clone());
+        let mut b = builder();
+        tasks.spawn(async move {
+            let r = b
+                .add_service(health_svc)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC over TCP failed");
+            }
+        });
+    }
+    if let Some(listener) = uds {
+        let (svc, health_svc, stop) = (svc.clone(), health_svc.clone(), stop.clone());
+        let mut b = builder();
+        tasks.spawn(async move {
+            let r = b
+                .add_service(health_svc)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop.cancelled())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC over the Unix socket failed");
+            }
+        });
+    }
+    if let Some(listener) = shm_listener {
+        let policy = shm::ShmPolicy::from_config(r.shm_allowed_uids.clone());
+        tasks.spawn(shm::serve(
+            listener,
+            store.clone(),
+            policy,
+            server_metrics.clone(),
+            stop.clone(),
+        ));
+    }
+
+    health_reporter
+        .set_serving::<StrataServer<StrataService>>()
+        .await;
+    health.set(
+        true,
+        format!("dram: {} bytes", store.dram().capacity_bytes()),
+    );
+    tracing::info!(
+        tcp = ?tcp_addr,
+        uds = ?r.uds,
+        shm = ?r.shm_socket,
+        metrics = ?metrics_addr,
+        "stratad serving"
+    );
+    Ok(Running {
+        tcp_addr,
+        uds: r.uds,
+        shm_socket: r.shm_socket,
+        metrics_addr,
+        store,
+        registry,
+        health,
+        stop,
+        tasks,
+        drain_timeout,
+        health_reporter,
+    })
+}
+
+impl Running {
+    /// Drains and stops: returns when every task ended or the drain timed out.
+    pub async fn shutdown(mut self) {
+        self.health.set(false, "draining: shutting down");
+        self.health_reporter
+            .set_not_serving::<StrataServer<StrataService>>()
+            .await;
+        self.stop.cancel();
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                timeout_ms = self.drain_timeout.as_millis() as u64,
+                "drain timed out; abandoning calls still in flight"
+            );
+            self.tasks.abort_all();
+        }
+        for p in [&self.uds, &self.shm_socket].into_iter().flatten() {
+            let _ = std::fs::remove_file(p);
+        }
+        let st = self.store.stats();
+        tracing::info!(blocks = st.blocks, leases = st.leases, "stratad stopped");
+    }
+}

@@ -1,0 +1,533 @@
+//! The `strata.v1.Strata` gRPC service: receives wire messages, converts
+//! them into validated domain requests (`strata-proto`), applies the server
+//! limits, and calls the store. No policy lives here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
+
+use strata_proto::convert::{
+    CommitReq, DeleteReq, GetReq, GetSlotsReq, LookupReq, PutHeader, ReleaseReq, ReserveReq,
+};
+use strata_proto::{FieldError, Layout, ReservationId, pb};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::limits::Limits;
+use crate::metrics::{MethodMetrics, ServerMetrics};
+use crate::store::{PutResult, Reserve, Store};
+
+/// Who is calling: from the connection, never from the request body.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Tcp(Option<SocketAddr>),
+    Unix {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    },
+    Unknown,
+}
+
+impl Peer {
+    pub fn of<T>(req: &Request<T>) -> Peer {
+        if let Some(info) = req.extensions().get::<UdsConnectInfo>() {
+            return match info.peer_cred {
+                Some(c) => Peer::Unix {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                    pid: c.pid(),
+                },
+                None => Peer::Unknown,
+            };
+        }
+        if let Some(info) = req.extensions().get::<TcpConnectInfo>() {
+            return Peer::Tcp(info.remote_addr());
+        }
+        Peer::Unknown
+    }
+
+    fn is_local(&self) -> bool {
+        matches!(self, Peer::Unix { .. })
+    }
+}
+
+struct Methods {
+    register: MethodMetrics,
+    lookup: MethodMetrics,
+    put: MethodMetrics,
+    get: MethodMetrics,
+    release: MethodMetrics,
+    delete: MethodMetrics,
+    stats: MethodMetrics,
+    reserve: MethodMetrics,
+    commit: MethodMetrics,
+    abort: MethodMetrics,
+    get_slots: MethodMetrics,
+}
+
+pub struct StrataService {
+    store: Arc<Store>,
+    limits: Limits,
+    chunk: usize,
+    m: Arc<Methods>,
+}
+
+impl StrataService {
+    pub fn new(store: Arc<Store>, limits: Limits, chunk: usize, metrics: &ServerMetrics) -> Self {
+        let m = Methods {
+            register: metrics.method("RegisterLayout"),
+            lookup: metrics.method("Lookup"),
+            put: metrics.method("Put"),
+            get: metrics.method("Get"),
+            release: metrics.method("Release"),
+            delete: metrics.method("Delete"),
+            stats: metrics.method("Stats"),
+            reserve: metrics.method("Reserve"),
+            commit: metrics.method("Commit"),
+            abort: metrics.method("Abort"),
+            get_slots: metrics.method("GetSlots"),
+        };
+        StrataService {
+            store,
+            limits,
+            chunk,
+            m: Arc::new(m),
+        }
+    }
+}
+
+/// Records latency and outcome of a call.
+fn timed<T>(m: &MethodMetrics, started: Instant, r: Result<T, Status>) -> Result<T, Status> {
+    m.record(started, r.as_ref().err().map(|s| s.code()));
+    if let Err(s) = &r {
+        tracing::debug!(code = ?s.code(), message = s.message(), "request refused");
+    }
+    r
+}
+
+fn zero_copy_peer<T>(req: &Request<T>) -> Result<(), Status> {
+    if Peer::of(req).is_local() {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(
+            "zero-copy calls (Reserve, Commit, Abort, GetSlots) are served only on the Unix socket, to clients that mapped the arena; use Put and Get over TCP",
+        ))
+    }
+}
+
+fn outcome(key: &strata_proto::BlockKey, r: PutResult) -> pb::PutOutcome {
+    pb::PutOutcome {
+        key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+        result: match r {
+            PutResult::Stored => pb::PutResult::Stored,
+            PutResult::AlreadyPresent => pb::PutResult::AlreadyPresent,
+        } as i32,
+    }
+}
+
+/// Adds how many blocks of a broken Put stream were stored before the error.
+fn after(stored: usize, s: Status) -> Status {
+    if stored == 0 {
+        return s;
+    }
+    Status::new(
+        s.code(),
+        format!(
+            "{}; the {stored} blocks before it in this stream were stored",
+            s.message()
+        ),
+    )
+}
+
+#[tonic::async_trait]
+impl pb::strata_server::Strata for StrataService {
+    async fn register_layout(
+        &self,
+        req: Request<pb::RegisterLayoutRequest>,
+    ) -> Result<Response<pb::RegisterLayoutResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let layout = req
+                .into_inner()
+                .layout
+                .ok_or_else(|| FieldError::new("layout", "is missing"))?;
+            let layout = Layout::try_from(layout)?;
+            let (block, token) = (layout.block_bytes(), layout.token_bytes());
+            let (ns, existed) = self.store.register_layout(layout);
+            Ok(Response::new(pb::RegisterLayoutResponse {
+                namespace_id: ns.0,
+                block_bytes: block,
+                token_bytes: token,
+                existed,
+            }))
+        })();
+        timed(&self.m.register, t, r)
+    }
+
+    async fn lookup(
+        &self,
+        req: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let raw = req.into_inner();
+            self.limits.keys("keys", raw.keys.len())?;
+            let q = LookupReq::try_from(raw)?;
+            let r = self.store.lookup(&q)?;
+            let (lease_id, expires) = r.lease.map_or((0, 0), |(l, at)| {
+                (
+                    l.0,
+                    at.duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                )
+            });
+            Ok(Response::new(pb::LookupResponse {
+                hits: r.hits,
+                tiers: r
+                    .tiers
+                    .into_iter()
+                    .map(|t| pb::Tier::from(t) as i32)
+                    .collect(),
+                lease_id,
+                lease_expires_unix_ms: expires,
+            }))
+        })();
+        timed(&self.m.lookup, t, r)
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<pb::PutRequest>>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let t = Instant::now();
+        let r = self.put_stream(req).await;
+        timed(&self.m.put, t, r)
+    }
+
+    type GetStream = ReceiverStream<Result<pb::GetResponse, Status>>;
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let raw = req.into_inner();
+            self.limits.keys("keys", raw.keys.len())?;
+            let q = GetReq::try_from(raw)?;
+            let permit = self.limits.stream()?;
+            let guard = self.store.pin_for_read(&q)?;
+            // Bounded: a slow reader holds at most a few chunks here.
+            let (tx, rx) = mpsc::channel(4);
+            let chunk = self.chunk;
+            tokio::spawn(async move {
+                let _permit = permit;
+                for (i, b) in guard.blocks.iter().enumerate() {
+                    let data = match guard.store().read_block(b, i) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    };
+                    let header = pb::BlockHeader {
+                        key: bytes::Bytes::copy_from_slice(b.key.as_bytes()),
+                        length: b.len,
+                        checksum: b.checksum,
+                        tier: pb::Tier::from(b.tier) as i32,
+                        parent: b
+                            .parent
+                            .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()))
+                            .unwrap_or_default(),
+                    };
+                    let mut off = 0usize;
+                    let mut header = Some(header);
+                    while off < data.len() || header.is_some() {
+                        let end = (off + chunk).min(data.len());
+                        let msg = pb::GetResponse {
+                            header: header.take(),
+                            data: data.slice(off..end),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return; // client went away; pins drop with the guard
+                        }
+                        off = end;
+                    }
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })();
+        timed(&self.m.get, t, r)
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let q = ReleaseReq::try_from(req.into_inner())?;
+            let n = self.store.release(&q)?;
+            Ok(Response::new(pb::ReleaseResponse { released_blocks: n }))
+        })();
+        timed(&self.m.release, t, r)
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let raw = req.into_inner();
+            self.limits.keys("keys", raw.keys.len())?;
+            let q = DeleteReq::try_from(raw)?;
+            let r = self.store.delete(&q)?;
+            let to_pb = |v: Vec<strata_proto::BlockKey>| {
+                v.iter()
+                    .map(|k| bytes::Bytes::copy_from_slice(k.as_bytes()))
+                    .collect()
+            };
+            Ok(Response::new(pb::DeleteResponse {
+                deleted: r.deleted,
+                absent: to_pb(r.absent),
+                pinned: to_pb(r.pinned),
+            }))
+        })();
+        timed(&self.m.delete, t, r)
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let t = Instant::now();
+        let s = self.store.stats();
+        let r = Ok(Response::new(pb::StatsResponse {
+            tiers: s
+                .tiers
+                .iter()
+                .map(|b| pb::TierStats {
+                    tier: b.tier.map_or(pb::Tier::Unspecified, pb::Tier::from) as i32,
+                    capacity_bytes: b.capacity,
+                    used_bytes: b.used,
+                    blocks: b.blocks,
+                    pinned_blocks: b.pinned_blocks,
+                    evictions: b.evictions,
+                    bytes_in: b.bytes_in,
+                    bytes_out: b.bytes_out,
+                    high_watermark_bytes: b.high_watermark,
+                    low_watermark_bytes: b.low_watermark,
+                })
+                .collect(),
+            namespaces: s.namespaces,
+            blocks: s.blocks,
+            leases: s.leases,
+            reservations: s.reservations,
+            lookups: s.lookups,
+            lookup_keys: s.lookup_keys,
+            lookup_hits: s.lookup_hits,
+            checksum_failures: s.checksum_failures,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            index_bytes: s.index_bytes,
+        }));
+        timed(&self.m.stats, t, r)
+    }
+
+    async fn reserve(
+        &self,
+        req: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            zero_copy_peer(&req)?;
+            let raw = req.into_inner();
+            self.limits.keys("blocks", raw.blocks.len())?;
+            let q = ReserveReq::try_from(raw)?;
+            let rs = self.store.reserve_shared(&q)?;
+            Ok(Response::new(pb::ReserveResponse {
+                reservations: rs
+                    .into_iter()
+                    .map(|r| pb::Reservation {
+                        key: bytes::Bytes::copy_from_slice(r.key.as_bytes()),
+                        reservation_id: r.id.map_or(0, |i| i.0),
+                        already_present: r.id.is_none(),
+                        slot: Some(pb::Slot {
+                            offset: r.offset,
+                            length: r.len,
+                            checksum: r.checksum,
+                        }),
+                    })
+                    .collect(),
+                arena_epoch: self.store.dram().epoch(),
+            }))
+        })();
+        timed(&self.m.reserve, t, r)
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            zero_copy_peer(&req)?;
+            let raw = req.into_inner();
+            self.limits.keys("blocks", raw.blocks.len())?;
+            let q = CommitReq::try_from(raw)?;
+            let out = self.store.commit(&q)?;
+            Ok(Response::new(pb::CommitResponse {
+                outcomes: out.iter().map(|(k, r)| outcome(k, *r)).collect(),
+            }))
+        })();
+        timed(&self.m.commit, t, r)
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            zero_copy_peer(&req)?;
+            let raw = req.into_inner();
+            self.limits
+                .keys("reservation_ids", raw.reservation_ids.len())?;
+            let ids: Vec<_> = raw
+                .reservation_ids
+                .iter()
+                .map(|&i| ReservationId(i))
+                .collect();
+            Ok(Response::new(pb::AbortResponse {
+                aborted: self.store.abort(&ids),
+            }))
+        })();
+        timed(&self.m.abort, t, r)
+    }
+
+    async fn get_slots(
+        &self,
+        req: Request<pb::GetSlotsRequest>,
+    ) -> Result<Response<pb::GetSlotsResponse>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            zero_copy_peer(&req)?;
+            let raw = req.into_inner();
+            self.limits.keys("keys", raw.keys.len())?;
+            let q = GetSlotsReq::try_from(raw)?;
+            let slots = self.store.get_slots(&q)?;
+            Ok(Response::new(pb::GetSlotsResponse {
+                slots: slots
+                    .into_iter()
+                    .map(|s| pb::Slot {
+                        offset: s.offset,
+                        length: s.len,
+                        checksum: s.checksum,
+                    })
+                    .collect(),
+                arena_epoch: self.store.dram().epoch(),
+            }))
+        })();
+        timed(&self.m.get_slots, t, r)
+    }
+}
+
+impl StrataService {
+    async fn put_stream(
+        &self,
+        req: Request<Streaming<pb::PutRequest>>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let _permit = self.limits.stream()?;
+        let mut stream = req.into_inner();
+        let mut outcomes = Vec::new();
+        // A block's first message; the loop below consumes its data messages.
+        let mut next = stream.message().await?;
+        while let Some(first) = next.take() {
+            let i = outcomes.len();
+            let r = self.put_block(&mut stream, first, i).await;
+            match r {
+                Ok((o, following)) => {
+                    outcomes.push(o);
+                    next = following;
+                }
+                Err(s) => return Err(after(i, s)),
+            }
+        }
+        Ok(Response::new(pb::PutResponse { outcomes }))
+    }
+
+    /// Receives one block whose first message is `first`. Returns its
+    /// outcome and the first message of the next block, if any.
+    async fn put_block(
+        &self,
+        stream: &mut Streaming<pb::PutRequest>,
+        first: pb::PutRequest,
+        i: usize,
+    ) -> Result<(pb::PutOutcome, Option<pb::PutRequest>), Status> {
+        self.limits.keys("blocks", i + 1)?;
+        let header = first.header.as_ref().ok_or_else(|| {
+            FieldError::new(
+                format!("blocks[{i}].header"),
+                "is missing: each block starts with a message carrying its header",
+            )
+        })?;
+        let h = PutHeader::from_pb(header, i)?;
+        let _bytes = self.limits.inflight_bytes(h.length)?;
+        let reserved = self
+            .store
+            .reserve(h.namespace, h.key, h.parent, h.length, h.checksum, i)?;
+        let mut slot = match reserved {
+            Reserve::Slot(slot) => Some(slot),
+            Reserve::Present => None, // skip the bytes: nothing is rewritten
+        };
+        let mut filled = 0u64;
+        let mut data = first.data;
+        loop {
+            let n = data.len() as u64;
+            if filled + n > h.length {
+                return Err(FieldError::new(
+                    format!("blocks[{i}].data"),
+                    format!(
+                        "{} bytes arrived for a block whose length is {}",
+                        filled + n,
+                        h.length
+                    ),
+                )
+                .into());
+            }
+            if let Some(s) = slot.as_mut() {
+                s.bytes_mut()[filled as usize..(filled + n) as usize].copy_from_slice(&data);
+            }
+            filled += n;
+            if filled == h.length {
+                break;
+            }
+            match stream.message().await? {
+                Some(m) if m.header.is_none() => data = m.data,
+                Some(_) => {
+                    return Err(FieldError::new(
+                        format!("blocks[{i}].data"),
+                        format!(
+                            "the next block's header arrived after {filled} of {} bytes",
+                            h.length
+                        ),
+                    )
+                    .into());
+                }
+                None => {
+                    return Err(FieldError::new(
+                        format!("blocks[{i}].data"),
+                        format!("the stream ended after {filled} of {} bytes", h.length),
+                    )
+                    .into());
+                }
+            }
+        }
+        let result = match slot {
+            Some(s) => self.store.publish(s, h.checksum)?,
+            None => PutResult::AlreadyPresent,
+        };
+        let following = stream.message().await?;
+        Ok((outcome(&h.key, result), following))
+    }
+}
