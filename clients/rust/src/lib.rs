@@ -1,1 +1,496 @@
+//! Rust client for `stratad`.
+//!
+//! * [`Client`]: the gRPC API over TCP (`http://host:port`) or a Unix socket
+//!   (`unix:/path/stratad.sock`). Puts and gets stream block bytes.
+//! * [`LocalClient`]: the zero-copy path for clients on the daemon's node:
+//!   it receives the DRAM arena's memfd, maps it, and moves only slot
+//!   offsets over gRPC. Every block read from the arena is checked against
+//!   its checksum before it is handed out.
+//! * [`keys`]: the documented, seed-stable helper that turns token ids into
+//!   chained block keys, identical in every process and in the Python client.
 
+pub mod keys;
+mod local;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hyper_util::rt::TokioIo;
+use strata_proto::pb::strata_client::StrataClient;
+use strata_proto::{BlockKey, Layout, LeaseId, NamespaceId, TierKind, pb};
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+
+pub use local::{LocalClient, LocalPut, SharedArena};
+pub use strata_proto;
+
+/// Default TCP endpoint of a daemon started with no arguments.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7470";
+/// Largest message the client sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Data chunk size of stream puts (the daemon's default message limit is 16 MiB).
+pub const PUT_CHUNK_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The daemon answered with an error status.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
+    #[error("cannot connect to {endpoint}: {detail}; is stratad running there?")]
+    Connect { endpoint: String, detail: String },
+    #[error("bad endpoint {0:?}: use http://host:port or unix:/path/to/stratad.sock")]
+    Endpoint(String),
+    /// A block's bytes did not match its checksum after transfer: a miss.
+    #[error("block {key}: checksum mismatch after transfer; treat as a miss")]
+    Checksum { key: String },
+    #[error("zero-copy arena: {0}")]
+    Shm(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Status(s)
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl Error {
+    /// The gRPC code, when the daemon answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+
+    /// Whether the engine should treat this as a miss and recompute (true for
+    /// every failure to obtain a block: a daemon that is down or a block that
+    /// failed its checksum never means a wrong token).
+    pub fn is_miss(&self) -> bool {
+        !matches!(self.code(), Some(tonic::Code::InvalidArgument))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            let p = p.strip_prefix("//").unwrap_or(p);
+            if p.is_empty() {
+                return Err(Error::Endpoint(s.into()));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(p)));
+        }
+        if s.starts_with("http://") || s.starts_with("https://") {
+            return Ok(Endpoint::Tcp(s.into()));
+        }
+        Err(Error::Endpoint(s.into()))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(s) => f.write_str(s),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A registered layout.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered {
+    pub namespace: NamespaceId,
+    pub block_bytes: u64,
+    pub token_bytes: u64,
+    pub existed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub expires_unix_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub hits: usize,
+    pub tiers: Vec<TierKind>,
+    pub lease: Option<Lease>,
+}
+
+/// One block to store.
+#[derive(Debug, Clone)]
+pub struct PutBlock {
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutResult {
+    Stored,
+    AlreadyPresent,
+}
+
+/// One block read back (its checksum verified).
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub tier: Option<TierKind>,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Deleted {
+    pub deleted: u32,
+    pub absent: Vec<BlockKey>,
+    pub pinned: Vec<BlockKey>,
+}
+
+/// A gRPC client of one daemon. Cheap to clone (one HTTP/2 connection).
+#[derive(Debug, Clone)]
+pub struct Client {
+    rpc: StrataClient<Channel>,
+    endpoint: Endpoint,
+}
+
+fn key_bytes(k: &BlockKey) -> Bytes {
+    Bytes::copy_from_slice(k.as_bytes())
+}
+
+fn parse_key(b: &[u8], what: &str) -> Result<BlockKey> {
+    BlockKey::new(b).map_err(|e| Error::Protocol(format!("{what}: {e}")))
+}
+
+fn put_result(r: i32) -> Result<PutResult> {
+    match pb::PutResult::try_from(r) {
+        Ok(pb::PutResult::Stored) => Ok(PutResult::Stored),
+        Ok(pb::PutResult::AlreadyPresent) => Ok(PutResult::AlreadyPresent),
+        _ => Err(Error::Protocol(format!("unknown put result {r}"))),
+    }
+}
+
+fn tier(t: i32) -> Option<TierKind> {
+    pb::Tier::try_from(t)
+        .ok()
+        .and_then(|t| TierKind::try_from(t).ok())
+}
+
+impl Client {
+    /// Connects to `http://host:port` or `unix:/path`.
+    pub async fn connect(endpoint: &str) -> Result<Client> {
+        let ep: Endpoint = endpoint.parse()?;
+        let channel = match &ep {
+            Endpoint::Tcp(url) => TonicEndpoint::from_shared(url.clone())
+                .map_err(|_| Error::Endpoint(url.clone()))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| Error::Connect {
+                    endpoint: ep.to_string(),
+                    detail: source_chain(&e),
+                })?,
+            Endpoint::Unix(path) => {
+                let path = path.clone();
+                // The URI is required by the API and ignored by the connector.
+                TonicEndpoint::from_static("http://localhost")
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(TokioIo::new(s))
+                        }
+                    }))
+                    .await
+                    .map_err(|e| Error::Connect {
+                        endpoint: ep.to_string(),
+                        detail: source_chain(&e),
+                    })?
+            }
+        };
+        let rpc = StrataClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Client { rpc, endpoint: ep })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The raw generated client, for calls this wrapper does not cover.
+    pub fn rpc(&mut self) -> &mut StrataClient<Channel> {
+        &mut self.rpc
+    }
+
+    pub async fn register_layout(&mut self, layout: &Layout) -> Result<Registered> {
+        let r = self
+            .rpc
+            .register_layout(pb::RegisterLayoutRequest {
+                layout: Some(layout.into()),
+            })
+            .await?
+            .into_inner();
+        Ok(Registered {
+            namespace: NamespaceId(r.namespace_id),
+            block_bytes: r.block_bytes,
+            token_bytes: r.token_bytes,
+            existed: r.existed,
+        })
+    }
+
+    /// The leading run of `keys` present; with `lease_ttl_ms` > 0, pins the hits.
+    pub async fn lookup(
+        &mut self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        lease_ttl_ms: u32,
+    ) -> Result<Lookup> {
+        let r = self
+            .rpc
+            .lookup(pb::LookupRequest {
+                namespace_id: ns.0,
+                keys: keys.iter().map(key_bytes).collect(),
+                lease_ttl_ms,
+            })
+            .await?
+            .into_inner();
+        Ok(Lookup {
+            hits: r.hits as usize,
+            tiers: r.tiers.iter().filter_map(|&t| tier(t)).collect(),
+            lease: (r.lease_id != 0).then_some(Lease {
+                id: LeaseId(r.lease_id),
+                expires_unix_ms: r.lease_expires_unix_ms,
+            }),
+        })
+    }
+
+    /// Stores blocks in one stream, in order. Returns one result per block.
+    pub async fn put(&mut self, ns: NamespaceId, blocks: &[PutBlock]) -> Result<Vec<PutResult>> {
+        let mut msgs = Vec::new();
+        for b in blocks {
+            let len = b.data.len();
+            let first_end = len.min(PUT_CHUNK_BYTES);
+            msgs.push(pb::PutRequest {
+                header: Some(pb::PutHeader {
+                    namespace_id: ns.0,
+                    key: key_bytes(&b.key),
+                    parent: b.parent.as_ref().map(key_bytes).unwrap_or_default(),
+                    length: len as u64,
+                    checksum: strata_proto::checksum(&b.data),
+                }),
+                data: b.data.slice(..first_end),
+            });
+            let mut off = first_end;
+            while off < len {
+                let end = (off + PUT_CHUNK_BYTES).min(len);
+                msgs.push(pb::PutRequest {
+                    header: None,
+                    data: b.data.slice(off..end),
+                });
+                off = end;
+            }
+        }
+        let r = self
+            .rpc
+            .put(futures_util::stream::iter(msgs))
+            .await?
+            .into_inner();
+        if r.outcomes.len() != blocks.len() {
+            return Err(Error::Protocol(format!(
+                "{} outcomes for {} blocks",
+                r.outcomes.len(),
+                blocks.len()
+            )));
+        }
+        r.outcomes.iter().map(|o| put_result(o.result)).collect()
+    }
+
+    /// Reads blocks; every block's checksum is verified on arrival.
+    pub async fn get(
+        &mut self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        lease: Option<LeaseId>,
+    ) -> Result<Vec<Block>> {
+        let mut stream = self
+            .rpc
+            .get(pb::GetRequest {
+                namespace_id: ns.0,
+                keys: keys.iter().map(key_bytes).collect(),
+                lease_id: lease.map_or(0, |l| l.0),
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::with_capacity(keys.len());
+        let mut cur: Option<(pb::BlockHeader, bytes::BytesMut)> = None;
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            if let Some(h) = msg.header {
+                if let Some(done) = cur.take() {
+                    out.push(finish(done)?);
+                }
+                let mut buf = bytes::BytesMut::with_capacity(h.length as usize);
+                buf.extend_from_slice(&msg.data);
+                cur = Some((h, buf));
+            } else {
+                match cur.as_mut() {
+                    Some((_, buf)) => buf.extend_from_slice(&msg.data),
+                    None => return Err(Error::Protocol("data before any block header".into())),
+                }
+            }
+        }
+        if let Some(done) = cur.take() {
+            out.push(finish(done)?);
+        }
+        if out.len() != keys.len() {
+            return Err(Error::Protocol(format!(
+                "{} blocks for {} keys",
+                out.len(),
+                keys.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    pub async fn release(&mut self, ns: NamespaceId, lease: LeaseId) -> Result<u32> {
+        Ok(self
+            .rpc
+            .release(pb::ReleaseRequest {
+                lease_id: lease.0,
+                namespace_id: ns.0,
+            })
+            .await?
+            .into_inner()
+            .released_blocks)
+    }
+
+    pub async fn delete(&mut self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Deleted> {
+        let r = self
+            .rpc
+            .delete(pb::DeleteRequest {
+                namespace_id: ns.0,
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner();
+        let conv = |v: &[Bytes]| {
+            v.iter()
+                .map(|k| parse_key(k, "delete"))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(Deleted {
+            deleted: r.deleted,
+            absent: conv(&r.absent)?,
+            pinned: conv(&r.pinned)?,
+        })
+    }
+
+    pub async fn stats(&mut self) -> Result<pb::StatsResponse> {
+        Ok(self.rpc.stats(pb::StatsRequest {}).await?.into_inner())
+    }
+}
+
+fn finish((h, buf): (pb::BlockHeader, bytes::BytesMut)) -> Result<Block> {
+    let key = parse_key(&h.key, "block header key")?;
+    if buf.len() as u64 != h.length {
+        return Err(Error::Protocol(format!(
+            "block {key}: {} bytes received, header said {}",
+            buf.len(),
+            h.length
+        )));
+    }
+    if strata_proto::checksum(&buf) != h.checksum {
+        return Err(Error::Checksum { key: key.to_hex() });
+    }
+    let parent = if h.parent.is_empty() {
+        None
+    } else {
+        Some(parse_key(&h.parent, "parent")?)
+    };
+    Ok(Block {
+        key,
+        parent,
+        tier: tier(h.tier),
+        data: buf.freeze(),
+    })
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The arena hand-off socket of a gRPC Unix socket (same rule as the daemon).
+pub fn shm_path_for(uds: &Path) -> PathBuf {
+    let mut s = uds.as_os_str().to_owned();
+    s.push(".shm");
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            "unix:/tmp/s.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/tmp/s.sock".into())
+        );
+        assert_eq!(
+            "unix:///tmp/s.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/tmp/s.sock".into())
+        );
+        assert!(matches!(
+            "http://1.2.3.4:5".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp(_)
+        ));
+        assert!("1.2.3.4:5".parse::<Endpoint>().is_err());
+        assert!("unix:".parse::<Endpoint>().is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! The zero-copy data plane for clients on the daemon's node.
+//!
+//! [`SharedArena::attach`] connects to the daemon's `.shm` socket, receives
+//! the DRAM arena's memfd (`SCM_RIGHTS`) and maps it. [`LocalClient`] then
+//! stores blocks by reserving slots, writing the bytes straight into the
+//! arena and committing; and loads blocks by leasing them, asking for their
+//! slots, and copying each once into the caller's buffer, where its checksum
+//! is verified before the caller sees success. Only slot offsets cross gRPC.
+//!
+//! The arena's epoch (random per daemon start) is checked on every call: a
+//! daemon that restarted is detected and refused rather than misread.
+
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use strata_proto::{BlockKey, NamespaceId, pb, shm};
+
+use crate::{Client, Error, PutResult, Result, key_bytes, put_result, shm_path_for};
+
+/// The daemon's DRAM arena, mapped into this process.
+pub struct SharedArena {
+    map: MmapRaw,
+    len: u64,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for SharedArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedArena")
+            .field("len", &self.len)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl SharedArena {
+    /// Receives and maps the arena from the hand-off socket at `shm_path`.
+    pub fn attach(shm_path: &Path) -> Result<SharedArena> {
+        let sock = UnixStream::connect(shm_path).map_err(|e| {
+            Error::Shm(format!(
+                "cannot connect to {}: {e}; is stratad running with its arena socket on?",
+                shm_path.display()
+            ))
+        })?;
+        let mut header = [0u8; shm::HEADER_LEN];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = rustix::net::recvmsg(
+            &sock,
+            &mut [IoSliceMut::new(&mut header)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::Shm(format!("receiving the arena: {e}")))?;
+        let mut fd: Option<OwnedFd> = None;
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                for f in fds {
+                    fd.get_or_insert(f);
+                }
+            }
+        }
+        let h = shm::Header::decode(&header[..got.bytes]).map_err(Error::Shm)?;
+        if h.status != shm::STATUS_OK {
+            let mut reason = String::new();
+            use std::io::Read;
+            let mut len = [0u8; 4];
+            let mut s = &sock;
+            if s.read_exact(&mut len).is_ok() {
+                let n = u32::from_le_bytes(len).min(shm::MAX_REASON_LEN) as usize;
+                let mut buf = vec![0u8; n];
+                if s.read_exact(&mut buf).is_ok() {
+                    reason = String::from_utf8_lossy(&buf).into_owned();
+                }
+            }
+            return Err(Error::Shm(format!(
+                "the daemon refused the arena: {reason}"
+            )));
+        }
+        let fd = fd.ok_or_else(|| Error::Shm("the daemon sent no descriptor".into()))?;
+        let file = std::fs::File::from(fd);
+        let actual = file
+            .metadata()
+            .map_err(|e| Error::Shm(e.to_string()))?
+            .len();
+        if actual < h.arena_len {
+            return Err(Error::Shm(format!(
+                "arena descriptor holds {actual} bytes, header says {}",
+                h.arena_len
+            )));
+        }
+        let map = MmapOptions::new()
+            .len(h.arena_len as usize)
+            .map_raw(&file)
+            .map_err(|e| Error::Shm(format!("mapping the arena: {e}")))?;
+        Ok(SharedArena {
+            map,
+            len: h.arena_len,
+            epoch: h.epoch,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::Protocol(format!(
+                "slot {offset}+{len} lies outside the {}-byte arena",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into the arena at `offset` (a slot this client reserved).
+    pub fn write(&self, offset: u64, src: &[u8]) -> Result<()> {
+        self.check(offset, src.len() as u64)?;
+        // SAFETY: in bounds; the daemon gave this reserved range to us only.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.map.as_mut_ptr().add(offset as usize),
+                src.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies a slot out into `dst` (exactly its length).
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        self.check(offset, dst.len() as u64)?;
+        // SAFETY: in bounds; the slot is leased, so the daemon does not reuse it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset as usize),
+                dst.as_mut_ptr(),
+                dst.len(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A client on the daemon's node: gRPC over the Unix socket plus the mapped arena.
+#[derive(Debug)]
+pub struct LocalClient {
+    client: Client,
+    arena: SharedArena,
+    /// TTL of the leases taken by loads.
+    pub lease_ttl_ms: u32,
+}
+
+/// A block to store through the arena.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalPut<'a> {
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub data: &'a [u8],
+}
+
+impl LocalClient {
+    /// Connects to the gRPC Unix socket `uds` and maps the arena from `<uds>.shm`.
+    pub async fn connect(uds: impl AsRef<Path>) -> Result<LocalClient> {
+        let uds = uds.as_ref();
+        let client = Client::connect(&format!("unix:{}", uds.display())).await?;
+        let shm = shm_path_for(uds);
+        let arena = tokio::task::spawn_blocking(move || SharedArena::attach(&shm))
+            .await
+            .map_err(|e| Error::Shm(e.to_string()))??;
+        Ok(LocalClient {
+            client,
+            arena,
+            lease_ttl_ms: 30_000,
+        })
+    }
+
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    pub fn arena(&self) -> &SharedArena {
+        &self.arena
+    }
+
+    fn check_epoch(&self, epoch: u64) -> Result<()> {
+        if epoch != self.arena.epoch {
+            return Err(Error::Shm(
+                "the daemon restarted since this client mapped its arena; reconnect".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stores blocks: reserve slots, copy each block once into the arena,
+    /// commit (the daemon verifies each checksum before publishing).
+    pub async fn put(
+        &mut self,
+        ns: NamespaceId,
+        blocks: &[LocalPut<'_>],
+    ) -> Result<Vec<PutResult>> {
+        let r = self
+            .client
+            .rpc()
+            .reserve(pb::ReserveRequest {
+                namespace_id: ns.0,
+                blocks: blocks
+                    .iter()
+                    .map(|b| pb::ReserveBlock {
+                        key: key_bytes(&b.key),
+                        parent: b.parent.as_ref().map(key_bytes).unwrap_or_default(),
+                        length: b.data.len() as u64,
+                    })
+                    .collect(),
+                ttl_ms: 0,
+            })
+            .await?
+            .into_inner();
+        if r.reservations.len() != blocks.len() {
+            return Err(Error::Protocol(
+                "reservation count differs from block count".into(),
+            ));
+        }
+        let mut commits = Vec::with_capacity(blocks.len());
+        let written = self.check_epoch(r.arena_epoch).and_then(|_| {
+            for (b, res) in blocks.iter().zip(&r.reservations) {
+                if res.already_present {
+                    continue;
+                }
+                let slot = res
+                    .slot
+                    .as_ref()
+                    .ok_or_else(|| Error::Protocol("reservation without a slot".into()))?;
+                if slot.length != b.data.len() as u64 {
+                    return Err(Error::Protocol(
+                        "slot length differs from block length".into(),
+                    ));
+                }
+                self.arena.write(slot.offset, b.data)?;
+                commits.push(pb::CommitBlock {
+                    reservation_id: res.reservation_id,
+                    checksum: strata_proto::checksum(b.data),
+                });
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            let ids = r
+                .reservations
+                .iter()
+                .map(|x| x.reservation_id)
+                .filter(|&i| i != 0)
+                .collect();
+            let _ = self
+                .client
+                .rpc()
+                .abort(pb::AbortRequest {
+                    reservation_ids: ids,
+                })
+                .await;
+            return Err(e);
+        }
+        let mut committed = if commits.is_empty() {
+            Vec::new()
+        } else {
+            self.client
+                .rpc()
+                .commit(pb::CommitRequest { blocks: commits })
+                .await?
+                .into_inner()
+                .outcomes
+        }
+        .into_iter();
+        r.reservations
+            .iter()
+            .map(|res| {
+                if res.already_present {
+                    Ok(PutResult::AlreadyPresent)
+                } else {
+                    let o = committed
+                        .next()
+                        .ok_or_else(|| Error::Protocol("missing commit outcome".into()))?;
+                    put_result(o.result)
+                }
+            })
+            .collect()
+    }
+
+    /// Loads the longest present prefix of `keys` into `dst` (one buffer per
+    /// key, each at least the block's length): lease, slots, one copy each,
+    /// checksum verified on the copy, release. Returns the length of every
+    /// block loaded; fewer than `keys.len()` means the rest must be
+    /// recomputed (absent, or a checksum failed: a doubt is a miss).
+    pub async fn load_prefix(
+        &mut self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        dst: &mut [&mut [u8]],
+    ) -> Result<Vec<usize>> {
+        assert!(dst.len() >= keys.len(), "one destination buffer per key");
+        let l = self.client.lookup(ns, keys, self.lease_ttl_ms).await?;
+        let Some(lease) = l.lease else {
+            return Ok(Vec::new());
+        };
+        let res = self.copy_leased(ns, lease.id, &keys[..l.hits], dst).await;
+        // Release even when the copy failed; a lost release only costs the TTL.
+        let _ = self.client.release(ns, lease.id).await;
+        res
+    }
+
+    async fn copy_leased(
+        &mut self,
+        ns: NamespaceId,
+        lease: strata_proto::LeaseId,
+        keys: &[BlockKey],
+        dst: &mut [&mut [u8]],
+    ) -> Result<Vec<usize>> {
+        let r = self
+            .client
+            .rpc()
+            .get_slots(pb::GetSlotsRequest {
+                namespace_id: ns.0,
+                lease_id: lease.0,
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner();
+        self.check_epoch(r.arena_epoch)?;
+        let mut lens = Vec::with_capacity(keys.len());
+        for (slot, out) in r.slots.iter().zip(dst.iter_mut()) {
+            let n = slot.length as usize;
+            if out.len() < n {
+                return Err(Error::Protocol(format!(
+                    "destination buffer of {} bytes for a block of {n}",
+                    out.len()
+                )));
+            }
+            let out = &mut out[..n];
+            self.arena.read(slot.offset, out)?;
+            if strata_proto::checksum(out) != slot.checksum {
+                break; // a miss from here on
+            }
+            lens.push(n);
+        }
+        Ok(lens)
+    }
+}
