@@ -156,6 +156,16 @@ impl pb::strata_server::Strata for StrataService {
                 .ok_or_else(|| FieldError::new("layout", "is missing"))?;
             let layout = Layout::try_from(layout)?;
             let (block, token) = (layout.block_bytes(), layout.token_bytes());
+            let room = self.store.dram().capacity_bytes();
+            if block > room {
+                return Err(FieldError::new(
+                    "layout",
+                    format!(
+                        "one block of this layout is {block} bytes, larger than this daemon's DRAM tier ({room} bytes); use fewer tokens per block or a larger tier"
+                    ),
+                )
+                .into());
+            }
             let (ns, existed) = self.store.register_layout(layout);
             Ok(Response::new(pb::RegisterLayoutResponse {
                 namespace_id: ns.0,

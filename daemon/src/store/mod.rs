@@ -136,10 +136,11 @@ pub struct LookupResult {
 #[derive(Debug, Clone)]
 pub struct SharedReservation {
     pub key: BlockKey,
+    /// `None` when the key is already present (nothing to write).
     pub id: Option<ReservationId>,
     pub offset: u64,
     pub len: u64,
-    /// For an already-present key: its stored checksum.
+    /// For an already-present key: its stored checksum; else 0.
     pub checksum: u64,
 }
 
@@ -738,7 +739,7 @@ impl Store {
             });
         }
         let mut out = Vec::with_capacity(req.blocks.len());
-        let mut taken: Vec<Pending> = Vec::new();
+        let mut taken: Vec<(u64, Pending)> = Vec::new();
         for b in &req.blocks {
             if let Some(id) = g.index.find(ns, &b.key) {
                 let m = g.index.get(id);
@@ -755,10 +756,12 @@ impl Store {
             }
             match self.reserve_space(g, ns, b.key, b.parent, b.length) {
                 Ok(p) => {
-                    taken.push(p);
+                    let id = g.next_id;
+                    g.next_id += 1;
+                    taken.push((id, p));
                     out.push(SharedReservation {
                         key: b.key,
-                        id: None,
+                        id: Some(ReservationId(id)),
                         offset: p.addr,
                         len: p.len,
                         checksum: 0,
@@ -766,18 +769,14 @@ impl Store {
                 }
                 Err(e) => {
                     // All or nothing: hand back what this call took.
-                    for p in &taken {
+                    for (_, p) in &taken {
                         free_pending(g, &self.dram, p);
                     }
                     return Err(e);
                 }
             }
         }
-        let mut taken = taken.into_iter();
-        for r in out.iter_mut().filter(|r| r.checksum == 0 && r.id.is_none()) {
-            let p = taken.next().expect("one pending per reservation");
-            let id = g.next_id;
-            g.next_id += 1;
+        for (id, p) in taken {
             g.reservations.insert(
                 id,
                 SharedPending {
@@ -786,7 +785,6 @@ impl Store {
                 },
             );
             g.reservation_expiry.push(Reverse((now + ttl, id)));
-            r.id = Some(ReservationId(id));
         }
         Ok(out)
     }
