@@ -1,1 +1,729 @@
-fn main() {}
+//! `strata-bench`: measures stratad against references taken in the same
+//! run on the same machine, and prints ratios (absolute figures on shared
+//! VMs move by tens of percent between runs; ratios move much less).
+//!
+//! Sections (all run by default; `--only` picks some):
+//! * `zero-copy`: put and get through the shared arena ÷ single-thread
+//!   memcpy of the same bytes between pre-faulted buffers.
+//! * `grpc`: stream put and get over TCP loopback ÷ Redis SET and GET of
+//!   the same values (redis-server started here, same concurrency and batch).
+//! * `lookup`: in-process Lookup of 512-key chains against an index of 10M
+//!   blocks: p50/p99 latency and index bytes per block (counted by a global
+//!   allocator).
+//! * `rss`: daemon resident memory after filling its DRAM tier twice ÷ the
+//!   tier size.
+//!
+//! Run with `bench/run` (release build, installs redis-server if missing).
+
+mod alloc;
+mod redis;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use strata_client::{Client, LocalClient, LocalPut, PutBlock};
+use strata_proto::{BlockKey, Dtype, KvKind, Layout};
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata-bench",
+    about = "Benchmarks of stratad against physical limits and peers"
+)]
+struct Args {
+    /// Smaller working sets (for a smoke run); figures are less stable.
+    #[arg(long)]
+    quick: bool,
+    /// Sections to run: zero-copy, grpc, lookup, rss (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Block sizes in KiB.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![256u64, 2048])]
+    sizes_kib: Vec<u64>,
+    /// Blocks in the lookup index.
+    #[arg(long, default_value_t = 10_000_000)]
+    lookup_blocks: u64,
+    /// redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// Where to write the report (markdown).
+    #[arg(long, default_value = "bench/out")]
+    out: PathBuf,
+}
+
+struct Report {
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str, header: &[&str]) {
+        self.lines.push(String::new());
+        self.lines.push(format!("### {title}"));
+        self.lines.push(String::new());
+        self.lines.push(format!("| {} |", header.join(" | ")));
+        self.lines.push(format!(
+            "|{}|",
+            header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+        ));
+        self.flush_last(6);
+    }
+    fn row(&mut self, cells: &[String]) {
+        self.lines.push(format!("| {} |", cells.join(" | ")));
+        self.flush_last(1);
+    }
+    fn note(&mut self, s: &str) {
+        self.lines.push(String::new());
+        self.lines.push(s.to_string());
+        self.flush_last(2);
+    }
+    fn flush_last(&self, n: usize) {
+        for l in &self.lines[self.lines.len() - n.min(self.lines.len())..] {
+            println!("{l}");
+        }
+    }
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn f2(x: f64) -> String {
+    format!("{x:.2}")
+}
+
+/// Fills a buffer with non-repeating bytes (touching every page).
+fn filled(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x = seed | 1;
+    for w in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
+    v
+}
+
+/// A layout whose full block is `bytes` (f16, 16 tokens, 2 KV heads, head
+/// dim 128: 8 KiB per token-layer pair; layers chosen to fit).
+fn layout_for(bytes: u64, tag: &str) -> Layout {
+    let per_layer = 16 * 2 * 2 * 128 * 2; // tokens x K,V x heads x dim x f16
+    assert_eq!(
+        bytes % per_layer,
+        0,
+        "block size must be a multiple of {per_layer}"
+    );
+    Layout {
+        model_id: format!("bench/{tag}/{bytes}"),
+        dtype: Dtype::F16,
+        num_layers: (bytes / per_layer) as u32,
+        num_kv_heads: 2,
+        head_dim: 128,
+        tokens_per_block: 16,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+fn key(round: u32, i: u32, tag: u8) -> BlockKey {
+    let mut k = [0u8; 16];
+    k[0] = tag;
+    k[4..8].copy_from_slice(&round.to_be_bytes());
+    k[8..12].copy_from_slice(&i.to_be_bytes());
+    BlockKey::new(&k).expect("16-byte key")
+}
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(dram: &str) -> Result<Daemon> {
+        let exe = std::env::current_exe()?;
+        let stratad = exe.with_file_name("stratad");
+        if !stratad.exists() {
+            bail!(
+                "{} is missing; run `cargo build --release --bins` (bench/run does)",
+                stratad.display()
+            );
+        }
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mport = free_port()?;
+        let child = Command::new(&stratad)
+            .args(["--dram-bytes", dram, "--data-dir"])
+            .arg(dir.path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                &format!("127.0.0.1:{mport}"),
+            ])
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting stratad")?;
+        let d = Daemon { child, dir, port };
+        let t = Instant::now();
+        while !d.uds().exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("stratad did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+    fn uds(&self) -> PathBuf {
+        self.dir.path().join("stratad.sock")
+    }
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn rss(&self) -> Result<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb: u64 = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("VmRSS")?;
+        Ok(kb * 1024)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rep = Report { lines: vec![] };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l[l.find(':').map_or(0, |i| i + 2)..].to_string())
+        })
+        .unwrap_or_default();
+    rep.note(&format!(
+        "strata-bench {}: {} cores ({cpu}), {}",
+        if args.quick { "--quick" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        String::from_utf8_lossy(&Command::new("date").arg("-u").output()?.stdout).trim()
+    ));
+    let sizes: Vec<u64> = args.sizes_kib.iter().map(|k| k << 10).collect();
+    if want("latency") {
+        rt.block_on(rpc_latency(&mut rep))?;
+    }
+    if want("zero-copy") {
+        rt.block_on(zero_copy(&mut rep, &sizes, args.quick))?;
+    }
+    if want("grpc") {
+        rt.block_on(grpc_vs_redis(
+            &mut rep,
+            &sizes,
+            args.quick,
+            &args.redis_server,
+        ))?;
+    }
+    if want("lookup") {
+        lookup(
+            &mut rep,
+            if args.quick {
+                1_000_000
+            } else {
+                args.lookup_blocks
+            },
+        )?;
+    }
+    if want("rss") {
+        rt.block_on(rss(&mut rep, args.quick))?;
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join("core.md");
+    std::fs::write(&path, rep.lines.join("\n") + "\n")?;
+    eprintln!("report written to {}", path.display());
+    Ok(())
+}
+
+/// Best-of-`reps` memcpy of `n` blocks of `size` from `src` to `dst`.
+fn memcpy_rate(src: &[u8], dst: &mut [u8], size: usize, reps: usize) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..reps {
+        let t = Instant::now();
+        for (s, d) in src.chunks(size).zip(dst.chunks_mut(size)) {
+            d.copy_from_slice(s);
+        }
+        std::hint::black_box(&dst);
+        best = best.max(gbps(src.len() as u64, t.elapsed()));
+    }
+    best
+}
+
+/// Round-trip latency of a small call (Lookup of one key) over each transport.
+async fn rpc_latency(rep: &mut Report) -> Result<()> {
+    let d = Daemon::start("64MiB")?;
+    rep.section(
+        "Small-call latency (Lookup of one key)",
+        &["transport", "p50 µs", "p99 µs"],
+    );
+    for (name, ep) in [
+        ("TCP loopback", d.endpoint()),
+        ("Unix socket", format!("unix:{}", d.uds().display())),
+    ] {
+        let mut c = Client::connect(&ep).await?;
+        let ns = c
+            .register_layout(&layout_for(16384, "lat"))
+            .await?
+            .namespace;
+        let k = [key(0, 0, 1)];
+        let mut lat = Vec::with_capacity(2000);
+        for _ in 0..2000 {
+            let t = Instant::now();
+            c.lookup(ns, &k, 0).await?;
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        rep.row(&[
+            name.into(),
+            format!("{:.0}", lat[1000].as_secs_f64() * 1e6),
+            format!("{:.0}", lat[1980].as_secs_f64() * 1e6),
+        ]);
+    }
+    Ok(())
+}
+
+async fn zero_copy(rep: &mut Report, sizes: &[u64], quick: bool) -> Result<()> {
+    let d = Daemon::start("1GiB")?;
+    let working: usize = if quick { 128 << 20 } else { 384 << 20 };
+    let reps = 3;
+    rep.section(
+        "Zero-copy data plane vs single-thread memcpy (same bytes, pre-faulted buffers)",
+        &[
+            "block",
+            "memcpy GB/s",
+            "put GB/s",
+            "put ÷ memcpy",
+            "get GB/s",
+            "get ÷ memcpy",
+        ],
+    );
+    let src = filled(working, 1);
+    let mut dst = filled(working, 2);
+    for &size in sizes {
+        let size = size as usize;
+        let n = working / size;
+        let mut lc = LocalClient::connect(d.uds()).await?;
+        let ns = lc
+            .client()
+            .register_layout(&layout_for(size as u64, "zc"))
+            .await?
+            .namespace;
+        // ~8 MiB per call: big enough to amortise the two RPCs, small enough
+        // for the block to still be in cache when the daemon verifies it.
+        let batch = (8 << 20) / size;
+        let mem = memcpy_rate(&src, &mut dst, size, reps);
+        let mut put_best = 0.0f64;
+        let mut get_best = 0.0f64;
+        for round in 0..reps as u32 {
+            let keys: Vec<BlockKey> = (0..n as u32).map(|i| key(round, i, size as u8)).collect();
+            let t = Instant::now();
+            for (b, ks) in keys.chunks(batch).enumerate() {
+                let puts: Vec<_> = ks
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| {
+                        let i = b * batch + j;
+                        LocalPut {
+                            key: *k,
+                            parent: None,
+                            data: &src[i * size..(i + 1) * size],
+                        }
+                    })
+                    .collect();
+                lc.put(ns, &puts).await?;
+            }
+            put_best = put_best.max(gbps((n * size) as u64, t.elapsed()));
+            let t = Instant::now();
+            for (b, ks) in keys.chunks(batch).enumerate() {
+                let region = &mut dst[b * batch * size..((b * batch + ks.len()) * size)];
+                let mut outs: Vec<&mut [u8]> = region.chunks_mut(size).collect();
+                let got = lc.load_prefix(ns, ks, &mut outs).await?;
+                if got.len() != ks.len() {
+                    bail!(
+                        "zero-copy get returned {} of {} blocks",
+                        got.len(),
+                        ks.len()
+                    );
+                }
+            }
+            get_best = get_best.max(gbps((n * size) as u64, t.elapsed()));
+            if dst[..n * size] != src[..n * size] {
+                bail!("zero-copy get returned different bytes");
+            }
+        }
+        rep.row(&[
+            format!("{} KiB", size >> 10),
+            f2(mem),
+            f2(put_best),
+            f2(put_best / mem),
+            f2(get_best),
+            f2(get_best / mem),
+        ]);
+    }
+    rep.note(&format!(
+        "Working set {} MiB per size, best of {reps} rounds each; puts include the client's checksum and the daemon's verification before publish, gets the client's verification of its copy.",
+        working >> 20
+    ));
+    Ok(())
+}
+
+async fn grpc_vs_redis(
+    rep: &mut Report,
+    sizes: &[u64],
+    quick: bool,
+    redis_bin: &str,
+) -> Result<()> {
+    let d = Daemon::start("1GiB")?;
+    let redis = redis::Server::start(redis_bin)?;
+    let working: usize = if quick { 64 << 20 } else { 256 << 20 };
+    let conns = 4usize;
+    rep.section(
+        "gRPC stream over TCP loopback vs Redis 7 SET/GET (same values, 4 connections, same batch)",
+        &[
+            "block",
+            "Strata put GB/s",
+            "Redis SET GB/s",
+            "put ÷ SET",
+            "Strata get GB/s",
+            "Redis GET GB/s",
+            "get ÷ GET",
+        ],
+    );
+    let src = Arc::new(filled(working, 3));
+    for &size in sizes {
+        let size = size as usize;
+        let n = working / size;
+        let per_conn = n / conns;
+        let batch = ((8 << 20) / size).max(1);
+        let ns = Client::connect(&d.endpoint())
+            .await?
+            .register_layout(&layout_for(size as u64, "grpc"))
+            .await?
+            .namespace;
+        let mut best = [0.0f64; 4];
+        for round in 0..3u32 {
+            // Strata put.
+            let t = Instant::now();
+            let mut tasks = vec![];
+            for c in 0..conns {
+                let (ep, src) = (d.endpoint(), src.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut cl = Client::connect(&ep).await?;
+                    let idx: Vec<usize> = (c * per_conn..(c + 1) * per_conn).collect();
+                    for b in idx.chunks(batch) {
+                        let blocks: Vec<PutBlock> = b
+                            .iter()
+                            .map(|&i| PutBlock {
+                                key: key(round, i as u32, 0x60 + size as u8),
+                                parent: None,
+                                data: Bytes::copy_from_slice(&src[i * size..(i + 1) * size]),
+                            })
+                            .collect();
+                        cl.put(ns, &blocks).await?;
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            best[0] = best[0].max(gbps((per_conn * conns * size) as u64, t.elapsed()));
+            // Redis SET.
+            let t = Instant::now();
+            let mut tasks = vec![];
+            for c in 0..conns {
+                let (addr, src) = (redis.addr, src.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut r = redis::Conn::connect(addr).await?;
+                    let idx: Vec<usize> = (c * per_conn..(c + 1) * per_conn).collect();
+                    for b in idx.chunks(batch) {
+                        let kv: Vec<(String, &[u8])> = b
+                            .iter()
+                            .map(|&i| {
+                                (
+                                    format!("k{round}:{size}:{i}"),
+                                    &src[i * size..(i + 1) * size],
+                                )
+                            })
+                            .collect();
+                        r.set_batch(&kv).await?;
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            best[1] = best[1].max(gbps((per_conn * conns * size) as u64, t.elapsed()));
+            // Strata get.
+            let t = Instant::now();
+            let mut tasks = vec![];
+            for c in 0..conns {
+                let ep = d.endpoint();
+                tasks.push(tokio::spawn(async move {
+                    let mut cl = Client::connect(&ep).await?;
+                    let idx: Vec<usize> = (c * per_conn..(c + 1) * per_conn).collect();
+                    let mut bytes = 0usize;
+                    for b in idx.chunks(batch) {
+                        let keys: Vec<_> = b
+                            .iter()
+                            .map(|&i| key(round, i as u32, 0x60 + size as u8))
+                            .collect();
+                        for blk in cl.get(ns, &keys, None).await? {
+                            bytes += blk.data.len();
+                        }
+                    }
+                    anyhow::Ok(bytes)
+                }));
+            }
+            let mut got = 0;
+            for t in tasks {
+                got += t.await??;
+            }
+            best[2] = best[2].max(gbps(got as u64, t.elapsed()));
+            // Redis GET.
+            let t = Instant::now();
+            let mut tasks = vec![];
+            for c in 0..conns {
+                let addr = redis.addr;
+                tasks.push(tokio::spawn(async move {
+                    let mut r = redis::Conn::connect(addr).await?;
+                    let idx: Vec<usize> = (c * per_conn..(c + 1) * per_conn).collect();
+                    let mut bufs = vec![vec![0u8; size]; batch];
+                    let mut bytes = 0usize;
+                    for b in idx.chunks(batch) {
+                        let keys: Vec<String> =
+                            b.iter().map(|&i| format!("k{round}:{size}:{i}")).collect();
+                        bytes += r.get_batch(&keys, &mut bufs).await?;
+                    }
+                    anyhow::Ok(bytes)
+                }));
+            }
+            let mut got = 0;
+            for t in tasks {
+                got += t.await??;
+            }
+            best[3] = best[3].max(gbps(got as u64, t.elapsed()));
+            redis.flush().await?;
+        }
+        rep.row(&[
+            format!("{} KiB", size >> 10),
+            f2(best[0]),
+            f2(best[1]),
+            f2(best[0] / best[1]),
+            f2(best[2]),
+            f2(best[3]),
+            f2(best[2] / best[3]),
+        ]);
+    }
+    rep.note(&format!(
+        "Working set {} MiB per size, {conns} connections, ~8 MiB per call (Strata: blocks per Put/Get stream; Redis: pipelined commands), best of 3 rounds. Strata gets verify every block's checksum on arrival; the Redis client does not.",
+        working >> 20
+    ));
+    Ok(())
+}
+
+fn lookup(rep: &mut Report, blocks: u64) -> Result<()> {
+    use stratad::metrics::{Registry, StoreMetrics};
+    use stratad::store::{Reserve, Store, StoreConfig, SystemClock};
+    use stratad::tier::{DramConfig, DramTier};
+    let chain = 512u64;
+    // 16-byte blocks (one f16 token of a 1-layer, 1-head, dim-4 layout).
+    let layout = Layout {
+        model_id: "bench/lookup".into(),
+        dtype: Dtype::F16,
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 4,
+        tokens_per_block: 1,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    };
+    let block = layout.block_bytes();
+    let heap0 = alloc::current();
+    let dram = DramTier::new(&DramConfig {
+        bytes: blocks * block + (1 << 20),
+        granule_bytes: block,
+        prefault: true,
+    })?;
+    let cfg = StoreConfig {
+        max_blocks: blocks as usize + 1,
+        ..StoreConfig::default()
+    };
+    let store = Arc::new(Store::new(
+        cfg,
+        dram,
+        block,
+        Arc::new(SystemClock),
+        StoreMetrics::new(&Registry::new()),
+    ));
+    let (ns, _) = store.register_layout(layout);
+    let data = [7u8; 16];
+    let sum = strata_proto::checksum(&data);
+    let chains = blocks / chain;
+    let kk = |c: u64, i: u64| {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&c.to_be_bytes());
+        k[8..].copy_from_slice(&i.to_be_bytes());
+        BlockKey::new(&k).expect("key")
+    };
+    let t = Instant::now();
+    for c in 0..chains {
+        for i in 0..chain {
+            let parent = (i > 0).then(|| kk(c, i - 1));
+            match store.reserve(ns, kk(c, i), parent, 16, sum, 0)? {
+                Reserve::Slot(mut s) => {
+                    s.bytes_mut().copy_from_slice(&data);
+                    store.publish(s, sum)?;
+                }
+                Reserve::Present => bail!("duplicate key"),
+            }
+        }
+    }
+    let build = t.elapsed();
+    let stats = store.stats();
+    let indexed = stats.blocks;
+    let heap = alloc::current().saturating_sub(heap0);
+    // Lookups of whole random chains.
+    let mut lat = Vec::new();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let n_lookups = 20_000;
+    let mut reqs = Vec::with_capacity(64);
+    for _ in 0..64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let c = x % chains;
+        let keys: Vec<BlockKey> = (0..chain).map(|i| kk(c, i)).collect();
+        reqs.push(strata_proto::convert::LookupReq {
+            namespace: ns,
+            keys,
+            lease_ttl_ms: 0,
+        });
+    }
+    for i in 0..n_lookups {
+        let r = &reqs[i % reqs.len()];
+        let t = Instant::now();
+        let got = store.lookup(r)?;
+        lat.push(t.elapsed());
+        if got.hits as u64 != chain {
+            bail!("lookup found {} of {chain}", got.hits);
+        }
+    }
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+    rep.section(
+        "Lookup of 512-key chains, in process",
+        &[
+            "blocks indexed",
+            "p50 µs",
+            "p99 µs",
+            "max µs",
+            "index bytes/block",
+            "build rate (blocks/s)",
+        ],
+    );
+    rep.row(&[
+        indexed.to_string(),
+        format!("{:.1}", p(0.5)),
+        format!("{:.1}", p(0.99)),
+        format!("{:.1}", p(1.0)),
+        format!("{:.1}", heap as f64 / indexed as f64),
+        format!("{:.0}", indexed as f64 / build.as_secs_f64()),
+    ]);
+    rep.note(&format!(
+        "{n_lookups} lookups of whole chains (all 512 keys hit, each hit touched for LRU). Index bytes = heap allocated while building (hash table, block records, eviction heap) ÷ blocks; the arena itself is not heap. Store-reported index bytes: {}.",
+        stats.index_bytes
+    ));
+    Ok(())
+}
+
+async fn rss(rep: &mut Report, quick: bool) -> Result<()> {
+    let tier: u64 = if quick { 256 << 20 } else { 1 << 30 };
+    let d = Daemon::start(&format!("{}MiB", tier >> 20))?;
+    let size = 256usize << 10;
+    let mut lc = LocalClient::connect(d.uds()).await?;
+    let ns = lc
+        .client()
+        .register_layout(&layout_for(size as u64, "rss"))
+        .await?
+        .namespace;
+    let src = filled(8 << 20, 9);
+    let n = (2 * tier as usize) / size;
+    let batch = 32;
+    let mut i = 0u32;
+    while (i as usize) < n {
+        let puts: Vec<_> = (0..batch)
+            .map(|j| LocalPut {
+                key: key(7, i + j, 0x77),
+                parent: (i + j > 0).then(|| key(7, i + j - 1, 0x77)),
+                data: &src[(j as usize) * size..(j as usize + 1) * size],
+            })
+            .collect();
+        lc.put(ns, &puts).await?;
+        i += batch;
+    }
+    let st = lc.client().stats().await?;
+    let rss = d.rss()?;
+    rep.section(
+        "Resident memory after filling the DRAM tier twice over",
+        &[
+            "tier",
+            "bytes written",
+            "evictions",
+            "daemon RSS",
+            "RSS ÷ tier",
+        ],
+    );
+    rep.row(&[
+        format!("{} MiB", tier >> 20),
+        format!("{} MiB", (n * size) >> 20),
+        st.tiers.first().map_or(0, |t| t.evictions).to_string(),
+        format!("{} MiB", rss >> 20),
+        f2(rss as f64 / tier as f64),
+    ]);
+    Ok(())
+}

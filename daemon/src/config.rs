@@ -162,7 +162,7 @@ impl Default for ServerConfig {
             shm_allowed_uids: vec![],
             metrics_listen: "127.0.0.1:7471".into(),
             max_message_bytes: ByteSize(16 << 20),
-            stream_chunk_bytes: ByteSize(1 << 20),
+            stream_chunk_bytes: ByteSize(4 << 20),
             max_keys_per_call: 4096,
             max_streams: 256,
             max_concurrent_streams_per_connection: 256,

@@ -21,8 +21,9 @@ pub use convert::FieldError;
 pub use domain::*;
 
 /// XXH3-64 with seed 0: the checksum every producer writes and every reader
-/// verifies. One definition so that no two components disagree.
+/// verifies. One definition (in `strata-kernels`, vectorised) so that no two
+/// components disagree.
 #[inline]
 pub fn checksum(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
+    strata_kernels::checksum::xxh3_64(bytes)
 }

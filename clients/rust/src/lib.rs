@@ -217,20 +217,22 @@ impl Client {
     pub async fn connect(endpoint: &str) -> Result<Client> {
         let ep: Endpoint = endpoint.parse()?;
         let channel = match &ep {
-            Endpoint::Tcp(url) => TonicEndpoint::from_shared(url.clone())
-                .map_err(|_| Error::Endpoint(url.clone()))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .map_err(|e| Error::Connect {
-                    endpoint: ep.to_string(),
-                    detail: source_chain(&e),
-                })?,
+            Endpoint::Tcp(url) => tune(
+                TonicEndpoint::from_shared(url.clone())
+                    .map_err(|_| Error::Endpoint(url.clone()))?,
+            )
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| Error::Connect {
+                endpoint: ep.to_string(),
+                detail: source_chain(&e),
+            })?,
             Endpoint::Unix(path) => {
                 let path = path.clone();
                 // The URI is required by the API and ignored by the connector.
-                TonicEndpoint::from_static("http://localhost")
+                tune(TonicEndpoint::from_static("http://localhost"))
                     .connect_timeout(Duration::from_secs(5))
                     .connect_with_connector(tower::service_fn(move |_| {
                         let path = path.clone();
@@ -361,20 +363,25 @@ impl Client {
             .await?
             .into_inner();
         let mut out = Vec::with_capacity(keys.len());
-        let mut cur: Option<(pb::BlockHeader, bytes::BytesMut)> = None;
+        let mut cur: Option<(pb::BlockHeader, Parts)> = None;
         while let Some(msg) = stream.next().await {
             let msg = msg?;
             if let Some(h) = msg.header {
                 if let Some(done) = cur.take() {
                     out.push(finish(done)?);
                 }
-                let mut buf = bytes::BytesMut::with_capacity(h.length as usize);
-                buf.extend_from_slice(&msg.data);
-                cur = Some((h, buf));
+                if msg.data.len() as u64 == h.length {
+                    // The whole block in one message: no reassembly copy.
+                    out.push(finish((h, Parts::One(msg.data)))?);
+                } else {
+                    let mut buf = bytes::BytesMut::with_capacity(h.length as usize);
+                    buf.extend_from_slice(&msg.data);
+                    cur = Some((h, Parts::Many(buf)));
+                }
             } else {
                 match cur.as_mut() {
-                    Some((_, buf)) => buf.extend_from_slice(&msg.data),
-                    None => return Err(Error::Protocol("data before any block header".into())),
+                    Some((_, Parts::Many(buf))) => buf.extend_from_slice(&msg.data),
+                    _ => return Err(Error::Protocol("data before any block header".into())),
                 }
             }
         }
@@ -429,16 +436,33 @@ impl Client {
     }
 }
 
-fn finish((h, buf): (pb::BlockHeader, bytes::BytesMut)) -> Result<Block> {
+/// Block-sized HTTP/2 windows and frames (the daemon uses the same).
+fn tune(e: TonicEndpoint) -> TonicEndpoint {
+    e.initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(64 << 20)
+        .max_frame_size(1 << 20)
+}
+
+/// A block's bytes as received: one message, or reassembled from several.
+enum Parts {
+    One(Bytes),
+    Many(bytes::BytesMut),
+}
+
+fn finish((h, parts): (pb::BlockHeader, Parts)) -> Result<Block> {
     let key = parse_key(&h.key, "block header key")?;
-    if buf.len() as u64 != h.length {
+    let data = match parts {
+        Parts::One(b) => b,
+        Parts::Many(m) => m.freeze(),
+    };
+    if data.len() as u64 != h.length {
         return Err(Error::Protocol(format!(
             "block {key}: {} bytes received, header said {}",
-            buf.len(),
+            data.len(),
             h.length
         )));
     }
-    if strata_proto::checksum(&buf) != h.checksum {
+    if strata_proto::checksum(&data) != h.checksum {
         return Err(Error::Checksum { key: key.to_hex() });
     }
     let parent = if h.parent.is_empty() {
@@ -450,7 +474,7 @@ fn finish((h, buf): (pb::BlockHeader, bytes::BytesMut)) -> Result<Block> {
         key,
         parent,
         tier: tier(h.tier),
-        data: buf.freeze(),
+        data,
     })
 }
 

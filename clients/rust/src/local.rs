@@ -98,6 +98,17 @@ impl SharedArena {
             .len(h.arena_len as usize)
             .map_raw(&file)
             .map_err(|e| Error::Shm(format!("mapping the arena: {e}")))?;
+        // Map every page writable now: first-touch faults during loads and
+        // stores would cost more than the copies themselves. Best effort
+        // (Linux >= 5.14); without it pages fault in on first use.
+        // SAFETY: the range is exactly our new mapping.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                map.as_mut_ptr().cast(),
+                h.arena_len as usize,
+                rustix::mm::Advice::LinuxPopulateWrite,
+            )
+        };
         Ok(SharedArena {
             map,
             len: h.arena_len,

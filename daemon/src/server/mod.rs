@@ -59,6 +59,11 @@ pub enum StartError {
     Task(String),
 }
 
+/// HTTP/2 settings of the gRPC listeners (and of the Rust client).
+pub const H2_STREAM_WINDOW: u32 = 16 << 20;
+pub const H2_CONNECTION_WINDOW: u32 = 64 << 20;
+pub const H2_MAX_FRAME: u32 = 1 << 20;
+
 /// A started daemon: its bound addresses, its store, and its tasks.
 pub struct Running {
     pub tcp_addr: Option<SocketAddr>,
@@ -254,6 +259,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let builder = move || {
         tonic::transport::Server::builder()
             .max_concurrent_streams(per_conn)
+            // Block-sized flow-control windows and frames: with HTTP/2's
+            // 64 KiB defaults a 2 MiB block needs dozens of window updates.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_frame_size(H2_MAX_FRAME)
             .layer(limit_layer.clone())
     };
     let drain_timeout = Duration::from_millis(s.drain_timeout_ms);

@@ -230,10 +230,11 @@ impl pb::strata_server::Strata for StrataService {
             // Bounded: a slow reader holds at most a few chunks here.
             let (tx, rx) = mpsc::channel(4);
             let chunk = self.chunk;
+            let guard = Arc::new(guard);
             tokio::spawn(async move {
                 let _permit = permit;
                 for (i, b) in guard.blocks.iter().enumerate() {
-                    let data = match guard.store().read_block(b, i) {
+                    let data = match guard.verified_bytes(i) {
                         Ok(d) => d,
                         Err(e) => {
                             let _ = tx.send(Err(Status::from(e))).await;

@@ -1264,6 +1264,47 @@ impl ReadGuard {
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// The bytes of block `i`, verified in place and served from the arena
+    /// without a copy: the returned `Bytes` keeps this guard (and so the
+    /// block's pin) alive until the transport is done with it. A mismatch
+    /// drops the block (counted) and is a miss. Consumers verify again on
+    /// receipt, which also covers anything written into the shared arena
+    /// between this check and the send.
+    pub fn verified_bytes(self: &Arc<Self>, i: usize) -> Result<bytes::Bytes, StoreError> {
+        let b = &self.blocks[i];
+        // SAFETY: the block is pinned by this guard.
+        let slice = unsafe { self.store.dram.slice(b.addr, b.len) };
+        if strata_proto::checksum(slice) != b.checksum {
+            self.store.mark_corrupt(b.r);
+            return Err(StoreError::Corrupt {
+                field: field("keys", i),
+                key: b.key,
+                tier: b.tier.name(),
+            });
+        }
+        let t = b.tier.index();
+        self.store.metrics.bytes_out[t].increment(b.len);
+        self.store.lock().tiers[t].bytes_out += b.len;
+        Ok(bytes::Bytes::from_owner(PinnedBytes {
+            guard: self.clone(),
+            i,
+        }))
+    }
+}
+
+/// A pinned block's bytes in the arena, as the owner of a `Bytes`.
+struct PinnedBytes {
+    guard: Arc<ReadGuard>,
+    i: usize,
+}
+
+impl AsRef<[u8]> for PinnedBytes {
+    fn as_ref(&self) -> &[u8] {
+        let b = &self.guard.blocks[self.i];
+        // SAFETY: pinned for as long as this owner (and its guard) lives.
+        unsafe { self.guard.store.dram.slice(b.addr, b.len) }
+    }
 }
 
 impl Drop for ReadGuard {

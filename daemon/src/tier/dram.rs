@@ -83,13 +83,14 @@ impl DramTier {
         }
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(|e| DramError::Memfd(e.into()))?;
-        let mut opts = MmapOptions::new();
-        opts.len(len.max(1) as usize);
-        if cfg.prefault {
-            opts.populate();
-        }
         let file = std::fs::File::from(fd.try_clone().map_err(DramError::Memfd)?);
-        let map = opts.map_raw(&file).map_err(DramError::Map)?;
+        let map = MmapOptions::new()
+            .len(len.max(1) as usize)
+            .map_raw(&file)
+            .map_err(DramError::Map)?;
+        if cfg.prefault && len > 0 {
+            prefault_writable(map.as_mut_ptr(), len as usize);
+        }
         Ok(DramTier {
             fd,
             map,
@@ -166,6 +167,23 @@ impl DramTier {
         // SAFETY: in bounds (checked); exclusivity per the caller's contract.
         unsafe {
             std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset as usize), len as usize)
+        }
+    }
+}
+
+/// Maps every page of a shared mapping writable now, so that no later
+/// access pays a fault. `MAP_POPULATE` is not enough for a shared mapping:
+/// it maps pages read-only and the first write still faults.
+pub fn prefault_writable(ptr: *mut u8, len: usize) {
+    // SAFETY: `ptr..ptr+len` is a mapping we own; MADV_POPULATE_WRITE only
+    // faults pages in (Linux >= 5.14).
+    let r = unsafe { rustix::mm::madvise(ptr.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };
+    if r.is_err() {
+        // Older kernels: touch one byte per page. The arena is zero-filled
+        // and nothing else uses it yet, so writing zero changes nothing.
+        for off in (0..len).step_by(4096) {
+            // SAFETY: in bounds of our mapping.
+            unsafe { ptr.add(off).write_volatile(0) };
         }
     }
 }
