@@ -642,6 +642,7 @@ fn lookup(rep: &mut Report, blocks: u64) -> Result<()> {
             namespace: ns,
             keys,
             lease_ttl_ms: 0,
+            want_slots: false,
         });
     }
     for i in 0..n_lookups {

@@ -198,15 +198,24 @@ pub struct LookupReq {
     pub keys: Vec<BlockKey>,
     /// 0 = no lease.
     pub lease_ttl_ms: u32,
+    /// Return the arena slot of every hit (requires a lease).
+    pub want_slots: bool,
 }
 
 impl TryFrom<pb::LookupRequest> for LookupReq {
     type Error = FieldError;
     fn try_from(r: pb::LookupRequest) -> Result<Self, FieldError> {
+        if r.want_slots && r.lease_ttl_ms == 0 {
+            return Err(FieldError::new(
+                "want_slots",
+                "needs lease_ttl_ms > 0: slots stay valid only under a lease",
+            ));
+        }
         Ok(LookupReq {
             namespace: namespace(r.namespace_id)?,
             keys: keys("keys", &r.keys)?,
             lease_ttl_ms: r.lease_ttl_ms,
+            want_slots: r.want_slots,
         })
     }
 }
@@ -402,7 +411,7 @@ mod tests {
         let r = pb::LookupRequest {
             namespace_id: 7,
             keys: vec![vec![1u8].into(), vec![0u8; 40].into()],
-            lease_ttl_ms: 0,
+            ..Default::default()
         };
         let e = LookupReq::try_from(r).unwrap_err();
         assert_eq!(e.field, "keys[1]");
@@ -411,7 +420,20 @@ mod tests {
         let r = pb::LookupRequest {
             namespace_id: 0,
             keys: vec![vec![1u8].into()],
-            lease_ttl_ms: 0,
+            ..Default::default()
+        };
+        assert_eq!(LookupReq::try_from(r).unwrap_err().field, "namespace_id");
+        let r = pb::LookupRequest {
+            namespace_id: 1,
+            keys: vec![vec![1u8].into()],
+            want_slots: true,
+            ..Default::default()
+        };
+        assert_eq!(LookupReq::try_from(r).unwrap_err().field, "want_slots");
+        let r = pb::LookupRequest {
+            namespace_id: 0,
+            keys: vec![vec![1u8].into()],
+            ..Default::default()
         };
         assert_eq!(LookupReq::try_from(r).unwrap_err().field, "namespace_id");
 

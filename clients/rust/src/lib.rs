@@ -292,6 +292,7 @@ impl Client {
                 namespace_id: ns.0,
                 keys: keys.iter().map(key_bytes).collect(),
                 lease_ttl_ms,
+                want_slots: false,
             })
             .await?
             .into_inner();

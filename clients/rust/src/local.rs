@@ -312,10 +312,11 @@ impl LocalClient {
     }
 
     /// Loads the longest present prefix of `keys` into `dst` (one buffer per
-    /// key, each at least the block's length): lease, slots, one copy each,
-    /// checksum verified on the copy, release. Returns the length of every
-    /// block loaded; fewer than `keys.len()` means the rest must be
-    /// recomputed (absent, or a checksum failed: a doubt is a miss).
+    /// key, each at least the block's length): one Lookup takes a lease and
+    /// returns the slots, each block is copied once and its checksum verified
+    /// on the copy, and the lease is released in the background. Returns the
+    /// length of every block loaded; fewer than `keys.len()` means the rest
+    /// must be recomputed (absent, or a checksum failed: a doubt is a miss).
     pub async fn load_prefix(
         &mut self,
         ns: NamespaceId,
@@ -323,17 +324,39 @@ impl LocalClient {
         dst: &mut [&mut [u8]],
     ) -> Result<Vec<usize>> {
         assert!(dst.len() >= keys.len(), "one destination buffer per key");
-        let l = self.client.lookup(ns, keys, self.lease_ttl_ms).await?;
-        let Some(lease) = l.lease else {
+        let r = self
+            .client
+            .rpc()
+            .lookup(pb::LookupRequest {
+                namespace_id: ns.0,
+                keys: keys.iter().map(key_bytes).collect(),
+                lease_ttl_ms: self.lease_ttl_ms,
+                want_slots: true,
+            })
+            .await?
+            .into_inner();
+        if r.lease_id == 0 {
             return Ok(Vec::new());
+        }
+        let res = self
+            .check_epoch(r.arena_epoch)
+            .and_then(|_| self.copy_slots(&r.slots, dst));
+        // Off the critical path: a lost release only costs the lease's TTL.
+        let mut rpc = self.client.rpc().clone();
+        let release = pb::ReleaseRequest {
+            lease_id: r.lease_id,
+            namespace_id: ns.0,
         };
-        let res = self.copy_leased(ns, lease.id, &keys[..l.hits], dst).await;
-        // Release even when the copy failed; a lost release only costs the TTL.
-        let _ = self.client.release(ns, lease.id).await;
+        tokio::spawn(async move {
+            let _ = rpc.release(release).await;
+        });
         res
     }
 
-    async fn copy_leased(
+    /// Loads blocks under a lease taken elsewhere (say, by a scheduler
+    /// process): asks for their slots, then copies and verifies as
+    /// [`load_prefix`](Self::load_prefix) does. The lease stays held.
+    pub async fn load_leased(
         &mut self,
         ns: NamespaceId,
         lease: strata_proto::LeaseId,
@@ -351,8 +374,12 @@ impl LocalClient {
             .await?
             .into_inner();
         self.check_epoch(r.arena_epoch)?;
-        let mut lens = Vec::with_capacity(keys.len());
-        for (slot, out) in r.slots.iter().zip(dst.iter_mut()) {
+        self.copy_slots(&r.slots, dst)
+    }
+
+    fn copy_slots(&self, slots: &[pb::Slot], dst: &mut [&mut [u8]]) -> Result<Vec<usize>> {
+        let mut lens = Vec::with_capacity(slots.len());
+        for (slot, out) in slots.iter().zip(dst.iter_mut()) {
             let n = slot.length as usize;
             if out.len() < n {
                 return Err(Error::Protocol(format!(

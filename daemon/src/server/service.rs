@@ -113,7 +113,7 @@ fn zero_copy_peer<T>(req: &Request<T>) -> Result<(), Status> {
         Ok(())
     } else {
         Err(Status::failed_precondition(
-            "zero-copy calls (Reserve, Commit, Abort, GetSlots) are served only on the Unix socket, to clients that mapped the arena; use Put and Get over TCP",
+            "zero-copy calls (Reserve, Commit, Abort, GetSlots, Lookup with want_slots) are served only on the Unix socket, to clients that mapped the arena; use Put and Get over TCP",
         ))
     }
 }
@@ -183,6 +183,9 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::LookupResponse>, Status> {
         let t = Instant::now();
         let r = (|| {
+            if req.get_ref().want_slots {
+                zero_copy_peer(&req)?;
+            }
             let raw = req.into_inner();
             self.limits.keys("keys", raw.keys.len())?;
             let q = LookupReq::try_from(raw)?;
@@ -203,6 +206,20 @@ impl pb::strata_server::Strata for StrataService {
                     .collect(),
                 lease_id,
                 lease_expires_unix_ms: expires,
+                slots: r
+                    .slots
+                    .iter()
+                    .map(|s| pb::Slot {
+                        offset: s.offset,
+                        length: s.len,
+                        checksum: s.checksum,
+                    })
+                    .collect(),
+                arena_epoch: if q.want_slots {
+                    self.store.dram().epoch()
+                } else {
+                    0
+                },
             }))
         })();
         timed(&self.m.lookup, t, r)

@@ -44,7 +44,7 @@ use strata_proto::{BlockKey, FieldError, Layout, LeaseId, NamespaceId, Reservati
 
 pub use error::StoreError;
 pub use evict::EvictionKind;
-use evict::{Candidate, CandidateSource, EvictionPolicy};
+use evict::{Candidate, EvictionPolicy};
 use index::{BlockId, BlockRef, FLAG_DOOMED, Index, LOCAL_TIERS, Meta, NO_PARENT};
 
 use crate::metrics::StoreMetrics;
@@ -130,6 +130,8 @@ pub struct LookupResult {
     pub hits: u32,
     pub tiers: Vec<TierKind>,
     pub lease: Option<(LeaseId, SystemTime)>,
+    /// With `want_slots`: the arena slot of every hit.
+    pub slots: Vec<Slot>,
 }
 
 /// One zero-copy reservation (or a report that the key is already present).
@@ -251,26 +253,6 @@ struct Inner {
     lookup_keys: u64,
     lookup_hits: u64,
     checksum_failures: u64,
-}
-
-/// The view of one tier that eviction policies see.
-struct TierView<'a> {
-    index: &'a Index,
-    tier: TierKind,
-    live: usize,
-}
-
-impl CandidateSource for TierView<'_> {
-    fn candidate(&self, id: BlockId) -> Option<Candidate> {
-        if !self.index.is_live(id) {
-            return None;
-        }
-        let m = self.index.get(id);
-        (m.tier == self.tier && !m.is_doomed()).then(|| candidate(m))
-    }
-    fn live_blocks(&self) -> usize {
-        self.live
-    }
 }
 
 fn candidate(m: &Meta) -> Candidate {
@@ -482,10 +464,28 @@ impl Store {
             tiers.push(tier);
             self.metrics.lookup_hits[tier.index()].increment(1);
         }
+        let mut slots = Vec::new();
+        if req.want_slots && lease.is_some() {
+            slots.reserve(ids.len());
+            let mut bytes = 0;
+            for &id in &ids {
+                let m = g.index.get(id);
+                slots.push(Slot {
+                    offset: m.addr,
+                    len: m.len as u64,
+                    checksum: m.checksum,
+                });
+                bytes += m.len as u64;
+            }
+            let t = TierKind::Dram.index();
+            g.tiers[t].bytes_out += bytes;
+            self.metrics.bytes_out[t].increment(bytes);
+        }
         Ok(LookupResult {
             hits: ids.len() as u32,
             tiers,
             lease,
+            slots,
         })
     }
 
@@ -614,6 +614,8 @@ impl Store {
         let parent = match p.parent.and_then(|pk| g.index.find(p.ns, &pk)) {
             Some(pid) => {
                 g.index.get_mut(pid).children[t] += 1;
+                // It may have stopped being a candidate (prefix-LRU).
+                refresh(g, pid);
                 g.index.ref_of(pid)
             }
             None => NO_PARENT,
@@ -640,7 +642,7 @@ impl Store {
         book.bytes_in += p.len;
         self.metrics.bytes_in[t].increment(p.len);
         self.metrics.puts_stored.increment(1);
-        notify_policy(g, r.id);
+        refresh(g, r.id);
         Ok(PutResult::Stored)
     }
 
@@ -925,9 +927,12 @@ impl Store {
         if let Some(m) = g.index.resolve_mut(r) {
             let tier = m.tier;
             m.flags |= FLAG_DOOMED;
+            let pins = m.pins;
             self.metrics.checksum_failures[tier.index()].increment(1);
-            if m.pins == 0 {
+            if pins == 0 {
                 remove_block(g, &self.dram, r.id);
+            } else {
+                refresh(g, r.id);
             }
         }
     }
@@ -995,12 +1000,7 @@ impl Store {
     /// Evicts the policy's next victim from `tier`; false if none.
     fn evict_one(&self, g: &mut Inner, tier: TierKind) -> bool {
         let t = tier.index();
-        let view = TierView {
-            index: &g.index,
-            tier,
-            live: g.tiers[t].blocks as usize,
-        };
-        let Some(id) = g.tiers[t].policy.victim(&view) else {
+        let Some(id) = g.tiers[t].policy.victim() else {
             return false;
         };
         let len = g.index.get(id).len as u64;
@@ -1368,19 +1368,12 @@ fn lease_checked<'a>(
     Ok(l)
 }
 
-fn notify_policy(g: &mut Inner, id: BlockId) {
+/// Tells the block's tier policy its current state.
+fn refresh(g: &mut Inner, id: BlockId) {
     let m = g.index.get(id);
+    let c = (!m.is_doomed()).then(|| candidate(m));
     let t = m.tier.index();
-    if m.is_doomed() {
-        return;
-    }
-    let c = candidate(m);
-    let view = TierView {
-        index: &g.index,
-        tier: m.tier,
-        live: g.tiers[t].blocks as usize,
-    };
-    g.tiers[t].policy.notify(id, c, &view);
+    g.tiers[t].policy.update(id, c);
 }
 
 /// Marks an access: a new, unique tick.
@@ -1390,9 +1383,7 @@ fn touch(g: &mut Inner, id: BlockId) -> TierKind {
     let m = g.index.get_mut(id);
     m.tick = tick;
     let tier = m.tier;
-    if m.pins == 0 {
-        notify_policy(g, id);
-    }
+    refresh(g, id);
     tier
 }
 
@@ -1403,6 +1394,7 @@ fn pin(g: &mut Inner, granule: u64, id: BlockId) {
         let (t, len) = (m.tier.index(), m.len as u64);
         g.tiers[t].pinned_blocks += 1;
         g.tiers[t].pinned_bytes += len.div_ceil(granule) * granule;
+        refresh(g, id);
     }
 }
 
@@ -1420,7 +1412,7 @@ fn unpin(g: &mut Inner, granule: u64, r: BlockRef, dram: &DramTier) {
     if doomed {
         remove_block(g, dram, r.id);
     } else {
-        notify_policy(g, r.id);
+        refresh(g, r.id);
     }
 }
 
@@ -1437,6 +1429,7 @@ fn remove_block(g: &mut Inner, dram: &DramTier, id: BlockId) {
     let m = g.index.remove(id);
     debug_assert_eq!(m.pins, 0, "removing a pinned block");
     let t = m.tier.index();
+    g.tiers[t].policy.update(id, None);
     let rounded = dram.rounded(m.len as u64);
     dram.free(m.addr, rounded);
     let b = &mut g.tiers[t];
@@ -1445,8 +1438,7 @@ fn remove_block(g: &mut Inner, dram: &DramTier, id: BlockId) {
     if let Some(p) = g.index.resolve_mut(m.parent) {
         p.children[t] -= 1;
         if p.children[t] == 0 && p.tier.index() == t {
-            let pid = m.parent.id;
-            notify_policy(g, pid);
+            refresh(g, m.parent.id);
         }
     }
 }

@@ -105,6 +105,7 @@ impl Fixture {
                 namespace: self.ns,
                 keys: keys.to_vec(),
                 lease_ttl_ms: lease_ms,
+                want_slots: false,
             })
             .unwrap()
     }
@@ -270,6 +271,7 @@ fn unknown_namespace_and_missing_key() {
             namespace: NamespaceId(42),
             keys: vec![key(0, 0)],
             lease_ttl_ms: 0,
+            want_slots: false,
         })
         .unwrap_err();
     assert!(matches!(e, StoreError::UnknownNamespace(_)));
@@ -411,6 +413,7 @@ fn lease_limits() {
             namespace: f.ns,
             keys: vec![key(1, 0)],
             lease_ttl_ms: 5000,
+            want_slots: false,
         })
         .unwrap_err();
     assert!(e.to_string().starts_with("lease_ttl_ms:"), "{e}");
@@ -421,6 +424,7 @@ fn lease_limits() {
             namespace: f.ns,
             keys: vec![key(1, 0)],
             lease_ttl_ms: 500,
+            want_slots: false,
         })
         .unwrap_err();
     assert!(e.to_string().starts_with("store.max_leases:"), "{e}");
