@@ -98,9 +98,46 @@ fn f2(x: f64) -> String {
     format!("{x:.2}")
 }
 
-/// Fills a buffer with non-repeating bytes (touching every page).
-fn filled(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
+/// A page-aligned buffer, like an engine's pinned host buffers.
+struct PageBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a plain owned allocation.
+unsafe impl Send for PageBuf {}
+unsafe impl Sync for PageBuf {}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: allocated with `len` bytes in `filled`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        let l = std::alloc::Layout::from_size_align(self.len.max(1), 4096).expect("layout");
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, l) };
+    }
+}
+
+/// A page-aligned buffer of non-repeating bytes (every page touched).
+fn filled(len: usize, seed: u64) -> PageBuf {
+    let l = std::alloc::Layout::from_size_align(len.max(1), 4096).expect("layout");
+    // SAFETY: non-zero size.
+    let ptr = unsafe { std::alloc::alloc(l) };
+    assert!(!ptr.is_null(), "out of memory");
+    let mut v = PageBuf { ptr, len };
     let mut x = seed | 1;
     for w in v.chunks_mut(8) {
         x ^= x << 13;
@@ -328,7 +365,7 @@ async fn zero_copy(rep: &mut Report, sizes: &[u64], quick: bool) -> Result<()> {
     let working: usize = if quick { 128 << 20 } else { 384 << 20 };
     let reps = 3;
     rep.section(
-        "Zero-copy data plane vs single-thread memcpy (same bytes, pre-faulted buffers)",
+        "Zero-copy data plane vs single-thread memcpy (same bytes, pre-faulted page-aligned buffers)",
         &[
             "block",
             "memcpy GB/s",

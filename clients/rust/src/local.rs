@@ -152,6 +152,28 @@ impl SharedArena {
         Ok(())
     }
 
+    /// Copies `src` into the arena at `offset` and returns its checksum, in
+    /// one pass over the bytes.
+    pub fn write_checksummed(&self, offset: u64, src: &[u8]) -> Result<u64> {
+        self.check(offset, src.len() as u64)?;
+        // SAFETY: in bounds; the daemon gave this reserved range to us only.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset as usize), src.len())
+        };
+        Ok(strata_kernels::checksum::copy_and_checksum(dst, src))
+    }
+
+    /// Copies a slot out into `dst` and returns the checksum of the copy, in
+    /// one pass.
+    pub fn read_checksummed(&self, offset: u64, dst: &mut [u8]) -> Result<u64> {
+        self.check(offset, dst.len() as u64)?;
+        // SAFETY: in bounds; the slot is leased, so the daemon does not reuse it.
+        let src = unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(offset as usize), dst.len())
+        };
+        Ok(strata_kernels::checksum::copy_and_checksum(dst, src))
+    }
+
     /// Copies a slot out into `dst` (exactly its length).
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         self.check(offset, dst.len() as u64)?;
@@ -166,6 +188,10 @@ impl SharedArena {
         Ok(())
     }
 }
+
+/// Bytes written per commit call: the daemon verifies one part while the
+/// client copies the next.
+const PIPELINE_BYTES: usize = 2 << 20;
 
 /// A client on the daemon's node: gRPC over the Unix socket plus the mapped arena.
 #[derive(Debug)]
@@ -246,12 +272,17 @@ impl LocalClient {
                 "reservation count differs from block count".into(),
             ));
         }
-        let mut commits = Vec::with_capacity(blocks.len());
-        let written = self.check_epoch(r.arena_epoch).and_then(|_| {
-            for (b, res) in blocks.iter().zip(&r.reservations) {
-                if res.already_present {
-                    continue;
-                }
+        // Write and commit in parts of about PIPELINE_BYTES: the daemon
+        // verifies and publishes one part while this thread copies the next.
+        let mut pending = Vec::new();
+        let mut part = Vec::new();
+        let mut part_bytes = 0usize;
+        let mut failed = None;
+        for (b, res) in blocks.iter().zip(&r.reservations) {
+            if failed.is_some() || res.already_present {
+                continue;
+            }
+            let written = self.check_epoch(r.arena_epoch).and_then(|_| {
                 let slot = res
                     .slot
                     .as_ref()
@@ -261,21 +292,35 @@ impl LocalClient {
                         "slot length differs from block length".into(),
                     ));
                 }
-                self.arena.write(slot.offset, b.data)?;
-                commits.push(pb::CommitBlock {
-                    reservation_id: res.reservation_id,
-                    checksum: strata_proto::checksum(b.data),
-                });
+                self.arena.write_checksummed(slot.offset, b.data)
+            });
+            match written {
+                Ok(checksum) => {
+                    part.push(pb::CommitBlock {
+                        reservation_id: res.reservation_id,
+                        checksum,
+                    });
+                    part_bytes += b.data.len();
+                    if part_bytes >= PIPELINE_BYTES {
+                        pending.push(self.spawn_commit(std::mem::take(&mut part)));
+                        part_bytes = 0;
+                    }
+                }
+                Err(e) => failed = Some(e),
             }
-            Ok(())
-        });
-        if let Err(e) = written {
+        }
+        if let Some(e) = failed {
+            // Let the parts already sent finish, then hand back every other
+            // reservation (aborting a committed one is a no-op).
             let ids = r
                 .reservations
                 .iter()
                 .map(|x| x.reservation_id)
                 .filter(|&i| i != 0)
                 .collect();
+            for p in pending {
+                let _ = p.await;
+            }
             let _ = self
                 .client
                 .rpc()
@@ -285,17 +330,26 @@ impl LocalClient {
                 .await;
             return Err(e);
         }
-        let mut committed = if commits.is_empty() {
-            Vec::new()
-        } else {
-            self.client
-                .rpc()
-                .commit(pb::CommitRequest { blocks: commits })
-                .await?
-                .into_inner()
-                .outcomes
+        if !part.is_empty() {
+            pending.push(self.spawn_commit(part));
         }
-        .into_iter();
+        let mut committed = Vec::new();
+        let mut first_err = None;
+        for p in pending {
+            match p.await {
+                Ok(Ok(o)) => committed.extend(o),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(Error::Protocol(format!("commit task: {e}")));
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let mut committed = committed.into_iter();
         r.reservations
             .iter()
             .map(|res| {
@@ -309,6 +363,20 @@ impl LocalClient {
                 }
             })
             .collect()
+    }
+
+    fn spawn_commit(
+        &mut self,
+        blocks: Vec<pb::CommitBlock>,
+    ) -> tokio::task::JoinHandle<Result<Vec<pb::PutOutcome>>> {
+        let mut rpc = self.client.rpc().clone();
+        tokio::spawn(async move {
+            Ok(rpc
+                .commit(pb::CommitRequest { blocks })
+                .await?
+                .into_inner()
+                .outcomes)
+        })
     }
 
     /// Loads the longest present prefix of `keys` into `dst` (one buffer per
@@ -387,9 +455,7 @@ impl LocalClient {
                     out.len()
                 )));
             }
-            let out = &mut out[..n];
-            self.arena.read(slot.offset, out)?;
-            if strata_proto::checksum(out) != slot.checksum {
+            if self.arena.read_checksummed(slot.offset, &mut out[..n])? != slot.checksum {
                 break; // a miss from here on
             }
             lens.push(n);

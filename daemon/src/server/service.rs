@@ -524,7 +524,12 @@ impl StrataService {
                 .into());
             }
             if let Some(s) = slot.as_mut() {
-                s.bytes_mut()[filled as usize..(filled + n) as usize].copy_from_slice(&data);
+                if n == h.length {
+                    // The whole block in one message: copy and hash in one pass.
+                    s.fill(&data);
+                } else {
+                    s.bytes_mut()[filled as usize..(filled + n) as usize].copy_from_slice(&data);
+                }
             }
             filled += n;
             if filled == h.length {

@@ -546,23 +546,28 @@ impl Store {
             store: self.clone(),
             p: Some(p),
             block,
+            hashed: None,
         }))
     }
 
     /// Verifies the checksum of a filled slot and publishes it.
     pub fn publish(&self, mut slot: PutSlot, checksum: u64) -> Result<PutResult, StoreError> {
         let p = slot.p.take().expect("slot published twice");
-        self.verify_and_publish(p, checksum, format!("blocks[{}].checksum", slot.block))
+        let field = format!("blocks[{}].checksum", slot.block);
+        self.verify_and_publish(p, checksum, slot.hashed, field)
     }
 
+    /// `hashed`: the checksum of the extent if it was computed while filling it.
     fn verify_and_publish(
         &self,
         p: Pending,
         checksum: u64,
+        hashed: Option<u64>,
         field: String,
     ) -> Result<PutResult, StoreError> {
         // SAFETY: the pending reservation owns the extent.
-        let actual = strata_proto::checksum(unsafe { self.dram.slice(p.addr, p.len) });
+        let actual = hashed
+            .unwrap_or_else(|| strata_proto::checksum(unsafe { self.dram.slice(p.addr, p.len) }));
         if actual != checksum {
             self.abandon(p);
             self.metrics.puts_rejected.increment(1);
@@ -816,7 +821,7 @@ impl Store {
                 }
             };
             let key = p.key;
-            let r = self.verify_and_publish(p, checksum, format!("blocks[{i}].checksum"))?;
+            let r = self.verify_and_publish(p, checksum, None, format!("blocks[{i}].checksum"))?;
             out.push((key, r));
         }
         Ok(out)
@@ -1197,6 +1202,8 @@ pub struct PutSlot {
     store: Arc<Store>,
     p: Option<Pending>,
     block: usize,
+    /// Checksum of the extent when `fill` wrote all of it.
+    hashed: Option<u64>,
 }
 
 impl std::fmt::Debug for PutSlot {
@@ -1218,8 +1225,17 @@ impl PutSlot {
         self.p.as_ref().map(|p| p.key)
     }
 
+    /// Fills the whole extent from `src` (exactly its length), hashing the
+    /// bytes as they are copied; `publish` then trusts that hash instead of
+    /// reading the extent again.
+    pub fn fill(&mut self, src: &[u8]) {
+        let hash = strata_kernels::checksum::copy_and_checksum(self.bytes_mut(), src);
+        self.hashed = Some(hash);
+    }
+
     /// The extent to fill.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.hashed = None;
         let p = self.p.as_ref().expect("slot already published");
         // SAFETY: this slot owns the reservation of the extent.
         unsafe { self.store.dram.slice_mut(p.addr, p.len) }
