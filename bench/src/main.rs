@@ -47,6 +47,10 @@ struct Args {
     /// Block sizes in KiB.
     #[arg(long, value_delimiter = ',', default_values_t = vec![256u64, 2048])]
     sizes_kib: Vec<u64>,
+    /// Bytes per call (one Put/Get stream, one zero-copy put or load, one
+    /// Redis pipeline), MiB. 32 MiB is a 256-token prefix of an 8B model.
+    #[arg(long, default_value_t = 32)]
+    batch_mib: usize,
     /// Blocks in the lookup index.
     #[arg(long, default_value_t = 10_000_000)]
     lookup_blocks: u64,
@@ -257,6 +261,15 @@ fn free_port() -> Result<u16> {
 }
 
 fn main() -> Result<()> {
+    // Same allocator settings as stratad (see daemon/src/main.rs): keep
+    // freed megabyte buffers instead of faulting in fresh pages for every
+    // message. Applies equally to the Strata and Redis clients below.
+    // SAFETY: adjusts glibc's allocator parameters before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let args = Args::parse();
     let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -283,7 +296,12 @@ fn main() -> Result<()> {
         rt.block_on(rpc_latency(&mut rep))?;
     }
     if want("zero-copy") {
-        rt.block_on(zero_copy(&mut rep, &sizes, args.quick))?;
+        rt.block_on(zero_copy(
+            &mut rep,
+            &sizes,
+            args.quick,
+            args.batch_mib << 20,
+        ))?;
     }
     if want("grpc") {
         rt.block_on(grpc_vs_redis(
@@ -291,6 +309,7 @@ fn main() -> Result<()> {
             &sizes,
             args.quick,
             &args.redis_server,
+            args.batch_mib << 20,
         ))?;
     }
     if want("lookup") {
@@ -360,7 +379,7 @@ async fn rpc_latency(rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
-async fn zero_copy(rep: &mut Report, sizes: &[u64], quick: bool) -> Result<()> {
+async fn zero_copy(rep: &mut Report, sizes: &[u64], quick: bool, batch_bytes: usize) -> Result<()> {
     let d = Daemon::start("1GiB")?;
     let working: usize = if quick { 128 << 20 } else { 384 << 20 };
     let reps = 3;
@@ -386,9 +405,7 @@ async fn zero_copy(rep: &mut Report, sizes: &[u64], quick: bool) -> Result<()> {
             .register_layout(&layout_for(size as u64, "zc"))
             .await?
             .namespace;
-        // ~8 MiB per call: big enough to amortise the two RPCs, small enough
-        // for the block to still be in cache when the daemon verifies it.
-        let batch = (8 << 20) / size;
+        let batch = (batch_bytes / size).max(1);
         let mem = memcpy_rate(&src, &mut dst, size, reps);
         let mut put_best = 0.0f64;
         let mut get_best = 0.0f64;
@@ -439,8 +456,9 @@ async fn zero_copy(rep: &mut Report, sizes: &[u64], quick: bool) -> Result<()> {
         ]);
     }
     rep.note(&format!(
-        "Working set {} MiB per size, best of {reps} rounds each; puts include the client's checksum and the daemon's verification before publish, gets the client's verification of its copy.",
-        working >> 20
+        "Working set {} MiB per size, {} MiB per call, best of {reps} rounds each; puts include the client's checksum and the daemon's verification before publish, gets the client's verification of its copy.",
+        working >> 20,
+        batch_bytes >> 20
     ));
     Ok(())
 }
@@ -450,6 +468,7 @@ async fn grpc_vs_redis(
     sizes: &[u64],
     quick: bool,
     redis_bin: &str,
+    batch_bytes: usize,
 ) -> Result<()> {
     let d = Daemon::start("1GiB")?;
     let redis = redis::Server::start(redis_bin)?;
@@ -472,7 +491,7 @@ async fn grpc_vs_redis(
         let size = size as usize;
         let n = working / size;
         let per_conn = n / conns;
-        let batch = ((8 << 20) / size).max(1);
+        let batch = (batch_bytes / size).max(1);
         let ns = Client::connect(&d.endpoint())
             .await?
             .register_layout(&layout_for(size as u64, "grpc"))
@@ -595,8 +614,9 @@ async fn grpc_vs_redis(
         ]);
     }
     rep.note(&format!(
-        "Working set {} MiB per size, {conns} connections, ~8 MiB per call (Strata: blocks per Put/Get stream; Redis: pipelined commands), best of 3 rounds. Strata gets verify every block's checksum on arrival; the Redis client does not.",
-        working >> 20
+        "Working set {} MiB per size, {conns} connections, {} MiB per call (Strata: blocks per Put/Get stream; Redis: pipelined commands), best of 3 rounds. Strata gets verify every block's checksum on arrival; the Redis client does not.",
+        working >> 20,
+        batch_bytes >> 20
     ));
     Ok(())
 }

@@ -86,7 +86,25 @@ fn load(args: &Args) -> Result<Config, String> {
     Ok(cfg)
 }
 
+/// Keeps freed buffers in the process instead of handing them back to the
+/// kernel: gRPC messages are megabytes each, and with glibc's defaults (and
+/// its per-thread arenas, which trim themselves) every one lands on fresh
+/// pages that the kernel must fault in and zero: a fifth of the daemon's
+/// time on the put path, and half its put throughput. One arena, no trimming
+/// below 256 MiB, no mmap below 32 MiB. Memory stays bounded by the
+/// configured limits on messages, streams and bytes in flight.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts glibc's allocator parameters; called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let args = Args::parse();
     if args.print_default_config {
         print!("{DEFAULT_CONFIG_TOML}");
