@@ -14,6 +14,9 @@
 //! block slot plus 16 per candidate. Ticks are unique, so the order is total
 //! and deterministic: the property test checks it against a plain model.
 
+use allocator_api2::vec::Vec as HVec;
+
+use super::huge::HugePages;
 use super::index::BlockId;
 
 /// What a policy may know about a block.
@@ -29,8 +32,11 @@ pub struct Candidate {
 pub trait EvictionPolicy: Send {
     fn name(&self) -> &'static str;
     /// The block's state changed; `None` when it is no longer in the tier
-    /// (removed, doomed, moved).
-    fn update(&mut self, id: BlockId, c: Option<Candidate>);
+    /// (removed, doomed, moved). Returns whether the policy now tracks the
+    /// block: the store skips telling it about a touch (a new tick only) of
+    /// a block it does not track, since a tick alone never makes a block a
+    /// candidate. That keeps Lookup of long chains off the policy's tables.
+    fn update(&mut self, id: BlockId, c: Option<Candidate>) -> bool;
     /// The next victim (not removed from the policy: the store evicts it
     /// and then calls `update(id, None)`), or `None` if nothing is evictable.
     fn victim(&self) -> Option<BlockId>;
@@ -71,9 +77,9 @@ struct IndexedHeap {
     name: &'static str,
     leaves_only: bool,
     /// Min-heap of (tick, id).
-    heap: Vec<(u64, BlockId)>,
+    heap: HVec<(u64, BlockId), HugePages>,
     /// Position of each block id in `heap`, or ABSENT.
-    pos: Vec<u32>,
+    pos: HVec<u32, HugePages>,
 }
 
 impl IndexedHeap {
@@ -81,8 +87,8 @@ impl IndexedHeap {
         IndexedHeap {
             name,
             leaves_only,
-            heap: Vec::new(),
-            pos: Vec::new(),
+            heap: HVec::new_in(HugePages),
+            pos: HVec::new_in(HugePages),
         }
     }
 
@@ -147,11 +153,11 @@ impl EvictionPolicy for IndexedHeap {
         self.name
     }
 
-    fn update(&mut self, id: BlockId, c: Option<Candidate>) {
+    fn update(&mut self, id: BlockId, c: Option<Candidate>) -> bool {
         let slot = id as usize;
         if slot >= self.pos.len() {
             if c.is_none() {
-                return;
+                return false;
             }
             self.pos.resize(slot + 1, ABSENT);
         }
@@ -160,6 +166,7 @@ impl EvictionPolicy for IndexedHeap {
             Some(c) if at == ABSENT => {
                 self.heap.push((c.tick, id));
                 self.sift_up(self.heap.len() - 1);
+                true
             }
             Some(c) => {
                 let i = at as usize;
@@ -170,9 +177,13 @@ impl EvictionPolicy for IndexedHeap {
                 } else {
                     self.sift_down(i);
                 }
+                true
             }
-            None if at != ABSENT => self.remove_at(at as usize),
-            None => {}
+            None if at != ABSENT => {
+                self.remove_at(at as usize);
+                false
+            }
+            None => false,
         }
     }
 

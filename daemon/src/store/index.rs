@@ -4,9 +4,11 @@
 //! Memory per block: the record ([`Meta`], 104 bytes) plus 4 bytes of id and
 //! one control byte in the table at a load factor between 7/16 and 7/8
 //! (about 6-11 bytes), plus the eviction policy's 4-byte position: roughly
-//! 115-120 bytes, which the benchmark measures with a counting allocator.
-//! The slab grows in fixed chunks, so it never holds more than one chunk of
-//! slack (a doubling `Vec` could hold 2x).
+//! 115-120 bytes, which the benchmark measures. The slab grows in fixed
+//! chunks of one 2 MiB huge page each, so it never holds more than one chunk
+//! of slack (a doubling `Vec` could hold 2x); the table and the chunks live
+//! on huge pages (see `huge.rs`) so that a lookup's scattered probes do not
+//! each miss the TLB.
 //!
 //! Invariants:
 //! * the table holds the id of every live record and nothing else;
@@ -15,8 +17,11 @@
 //!   occupant;
 //! * (namespace, key) is unique among live records.
 
+use allocator_api2::vec::Vec as HVec;
 use hashbrown::HashTable;
 use strata_proto::{BlockKey, TierKind};
+
+use super::huge::HugePages;
 
 /// Number of tiers that hold blocks locally (GPU, DRAM, CXL, NVMe).
 pub const LOCAL_TIERS: usize = 4;
@@ -39,6 +44,8 @@ pub const NO_PARENT: BlockRef = BlockRef {
 /// Flags of a record.
 pub const FLAG_DOOMED: u8 = 1;
 const FLAG_LIVE: u8 = 2;
+/// The tier's eviction policy tracks this block (it is a candidate).
+pub const FLAG_TRACKED: u8 = 4;
 
 /// One published block. Fixed size, no heap pointers. The fields a lookup
 /// reads (key, namespace, flags, tier, pins, tick) come first.
@@ -77,9 +84,8 @@ impl Meta {
     }
 }
 
-const CHUNK_SHIFT: u32 = 14;
-const CHUNK: usize = 1 << CHUNK_SHIFT;
-const CHUNK_MASK: usize = CHUNK - 1;
+/// Records per slab chunk: one 2 MiB huge page each.
+const CHUNK: usize = super::huge::HUGE_PAGE / std::mem::size_of::<Meta>();
 
 fn empty_meta() -> Meta {
     Meta {
@@ -98,11 +104,13 @@ fn empty_meta() -> Meta {
     }
 }
 
-#[derive(Debug, Default)]
+type Chunk = HVec<Meta, HugePages>;
+
+#[derive(Debug)]
 pub struct Index {
-    table: HashTable<BlockId>,
+    table: HashTable<BlockId, HugePages>,
     /// Records in chunks of `CHUNK`; slots `0..used` have been handed out.
-    chunks: Vec<Box<[Meta]>>,
+    chunks: Vec<Chunk>,
     used: usize,
     free: Vec<BlockId>,
     count: usize,
@@ -114,16 +122,19 @@ fn hash(ns: u32, key: &BlockKey) -> u64 {
 }
 
 #[inline]
-fn slot(chunks: &[Box<[Meta]>], id: BlockId) -> &Meta {
+fn slot(chunks: &[Chunk], id: BlockId) -> &Meta {
     let i = id as usize;
-    &chunks[i >> CHUNK_SHIFT][i & CHUNK_MASK]
+    &chunks[i / CHUNK][i % CHUNK]
 }
 
 impl Index {
     pub fn with_capacity(n: usize) -> Self {
         Index {
-            table: HashTable::with_capacity(n),
-            ..Default::default()
+            table: HashTable::with_capacity_in(n, HugePages),
+            chunks: Vec::new(),
+            used: 0,
+            free: Vec::new(),
+            count: 0,
         }
     }
 
@@ -145,9 +156,54 @@ impl Index {
             .copied()
     }
 
+    /// The slot `guess`, if it holds (ns, key).
+    #[inline]
+    fn probe_guess(&self, guess: Option<u64>, ns: u32, key: &BlockKey) -> Option<BlockId> {
+        let g = guess.filter(|&g| g < self.used as u64)? as BlockId;
+        let m = slot(&self.chunks, g);
+        (m.is_live() && m.ns == ns && m.key == *key).then_some(g)
+    }
+
+    /// Ids of the leading run of `keys` that are present and not doomed.
+    ///
+    /// A chain stored in one go occupies consecutive slots, so when key 1
+    /// sits right after key 0, key `i` is first looked for at slot
+    /// `first + i` (checked like any probe: live, namespace and whole key),
+    /// falling back to the table. Keys are resolved a window at a time with
+    /// no dependency between them, so the CPU overlaps their cache misses;
+    /// the walk stops after the window holding the first miss.
+    pub fn find_run(&self, ns: u32, keys: &[BlockKey], out: &mut Vec<BlockId>) {
+        const WINDOW: usize = 32;
+        let Some(k0) = keys.first() else { return };
+        let Some(first) = self.find(ns, k0) else {
+            return;
+        };
+        if slot(&self.chunks, first).is_doomed() {
+            return;
+        }
+        out.push(first);
+        let sequential = keys
+            .get(1)
+            .is_some_and(|k1| self.probe_guess(Some(first as u64 + 1), ns, k1).is_some());
+        let mut found = [None; WINDOW];
+        for (w, chunk) in keys[1..].chunks(WINDOW).enumerate() {
+            for (j, k) in chunk.iter().enumerate() {
+                let i = (1 + w * WINDOW + j) as u64;
+                let guess = sequential.then_some(first as u64 + i);
+                found[j] = self.probe_guess(guess, ns, k).or_else(|| self.find(ns, k));
+            }
+            for f in &found[..chunk.len()] {
+                match f {
+                    Some(id) if !slot(&self.chunks, *id).is_doomed() => out.push(*id),
+                    _ => return,
+                }
+            }
+        }
+    }
+
     fn slot_mut(&mut self, id: BlockId) -> &mut Meta {
         let i = id as usize;
-        &mut self.chunks[i >> CHUNK_SHIFT][i & CHUNK_MASK]
+        &mut self.chunks[i / CHUNK][i % CHUNK]
     }
 
     /// Inserts a record whose (namespace, key) is absent (the caller checked).
@@ -157,9 +213,10 @@ impl Index {
             None => {
                 let id = BlockId::try_from(self.used).expect("more than 2^32 blocks");
                 assert!(id != NO_PARENT.id, "block index full");
-                if self.used & CHUNK_MASK == 0 {
-                    self.chunks
-                        .push(vec![empty_meta(); CHUNK].into_boxed_slice());
+                if self.used % CHUNK == 0 {
+                    let mut c = HVec::with_capacity_in(CHUNK, HugePages);
+                    c.resize(CHUNK, empty_meta());
+                    self.chunks.push(c);
                 }
                 self.used += 1;
                 id
@@ -252,8 +309,8 @@ impl Index {
     pub fn heap_bytes(&self) -> usize {
         // hashbrown keeps capacity at 7/8 of its buckets.
         self.table.capacity() * 8 / 7 * (std::mem::size_of::<BlockId>() + 1)
-            + self.chunks.len() * CHUNK * std::mem::size_of::<Meta>()
-            + self.chunks.capacity() * std::mem::size_of::<Box<[Meta]>>()
+            + self.chunks.len() * super::huge::HUGE_PAGE
+            + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + self.free.capacity() * std::mem::size_of::<BlockId>()
     }
 }

@@ -30,6 +30,7 @@
 
 mod error;
 pub mod evict;
+pub mod huge;
 pub mod index;
 
 use std::cmp::Reverse;
@@ -45,7 +46,7 @@ use strata_proto::{BlockKey, FieldError, Layout, LeaseId, NamespaceId, Reservati
 pub use error::StoreError;
 pub use evict::EvictionKind;
 use evict::{Candidate, EvictionPolicy};
-use index::{BlockId, BlockRef, FLAG_DOOMED, Index, LOCAL_TIERS, Meta, NO_PARENT};
+use index::{BlockId, BlockRef, FLAG_DOOMED, FLAG_TRACKED, Index, LOCAL_TIERS, Meta, NO_PARENT};
 
 use crate::metrics::StoreMetrics;
 use crate::tier::DramTier;
@@ -412,12 +413,7 @@ impl Store {
         let g = &mut *g;
         let ns = ns_ord(g, req.namespace)?;
         let mut ids: Vec<BlockId> = Vec::with_capacity(req.keys.len());
-        for k in &req.keys {
-            match g.index.find(ns, k) {
-                Some(id) if !g.index.get(id).is_doomed() => ids.push(id),
-                _ => break,
-            }
-        }
+        g.index.find_run(ns, &req.keys, &mut ids);
         g.lookups += 1;
         g.lookup_keys += req.keys.len() as u64;
         g.lookup_hits += ids.len() as u64;
@@ -459,10 +455,16 @@ impl Store {
             None
         };
         let mut tiers = Vec::with_capacity(ids.len());
+        let mut hits = [0u64; LOCAL_TIERS];
         for &id in &ids {
             let tier = touch(g, id);
             tiers.push(tier);
-            self.metrics.lookup_hits[tier.index()].increment(1);
+            hits[tier.index()] += 1;
+        }
+        for (t, &n) in hits.iter().enumerate() {
+            if n > 0 {
+                self.metrics.lookup_hits[t].increment(n);
+            }
         }
         let mut slots = Vec::new();
         if req.want_slots && lease.is_some() {
@@ -1389,7 +1391,13 @@ fn refresh(g: &mut Inner, id: BlockId) {
     let m = g.index.get(id);
     let c = (!m.is_doomed()).then(|| candidate(m));
     let t = m.tier.index();
-    g.tiers[t].policy.update(id, c);
+    let tracked = g.tiers[t].policy.update(id, c);
+    let m = g.index.get_mut(id);
+    if tracked {
+        m.flags |= FLAG_TRACKED;
+    } else {
+        m.flags &= !FLAG_TRACKED;
+    }
 }
 
 /// Marks an access: a new, unique tick.
@@ -1399,7 +1407,10 @@ fn touch(g: &mut Inner, id: BlockId) -> TierKind {
     let m = g.index.get_mut(id);
     m.tick = tick;
     let tier = m.tier;
-    refresh(g, id);
+    // A new tick alone never makes a block a candidate (see EvictionPolicy).
+    if m.flags & FLAG_TRACKED != 0 {
+        refresh(g, id);
+    }
     tier
 }
 

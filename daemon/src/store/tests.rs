@@ -821,3 +821,44 @@ fn lease_and_reservation_ids_never_collide() {
         f.store.abort(&[id]);
     }
 }
+
+#[test]
+fn lookup_walks_consecutive_slots_but_checks_every_key() {
+    let f = fixture(64, 1, StoreConfig::default());
+    let chain: Vec<_> = (0..12).map(|i| key(3, i)).collect();
+    for (i, k) in chain.iter().enumerate() {
+        f.put(*k, (i > 0).then(|| chain[i - 1])).unwrap();
+    }
+    assert_eq!(f.lookup(&chain, 0).hits, 12);
+    // Block 5 deleted and its slot reused by another key: the slot guess
+    // for key 5 now holds a different key and must not count as a hit.
+    f.store
+        .delete(&DeleteReq {
+            namespace: f.ns,
+            keys: vec![chain[5]],
+        })
+        .unwrap();
+    f.put(key(9, 9), None).unwrap();
+    assert_eq!(f.lookup(&chain, 0).hits, 5);
+    // The same keys in another namespace are not hits either.
+    let (ns2, _) = f.store.register_layout(layout(2));
+    let r = f
+        .store
+        .lookup(&LookupReq {
+            namespace: ns2,
+            keys: chain.clone(),
+            lease_ttl_ms: 0,
+            want_slots: false,
+        })
+        .unwrap();
+    assert_eq!(r.hits, 0);
+    // Put 5 back (elsewhere): the run is whole again, through the table.
+    f.put(chain[5], Some(chain[4])).unwrap();
+    assert_eq!(f.lookup(&chain, 0).hits, 12);
+    // A key after a gap is never reported, even if present.
+    let mut asked = chain[..3].to_vec();
+    asked.push(key(7, 7));
+    asked.extend_from_slice(&chain[3..]);
+    assert_eq!(f.lookup(&asked, 0).hits, 3);
+    f.store.check_invariants();
+}
