@@ -1,6 +1,8 @@
 //! Boundary 2: the gRPC service in process, through the real client over TCP
 //! and the Unix socket, and the zero-copy path through the mapped arena.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;
@@ -548,7 +550,8 @@ async fn eviction_through_the_api_stays_within_the_cap() {
         assert!(s.tiers[0].used_bytes <= s.tiers[0].capacity_bytes);
     }
     let s = c.stats().await.unwrap();
-    assert!(s.tiers[0].evictions >= 4 * 16 - 64, "{s:?}");
+    // 128 blocks of 64 KiB into a 64-block tier.
+    assert!(s.tiers[0].evictions >= 8 * 16 - 64, "{s:?}");
     // The most recent chain is whole; the oldest lost its tail first.
     assert_eq!(
         c.lookup(ns, &(0..16).map(|i| key(7, i)).collect::<Vec<_>>(), 0)

@@ -184,7 +184,7 @@ mod avx2 {
         // SAFETY (whole body): the caller guarantees 64 readable bytes at
         // `src` and `secret`, and 64 writable at `dst` unless `how` is None.
         unsafe {
-            for h in 0..2 {
+            for (h, a) in acc.iter_mut().enumerate() {
                 let d = _mm256_loadu_si256(src.add(32 * h).cast());
                 match how {
                     Store::Stream => _mm256_stream_si256(dst.add(32 * h).cast(), d),
@@ -196,7 +196,7 @@ mod avx2 {
                 let product = _mm256_mul_epu32(dk, _mm256_srli_epi64::<32>(dk));
                 // acc[i ^ 1] += data[i]: swap the 64-bit halves of each 128-bit lane.
                 let swapped = _mm256_shuffle_epi32::<0b01_00_11_10>(d);
-                acc[h] = _mm256_add_epi64(product, _mm256_add_epi64(acc[h], swapped));
+                *a = _mm256_add_epi64(product, _mm256_add_epi64(*a, swapped));
             }
         }
     }
@@ -206,14 +206,13 @@ mod avx2 {
         // SAFETY: SECRET has 64 bytes from SCRAMBLE_SECRET on.
         unsafe {
             let prime = _mm256_set1_epi32(PRIME32_1 as i32);
-            for h in 0..2 {
-                let a = acc[h];
-                let x = _mm256_xor_si256(a, _mm256_srli_epi64::<47>(a));
+            for (h, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_xor_si256(*a, _mm256_srli_epi64::<47>(*a));
                 let k = _mm256_loadu_si256(SECRET.as_ptr().add(SCRAMBLE_SECRET + 32 * h).cast());
                 let dk = _mm256_xor_si256(x, k);
                 let lo = _mm256_mul_epu32(dk, prime);
                 let hi = _mm256_mul_epu32(_mm256_srli_epi64::<32>(dk), prime);
-                acc[h] = _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(hi));
+                *a = _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(hi));
             }
         }
     }
@@ -233,7 +232,7 @@ mod avx2 {
                 _mm256_loadu_si256(INITIAL_ACC.as_ptr().add(4).cast()),
             ];
             // Stripe offsets are multiples of 64, so one check covers all.
-            let how = if (d as usize) % 32 == 0 {
+            let how = if (d as usize).is_multiple_of(32) {
                 Store::Stream
             } else {
                 Store::Plain

@@ -97,7 +97,7 @@ impl BlockKey {
     /// Parses a key written in hexadecimal (as the CLI prints it).
     pub fn from_hex(s: &str) -> Result<Self, String> {
         let s = s.strip_prefix("0x").unwrap_or(s);
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return Err(format!("key {s:?} has an odd number of hex digits"));
         }
         let mut out = Vec::with_capacity(s.len() / 2);
@@ -401,7 +401,7 @@ impl Layout {
     pub fn check_block_len(&self, len: u64) -> Result<(), String> {
         let token = self.token_bytes();
         let block = self.block_bytes();
-        if len == 0 || len % token != 0 || len > block {
+        if len == 0 || !len.is_multiple_of(token) || len > block {
             return Err(format!(
                 "{len} is not a whole number of tokens of this layout: expected a positive multiple of {token} bytes (one token) up to {block} bytes (one block of {} tokens)",
                 self.tokens_per_block

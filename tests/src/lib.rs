@@ -4,6 +4,8 @@
 //! The binaries come from the same target directory as the test (built by
 //! `cargo build --bins`, which the test command runs first).
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -1,6 +1,8 @@
 //! Boundary 3: the `stratad` binary end to end, through the `strata` CLI and
 //! the Rust client (stream and zero-copy paths).
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 

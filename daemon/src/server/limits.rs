@@ -134,14 +134,14 @@ impl Body for LimitedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if let Err(len) = this.scan.feed(data.chunk(), this.max) {
-                        this.rejections.increment(1);
-                        return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                            "server.max_message_bytes: a message of {len} bytes exceeds the limit of {} bytes; send large blocks in several data messages",
-                            this.max
-                        )))));
-                    }
+                if let Some(data) = frame.data_ref()
+                    && let Err(len) = this.scan.feed(data.chunk(), this.max)
+                {
+                    this.rejections.increment(1);
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                        "server.max_message_bytes: a message of {len} bytes exceeds the limit of {} bytes; send large blocks in several data messages",
+                        this.max
+                    )))));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -209,9 +209,8 @@ mod tests {
         fn victim_is_min_eligible(ops in proptest::collection::vec((0u32..40, 0u64..1000, any::<bool>(), 0u32..2, any::<bool>()), 1..400)) {
             let mut h = IndexedHeap::new("t", true);
             let mut model: BTreeMap<u32, Candidate> = BTreeMap::new();
-            let mut tick = 0;
-            for (id, _t, pinned, children, remove) in ops {
-                tick += 1;
+            for (tick, (id, _t, pinned, children, remove)) in ops.into_iter().enumerate() {
+                let tick = tick as u64 + 1;
                 if remove {
                     h.update(id, None);
                     model.remove(&id);

@@ -213,7 +213,7 @@ impl Index {
             None => {
                 let id = BlockId::try_from(self.used).expect("more than 2^32 blocks");
                 assert!(id != NO_PARENT.id, "block index full");
-                if self.used % CHUNK == 0 {
+                if self.used.is_multiple_of(CHUNK) {
                     let mut c = HVec::with_capacity_in(CHUNK, HugePages);
                     c.resize(CHUNK, empty_meta());
                     self.chunks.push(c);

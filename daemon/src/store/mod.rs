@@ -1361,12 +1361,12 @@ fn check_block(
     Ok(())
 }
 
-fn lease_checked<'a>(
-    g: &'a Inner,
+fn lease_checked(
+    g: &Inner,
     lease: LeaseId,
     ns: Option<NamespaceId>,
     now: Instant,
-) -> Result<&'a Lease, StoreError> {
+) -> Result<&Lease, StoreError> {
     if lease.0 >= g.next_id {
         return Err(StoreError::LeaseUnknown(lease));
     }

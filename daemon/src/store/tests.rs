@@ -608,13 +608,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A model block: (instance, parent instance, tick, pins).
+type ModelBlock = (u64, Option<u64>, u64, u32);
+
 /// The reference: the rule of prefix-aware LRU written as plainly as possible.
 #[derive(Default)]
 struct Model {
     tick: u64,
     next_instance: u64,
-    /// key -> (instance, parent instance, tick, pins)
-    blocks: BTreeMap<(u8, u8), (u64, Option<u64>, u64, u32)>,
+    blocks: BTreeMap<(u8, u8), ModelBlock>,
     leases: Vec<(LeaseId, Vec<(u8, u8)>)>,
     capacity: usize,
     high: usize,

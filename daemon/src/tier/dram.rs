@@ -89,7 +89,7 @@ impl DramTier {
             .map_raw(&file)
             .map_err(DramError::Map)?;
         if cfg.prefault && len > 0 {
-            prefault_writable(map.as_mut_ptr(), len as usize);
+            prefault_writable(&map, len as usize);
         }
         Ok(DramTier {
             fd,
@@ -174,7 +174,8 @@ impl DramTier {
 /// Maps every page of a shared mapping writable now, so that no later
 /// access pays a fault. `MAP_POPULATE` is not enough for a shared mapping:
 /// it maps pages read-only and the first write still faults.
-pub fn prefault_writable(ptr: *mut u8, len: usize) {
+fn prefault_writable(map: &MmapRaw, len: usize) {
+    let ptr = map.as_mut_ptr();
     // SAFETY: `ptr..ptr+len` is a mapping we own; MADV_POPULATE_WRITE only
     // faults pages in (Linux >= 5.14).
     let r = unsafe { rustix::mm::madvise(ptr.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };

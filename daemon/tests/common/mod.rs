@@ -1,6 +1,7 @@
 //! Shared by the in-process gRPC tests: a daemon started through the
 //! library on ephemeral ports and a temporary directory.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -20,8 +21,10 @@ pub struct TestDaemon {
 }
 
 pub fn config(dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     c.server.listen = "127.0.0.1:0".into();
     c.server.metrics_listen = "127.0.0.1:0".into();
     c.tiers.dram.bytes = ByteSize(32 << 20);
