@@ -8,5 +8,6 @@
 
 pub mod alloc;
 pub mod dram;
+pub mod nvme;
 
 pub use dram::{DramConfig, DramError, DramTier};
