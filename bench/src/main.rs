@@ -677,6 +677,7 @@ fn lookup_once(rep: &mut Report, blocks: u64, interleave: u64) -> Result<()> {
     let store = Arc::new(Store::new(
         cfg,
         dram,
+        None,
         block,
         Arc::new(SystemClock),
         StoreMetrics::new(&Registry::new()),
@@ -701,7 +702,7 @@ fn lookup_once(rep: &mut Report, blocks: u64, interleave: u64) -> Result<()> {
                         s.bytes_mut().copy_from_slice(&data);
                         store.publish(s, sum)?;
                     }
-                    Reserve::Present => bail!("duplicate key"),
+                    Reserve::Present(_) => bail!("duplicate key"),
                 }
             }
         }

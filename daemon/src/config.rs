@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::store::{EvictionKind, StoreConfig};
+use crate::store::{Admission, EvictionKind, NvmePolicy, ReclaimOrder, ReclaimPolicy, StoreConfig};
 use crate::tier::DramConfig;
+use crate::tier::nvme::NvmeConfig;
+use crate::tier::nvme::engine::EngineKind;
 
 /// The documented default configuration, compiled into the binary.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
@@ -123,6 +125,53 @@ pub struct StoreSection {
 #[serde(deny_unknown_fields, default)]
 pub struct TiersConfig {
     pub dram: DramSection,
+    pub nvme: NvmeSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvmeSection {
+    pub bytes: ByteSize,
+    pub dir: String,
+    pub segment_bytes: ByteSize,
+    pub engine: String,
+    pub queue_depth: u32,
+    pub io_buffer_bytes: ByteSize,
+    pub io_buffers: u32,
+    pub fence_after_errors: u32,
+    pub sync_writes: bool,
+    pub admission: String,
+    pub write_budget_bytes_per_sec: ByteSize,
+    pub write_through: bool,
+    pub reclaim: String,
+    pub reclaim_order: String,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+    pub max_writes_in_flight: u32,
+}
+
+impl Default for NvmeSection {
+    fn default() -> Self {
+        NvmeSection {
+            bytes: ByteSize(4 << 30),
+            dir: String::new(),
+            segment_bytes: ByteSize(256 << 20),
+            engine: "auto".into(),
+            queue_depth: 32,
+            io_buffer_bytes: ByteSize(2052 << 10),
+            io_buffers: 16,
+            fence_after_errors: 8,
+            sync_writes: false,
+            admission: "looked-up-or-head".into(),
+            write_budget_bytes_per_sec: ByteSize(0),
+            write_through: false,
+            reclaim: "copy-hot".into(),
+            reclaim_order: "oldest".into(),
+            high_watermark: 0.90,
+            low_watermark: 0.80,
+            max_writes_in_flight: 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -246,6 +295,8 @@ pub struct Resolved {
     pub store: StoreConfig,
     pub dram: DramConfig,
     pub granule: u64,
+    /// `None` when the NVMe tier is disabled (`tiers.nvme.bytes = 0`).
+    pub nvme: Option<NvmeConfig>,
 }
 
 impl Config {
@@ -406,6 +457,121 @@ impl Config {
                 "must not exceed store.max_reservation_ttl_ms",
             );
         }
+        let nv = &self.tiers.nvme;
+        let nvme = if nv.bytes.0 == 0 {
+            None
+        } else {
+            let seg = nv.segment_bytes.0;
+            if !seg.is_multiple_of(4096) || !(1 << 20..=1 << 40).contains(&seg) {
+                return bad(
+                    "tiers.nvme.segment_bytes",
+                    format!(
+                        "{} must be a multiple of 4KiB between 1MiB and 1TiB",
+                        nv.segment_bytes
+                    ),
+                );
+            }
+            if nv.bytes.0 < 2 * seg {
+                return bad(
+                    "tiers.nvme.bytes",
+                    format!(
+                        "{} must hold at least two segments of {} (or be 0 to disable the tier)",
+                        nv.bytes, nv.segment_bytes
+                    ),
+                );
+            }
+            let engine = EngineKind::parse(&nv.engine).map_or_else(
+                || {
+                    bad(
+                        "tiers.nvme.engine",
+                        format!(
+                            "{:?} is not one of \"auto\", \"io_uring\", \"psync\"",
+                            nv.engine
+                        ),
+                    )
+                },
+                Ok,
+            )?;
+            for (field, v) in [
+                ("tiers.nvme.queue_depth", nv.queue_depth),
+                ("tiers.nvme.io_buffers", nv.io_buffers),
+                ("tiers.nvme.fence_after_errors", nv.fence_after_errors),
+                ("tiers.nvme.max_writes_in_flight", nv.max_writes_in_flight),
+            ] {
+                if v == 0 {
+                    return bad(field, "must be at least 1");
+                }
+            }
+            if nv.queue_depth > 4096 {
+                return bad("tiers.nvme.queue_depth", "must be at most 4096");
+            }
+            if nv.io_buffer_bytes.0 < 4096 || nv.io_buffer_bytes.0 > 1 << 30 {
+                return bad(
+                    "tiers.nvme.io_buffer_bytes",
+                    "must be between 4KiB and 1GiB",
+                );
+            }
+            if !(0.0 < nv.low_watermark
+                && nv.low_watermark <= nv.high_watermark
+                && nv.high_watermark <= 1.0)
+            {
+                return bad(
+                    "tiers.nvme.high_watermark",
+                    format!(
+                        "need 0 < low_watermark ({}) <= high_watermark ({}) <= 1",
+                        nv.low_watermark, nv.high_watermark
+                    ),
+                );
+            }
+            let dir = if nv.dir.is_empty() {
+                self.data_dir.join("nvme")
+            } else {
+                PathBuf::from(&nv.dir)
+            };
+            Some(NvmeConfig {
+                dir,
+                capacity_bytes: nv.bytes.0,
+                segment_bytes: seg,
+                engine,
+                queue_depth: nv.queue_depth,
+                io_buffer_bytes: nv.io_buffer_bytes.0 as usize,
+                io_buffers: nv.io_buffers as usize,
+                fence_after_errors: nv.fence_after_errors,
+                sync_writes: nv.sync_writes,
+            })
+        };
+        let admission = Admission::parse(&nv.admission).map_or_else(
+            || {
+                bad(
+                    "tiers.nvme.admission",
+                    format!(
+                        "{:?} is not one of \"looked-up-or-head\", \"all\", \"none\"",
+                        nv.admission
+                    ),
+                )
+            },
+            Ok,
+        )?;
+        let reclaim = match nv.reclaim.as_str() {
+            "copy-hot" => ReclaimPolicy::CopyHot,
+            "drop" => ReclaimPolicy::Drop,
+            other => {
+                return bad(
+                    "tiers.nvme.reclaim",
+                    format!("{other:?} is not one of \"copy-hot\", \"drop\""),
+                );
+            }
+        };
+        let reclaim_order = match nv.reclaim_order.as_str() {
+            "oldest" => ReclaimOrder::Oldest,
+            "emptiest" => ReclaimOrder::Emptiest,
+            other => {
+                return bad(
+                    "tiers.nvme.reclaim_order",
+                    format!("{other:?} is not one of \"oldest\", \"emptiest\""),
+                );
+            }
+        };
         if self.log.level.is_empty() {
             return bad("log.level", "must not be empty; e.g. \"info\"");
         }
@@ -425,6 +591,16 @@ impl Config {
                 max_reservations: st.max_reservations as usize,
                 reservation_ttl: Duration::from_millis(st.reservation_ttl_ms),
                 max_reservation_ttl: Duration::from_millis(st.max_reservation_ttl_ms),
+                nvme: NvmePolicy {
+                    admission,
+                    write_budget_bytes_per_sec: nv.write_budget_bytes_per_sec.0,
+                    write_through: nv.write_through,
+                    reclaim,
+                    reclaim_order,
+                    high_watermark: nv.high_watermark,
+                    low_watermark: nv.low_watermark,
+                    max_writes_in_flight: nv.max_writes_in_flight as usize,
+                },
             },
             dram: DramConfig {
                 bytes: d.bytes.0,
@@ -432,6 +608,7 @@ impl Config {
                 prefault: d.prefault,
             },
             granule,
+            nvme,
         })
     }
 }

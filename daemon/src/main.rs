@@ -14,6 +14,7 @@ use stratad::config::{ByteSize, Config, DEFAULT_CONFIG_TOML};
     about = "Strata daemon: a tiered KV-cache block store for LLM inference engines",
     long_about = "Strata daemon: a tiered KV-cache block store for LLM inference engines.\n\n\
         With no arguments it runs on the embedded default configuration: a 1 GiB DRAM tier, \
+        a 4 GiB NVMe tier in strata-data/nvme, \
         gRPC on 127.0.0.1:7470 and on strata-data/stratad.sock, the zero-copy arena socket \
         strata-data/stratad.sock.shm, and /metrics, /livez, /readyz on 127.0.0.1:7471. \
         Flags override the config file."
@@ -34,12 +35,15 @@ struct Args {
     /// Address of /metrics, /livez and /readyz, or "off".
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
-    /// Directory for sockets and (later) NVMe segments.
+    /// Directory for the sockets and the NVMe tier's segments.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Size of the DRAM tier, e.g. 512MiB, 4GiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     dram_bytes: Option<ByteSize>,
+    /// Cap on the NVMe tier's segment files, e.g. 100GiB; 0 disables the tier.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    nvme_bytes: Option<ByteSize>,
     /// Log filter: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -78,6 +82,9 @@ fn load(args: &Args) -> Result<Config, String> {
     }
     if let Some(v) = args.dram_bytes {
         cfg.tiers.dram.bytes = v;
+    }
+    if let Some(v) = args.nvme_bytes {
+        cfg.tiers.nvme.bytes = v;
     }
     if let Some(v) = &args.log_level {
         cfg.log.level = v.clone();

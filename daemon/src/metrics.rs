@@ -125,6 +125,20 @@ pub struct StoreMetrics {
     pub leases_expired: Counter,
     pub reservations_expired: Counter,
     pub abandoned_puts: Counter,
+    /// Blocks written down from DRAM to NVMe (DRAM copy dropped).
+    pub demotions: Counter,
+    /// Blocks read from NVMe into DRAM.
+    pub promotions: Counter,
+    /// Evicted from DRAM without a write-down, by reason.
+    pub dropped_not_admitted: Counter,
+    pub dropped_budget: Counter,
+    pub dropped_backlog: Counter,
+    pub dropped_write_failed: Counter,
+    /// NVMe records dropped when their segment was reclaimed.
+    pub dropped_reclaim: Counter,
+    pub segments_reclaimed: Counter,
+    /// Torn or damaged records discarded by the scan at start.
+    pub recovered_torn: Counter,
 }
 
 impl StoreMetrics {
@@ -201,6 +215,51 @@ impl StoreMetrics {
             abandoned_puts: r.counter(
                 "strata_store_abandoned_puts_total",
                 "Puts whose space was freed without publishing (stream broken, bad checksum, abort)",
+                &[],
+            ),
+            demotions: r.counter(
+                "strata_store_demotions_total",
+                "Blocks written down from DRAM to NVMe",
+                &[],
+            ),
+            promotions: r.counter(
+                "strata_store_promotions_total",
+                "Blocks read up from NVMe into DRAM",
+                &[],
+            ),
+            dropped_not_admitted: r.counter(
+                "strata_store_dropped_total",
+                "Blocks dropped instead of kept in a lower tier, by reason",
+                &[("reason", "not_admitted")],
+            ),
+            dropped_budget: r.counter(
+                "strata_store_dropped_total",
+                "Blocks dropped instead of kept in a lower tier, by reason",
+                &[("reason", "write_budget")],
+            ),
+            dropped_backlog: r.counter(
+                "strata_store_dropped_total",
+                "Blocks dropped instead of kept in a lower tier, by reason",
+                &[("reason", "write_backlog")],
+            ),
+            dropped_write_failed: r.counter(
+                "strata_store_dropped_total",
+                "Blocks dropped instead of kept in a lower tier, by reason",
+                &[("reason", "write_failed")],
+            ),
+            dropped_reclaim: r.counter(
+                "strata_store_dropped_total",
+                "Blocks dropped instead of kept in a lower tier, by reason",
+                &[("reason", "reclaim")],
+            ),
+            segments_reclaimed: r.counter(
+                "strata_nvme_segments_reclaimed_total",
+                "NVMe segments reclaimed",
+                &[],
+            ),
+            recovered_torn: r.counter(
+                "strata_nvme_torn_records_total",
+                "Torn or damaged NVMe records discarded at start",
                 &[],
             ),
         }

@@ -427,7 +427,8 @@ fn thirty_two_clients_both_paths() {
 #[test]
 fn memory_stays_within_the_tier_after_filling_it_twice() {
     let tier = 64u64 << 20;
-    let d = Daemon::spawn(&["--dram-bytes", "64MiB"]);
+    // DRAM alone: this is about the DRAM tier's bound.
+    let d = Daemon::spawn(&["--dram-bytes", "64MiB", "--nvme-bytes", "0"]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

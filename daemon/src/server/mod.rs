@@ -28,7 +28,10 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::{Config, ConfigError, Resolved};
 use crate::metrics::{Registry, ServerMetrics, StoreMetrics};
-use crate::store::{Store, SystemClock};
+use crate::store::{Store, SystemClock, tiering};
+use crate::tier::nvme::buf::BufPool;
+use crate::tier::nvme::engine::open_engine;
+use crate::tier::nvme::{NvmeConfig, NvmeTier};
 use crate::tier::{DramError, DramTier};
 use http::Health;
 use limits::{Limits, MessageLimitLayer};
@@ -57,6 +60,34 @@ pub enum StartError {
     Dram(#[from] DramError),
     #[error("opening tiers: {0}")]
     Task(String),
+    #[error("opening the nvme tier in {dir}: {source}")]
+    Nvme {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the NVMe tier: its I/O engine, buffer pool and segment files.
+async fn open_nvme(cfg: &NvmeConfig, health: &Health) -> Result<Arc<NvmeTier>, StartError> {
+    health.set(
+        false,
+        format!("starting: opening the nvme tier in {}", cfg.dir.display()),
+    );
+    let nerr = |source| StartError::Nvme {
+        dir: cfg.dir.clone(),
+        source,
+    };
+    let pool = BufPool::new(cfg.io_buffer_bytes, cfg.io_buffers);
+    let engine = open_engine(cfg.engine, cfg.queue_depth, Some(&pool)).map_err(nerr)?;
+    let (tier, found) = NvmeTier::open(cfg.clone(), engine, pool).map_err(nerr)?;
+    if found.refused_segments > 0 {
+        tracing::error!(
+            refused = found.refused_segments,
+            "nvme segments of an unknown format were left untouched; their space counts against tiers.nvme.bytes"
+        );
+    }
+    tracing::info!(dir = %cfg.dir.display(), bytes = cfg.capacity_bytes, engine = tier.engine_name(), "nvme tier open");
+    Ok(tier)
 }
 
 /// HTTP/2 settings of the gRPC listeners (and of the Rust client).
@@ -191,18 +222,66 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "DRAM tier ready"
     );
+    let nvme = match &r.nvme {
+        Some(cfg) => Some(open_nvme(cfg, &health).await?),
+        None => None,
+    };
     let store = Arc::new(Store::new(
         r.store.clone(),
         dram,
+        nvme.clone(),
         r.granule,
         Arc::new(SystemClock),
         StoreMetrics::new(&registry),
     ));
     let _ = http_handle.store.set(store.clone());
 
-    // 4. Background work: eviction to the low watermark, expiry of leases
-    //    and reservations.
-    {
+    // 4. Warm restart: rebuild the index from the NVMe segments. /readyz
+    //    says how far it got; gRPC opens when it is done.
+    if let Some(n) = &nvme {
+        let h = health.clone();
+        let mut last = std::time::Instant::now();
+        let stats = tiering::recover(&store, &mut |st, elapsed| {
+            let line = format!(
+                "recovering nvme: {} segments, {} records, {} bytes read, {} torn, {:.1} s",
+                st.segments,
+                st.records,
+                st.bytes,
+                st.torn,
+                elapsed.as_secs_f64()
+            );
+            h.set(false, line.clone());
+            if last.elapsed() >= Duration::from_secs(1) {
+                tracing::info!("{line}");
+                last = std::time::Instant::now();
+            }
+        })
+        .await;
+        tracing::info!(
+            segments = stats.segments,
+            records = stats.records,
+            tombstones = stats.tombstones,
+            bytes = stats.bytes,
+            torn = stats.torn,
+            blocks = store.stats().blocks,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            engine = n.engine_name(),
+            "nvme tier recovered"
+        );
+        if stats.torn > 0 {
+            tracing::warn!(
+                torn = stats.torn,
+                "discarded torn or damaged records found at start"
+            );
+        }
+        store.metrics().recovered_torn.increment(stats.torn);
+    }
+
+    // 5. Background work: eviction (write-down to NVMe, reclaim), expiry of
+    //    leases and reservations.
+    if nvme.is_some() {
+        tasks.spawn(tiering::run(store.clone(), stop.clone()));
+    } else {
         let (store, stop) = (store.clone(), stop.clone());
         tasks.spawn(async move {
             loop {
@@ -231,7 +310,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         });
     }
 
-    // 5. gRPC.
+    // 6. gRPC.
     let server_metrics = Arc::new(ServerMetrics::new(registry.clone()));
     let s = &cfg.server;
     let limits = Limits::new(
@@ -309,10 +388,22 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     health_reporter
         .set_serving::<StrataServer<StrataService>>()
         .await;
-    health.set(
-        true,
-        format!("dram: {} bytes", store.dram().capacity_bytes()),
-    );
+    health.set(true, tier_detail(&store));
+    // Keep the detail current (a fenced NVMe tier shows up here).
+    {
+        let (store, health, stop) = (store.clone(), health.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                if health.is_ready() {
+                    health.set(true, tier_detail(&store));
+                }
+            }
+        });
+    }
     tracing::info!(
         tcp = ?tcp_addr,
         uds = ?r.uds,
@@ -333,6 +424,26 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         drain_timeout,
         health_reporter,
     })
+}
+
+/// The readiness detail: each tier and its state.
+fn tier_detail(store: &Store) -> String {
+    let mut s = format!("dram: {} bytes", store.dram().capacity_bytes());
+    if let Some(n) = store.nvme() {
+        let st = n.stats();
+        if st.fenced {
+            s.push_str(&format!(
+                "\nnvme: FENCED after {} I/O errors; serving from dram only",
+                st.io_errors
+            ));
+        } else {
+            s.push_str(&format!(
+                "\nnvme: {} of {} bytes in {} segments ({})",
+                st.allocated, st.capacity, st.segments, st.engine
+            ));
+        }
+    }
+    s
 }
 
 impl Running {

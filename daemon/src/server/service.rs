@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::limits::Limits;
 use crate::metrics::{MethodMetrics, ServerMetrics};
-use crate::store::{PutResult, Reserve, Store};
+use crate::store::{PutResult, Reserve, Store, tiering};
+use strata_proto::TierKind;
 
 /// Who is calling: from the connection, never from the request body.
 #[derive(Debug, Clone)]
@@ -118,13 +119,14 @@ fn zero_copy_peer<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-fn outcome(key: &strata_proto::BlockKey, r: PutResult) -> pb::PutOutcome {
+fn outcome(key: &strata_proto::BlockKey, r: PutResult, durable: bool) -> pb::PutOutcome {
     pb::PutOutcome {
         key: bytes::Bytes::copy_from_slice(key.as_bytes()),
         result: match r {
             PutResult::Stored => pb::PutResult::Stored,
             PutResult::AlreadyPresent => pb::PutResult::AlreadyPresent,
         } as i32,
+        durable,
     }
 }
 
@@ -182,46 +184,7 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
         let t = Instant::now();
-        let r = (|| {
-            if req.get_ref().want_slots {
-                zero_copy_peer(&req)?;
-            }
-            let raw = req.into_inner();
-            self.limits.keys("keys", raw.keys.len())?;
-            let q = LookupReq::try_from(raw)?;
-            let r = self.store.lookup(&q)?;
-            let (lease_id, expires) = r.lease.map_or((0, 0), |(l, at)| {
-                (
-                    l.0,
-                    at.duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64),
-                )
-            });
-            Ok(Response::new(pb::LookupResponse {
-                hits: r.hits,
-                tiers: r
-                    .tiers
-                    .into_iter()
-                    .map(|t| pb::Tier::from(t) as i32)
-                    .collect(),
-                lease_id,
-                lease_expires_unix_ms: expires,
-                slots: r
-                    .slots
-                    .iter()
-                    .map(|s| pb::Slot {
-                        offset: s.offset,
-                        length: s.len,
-                        checksum: s.checksum,
-                    })
-                    .collect(),
-                arena_epoch: if q.want_slots {
-                    self.store.dram().epoch()
-                } else {
-                    0
-                },
-            }))
-        })();
+        let r = self.lookup_inner(req).await;
         timed(&self.m.lookup, t, r)
     }
 
@@ -243,26 +206,28 @@ impl pb::strata_server::Strata for StrataService {
             self.limits.keys("keys", raw.keys.len())?;
             let q = GetReq::try_from(raw)?;
             let permit = self.limits.stream()?;
-            let guard = self.store.pin_for_read(&q)?;
+            let guard = Arc::new(self.store.pin_for_read(&q)?);
             // Bounded: a slow reader holds at most a few chunks here.
             let (tx, rx) = mpsc::channel(4);
             let chunk = self.chunk;
-            let guard = Arc::new(guard);
             tokio::spawn(async move {
                 let _permit = permit;
                 for (i, b) in guard.blocks.iter().enumerate() {
-                    let data = match guard.verified_bytes(i) {
+                    // From DRAM, promoting from NVMe first if needed; every
+                    // byte verified before it goes out.
+                    let data = match tiering::load(&guard, i).await {
                         Ok(d) => d,
                         Err(e) => {
                             let _ = tx.send(Err(Status::from(e))).await;
                             return;
                         }
                     };
+                    let tier = guard.store().tier_now(b.r).unwrap_or(TierKind::Dram);
                     let header = pb::BlockHeader {
                         key: bytes::Bytes::copy_from_slice(b.key.as_bytes()),
                         length: b.len,
                         checksum: b.checksum,
-                        tier: pb::Tier::from(b.tier) as i32,
+                        tier: pb::Tier::from(tier) as i32,
                         parent: b
                             .parent
                             .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()))
@@ -306,11 +271,14 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let t = Instant::now();
-        let r = (|| {
+        let r = async {
             let raw = req.into_inner();
             self.limits.keys("keys", raw.keys.len())?;
             let q = DeleteReq::try_from(raw)?;
             let r = self.store.delete(&q)?;
+            // Deleted blocks with NVMe records: a tombstone keeps a restart
+            // from bringing them back.
+            tiering::write_tombstones(&self.store, &r.tombstones).await;
             let to_pb = |v: Vec<strata_proto::BlockKey>| {
                 v.iter()
                     .map(|k| bytes::Bytes::copy_from_slice(k.as_bytes()))
@@ -321,7 +289,8 @@ impl pb::strata_server::Strata for StrataService {
                 absent: to_pb(r.absent),
                 pinned: to_pb(r.pinned),
             }))
-        })();
+        }
+        .await;
         timed(&self.m.delete, t, r)
     }
 
@@ -346,6 +315,7 @@ impl pb::strata_server::Strata for StrataService {
                     bytes_out: b.bytes_out,
                     high_watermark_bytes: b.high_watermark,
                     low_watermark_bytes: b.low_watermark,
+                    fenced: b.fenced,
                 })
                 .collect(),
             namespaces: s.namespaces,
@@ -398,16 +368,19 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
         let t = Instant::now();
-        let r = (|| {
+        let r = async {
             zero_copy_peer(&req)?;
             let raw = req.into_inner();
             self.limits.keys("blocks", raw.blocks.len())?;
             let q = CommitReq::try_from(raw)?;
             let out = self.store.commit(&q)?;
-            Ok(Response::new(pb::CommitResponse {
-                outcomes: out.iter().map(|(k, r)| outcome(k, *r)).collect(),
-            }))
-        })();
+            let mut outcomes = Vec::with_capacity(out.len());
+            for (k, res, r) in out {
+                outcomes.push(outcome(&k, res, self.durable(r).await));
+            }
+            Ok(Response::new(pb::CommitResponse { outcomes }))
+        }
+        .await;
         timed(&self.m.commit, t, r)
     }
 
@@ -438,12 +411,16 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::GetSlotsRequest>,
     ) -> Result<Response<pb::GetSlotsResponse>, Status> {
         let t = Instant::now();
-        let r = (|| {
+        let r = async {
             zero_copy_peer(&req)?;
             let raw = req.into_inner();
             self.limits.keys("keys", raw.keys.len())?;
             let q = GetSlotsReq::try_from(raw)?;
-            let slots = self.store.get_slots(&q)?;
+            let refs = self.store.leased_refs(&q)?;
+            // Leased blocks only on NVMe are brought up to DRAM first.
+            tiering::promote(&self.store, &refs).await;
+            let keyed: Vec<_> = refs.into_iter().zip(q.keys.iter().copied()).collect();
+            let slots = self.store.slots_of(&keyed)?;
             Ok(Response::new(pb::GetSlotsResponse {
                 slots: slots
                     .into_iter()
@@ -455,12 +432,78 @@ impl pb::strata_server::Strata for StrataService {
                     .collect(),
                 arena_epoch: self.store.dram().epoch(),
             }))
-        })();
+        }
+        .await;
         timed(&self.m.get_slots, t, r)
     }
 }
 
 impl StrataService {
+    /// Under write-through, writes the block to NVMe before the put is
+    /// acknowledged; reports whether the block is durable.
+    async fn durable(&self, r: crate::store::index::BlockRef) -> bool {
+        if self.store.config().nvme.write_through {
+            tiering::persist(&self.store, r).await
+        } else {
+            self.store.is_durable(r)
+        }
+    }
+
+    async fn lookup_inner(
+        &self,
+        req: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
+        if req.get_ref().want_slots {
+            zero_copy_peer(&req)?;
+        }
+        let raw = req.into_inner();
+        self.limits.keys("keys", raw.keys.len())?;
+        let q = LookupReq::try_from(raw)?;
+        let r = self.store.lookup(&q)?;
+        let (lease_id, expires) = r.lease.map_or((0, 0), |(l, at)| {
+            (
+                l.0,
+                at.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            )
+        });
+        let mut slots = Vec::new();
+        if q.want_slots && lease_id != 0 {
+            // Zero-copy loads read from DRAM: promote NVMe hits now.
+            tiering::promote(&self.store, &r.to_promote).await;
+            let keyed: Vec<_> = r.refs.iter().copied().zip(q.keys.iter().copied()).collect();
+            slots = self.store.slots_of(&keyed)?;
+        } else if !r.to_promote.is_empty() {
+            // A lease announces a load: start bringing NVMe hits up to DRAM
+            // so that the Get finds them there.
+            let (store, refs) = (self.store.clone(), r.to_promote.clone());
+            tokio::spawn(async move { tiering::promote(&store, &refs).await });
+        }
+        Ok(Response::new(pb::LookupResponse {
+            hits: r.hits,
+            tiers: r
+                .tiers
+                .into_iter()
+                .map(|t| pb::Tier::from(t) as i32)
+                .collect(),
+            lease_id,
+            lease_expires_unix_ms: expires,
+            slots: slots
+                .iter()
+                .map(|s| pb::Slot {
+                    offset: s.offset,
+                    length: s.len,
+                    checksum: s.checksum,
+                })
+                .collect(),
+            arena_epoch: if q.want_slots {
+                self.store.dram().epoch()
+            } else {
+                0
+            },
+        }))
+    }
+
     async fn put_stream(
         &self,
         req: Request<Streaming<pb::PutRequest>>,
@@ -504,9 +547,9 @@ impl StrataService {
         let reserved = self
             .store
             .reserve(h.namespace, h.key, h.parent, h.length, h.checksum, i)?;
-        let mut slot = match reserved {
-            Reserve::Slot(slot) => Some(slot),
-            Reserve::Present => None, // skip the bytes: nothing is rewritten
+        let (mut slot, present) = match reserved {
+            Reserve::Slot(slot) => (Some(slot), None),
+            Reserve::Present(r) => (None, Some(r)), // skip the bytes: nothing is rewritten
         };
         let mut filled = 0u64;
         let mut data = first.data;
@@ -556,11 +599,13 @@ impl StrataService {
                 }
             }
         }
-        let result = match slot {
-            Some(s) => self.store.publish(s, h.checksum)?,
-            None => PutResult::AlreadyPresent,
+        let (result, r) = match (slot, present) {
+            (Some(s), _) => self.store.publish(s, h.checksum)?,
+            (None, Some(r)) => (PutResult::AlreadyPresent, r),
+            (None, None) => unreachable!("a block is either reserved or present"),
         };
+        let durable = self.durable(r).await;
         let following = stream.message().await?;
-        Ok((outcome(&h.key, result), following))
+        Ok((outcome(&h.key, result, durable), following))
     }
 }

@@ -19,7 +19,7 @@ pub fn code_of(e: &StoreError) -> Code {
         | StoreError::ReservationGone { .. } => Code::FailedPrecondition,
         StoreError::LeaseForeign { .. } => Code::PermissionDenied,
         StoreError::Busy { .. } => Code::Aborted,
-        StoreError::NoTier(_) => Code::FailedPrecondition,
+        StoreError::NoTier(_) | StoreError::LayoutNotRegistered(_) => Code::FailedPrecondition,
     }
 }
 

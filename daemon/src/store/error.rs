@@ -11,6 +11,11 @@ pub enum StoreError {
     #[error("namespace_id: namespace {0} is not registered; call RegisterLayout first")]
     UnknownNamespace(NamespaceId),
 
+    #[error(
+        "namespace_id: namespace {0} was recovered from disk but its layout is not registered yet; call RegisterLayout before storing"
+    )]
+    LayoutNotRegistered(NamespaceId),
+
     #[error("{field}: block {key} is not present in namespace {ns}")]
     NotFound {
         field: String,

@@ -1,7 +1,8 @@
 //! The block index: a chunked slab of fixed-size block records and a hash
 //! table of slab ids keyed by (namespace, key).
 //!
-//! Memory per block: the record ([`Meta`], 104 bytes) plus 4 bytes of id and
+//! Memory per block: the record ([`Meta`], 104 bytes, with the addresses
+//! of both its DRAM and NVMe copies) plus 4 bytes of id and
 //! one control byte in the table at a load factor between 7/16 and 7/8
 //! (about 6-11 bytes), plus the eviction policy's 4-byte position: roughly
 //! 115-120 bytes, which the benchmark measures. The slab grows in fixed
@@ -41,33 +42,48 @@ pub const NO_PARENT: BlockRef = BlockRef {
     generation: 0,
 };
 
-/// Flags of a record.
-pub const FLAG_DOOMED: u8 = 1;
-const FLAG_LIVE: u8 = 2;
-/// The tier's eviction policy tracks this block (it is a candidate).
+// Flags of a record.
+const FLAG_LIVE: u8 = 1;
+/// Failed a checksum: invisible now, removed when its last pin goes.
+pub const FLAG_DOOMED: u8 = 2;
+/// The DRAM eviction policy tracks this block (it is a candidate).
 pub const FLAG_TRACKED: u8 = 4;
+/// A copy is in the DRAM arena at `dram_addr`.
+pub const FLAG_DRAM: u8 = 8;
+/// A copy is in an NVMe segment at `nvme_loc`.
+pub const FLAG_NVME: u8 = 16;
+/// An NVMe write of this block is in flight (demotion or write-through):
+/// its DRAM copy must stay, and it is no eviction candidate.
+pub const FLAG_WRITING: u8 = 32;
+/// An NVMe read into DRAM is in flight.
+pub const FLAG_PROMOTING: u8 = 64;
+/// Looked up or read since it was stored (admission and reclaim use it).
+pub const FLAG_HIT: u8 = 128;
 
 /// One published block. Fixed size, no heap pointers. The fields a lookup
-/// reads (key, namespace, flags, tier, pins, tick) come first.
+/// reads (key, flags, namespace, pins, tick) come first.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct Meta {
     pub key: BlockKey,
-    pub tier: TierKind,
     pub flags: u8,
     pub ns: u32,
     pub pins: u32,
     pub len: u32,
+    /// Children of this block that have a DRAM copy (prefix-aware eviction).
+    pub dram_children: u32,
+    pub generation: u32,
     /// Logical time of the last access (monotonic, unique per access).
     pub tick: u64,
     pub checksum: u64,
-    /// Address within the tier (arena offset for memory tiers).
-    pub addr: u64,
+    /// Arena offset, valid with FLAG_DRAM.
+    pub dram_addr: u64,
+    /// Segment location (`tier::nvme::Loc`), valid with FLAG_NVME.
+    pub nvme_loc: u64,
+    /// Sequence number of the NVMe record (newest wins at recovery).
+    pub seq: u64,
     /// Parent block, when it was present at publish time.
     pub parent: BlockRef,
-    pub generation: u32,
-    /// Present children per local tier, by [`TierKind::index`].
-    pub children: [u32; LOCAL_TIERS],
 }
 
 const _: () = assert!(std::mem::size_of::<Meta>() == 104);
@@ -79,8 +95,23 @@ impl Meta {
     fn is_live(&self) -> bool {
         self.flags & FLAG_LIVE != 0
     }
-    pub fn children_in_own_tier(&self) -> u32 {
-        self.children[self.tier.index()]
+    pub fn in_dram(&self) -> bool {
+        self.flags & FLAG_DRAM != 0
+    }
+    pub fn on_nvme(&self) -> bool {
+        self.flags & FLAG_NVME != 0
+    }
+    /// An NVMe transfer is in flight: not evictable, not deletable.
+    pub fn busy(&self) -> bool {
+        self.flags & (FLAG_WRITING | FLAG_PROMOTING) != 0
+    }
+    /// The fastest tier holding a copy.
+    pub fn tier(&self) -> TierKind {
+        if self.in_dram() {
+            TierKind::Dram
+        } else {
+            TierKind::Nvme
+        }
     }
 }
 
@@ -90,17 +121,18 @@ const CHUNK: usize = super::huge::HUGE_PAGE / std::mem::size_of::<Meta>();
 fn empty_meta() -> Meta {
     Meta {
         key: BlockKey::new(&[0]).expect("1-byte key"),
-        tier: TierKind::Dram,
         flags: 0,
         ns: 0,
         pins: 0,
         len: 0,
+        dram_children: 0,
+        generation: 0,
         tick: 0,
         checksum: 0,
-        addr: 0,
+        dram_addr: 0,
+        nvme_loc: 0,
+        seq: 0,
         parent: NO_PARENT,
-        generation: 0,
-        children: [0; LOCAL_TIERS],
     }
 }
 

@@ -1,37 +1,48 @@
 //! The store: which blocks exist, where they live, who holds them, and what
 //! to evict. The logical side of the daemon: it never touches a socket or a
 //! file descriptor; it asks the tiers (`crate::tier`) for space and bytes.
+//! Everything here is synchronous under one mutex; the asynchronous moves
+//! between tiers (write-down, promotion, reclaim, recovery) are driven by
+//! `tiering.rs` through the `begin_*`/`finish_*` pairs below.
 //!
 //! # Block lifecycle
 //!
-//! `reserve` (space taken in the placement tier, invisible) → `fill` (bytes
-//! written into the reserved extent, by the daemon from a stream or by a
-//! local client through the shared arena) → `verify` (XXH3-64 of the bytes in
-//! the arena against the producer's checksum) → `publish` (index entry
-//! visible). A [`PutSlot`] that is dropped unpublished frees its space; a
-//! zero-copy reservation that is neither committed nor aborted expires.
+//! `reserve` (space taken in DRAM, invisible) → `fill` (bytes written into
+//! the reserved extent, by the daemon from a stream or by a local client
+//! through the shared arena) → `verify` (XXH3-64 of the bytes against the
+//! producer's checksum) → `publish` (index entry visible, in DRAM). Later the
+//! block may gain an NVMe copy (write-down on eviction, or write-through),
+//! lose its DRAM copy (eviction of a block that has an NVMe copy), and gain a
+//! DRAM copy again (promotion on Get or leased Lookup). A [`PutSlot`] dropped
+//! unpublished frees its space; a zero-copy reservation never committed
+//! expires.
 //!
 //! # Invariants
 //!
-//! 1. A block is visible (Lookup, Get) only after its checksum verified.
+//! 1. A block is visible (Lookup, Get) only after its checksum verified;
+//!    every read from any tier is verified again before it is served.
 //! 2. (namespace, key) is unique; a put of a present key with the same
 //!    length and checksum succeeds as `AlreadyPresent` without rewriting.
 //! 3. A pinned block (lease, read in progress) is never evicted or deleted;
 //!    so Lookup never reports a block that Get cannot return while its lease
-//!    holds.
-//! 4. Per tier, `used == Σ rounded(len)` over its published and reserved
-//!    blocks, and `used <= capacity`; [`Store::check_invariants`] verifies
-//!    this and the child counts in tests.
-//! 5. Eviction order is the policy's (default prefix-aware LRU: a block with
-//!    children in its tier is not a candidate, so tails go before heads).
+//!    holds. A block with an NVMe transfer in flight (`busy`) is treated the
+//!    same way.
+//! 4. DRAM `used == Σ rounded(len)` over blocks with a DRAM copy plus open
+//!    reservations, and `used <= capacity`; `dram_children` counts children
+//!    with a DRAM copy. [`Store::check_invariants`] verifies these.
+//! 5. DRAM eviction order is the policy's (default prefix-aware LRU: a block
+//!    with children in DRAM is not a candidate, so tails go before heads).
+//!    Evicting a block that has an NVMe copy only drops its DRAM copy;
+//!    synchronous eviction (a put that needs room now) never waits on I/O.
 //!
-//! One mutex guards the logical state; byte copies and checksums run
+//! One mutex guards the logical state; byte copies, checksums and I/O run
 //! outside it, on extents the caller owns (reservation) or has pinned.
 
 mod error;
 pub mod evict;
 pub mod huge;
 pub mod index;
+pub mod tiering;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -46,10 +57,15 @@ use strata_proto::{BlockKey, FieldError, Layout, LeaseId, NamespaceId, Reservati
 pub use error::StoreError;
 pub use evict::EvictionKind;
 use evict::{Candidate, EvictionPolicy};
-use index::{BlockId, BlockRef, FLAG_DOOMED, FLAG_TRACKED, Index, LOCAL_TIERS, Meta, NO_PARENT};
+use index::{
+    BlockId, BlockRef, FLAG_DOOMED, FLAG_DRAM, FLAG_HIT, FLAG_NVME, FLAG_PROMOTING, FLAG_TRACKED,
+    FLAG_WRITING, Index, LOCAL_TIERS, Meta, NO_PARENT,
+};
 
 use crate::metrics::StoreMetrics;
 use crate::tier::DramTier;
+use crate::tier::nvme::format::{RecordHeader, RecordKind};
+use crate::tier::nvme::{Expect, Loc, NvmeTier, Scanned, SegFile};
 
 /// Source of time, injectable so that tests control lease expiry.
 pub trait Clock: Send + Sync {
@@ -87,20 +103,90 @@ impl Clock for ManualClock {
     }
 }
 
+/// Which blocks evicted from DRAM are written down to NVMe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Blocks that were looked up or read, and heads of chains; one-hit
+    /// tails are dropped.
+    LookedUpOrHead,
+    All,
+    None,
+}
+
+impl Admission {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "looked-up-or-head" => Some(Admission::LookedUpOrHead),
+            "all" => Some(Admission::All),
+            "none" => Some(Admission::None),
+            _ => None,
+        }
+    }
+}
+
+/// What reclaiming a segment does with its live records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimPolicy {
+    /// Copy forward records looked up since they were written; drop the rest.
+    CopyHot,
+    /// Drop every record (FIFO by segment).
+    Drop,
+}
+
+/// Which segment goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimOrder {
+    Oldest,
+    Emptiest,
+}
+
+#[derive(Debug, Clone)]
+pub struct NvmePolicy {
+    pub admission: Admission,
+    /// Bytes per second the write-down may use; 0 = unlimited.
+    pub write_budget_bytes_per_sec: u64,
+    /// Every put is written to NVMe before it is acknowledged.
+    pub write_through: bool,
+    pub reclaim: ReclaimPolicy,
+    pub reclaim_order: ReclaimOrder,
+    /// Reclaim starts above this fraction of the tier's cap and stops below
+    /// the low one.
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+    /// Write-downs in flight at once.
+    pub max_writes_in_flight: usize,
+}
+
+impl Default for NvmePolicy {
+    fn default() -> Self {
+        NvmePolicy {
+            admission: Admission::LookedUpOrHead,
+            write_budget_bytes_per_sec: 0,
+            write_through: false,
+            reclaim: ReclaimPolicy::CopyHot,
+            reclaim_order: ReclaimOrder::Oldest,
+            high_watermark: 0.9,
+            low_watermark: 0.8,
+            max_writes_in_flight: 16,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// Eviction starts in the background above this fraction of the tier...
+    /// DRAM eviction starts in the background above this fraction...
     pub high_watermark: f64,
     /// ...and stops below this one.
     pub low_watermark: f64,
     pub eviction: EvictionKind,
-    /// Upper bound on indexed blocks (each costs about 115 bytes of index).
+    /// Upper bound on indexed blocks (each costs about 120 bytes of index).
     pub max_blocks: usize,
     pub max_leases: usize,
     pub max_lease_ttl: Duration,
     pub max_reservations: usize,
     pub reservation_ttl: Duration,
     pub max_reservation_ttl: Duration,
+    pub nvme: NvmePolicy,
 }
 
 impl Default for StoreConfig {
@@ -115,6 +201,7 @@ impl Default for StoreConfig {
             max_reservations: 1 << 16,
             reservation_ttl: Duration::from_secs(30),
             max_reservation_ttl: Duration::from_secs(300),
+            nvme: NvmePolicy::default(),
         }
     }
 }
@@ -131,8 +218,10 @@ pub struct LookupResult {
     pub hits: u32,
     pub tiers: Vec<TierKind>,
     pub lease: Option<(LeaseId, SystemTime)>,
-    /// With `want_slots`: the arena slot of every hit.
-    pub slots: Vec<Slot>,
+    /// Hits with no DRAM copy: promoted on demand (the caller starts it).
+    pub to_promote: Vec<BlockRef>,
+    /// The refs of the hits, in key order (for slots after promotion).
+    pub refs: Vec<BlockRef>,
 }
 
 /// One zero-copy reservation (or a report that the key is already present).
@@ -159,6 +248,9 @@ pub struct DeleteResult {
     pub deleted: u32,
     pub absent: Vec<BlockKey>,
     pub pinned: Vec<BlockKey>,
+    /// Deleted blocks that had an NVMe record: a tombstone must be written
+    /// so that a restart does not bring them back.
+    pub tombstones: Vec<(NamespaceId, BlockKey)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -175,6 +267,7 @@ pub struct TierStats {
     pub bytes_out: u64,
     pub high_watermark: u64,
     pub low_watermark: u64,
+    pub fenced: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -189,9 +282,10 @@ pub struct StoreStats {
     pub lookup_hits: u64,
     pub checksum_failures: u64,
     pub index_bytes: u64,
+    pub writes_in_flight: u64,
 }
 
-/// Space reserved for a block in a tier; not yet visible.
+/// Space reserved for a block in DRAM; not yet visible.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     ns: u32,
@@ -199,7 +293,6 @@ struct Pending {
     parent: Option<BlockKey>,
     len: u64,
     rounded: u64,
-    tier: TierKind,
     addr: u64,
 }
 
@@ -219,7 +312,9 @@ struct Lease {
 
 struct NsEntry {
     id: NamespaceId,
-    layout: Layout,
+    /// `None` for a namespace known only from records found at start; its
+    /// blocks can be looked up and read, and puts wait for RegisterLayout.
+    layout: Option<Layout>,
 }
 
 struct TierBook {
@@ -235,13 +330,45 @@ struct TierBook {
     evictions: u64,
     bytes_in: u64,
     bytes_out: u64,
-    policy: Box<dyn EvictionPolicy>,
+}
+
+/// Token bucket bounding the write-down rate.
+struct Budget {
+    rate: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Budget {
+    fn take(&mut self, now: Instant, bytes: u64) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate as f64).min(self.rate as f64);
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// State kept only while records are being recovered at start.
+#[derive(Default)]
+struct Recovery {
+    parents: Vec<(BlockId, BlockKey)>,
+    tombstones: HashMap<(u32, BlockKey), u64>,
 }
 
 struct Inner {
     namespaces: HashMap<NamespaceId, u32>,
     ns_table: Vec<NsEntry>,
     index: Index,
+    /// DRAM's eviction policy.
+    policy: Box<dyn EvictionPolicy>,
     tiers: [TierBook; LOCAL_TIERS],
     leases: HashMap<u64, Lease>,
     lease_expiry: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -250,34 +377,51 @@ struct Inner {
     /// Next lease / reservation id (one sequence, so ids never collide).
     next_id: u64,
     tick: u64,
+    /// Next NVMe record sequence number.
+    seq: u64,
+    budget: Budget,
+    writes_in_flight: usize,
+    writing_bytes: u64,
+    nvme_fenced_handled: bool,
+    recovery: Option<Recovery>,
     lookups: u64,
     lookup_keys: u64,
     lookup_hits: u64,
     checksum_failures: u64,
 }
 
+const DRAM: usize = TierKind::Dram as usize;
+const NVME: usize = TierKind::Nvme as usize;
+
 fn candidate(m: &Meta) -> Candidate {
     Candidate {
         tick: m.tick,
-        pinned: m.pins > 0,
-        children_in_tier: m.children_in_own_tier(),
+        pinned: m.pins > 0 || m.busy(),
+        children_in_tier: m.dram_children,
     }
 }
 
 pub struct Store {
     cfg: StoreConfig,
     dram: DramTier,
+    nvme: Option<Arc<NvmeTier>>,
     granule: u64,
     clock: Arc<dyn Clock>,
     metrics: StoreMetrics,
     inner: Mutex<Inner>,
-    /// Woken when a tier passes its high watermark.
+    /// Woken when DRAM passes its high watermark or work for the tiering
+    /// task appears.
     pub evict_wanted: tokio::sync::Notify,
+    /// Woken when a promotion ends (waiters re-check).
+    promoted: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dram", &self.dram).finish()
+        f.debug_struct("Store")
+            .field("dram", &self.dram)
+            .field("nvme", &self.nvme)
+            .finish()
     }
 }
 
@@ -285,20 +429,52 @@ fn field(name: &str, i: usize) -> String {
     format!("{name}[{i}]")
 }
 
+/// A write of a block to NVMe, planned under the lock and done outside it.
+#[derive(Debug, Clone)]
+pub struct WriteJob {
+    pub r: BlockRef,
+    pub header: RecordHeader,
+    pub dram_addr: u64,
+    /// Keep the DRAM copy afterwards (write-through) or drop it (write-down).
+    pub keep_dram: bool,
+}
+
+/// A promotion from NVMe, planned under the lock.
+#[derive(Debug, Clone)]
+pub struct PromoteJob {
+    pub r: BlockRef,
+    pub seg: SegFile,
+    pub loc: Loc,
+    pub expect: Expect,
+}
+
+/// What `begin_promotion` found.
+#[derive(Debug)]
+pub enum Promote {
+    /// The block has a DRAM copy.
+    InDram,
+    /// Another promotion of it is in flight: wait and ask again.
+    InFlight,
+    Job(PromoteJob),
+    /// The block is gone or has no readable copy.
+    Gone,
+}
+
 impl Store {
     pub fn new(
         cfg: StoreConfig,
         dram: DramTier,
+        nvme: Option<Arc<NvmeTier>>,
         granule: u64,
         clock: Arc<dyn Clock>,
         metrics: StoreMetrics,
     ) -> Self {
-        let book = |kind: TierKind, capacity: u64| TierBook {
+        let book = |capacity: u64, high: f64, low: f64| TierBook {
             configured: capacity > 0,
             capacity,
             used: 0,
-            high: (capacity as f64 * cfg.high_watermark) as u64,
-            low: (capacity as f64 * cfg.low_watermark) as u64,
+            high: (capacity as f64 * high) as u64,
+            low: (capacity as f64 * low) as u64,
             blocks: 0,
             pinned_blocks: 0,
             pinned_bytes: 0,
@@ -306,18 +482,14 @@ impl Store {
             evictions: 0,
             bytes_in: 0,
             bytes_out: 0,
-            policy: if kind == TierKind::Dram {
-                cfg.eviction.build()
-            } else {
-                EvictionKind::Lru.build()
-            },
         };
         let cap = dram.capacity_bytes();
+        let nvme_cap = nvme.as_ref().map_or(0, |n| n.config().capacity_bytes);
         let tiers = [
-            book(TierKind::Gpu, 0),
-            book(TierKind::Dram, cap),
-            book(TierKind::Cxl, 0),
-            book(TierKind::Nvme, 0),
+            book(0, 1.0, 1.0),
+            book(cap, cfg.high_watermark, cfg.low_watermark),
+            book(0, 1.0, 1.0),
+            book(nvme_cap, cfg.nvme.high_watermark, cfg.nvme.low_watermark),
         ];
         // Start the index at the number of full-granule blocks the DRAM tier
         // can hold (capped), so that steady state never rehashes.
@@ -328,6 +500,7 @@ impl Store {
             namespaces: HashMap::new(),
             ns_table: Vec::new(),
             index: Index::with_capacity(initial),
+            policy: cfg.eviction.build(),
             tiers,
             leases: HashMap::new(),
             lease_expiry: BinaryHeap::new(),
@@ -335,6 +508,16 @@ impl Store {
             reservation_expiry: BinaryHeap::new(),
             next_id: 1,
             tick: 0,
+            seq: 1,
+            budget: Budget {
+                rate: cfg.nvme.write_budget_bytes_per_sec,
+                tokens: cfg.nvme.write_budget_bytes_per_sec as f64,
+                last: clock.now(),
+            },
+            writes_in_flight: 0,
+            writing_bytes: 0,
+            nvme_fenced_handled: false,
+            recovery: None,
             lookups: 0,
             lookup_keys: 0,
             lookup_hits: 0,
@@ -343,11 +526,13 @@ impl Store {
         Store {
             cfg,
             dram,
+            nvme,
             granule,
             clock,
             metrics,
             inner: Mutex::new(inner),
             evict_wanted: tokio::sync::Notify::new(),
+            promoted: tokio::sync::Notify::new(),
         }
     }
 
@@ -355,8 +540,16 @@ impl Store {
         &self.dram
     }
 
+    pub fn nvme(&self) -> Option<&Arc<NvmeTier>> {
+        self.nvme.as_ref()
+    }
+
     pub fn config(&self) -> &StoreConfig {
         &self.cfg
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -374,16 +567,17 @@ impl Store {
     // ---- namespaces -------------------------------------------------------
 
     /// Registers a (validated) layout; returns its namespace id and whether
-    /// it was already known.
+    /// it was already known (registered, or found in records at start).
     pub fn register_layout(&self, layout: Layout) -> (NamespaceId, bool) {
         let id = layout.namespace_id();
         let mut g = self.lock();
-        if g.namespaces.contains_key(&id) {
-            return (id, true);
+        if let Some(&o) = g.namespaces.get(&id) {
+            let e = &mut g.ns_table[o as usize];
+            let existed = e.layout.is_some();
+            e.layout.get_or_insert(layout);
+            return (id, existed);
         }
-        let ord = g.ns_table.len() as u32;
-        g.ns_table.push(NsEntry { id, layout });
-        g.namespaces.insert(id, ord);
+        ns_insert(&mut g, id, Some(layout));
         (id, false)
     }
 
@@ -391,7 +585,7 @@ impl Store {
         let g = self.lock();
         g.namespaces
             .get(&ns)
-            .map(|&o| g.ns_table[o as usize].layout.clone())
+            .and_then(|&o| g.ns_table[o as usize].layout.clone())
     }
 
     // ---- lookup and leases ------------------------------------------------
@@ -455,40 +649,73 @@ impl Store {
             None
         };
         let mut tiers = Vec::with_capacity(ids.len());
+        let mut refs = Vec::with_capacity(ids.len());
+        let mut to_promote = Vec::new();
         let mut hits = [0u64; LOCAL_TIERS];
         for &id in &ids {
             let tier = touch(g, id);
             tiers.push(tier);
             hits[tier.index()] += 1;
+            let r = g.index.ref_of(id);
+            refs.push(r);
+            if lease.is_some() && tier == TierKind::Nvme {
+                to_promote.push(r);
+            }
         }
         for (t, &n) in hits.iter().enumerate() {
             if n > 0 {
                 self.metrics.lookup_hits[t].increment(n);
             }
         }
-        let mut slots = Vec::new();
-        if req.want_slots && lease.is_some() {
-            slots.reserve(ids.len());
-            let mut bytes = 0;
-            for &id in &ids {
-                let m = g.index.get(id);
-                slots.push(Slot {
-                    offset: m.addr,
-                    len: m.len as u64,
-                    checksum: m.checksum,
-                });
-                bytes += m.len as u64;
-            }
-            let t = TierKind::Dram.index();
-            g.tiers[t].bytes_out += bytes;
-            self.metrics.bytes_out[t].increment(bytes);
-        }
         Ok(LookupResult {
             hits: ids.len() as u32,
             tiers,
             lease,
-            slots,
+            to_promote,
+            refs,
         })
+    }
+
+    /// Arena slots of pinned (leased) blocks, all of which must have a DRAM
+    /// copy by now (the caller promoted them). A block that could not be
+    /// staged in DRAM is `NoSpace`.
+    pub fn slots_of(&self, refs: &[(BlockRef, BlockKey)]) -> Result<Vec<Slot>, StoreError> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let mut out = Vec::with_capacity(refs.len());
+        let mut bytes = 0;
+        for (i, (r, key)) in refs.iter().enumerate() {
+            let m = match g.index.resolve(*r) {
+                Some(m) if m.in_dram() && !m.is_doomed() => m,
+                Some(m) if !m.is_doomed() => {
+                    let b = &g.tiers[DRAM];
+                    return Err(StoreError::NoSpace {
+                        tier: "dram",
+                        needed: m.len as u64,
+                        pinned_bytes: b.pinned_bytes,
+                        reserved_bytes: b.reserved_bytes,
+                        capacity: b.capacity,
+                    });
+                }
+                // Failed a checksum on the way up: a miss.
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        field: field("keys", i),
+                        key: *key,
+                        tier: "nvme",
+                    });
+                }
+            };
+            out.push(Slot {
+                offset: m.dram_addr,
+                len: m.len as u64,
+                checksum: m.checksum,
+            });
+            bytes += m.len as u64;
+        }
+        g.tiers[DRAM].bytes_out += bytes;
+        self.metrics.bytes_out[DRAM].increment(bytes);
+        Ok(out)
     }
 
     pub fn release(&self, req: &ReleaseReq) -> Result<u32, StoreError> {
@@ -499,7 +726,7 @@ impl Store {
         let lease = g.leases.remove(&req.lease.0).expect("checked above");
         let n = lease.blocks.len() as u32;
         for r in lease.blocks {
-            unpin(g, self.granule, r, &self.dram);
+            unpin(g, self, r);
         }
         Ok(n)
     }
@@ -530,7 +757,7 @@ impl Store {
             if !m.is_doomed() {
                 if m.len as u64 == len && m.checksum == checksum {
                     self.metrics.puts_already_present.increment(1);
-                    return Ok(Reserve::Present);
+                    return Ok(Reserve::Present(g.index.ref_of(id)));
                 }
                 self.metrics.puts_rejected.increment(1);
                 return Err(StoreError::Conflict {
@@ -553,7 +780,11 @@ impl Store {
     }
 
     /// Verifies the checksum of a filled slot and publishes it.
-    pub fn publish(&self, mut slot: PutSlot, checksum: u64) -> Result<PutResult, StoreError> {
+    pub fn publish(
+        &self,
+        mut slot: PutSlot,
+        checksum: u64,
+    ) -> Result<(PutResult, BlockRef), StoreError> {
         let p = slot.p.take().expect("slot published twice");
         let field = format!("blocks[{}].checksum", slot.block);
         self.verify_and_publish(p, checksum, slot.hashed, field)
@@ -566,7 +797,7 @@ impl Store {
         checksum: u64,
         hashed: Option<u64>,
         field: String,
-    ) -> Result<PutResult, StoreError> {
+    ) -> Result<(PutResult, BlockRef), StoreError> {
         // SAFETY: the pending reservation owns the extent.
         let actual = hashed
             .unwrap_or_else(|| strata_proto::checksum(unsafe { self.dram.slice(p.addr, p.len) }));
@@ -582,7 +813,7 @@ impl Store {
         }
         let mut g = self.lock();
         let r = self.publish_locked(&mut g, p, checksum, field);
-        let over = g.tiers[TierKind::Dram.index()].used > g.tiers[TierKind::Dram.index()].high;
+        let over = g.tiers[DRAM].used > g.tiers[DRAM].high;
         drop(g);
         if over {
             self.evict_wanted.notify_one();
@@ -596,8 +827,7 @@ impl Store {
         p: Pending,
         checksum: u64,
         field: String,
-    ) -> Result<PutResult, StoreError> {
-        let t = p.tier.index();
+    ) -> Result<(PutResult, BlockRef), StoreError> {
         if let Some(id) = g.index.find(p.ns, &p.key) {
             let m = *g.index.get(id);
             free_pending(g, &self.dram, &p);
@@ -606,7 +836,7 @@ impl Store {
             }
             if m.len as u64 == p.len && m.checksum == checksum {
                 self.metrics.puts_already_present.increment(1);
-                return Ok(PutResult::AlreadyPresent);
+                return Ok((PutResult::AlreadyPresent, g.index.ref_of(id)));
             }
             self.metrics.puts_rejected.increment(1);
             return Err(StoreError::Conflict {
@@ -619,38 +849,33 @@ impl Store {
             });
         }
         let parent = match p.parent.and_then(|pk| g.index.find(p.ns, &pk)) {
-            Some(pid) => {
-                g.index.get_mut(pid).children[t] += 1;
-                // It may have stopped being a candidate (prefix-LRU).
-                refresh(g, pid);
-                g.index.ref_of(pid)
-            }
+            Some(pid) => g.index.ref_of(pid),
             None => NO_PARENT,
         };
         g.tick += 1;
         let meta = Meta {
             key: p.key,
-            tier: p.tier,
             flags: 0,
             ns: p.ns,
-            generation: 0,
-            len: p.len as u32,
             pins: 0,
-            parent,
-            children: [0; LOCAL_TIERS],
-            checksum,
+            len: p.len as u32,
+            dram_children: 0,
+            generation: 0,
             tick: g.tick,
-            addr: p.addr,
+            checksum,
+            dram_addr: 0,
+            nvme_loc: 0,
+            seq: 0,
+            parent,
         };
         let r = g.index.insert(meta);
-        let book = &mut g.tiers[t];
-        book.blocks += 1;
-        book.reserved_bytes -= p.rounded;
-        book.bytes_in += p.len;
-        self.metrics.bytes_in[t].increment(p.len);
+        g.tiers[DRAM].reserved_bytes -= p.rounded;
+        g.tiers[DRAM].used -= p.rounded;
+        add_dram(g, self.granule, r.id, p.addr);
+        g.tiers[DRAM].bytes_in += p.len;
+        self.metrics.bytes_in[DRAM].increment(p.len);
         self.metrics.puts_stored.increment(1);
-        refresh(g, r.id);
-        Ok(PutResult::Stored)
+        Ok((PutResult::Stored, r))
     }
 
     fn abandon(&self, p: Pending) {
@@ -659,8 +884,30 @@ impl Store {
         self.metrics.abandoned_puts.increment(1);
     }
 
-    /// Takes space in the DRAM tier, evicting synchronously if the
-    /// background evictor has not kept up.
+    /// Takes `len` bytes in DRAM, evicting synchronously if the background
+    /// has not kept up. Never waits on I/O: a victim with an NVMe copy
+    /// loses its DRAM copy, one without is dropped.
+    fn take_dram(&self, g: &mut Inner, len: u64) -> Result<(u64, u64), StoreError> {
+        let rounded = self.rounded(len);
+        let addr = loop {
+            if let Some(addr) = self.dram.allocate(rounded) {
+                break addr;
+            }
+            if !self.evict_one(g) {
+                let b = &g.tiers[DRAM];
+                return Err(StoreError::NoSpace {
+                    tier: "dram",
+                    needed: len,
+                    pinned_bytes: b.pinned_bytes,
+                    reserved_bytes: b.reserved_bytes + g.writing_bytes,
+                    capacity: b.capacity,
+                });
+            }
+        };
+        g.tiers[DRAM].used += rounded;
+        Ok((addr, rounded))
+    }
+
     fn reserve_space(
         &self,
         g: &mut Inner,
@@ -669,43 +916,20 @@ impl Store {
         parent: Option<BlockKey>,
         len: u64,
     ) -> Result<Pending, StoreError> {
-        let tier = TierKind::Dram;
-        let t = tier.index();
-        if g.index.len() >= self.cfg.max_blocks {
-            // The index bound counts published blocks; evict one to make room.
-            if !self.evict_one(g, tier) {
-                return Err(StoreError::Limit {
-                    limit: "store.max_blocks",
-                    detail: format!("{} blocks indexed, the limit", g.index.len()),
-                });
-            }
+        if g.index.len() >= self.cfg.max_blocks && !self.evict_one(g) {
+            return Err(StoreError::Limit {
+                limit: "store.max_blocks",
+                detail: format!("{} blocks indexed, the limit", g.index.len()),
+            });
         }
-        let rounded = self.rounded(len);
-        let addr = loop {
-            if let Some(addr) = self.dram.allocate(rounded) {
-                break addr;
-            }
-            if !self.evict_one(g, tier) {
-                let b = &g.tiers[t];
-                return Err(StoreError::NoSpace {
-                    tier: tier.name(),
-                    needed: len,
-                    pinned_bytes: b.pinned_bytes,
-                    reserved_bytes: b.reserved_bytes,
-                    capacity: b.capacity,
-                });
-            }
-        };
-        let b = &mut g.tiers[t];
-        b.used += rounded;
-        b.reserved_bytes += rounded;
+        let (addr, rounded) = self.take_dram(g, len)?;
+        g.tiers[DRAM].reserved_bytes += rounded;
         Ok(Pending {
             ns,
             key,
             parent,
             len,
             rounded,
-            tier,
             addr,
         })
     }
@@ -756,7 +980,7 @@ impl Store {
                     out.push(SharedReservation {
                         key: b.key,
                         id: None,
-                        offset: m.addr,
+                        offset: m.dram_addr,
                         len: m.len as u64,
                         checksum: m.checksum,
                     });
@@ -800,7 +1024,10 @@ impl Store {
 
     /// Verifies and publishes committed reservations, in order. Stops at the
     /// first failure; blocks before it are published.
-    pub fn commit(&self, req: &CommitReq) -> Result<Vec<(BlockKey, PutResult)>, StoreError> {
+    pub fn commit(
+        &self,
+        req: &CommitReq,
+    ) -> Result<Vec<(BlockKey, PutResult, BlockRef)>, StoreError> {
         let now = self.clock.now();
         let mut out = Vec::with_capacity(req.blocks.len());
         for (i, &(rid, checksum)) in req.blocks.iter().enumerate() {
@@ -823,8 +1050,9 @@ impl Store {
                 }
             };
             let key = p.key;
-            let r = self.verify_and_publish(p, checksum, None, format!("blocks[{i}].checksum"))?;
-            out.push((key, r));
+            let (res, r) =
+                self.verify_and_publish(p, checksum, None, format!("blocks[{i}].checksum"))?;
+            out.push((key, res, r));
         }
         Ok(out)
     }
@@ -840,6 +1068,11 @@ impl Store {
             }
         }
         n
+    }
+
+    /// Whether a block has an NVMe copy (is durable across a daemon crash).
+    pub fn is_durable(&self, r: BlockRef) -> bool {
+        self.lock().index.resolve(r).is_some_and(|m| m.on_nvme())
     }
 
     // ---- reads ------------------------------------------------------------
@@ -890,8 +1123,6 @@ impl Store {
                 r: g.index.ref_of(id),
                 key: m.key,
                 parent,
-                tier: m.tier,
-                addr: m.addr,
                 len: m.len as u64,
                 checksum: m.checksum,
             });
@@ -902,55 +1133,40 @@ impl Store {
         })
     }
 
-    /// Copies a pinned block out of its tier and verifies the checksum of
-    /// the copy: what is returned is exactly what was verified. A mismatch
-    /// drops the block (counted) and is a miss. `i` is the key's position in
-    /// the request, for the error message.
-    pub fn read_block(&self, b: &ReadBlock, i: usize) -> Result<bytes::Bytes, StoreError> {
-        let mut out = bytes::BytesMut::with_capacity(b.len as usize);
-        // SAFETY: the block is pinned by the caller's ReadGuard.
-        out.extend_from_slice(unsafe { self.dram.slice(b.addr, b.len) });
-        let t = b.tier.index();
-        if strata_proto::checksum(&out) != b.checksum {
-            self.mark_corrupt(b.r);
-            return Err(StoreError::Corrupt {
-                field: field("keys", i),
-                key: b.key,
-                tier: b.tier.name(),
-            });
-        }
-        self.metrics.bytes_out[t].increment(b.len);
-        self.lock().tiers[t].bytes_out += b.len;
-        Ok(out.freeze())
+    /// The DRAM address of a pinned block, if it has a DRAM copy.
+    fn dram_addr_of(&self, r: BlockRef) -> Option<u64> {
+        let g = self.lock();
+        g.index
+            .resolve(r)
+            .filter(|m| m.in_dram() && !m.is_doomed())
+            .map(|m| m.dram_addr)
     }
 
-    /// Records a failed checksum: the block stops being visible now and is
-    /// removed when its last pin goes.
-    pub fn mark_corrupt(&self, r: BlockRef) {
+    /// Records a failed checksum of a block's DRAM copy: the block stops
+    /// being visible now and is removed when its last pin goes.
+    pub fn mark_corrupt(&self, r: BlockRef, tier: TierKind) {
         let mut g = self.lock();
         let g = &mut *g;
         g.checksum_failures += 1;
         self.metrics.miss_checksum.increment(1);
-        if let Some(m) = g.index.resolve_mut(r) {
-            let tier = m.tier;
-            m.flags |= FLAG_DOOMED;
-            let pins = m.pins;
-            self.metrics.checksum_failures[tier.index()].increment(1);
-            if pins == 0 {
-                remove_block(g, &self.dram, r.id);
-            } else {
-                refresh(g, r.id);
-            }
+        self.metrics.checksum_failures[tier.index()].increment(1);
+        let Some(m) = g.index.resolve_mut(r) else {
+            return;
+        };
+        m.flags |= FLAG_DOOMED;
+        if m.pins == 0 && !m.busy() {
+            remove_block(g, self, r.id);
+        } else {
+            refresh(g, r.id);
         }
     }
 
-    /// Arena slots of leased blocks, for zero-copy reads.
-    pub fn get_slots(&self, req: &GetSlotsReq) -> Result<Vec<Slot>, StoreError> {
+    /// The blocks a lease covers for `keys` (GetSlots), in key order.
+    pub fn leased_refs(&self, req: &GetSlotsReq) -> Result<Vec<BlockRef>, StoreError> {
         let now = self.clock.now();
-        let mut g = self.lock();
-        let g = &mut *g;
-        let ns = ns_ord(g, req.namespace)?;
-        let lease = lease_checked(g, req.lease, Some(req.namespace), now)?;
+        let g = self.lock();
+        let ns = ns_ord(&g, req.namespace)?;
+        let lease = lease_checked(&g, req.lease, Some(req.namespace), now)?;
         let mut out = Vec::with_capacity(req.keys.len());
         for (i, k) in req.keys.iter().enumerate() {
             let covered = g.index.find(ns, k).filter(|&id| {
@@ -964,24 +1180,18 @@ impl Store {
                     lease: req.lease,
                 });
             };
-            let m = g.index.get(id);
-            out.push(Slot {
-                offset: m.addr,
-                len: m.len as u64,
-                checksum: m.checksum,
-            });
-        }
-        let mut bytes = [0u64; LOCAL_TIERS];
-        for s in &out {
-            bytes[TierKind::Dram.index()] += s.len;
-        }
-        for (t, b) in bytes.iter().enumerate() {
-            if *b > 0 {
-                g.tiers[t].bytes_out += b;
-                self.metrics.bytes_out[t].increment(*b);
-            }
+            out.push(g.index.ref_of(id));
         }
         Ok(out)
+    }
+
+    /// Arena slots of leased blocks that already have a DRAM copy (the
+    /// service promotes NVMe-only ones first: `leased_refs`, promotion,
+    /// `slots_of`).
+    pub fn get_slots(&self, req: &GetSlotsReq) -> Result<Vec<Slot>, StoreError> {
+        let refs = self.leased_refs(req)?;
+        let keyed: Vec<_> = refs.into_iter().zip(req.keys.iter().copied()).collect();
+        self.slots_of(&keyed)
     }
 
     // ---- delete, eviction, expiry ------------------------------------------
@@ -994,9 +1204,14 @@ impl Store {
         for k in &req.keys {
             match g.index.find(ns, k) {
                 None => res.absent.push(*k),
-                Some(id) if g.index.get(id).pins > 0 => res.pinned.push(*k),
+                Some(id) if g.index.get(id).pins > 0 || g.index.get(id).busy() => {
+                    res.pinned.push(*k)
+                }
                 Some(id) => {
-                    remove_block(g, &self.dram, id);
+                    if g.index.get(id).on_nvme() {
+                        res.tombstones.push((req.namespace, *k));
+                    }
+                    remove_block(g, self, id);
                     res.deleted += 1;
                 }
             }
@@ -1004,44 +1219,555 @@ impl Store {
         Ok(res)
     }
 
-    /// Evicts the policy's next victim from `tier`; false if none.
-    fn evict_one(&self, g: &mut Inner, tier: TierKind) -> bool {
-        let t = tier.index();
-        let Some(id) = g.tiers[t].policy.victim() else {
+    /// Evicts DRAM's next victim at once: a block with an NVMe copy loses
+    /// its DRAM copy, one without is dropped. False if nothing is evictable.
+    fn evict_one(&self, g: &mut Inner) -> bool {
+        let Some(id) = g.policy.victim() else {
             return false;
         };
-        let len = g.index.get(id).len as u64;
-        // Only DRAM exists so far: eviction drops. The NVMe tier turns this
-        // into a demotion (admission permitting).
-        remove_block(g, &self.dram, id);
-        g.tiers[t].evictions += 1;
-        self.metrics.evictions[t].increment(1);
-        self.metrics.evicted_bytes[t].increment(len);
+        let m = *g.index.get(id);
+        if m.on_nvme() {
+            drop_dram(g, self.granule, &self.dram, id);
+        } else {
+            remove_block(g, self, id);
+            if self.nvme.is_some() {
+                self.metrics.dropped_backlog.increment(1);
+            }
+        }
+        g.tiers[DRAM].evictions += 1;
+        self.metrics.evictions[DRAM].increment(1);
+        self.metrics.evicted_bytes[DRAM].increment(m.len as u64);
         true
     }
 
-    /// Background eviction: while a tier is above its high watermark, evict
-    /// down to its low watermark, `batch` blocks per lock hold. Returns the
-    /// number of blocks evicted.
+    /// Background eviction without an NVMe tier: while DRAM is above its
+    /// high watermark, evict down to its low watermark, `batch` blocks per
+    /// lock hold. Returns the number of blocks evicted.
     pub fn evict_to_watermark(&self, batch: usize) -> usize {
-        let tier = TierKind::Dram;
-        let t = tier.index();
         let mut total = 0;
         {
             let g = self.lock();
-            if g.tiers[t].used <= g.tiers[t].high {
+            if g.tiers[DRAM].used <= g.tiers[DRAM].high {
                 return 0;
             }
         }
         loop {
             let mut g = self.lock();
             for _ in 0..batch {
-                if g.tiers[t].used <= g.tiers[t].low || !self.evict_one(&mut g, tier) {
+                if g.tiers[DRAM].used <= g.tiers[DRAM].low || !self.evict_one(&mut g) {
                     return total;
                 }
                 total += 1;
             }
         }
+    }
+
+    /// Plans write-downs while DRAM is above its high watermark (down to
+    /// its low one, counting writes in flight as freed): victims with an
+    /// NVMe copy lose their DRAM copy now; the admission filter and the
+    /// write budget decide which of the others are written down (marked
+    /// busy, DRAM copy kept until the write ends) and which are dropped.
+    pub fn plan_demotions(&self, max: usize) -> Vec<WriteJob> {
+        let now = self.clock.now();
+        let mut g = self.lock();
+        let g = &mut *g;
+        let mut jobs = Vec::new();
+        let nvme_ok = self.nvme.as_ref().is_some_and(|n| !n.is_fenced());
+        if g.tiers[DRAM].used <= g.tiers[DRAM].high {
+            return jobs;
+        }
+        while g.tiers[DRAM].used.saturating_sub(g.writing_bytes) > g.tiers[DRAM].low
+            && g.writes_in_flight < self.cfg.nvme.max_writes_in_flight
+            && jobs.len() < max
+        {
+            let Some(id) = g.policy.victim() else { break };
+            let m = *g.index.get(id);
+            g.tiers[DRAM].evictions += 1;
+            self.metrics.evictions[DRAM].increment(1);
+            self.metrics.evicted_bytes[DRAM].increment(m.len as u64);
+            if m.on_nvme() {
+                drop_dram(g, self.granule, &self.dram, id);
+                continue;
+            }
+            let admitted = match self.cfg.nvme.admission {
+                Admission::All => true,
+                Admission::None => false,
+                Admission::LookedUpOrHead => {
+                    m.flags & FLAG_HIT != 0 || g.index.resolve(m.parent).is_none()
+                }
+            };
+            if !nvme_ok || !admitted {
+                remove_block(g, self, id);
+                self.metrics.dropped_not_admitted.increment(1);
+                continue;
+            }
+            if !g.budget.take(now, m.len as u64) {
+                remove_block(g, self, id);
+                self.metrics.dropped_budget.increment(1);
+                continue;
+            }
+            jobs.push(self.start_write(g, id, false));
+        }
+        jobs
+    }
+
+    /// Marks a block busy for an NVMe write and describes the write.
+    fn start_write(&self, g: &mut Inner, id: BlockId, keep_dram: bool) -> WriteJob {
+        let seq = g.seq;
+        g.seq += 1;
+        g.writes_in_flight += 1;
+        g.writing_bytes += self.rounded(g.index.get(id).len as u64);
+        let m = g.index.get_mut(id);
+        m.flags |= FLAG_WRITING;
+        let m = *m;
+        refresh(g, id);
+        let parent = g.index.resolve(m.parent).map(|p| p.key);
+        WriteJob {
+            r: g.index.ref_of(id),
+            header: RecordHeader {
+                kind: RecordKind::Block,
+                namespace: g.ns_table[m.ns as usize].id,
+                seq,
+                segment: 0,
+                key: m.key,
+                parent,
+                len: m.len,
+                checksum: m.checksum,
+            },
+            dram_addr: m.dram_addr,
+            keep_dram,
+        }
+    }
+
+    /// Write-through: plans the NVMe write of a freshly published block (or
+    /// `None` if it already has an NVMe copy, or one is being written).
+    pub fn begin_persist(&self, r: BlockRef) -> Option<WriteJob> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let m = *g.index.resolve(r)?;
+        if m.on_nvme() || m.busy() || !m.in_dram() || m.is_doomed() {
+            return None;
+        }
+        Some(self.start_write(g, r.id, true))
+    }
+
+    /// The bytes a write job copies out of DRAM.
+    ///
+    /// # Safety contract
+    /// Valid while the job is in flight: the block is busy, so its DRAM copy
+    /// is neither evicted nor freed.
+    pub fn job_bytes(&self, job: &WriteJob) -> &[u8] {
+        // SAFETY: see above; bounds checked by the tier.
+        unsafe { self.dram.slice(job.dram_addr, job.header.len as u64) }
+    }
+
+    /// Ends an NVMe write. On success the block gains its NVMe copy and,
+    /// for a write-down, loses its DRAM copy unless it was pinned (read)
+    /// meanwhile. On failure a write-down drops the block; write-through
+    /// keeps it in DRAM.
+    pub fn finish_write(&self, job: &WriteJob, result: Result<Loc, String>) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        g.writes_in_flight -= 1;
+        g.writing_bytes -= self.rounded(job.header.len as u64);
+        let Some(m) = g.index.resolve_mut(job.r) else {
+            // Cannot happen (busy blocks are not removed); hand the record back.
+            if let (Ok(loc), Some(n)) = (result, &self.nvme) {
+                n.release(loc, job.header.len);
+            }
+            return;
+        };
+        m.flags &= !FLAG_WRITING;
+        let id = job.r.id;
+        match result {
+            Ok(loc) => {
+                add_nvme(g, id, loc, job.header.seq);
+                g.tiers[NVME].bytes_in += job.header.len as u64;
+                self.metrics.bytes_in[NVME].increment(job.header.len as u64);
+                let m = *g.index.get(id);
+                if m.is_doomed() {
+                    if m.pins == 0 {
+                        remove_block(g, self, id);
+                    }
+                } else if !job.keep_dram && m.pins == 0 {
+                    drop_dram(g, self.granule, &self.dram, id);
+                    self.metrics.demotions.increment(1);
+                } else {
+                    refresh(g, id);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(key = %job.header.key, error = %e, "nvme write failed");
+                let m = *g.index.get(id);
+                if !job.keep_dram && m.pins == 0 {
+                    remove_block(g, self, id);
+                    self.metrics.dropped_write_failed.increment(1);
+                } else {
+                    refresh(g, id);
+                }
+            }
+        }
+    }
+
+    /// Plans the promotion of a pinned block from NVMe into DRAM.
+    pub fn begin_promotion(&self, r: BlockRef) -> Promote {
+        let mut g = self.lock();
+        let Some(m) = g.index.resolve_mut(r) else {
+            return Promote::Gone;
+        };
+        if m.is_doomed() {
+            return Promote::Gone;
+        }
+        if m.in_dram() {
+            return Promote::InDram;
+        }
+        if m.flags & FLAG_PROMOTING != 0 {
+            return Promote::InFlight;
+        }
+        if !m.on_nvme() {
+            return Promote::Gone;
+        }
+        let (loc, len, checksum, key, ns) = (Loc(m.nvme_loc), m.len, m.checksum, m.key, m.ns);
+        let Some(seg) = self.nvme.as_ref().and_then(|n| n.file_of(loc)) else {
+            return Promote::Gone;
+        };
+        m.flags |= FLAG_PROMOTING;
+        let namespace = g.ns_table[ns as usize].id;
+        Promote::Job(PromoteJob {
+            r,
+            seg,
+            loc,
+            expect: Expect {
+                namespace,
+                key,
+                len,
+                checksum,
+            },
+        })
+    }
+
+    /// Ends a promotion with the record's payload (already verified by the
+    /// tier). Returns whether the block now has a DRAM copy.
+    pub fn finish_promotion(
+        &self,
+        job: &PromoteJob,
+        payload: Result<&[u8], PromoteFailure>,
+    ) -> bool {
+        let staged = match payload {
+            Ok(bytes) => {
+                let mut g = self.lock();
+                let taken = self.take_dram(&mut g, bytes.len() as u64);
+                drop(g);
+                match taken {
+                    Ok((addr, _)) => {
+                        // SAFETY: a fresh extent, owned by this promotion.
+                        let dst = unsafe { self.dram.slice_mut(addr, bytes.len() as u64) };
+                        let sum = strata_kernels::checksum::copy_and_checksum(dst, bytes);
+                        Some((addr, sum))
+                    }
+                    Err(_) => None,
+                }
+            }
+            Err(_) => None,
+        };
+        let ok = {
+            let mut g = self.lock();
+            let g = &mut *g;
+            let id = job.r.id;
+            let alive = g.index.resolve(job.r).is_some();
+            if let Some(m) = g.index.resolve_mut(job.r) {
+                m.flags &= !FLAG_PROMOTING;
+            }
+            let mut ok = false;
+            match (payload, staged) {
+                (Ok(_), Some((addr, sum))) if alive && sum == job.expect.checksum => {
+                    // `take_dram` counted the extent; `add_dram` counts it again.
+                    g.tiers[DRAM].used -= self.rounded(job.expect.len as u64);
+                    add_dram(g, self.granule, id, addr);
+                    g.tiers[NVME].bytes_out += job.expect.len as u64;
+                    self.metrics.bytes_out[NVME].increment(job.expect.len as u64);
+                    self.metrics.promotions.increment(1);
+                    ok = true;
+                }
+                (Ok(_), Some((addr, _))) => {
+                    // Gone meanwhile, or a copy fault: hand the extent back.
+                    let rounded = self.rounded(job.expect.len as u64);
+                    self.dram.free(addr, rounded);
+                    g.tiers[DRAM].used -= rounded;
+                }
+                (Err(PromoteFailure::Corrupt), _) if alive => {
+                    // The record failed its check: a miss; the NVMe copy is void.
+                    g.checksum_failures += 1;
+                    self.metrics.miss_checksum.increment(1);
+                    self.metrics.checksum_failures[NVME].increment(1);
+                    drop_nvme(g, self, id);
+                    let m = *g.index.get(id);
+                    if !m.in_dram() {
+                        g.index.get_mut(id).flags |= FLAG_DOOMED;
+                        if m.pins == 0 {
+                            remove_block(g, self, id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if alive && g.index.resolve(job.r).is_some() {
+                refresh(g, id);
+            }
+            ok
+        };
+        self.promoted.notify_waiters();
+        ok
+    }
+
+    /// Waits until some promotion ends.
+    pub async fn promotion_ended(&self) {
+        self.promoted.notified().await;
+    }
+
+    /// The tier was fenced: its copies are unreachable. Blocks with a DRAM
+    /// copy keep it; the others are dropped (a miss, never a wrong block).
+    pub fn on_nvme_fenced(&self) -> bool {
+        let mut g = self.lock();
+        let g = &mut *g;
+        if g.nvme_fenced_handled {
+            return false;
+        }
+        g.nvme_fenced_handled = true;
+        let ids: Vec<BlockId> = g
+            .index
+            .live_ids()
+            .filter(|&id| g.index.get(id).on_nvme())
+            .collect();
+        for id in ids {
+            let m = *g.index.get(id);
+            clear_nvme(g, id);
+            if !m.in_dram() {
+                g.index.get_mut(id).flags |= FLAG_DOOMED;
+                if m.pins == 0 && !m.busy() {
+                    remove_block(g, self, id);
+                }
+            }
+        }
+        true
+    }
+
+    // ---- NVMe reclaim -------------------------------------------------------
+
+    /// Reclaim: is the record at `loc` the live copy of its block, and what
+    /// to do with it. Marks it busy when it is to be copied forward.
+    pub fn reclaim_decision(&self, h: &RecordHeader, loc: Loc, oldest: bool) -> ReclaimAction {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(&ns) = g.namespaces.get(&h.namespace) else {
+            return ReclaimAction::Skip;
+        };
+        let found = g.index.find(ns, &h.key);
+        if h.kind == RecordKind::Tombstone {
+            // A tombstone guards against older records of its key; once the
+            // oldest segment goes, nothing older remains.
+            return if oldest || found.is_some() {
+                ReclaimAction::Skip
+            } else {
+                ReclaimAction::CopyTombstone
+            };
+        }
+        let Some(id) = found else {
+            return ReclaimAction::Skip;
+        };
+        let m = *g.index.get(id);
+        if !m.on_nvme() || m.nvme_loc != loc.0 {
+            return ReclaimAction::Skip;
+        }
+        if m.flags & FLAG_WRITING != 0 {
+            // Already being copied (cannot happen with one reclaimer).
+            return ReclaimAction::Skip;
+        }
+        // In use (pinned, or being promoted from this very record): copy it,
+        // whatever the policy, so its location stays valid.
+        let in_use = m.pins > 0 || m.busy();
+        let hot = self.cfg.nvme.reclaim == ReclaimPolicy::CopyHot && m.flags & FLAG_HIT != 0;
+        if in_use || hot {
+            g.index.get_mut(id).flags |= FLAG_WRITING;
+            g.index.get_mut(id).flags &= !FLAG_HIT;
+            refresh(g, id);
+            return ReclaimAction::Copy(g.index.ref_of(id));
+        }
+        if m.in_dram() {
+            drop_nvme(g, self, id);
+        } else {
+            remove_block(g, self, id);
+        }
+        self.metrics.dropped_reclaim.increment(1);
+        ReclaimAction::Dropped
+    }
+
+    /// Ends a copy-forward started by `reclaim_decision`.
+    pub fn finish_copy(&self, r: BlockRef, old: Loc, len: u32, new: Result<Loc, String>) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(m) = g.index.resolve_mut(r) else {
+            if let (Ok(loc), Some(n)) = (new, &self.nvme) {
+                n.release(loc, len);
+            }
+            return;
+        };
+        m.flags &= !FLAG_WRITING;
+        let m = *m;
+        match new {
+            Ok(loc) if m.on_nvme() && m.nvme_loc == old.0 => {
+                if let Some(n) = &self.nvme {
+                    n.release(old, m.len);
+                }
+                g.index.get_mut(r.id).nvme_loc = loc.0;
+                refresh(g, r.id);
+            }
+            Ok(loc) => {
+                if let Some(n) = &self.nvme {
+                    n.release(loc, m.len);
+                }
+                refresh(g, r.id);
+            }
+            Err(_) => {
+                // Could not copy: the old segment is going away.
+                if m.on_nvme() && m.nvme_loc == old.0 {
+                    if m.in_dram() {
+                        drop_nvme(g, self, r.id);
+                    } else {
+                        g.index.get_mut(r.id).flags |= FLAG_DOOMED;
+                        clear_nvme(g, r.id);
+                        if m.pins == 0 {
+                            remove_block(g, self, r.id);
+                        }
+                    }
+                }
+                if g.index.resolve(r).is_some() {
+                    refresh(g, r.id);
+                }
+            }
+        }
+    }
+
+    /// Takes the next record sequence number (tombstones, copies).
+    pub fn next_seq(&self) -> u64 {
+        let mut g = self.lock();
+        g.seq += 1;
+        g.seq - 1
+    }
+
+    // ---- recovery -------------------------------------------------------------
+
+    /// Starts rebuilding the index from NVMe records.
+    pub fn begin_recovery(&self) {
+        self.lock().recovery = Some(Recovery::default());
+    }
+
+    /// Applies one record found by the scan; the newest sequence number of
+    /// a key wins, and a tombstone voids older records.
+    pub fn recover(&self, s: &Scanned) {
+        let h = &s.header;
+        let mut g = self.lock();
+        let g = &mut *g;
+        let ns = match g.namespaces.get(&h.namespace) {
+            Some(&o) => o,
+            None => ns_insert(g, h.namespace, None),
+        };
+        g.seq = g.seq.max(h.seq + 1);
+        let existing = g.index.find(ns, &h.key);
+        let release = |loc: Loc, len: u32| {
+            if let Some(n) = &self.nvme {
+                n.release(loc, len);
+            }
+        };
+        match h.kind {
+            RecordKind::Tombstone => {
+                if let Some(id) = existing
+                    && g.index.get(id).seq < h.seq
+                {
+                    remove_block(g, self, id);
+                }
+                let rec = g.recovery.get_or_insert_with(Recovery::default);
+                let e = rec.tombstones.entry((ns, h.key)).or_insert(0);
+                *e = (*e).max(h.seq);
+            }
+            RecordKind::Block => {
+                let voided = g
+                    .recovery
+                    .as_ref()
+                    .and_then(|r| r.tombstones.get(&(ns, h.key)))
+                    .is_some_and(|&t| t > h.seq);
+                if voided {
+                    release(s.loc, h.len);
+                    return;
+                }
+                if let Some(id) = existing {
+                    let m = *g.index.get(id);
+                    if m.seq >= h.seq {
+                        release(s.loc, h.len);
+                        return;
+                    }
+                    // A newer record of the same block.
+                    release(Loc(m.nvme_loc), m.len);
+                    if let Some(n) = &self.nvme {
+                        n.add_live(s.loc, h.len);
+                    }
+                    let mm = g.index.get_mut(id);
+                    mm.nvme_loc = s.loc.0;
+                    mm.seq = h.seq;
+                    mm.len = h.len;
+                    mm.checksum = h.checksum;
+                    return;
+                }
+                if g.index.len() >= self.cfg.max_blocks {
+                    release(s.loc, h.len);
+                    return;
+                }
+                g.tick += 1;
+                let r = g.index.insert(Meta {
+                    key: h.key,
+                    flags: FLAG_NVME,
+                    ns,
+                    pins: 0,
+                    len: h.len,
+                    dram_children: 0,
+                    generation: 0,
+                    tick: g.tick,
+                    checksum: h.checksum,
+                    dram_addr: 0,
+                    nvme_loc: s.loc.0,
+                    seq: h.seq,
+                    parent: NO_PARENT,
+                });
+                g.tiers[NVME].blocks += 1;
+                if let Some(n) = &self.nvme {
+                    n.add_live(s.loc, h.len);
+                }
+                if let Some(p) = h.parent {
+                    g.recovery
+                        .get_or_insert_with(Recovery::default)
+                        .parents
+                        .push((r.id, p));
+                }
+            }
+        }
+    }
+
+    /// Ends recovery: links parents (by key, now that all blocks are in).
+    pub fn finish_recovery(&self) -> u64 {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let rec = g.recovery.take().unwrap_or_default();
+        for (id, pk) in rec.parents {
+            if !g.index.is_live(id) {
+                continue;
+            }
+            let ns = g.index.get(id).ns;
+            if let Some(pid) = g.index.find(ns, &pk) {
+                let pr = g.index.ref_of(pid);
+                g.index.get_mut(id).parent = pr;
+            }
+        }
+        g.index.len() as u64
     }
 
     /// Ends expired leases and reservations. Returns (leases, reservations).
@@ -1058,7 +1784,7 @@ impl Store {
             if g.leases.get(&id).is_some_and(|l| l.expires <= now) {
                 let l = g.leases.remove(&id).expect("present");
                 for r in l.blocks {
-                    unpin(g, self.granule, r, &self.dram);
+                    unpin(g, self, r);
                 }
                 leases += 1;
                 self.metrics.leases_expired.increment(1);
@@ -1090,25 +1816,45 @@ impl Store {
             .is_some_and(|id| !g.index.get(id).is_doomed())
     }
 
+    /// The tier of a block's fastest copy now (by ref).
+    pub fn tier_now(&self, r: BlockRef) -> Option<TierKind> {
+        self.lock().index.resolve(r).map(|m| m.tier())
+    }
+
+    /// The tier a block's fastest copy is in, without touching it.
+    pub fn tier_of(&self, ns: NamespaceId, key: &BlockKey) -> Option<TierKind> {
+        let g = self.lock();
+        let o = ns_ord(&g, ns).ok()?;
+        g.index.find(o, key).map(|id| g.index.get(id).tier())
+    }
+
     pub fn stats(&self) -> StoreStats {
         let g = self.lock();
+        let nvme = self.nvme.as_ref().map(|n| n.stats());
         let tiers = TierKind::ALL[..LOCAL_TIERS]
             .iter()
             .zip(g.tiers.iter())
             .filter(|(_, b)| b.configured)
-            .map(|(&tier, b)| TierStats {
-                tier: Some(tier),
-                capacity: b.capacity,
-                used: b.used,
-                blocks: b.blocks,
-                pinned_blocks: b.pinned_blocks,
-                pinned_bytes: b.pinned_bytes,
-                reserved_bytes: b.reserved_bytes,
-                evictions: b.evictions,
-                bytes_in: b.bytes_in,
-                bytes_out: b.bytes_out,
-                high_watermark: b.high,
-                low_watermark: b.low,
+            .map(|(&tier, b)| {
+                let (used, fenced) = match (&nvme, tier) {
+                    (Some(n), TierKind::Nvme) => (n.allocated, n.fenced),
+                    _ => (b.used, false),
+                };
+                TierStats {
+                    tier: Some(tier),
+                    capacity: b.capacity,
+                    used,
+                    blocks: b.blocks,
+                    pinned_blocks: b.pinned_blocks,
+                    pinned_bytes: b.pinned_bytes,
+                    reserved_bytes: b.reserved_bytes,
+                    evictions: b.evictions,
+                    bytes_in: b.bytes_in,
+                    bytes_out: b.bytes_out,
+                    high_watermark: b.high,
+                    low_watermark: b.low,
+                    fenced,
+                }
             })
             .collect();
         StoreStats {
@@ -1121,9 +1867,8 @@ impl Store {
             lookup_keys: g.lookup_keys,
             lookup_hits: g.lookup_hits,
             checksum_failures: g.checksum_failures,
-            index_bytes: (g.index.heap_bytes()
-                + g.tiers.iter().map(|b| b.policy.heap_bytes()).sum::<usize>())
-                as u64,
+            index_bytes: (g.index.heap_bytes() + g.policy.heap_bytes()) as u64,
+            writes_in_flight: g.writes_in_flight as u64,
         }
     }
 
@@ -1131,9 +1876,10 @@ impl Store {
     /// fails. For tests and the simulator: O(blocks).
     pub fn check_invariants(&self) {
         let g = self.lock();
-        let mut used = [0u64; LOCAL_TIERS];
-        let mut blocks = [0u64; LOCAL_TIERS];
-        let mut children: HashMap<BlockId, [u32; LOCAL_TIERS]> = HashMap::new();
+        let mut dram_used = 0u64;
+        let mut dram_blocks = 0u64;
+        let mut nvme_blocks = 0u64;
+        let mut children: HashMap<BlockId, u32> = HashMap::new();
         let mut pins: HashMap<BlockId, u32> = HashMap::new();
         for l in g.leases.values() {
             for r in &l.blocks {
@@ -1146,10 +1892,16 @@ impl Store {
         }
         for id in g.index.live_ids() {
             let m = g.index.get(id);
-            used[m.tier.index()] += self.rounded(m.len as u64);
-            blocks[m.tier.index()] += 1;
-            if g.index.resolve(m.parent).is_some() {
-                children.entry(m.parent.id).or_default()[m.tier.index()] += 1;
+            assert!(m.in_dram() || m.on_nvme(), "block {:?} has no copy", m.key);
+            if m.in_dram() {
+                dram_used += self.rounded(m.len as u64);
+                dram_blocks += 1;
+                if g.index.resolve(m.parent).is_some() {
+                    *children.entry(m.parent.id).or_default() += 1;
+                }
+            }
+            if m.on_nvme() {
+                nvme_blocks += 1;
             }
             assert_eq!(
                 g.index.find(m.ns, &m.key),
@@ -1160,9 +1912,9 @@ impl Store {
         for id in g.index.live_ids() {
             let m = g.index.get(id);
             assert_eq!(
-                m.children,
-                children.get(&id).copied().unwrap_or_default(),
-                "child counts of {:?}",
+                m.dram_children,
+                children.get(&id).copied().unwrap_or(0),
+                "DRAM child count of {:?}",
                 m.key
             );
             // Reads in progress add pins beyond leases; without them, equal.
@@ -1171,22 +1923,39 @@ impl Store {
                 "pins below lease count"
             );
         }
-        for (t, b) in g.tiers.iter().enumerate() {
-            let reserved: u64 = g
-                .reservations
-                .values()
-                .filter(|sp| sp.p.tier.index() == t)
-                .map(|sp| sp.p.rounded)
-                .sum();
-            assert!(
-                b.reserved_bytes >= reserved,
-                "reserved bytes below open reservations"
-            );
-            assert_eq!(b.used, used[t] + b.reserved_bytes, "used bytes of tier {t}");
-            assert_eq!(b.blocks, blocks[t], "block count of tier {t}");
-            assert!(b.used <= b.capacity.max(b.used * (!b.configured) as u64));
-        }
+        let b = &g.tiers[DRAM];
+        let reserved: u64 = g.reservations.values().map(|sp| sp.p.rounded).sum();
+        assert!(
+            b.reserved_bytes >= reserved,
+            "reserved bytes below open reservations"
+        );
+        assert_eq!(b.used, dram_used + b.reserved_bytes, "DRAM used bytes");
+        assert!(b.used <= b.capacity, "DRAM over capacity");
+        assert_eq!(b.blocks, dram_blocks, "DRAM block count");
+        assert_eq!(g.tiers[NVME].blocks, nvme_blocks, "NVMe block count");
     }
+}
+
+/// What reclaiming does with one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimAction {
+    /// Not the live copy of anything (superseded, deleted): nothing to do.
+    Skip,
+    /// Dropped by policy (its block lost its NVMe copy or was removed).
+    Dropped,
+    /// Copy the record forward, then call `finish_copy`.
+    Copy(BlockRef),
+    /// Copy a tombstone forward (same sequence number).
+    CopyTombstone,
+}
+
+/// Why a promotion brought no bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromoteFailure {
+    /// The record failed its checks: the NVMe copy is void.
+    Corrupt,
+    /// An I/O error or a fenced tier: this read is a miss.
+    Unavailable,
 }
 
 /// Result of a stream reserve.
@@ -1194,7 +1963,7 @@ impl Store {
 pub enum Reserve {
     /// The key is present with the same length and checksum: skip its bytes
     /// and report `AlreadyPresent`.
-    Present,
+    Present(BlockRef),
     Slot(PutSlot),
 }
 
@@ -1258,8 +2027,6 @@ pub struct ReadBlock {
     pub r: BlockRef,
     pub key: BlockKey,
     pub parent: Option<BlockKey>,
-    pub tier: TierKind,
-    pub addr: u64,
     pub len: u64,
     pub checksum: u64,
 }
@@ -1279,49 +2046,52 @@ impl std::fmt::Debug for ReadGuard {
 }
 
 impl ReadGuard {
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    /// The bytes of block `i`, verified in place and served from the arena
-    /// without a copy: the returned `Bytes` keeps this guard (and so the
-    /// block's pin) alive until the transport is done with it. A mismatch
-    /// drops the block (counted) and is a miss. Consumers verify again on
-    /// receipt, which also covers anything written into the shared arena
-    /// between this check and the send.
-    pub fn verified_bytes(self: &Arc<Self>, i: usize) -> Result<bytes::Bytes, StoreError> {
+    /// The bytes of block `i` from its DRAM copy, verified in place and
+    /// served without a copy: the returned `Bytes` keeps this guard (and so
+    /// the block's pin) alive until the transport is done with it. `None`
+    /// when the block has no DRAM copy (promote it first). A mismatch drops
+    /// the block (counted) and is a miss. Consumers verify again on receipt,
+    /// which also covers anything written into the shared arena between this
+    /// check and the send.
+    pub fn dram_bytes(self: &Arc<Self>, i: usize) -> Option<Result<bytes::Bytes, StoreError>> {
         let b = &self.blocks[i];
-        // SAFETY: the block is pinned by this guard.
-        let slice = unsafe { self.store.dram.slice(b.addr, b.len) };
+        let addr = self.store.dram_addr_of(b.r)?;
+        // SAFETY: the block is pinned by this guard, so its DRAM copy stays.
+        let slice = unsafe { self.store.dram.slice(addr, b.len) };
         if strata_proto::checksum(slice) != b.checksum {
-            self.store.mark_corrupt(b.r);
-            return Err(StoreError::Corrupt {
+            self.store.mark_corrupt(b.r, TierKind::Dram);
+            return Some(Err(StoreError::Corrupt {
                 field: field("keys", i),
                 key: b.key,
-                tier: b.tier.name(),
-            });
+                tier: "dram",
+            }));
         }
-        let t = b.tier.index();
-        self.store.metrics.bytes_out[t].increment(b.len);
-        self.store.lock().tiers[t].bytes_out += b.len;
-        Ok(bytes::Bytes::from_owner(PinnedBytes {
+        self.store.metrics.bytes_out[DRAM].increment(b.len);
+        self.store.lock().tiers[DRAM].bytes_out += b.len;
+        Some(Ok(bytes::Bytes::from_owner(PinnedBytes {
             guard: self.clone(),
-            i,
-        }))
+            addr,
+            len: b.len,
+        })))
     }
 }
 
 /// A pinned block's bytes in the arena, as the owner of a `Bytes`.
 struct PinnedBytes {
     guard: Arc<ReadGuard>,
-    i: usize,
+    addr: u64,
+    len: u64,
 }
 
 impl AsRef<[u8]> for PinnedBytes {
     fn as_ref(&self) -> &[u8] {
-        let b = &self.guard.blocks[self.i];
-        // SAFETY: pinned for as long as this owner (and its guard) lives.
-        unsafe { self.guard.store.dram.slice(b.addr, b.len) }
+        // SAFETY: pinned for as long as this owner (and its guard) lives; a
+        // pinned block's DRAM copy is never freed.
+        unsafe { self.guard.store.dram.slice(self.addr, self.len) }
     }
 }
 
@@ -1329,12 +2099,19 @@ impl Drop for ReadGuard {
     fn drop(&mut self) {
         let mut g = self.store.lock();
         for b in &self.blocks {
-            unpin(&mut g, self.store.granule, b.r, &self.store.dram);
+            unpin(&mut g, &self.store, b.r);
         }
     }
 }
 
 // ---- helpers on the locked state --------------------------------------------
+
+fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
+    let ord = g.ns_table.len() as u32;
+    g.ns_table.push(NsEntry { id, layout });
+    g.namespaces.insert(id, ord);
+    ord
+}
 
 fn ns_ord(g: &Inner, ns: NamespaceId) -> Result<u32, StoreError> {
     g.namespaces
@@ -1351,7 +2128,10 @@ fn check_block(
     len: u64,
     f: &dyn Fn(&str) -> String,
 ) -> Result<(), StoreError> {
-    let layout = &g.ns_table[ns as usize].layout;
+    let e = &g.ns_table[ns as usize];
+    let Some(layout) = &e.layout else {
+        return Err(StoreError::LayoutNotRegistered(e.id));
+    };
     layout
         .check_block_len(len)
         .map_err(|r| FieldError::new(f("length"), r))?;
@@ -1386,12 +2166,11 @@ fn lease_checked(
     Ok(l)
 }
 
-/// Tells the block's tier policy its current state.
+/// Tells DRAM's eviction policy the block's current state.
 fn refresh(g: &mut Inner, id: BlockId) {
     let m = g.index.get(id);
-    let c = (!m.is_doomed()).then(|| candidate(m));
-    let t = m.tier.index();
-    let tracked = g.tiers[t].policy.update(id, c);
+    let c = (m.in_dram() && !m.is_doomed()).then(|| candidate(m));
+    let tracked = g.policy.update(id, c);
     let m = g.index.get_mut(id);
     if tracked {
         m.flags |= FLAG_TRACKED;
@@ -1400,13 +2179,14 @@ fn refresh(g: &mut Inner, id: BlockId) {
     }
 }
 
-/// Marks an access: a new, unique tick.
+/// Marks an access: a new, unique tick, and the hit flag.
 fn touch(g: &mut Inner, id: BlockId) -> TierKind {
     g.tick += 1;
     let tick = g.tick;
     let m = g.index.get_mut(id);
     m.tick = tick;
-    let tier = m.tier;
+    m.flags |= FLAG_HIT;
+    let tier = m.tier();
     // A new tick alone never makes a block a candidate (see EvictionPolicy).
     if m.flags & FLAG_TRACKED != 0 {
         refresh(g, id);
@@ -1414,18 +2194,20 @@ fn touch(g: &mut Inner, id: BlockId) -> TierKind {
     tier
 }
 
+// Pinned blocks are counted in DRAM's book whatever tier they are in: a
+// pinned block is about to be read through DRAM.
 fn pin(g: &mut Inner, granule: u64, id: BlockId) {
     let m = g.index.get_mut(id);
     m.pins += 1;
     if m.pins == 1 {
-        let (t, len) = (m.tier.index(), m.len as u64);
-        g.tiers[t].pinned_blocks += 1;
-        g.tiers[t].pinned_bytes += len.div_ceil(granule) * granule;
+        let len = m.len as u64;
+        g.tiers[DRAM].pinned_blocks += 1;
+        g.tiers[DRAM].pinned_bytes += len.div_ceil(granule) * granule;
         refresh(g, id);
     }
 }
 
-fn unpin(g: &mut Inner, granule: u64, r: BlockRef, dram: &DramTier) {
+fn unpin(g: &mut Inner, s: &Store, r: BlockRef) {
     let Some(m) = g.index.resolve_mut(r) else {
         return;
     };
@@ -1433,11 +2215,12 @@ fn unpin(g: &mut Inner, granule: u64, r: BlockRef, dram: &DramTier) {
     if m.pins > 0 {
         return;
     }
-    let (t, len, doomed) = (m.tier.index(), m.len as u64, m.is_doomed());
-    g.tiers[t].pinned_blocks -= 1;
-    g.tiers[t].pinned_bytes -= len.div_ceil(granule) * granule;
-    if doomed {
-        remove_block(g, dram, r.id);
+    let (len, doomed, busy) = (m.len as u64, m.is_doomed(), m.busy());
+    let b = &mut g.tiers[DRAM];
+    b.pinned_blocks -= 1;
+    b.pinned_bytes -= len.div_ceil(s.granule) * s.granule;
+    if doomed && !busy {
+        remove_block(g, s, r.id);
     } else {
         refresh(g, r.id);
     }
@@ -1445,29 +2228,98 @@ fn unpin(g: &mut Inner, granule: u64, r: BlockRef, dram: &DramTier) {
 
 fn free_pending(g: &mut Inner, dram: &DramTier, p: &Pending) {
     dram.free(p.addr, p.rounded);
-    let b = &mut g.tiers[p.tier.index()];
+    let b = &mut g.tiers[DRAM];
     b.used -= p.rounded;
     b.reserved_bytes -= p.rounded;
 }
 
-/// Removes an unpinned block (or a doomed one whose last pin went) and frees
-/// its space; its parent may become evictable.
-fn remove_block(g: &mut Inner, dram: &DramTier, id: BlockId) {
-    let m = g.index.remove(id);
-    debug_assert_eq!(m.pins, 0, "removing a pinned block");
-    let t = m.tier.index();
-    g.tiers[t].policy.update(id, None);
-    let rounded = dram.rounded(m.len as u64);
-    dram.free(m.addr, rounded);
-    let b = &mut g.tiers[t];
-    b.used -= rounded;
-    b.blocks -= 1;
-    if let Some(p) = g.index.resolve_mut(m.parent) {
-        p.children[t] -= 1;
-        if p.children[t] == 0 && p.tier.index() == t {
-            refresh(g, m.parent.id);
+/// Gives a block its DRAM copy at `addr` and counts its space in `used`
+/// (the caller took the extent from the allocator without counting it).
+fn add_dram(g: &mut Inner, granule: u64, id: BlockId, addr: u64) {
+    let m = g.index.get_mut(id);
+    debug_assert!(!m.in_dram());
+    m.flags |= FLAG_DRAM;
+    m.dram_addr = addr;
+    let (len, parent) = (m.len as u64, m.parent);
+    g.tiers[DRAM].used += len.div_ceil(granule) * granule;
+    g.tiers[DRAM].blocks += 1;
+    if let Some(p) = g.index.resolve_mut(parent) {
+        p.dram_children += 1;
+        // It may have stopped being a candidate (prefix-LRU).
+        refresh(g, parent.id);
+    }
+    refresh(g, id);
+}
+
+/// Frees a block's DRAM copy (it keeps its NVMe copy).
+fn drop_dram(g: &mut Inner, granule: u64, dram: &DramTier, id: BlockId) {
+    let m = g.index.get_mut(id);
+    debug_assert!(m.in_dram() && m.on_nvme());
+    m.flags &= !FLAG_DRAM;
+    let (len, addr, parent) = (m.len as u64, m.dram_addr, m.parent);
+    let rounded = len.div_ceil(granule) * granule;
+    dram.free(addr, rounded);
+    g.tiers[DRAM].used -= rounded;
+    g.tiers[DRAM].blocks -= 1;
+    refresh(g, id);
+    if let Some(p) = g.index.resolve_mut(parent) {
+        p.dram_children -= 1;
+        if p.dram_children == 0 {
+            refresh(g, parent.id);
         }
     }
+}
+
+fn add_nvme(g: &mut Inner, id: BlockId, loc: Loc, seq: u64) {
+    let m = g.index.get_mut(id);
+    m.flags |= FLAG_NVME;
+    m.nvme_loc = loc.0;
+    m.seq = seq;
+    g.tiers[NVME].blocks += 1;
+}
+
+/// Forgets a block's NVMe copy without touching the tier (fenced tier).
+fn clear_nvme(g: &mut Inner, id: BlockId) {
+    let m = g.index.get_mut(id);
+    if m.on_nvme() {
+        m.flags &= !FLAG_NVME;
+        g.tiers[NVME].blocks -= 1;
+    }
+}
+
+/// Drops a block's NVMe copy (it keeps its DRAM copy, or is removed by the
+/// caller): the record's space counts as dead from now on.
+fn drop_nvme(g: &mut Inner, s: &Store, id: BlockId) {
+    let m = *g.index.get(id);
+    if !m.on_nvme() {
+        return;
+    }
+    if let Some(n) = &s.nvme {
+        n.release(Loc(m.nvme_loc), m.len);
+    }
+    clear_nvme(g, id);
+}
+
+/// Removes a block that is neither pinned nor busy (or a doomed one whose
+/// last pin went) with all its copies; its parent may become evictable.
+fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
+    let m = *g.index.get(id);
+    debug_assert!(m.pins == 0 && !m.busy(), "removing a pinned or busy block");
+    if m.in_dram() {
+        let rounded = s.rounded(m.len as u64);
+        s.dram.free(m.dram_addr, rounded);
+        g.tiers[DRAM].used -= rounded;
+        g.tiers[DRAM].blocks -= 1;
+        if let Some(p) = g.index.resolve_mut(m.parent) {
+            p.dram_children -= 1;
+            if p.dram_children == 0 {
+                refresh(g, m.parent.id);
+            }
+        }
+    }
+    drop_nvme(g, s, id);
+    g.policy.update(id, None);
+    g.index.remove(id);
 }
 
 #[cfg(test)]

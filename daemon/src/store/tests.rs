@@ -49,6 +49,7 @@ fn fixture(capacity_blocks: u64, tokens: u32, cfg: StoreConfig) -> Fixture {
     let store = Arc::new(Store::new(
         cfg,
         dram,
+        None,
         granule,
         clock.clone(),
         StoreMetrics::new(&Registry::new()),
@@ -91,10 +92,10 @@ impl Fixture {
             .store
             .reserve(self.ns, k, parent, data.len() as u64, checksum, 0)?
         {
-            Reserve::Present => Ok(PutResult::AlreadyPresent),
+            Reserve::Present(_) => Ok(PutResult::AlreadyPresent),
             Reserve::Slot(mut slot) => {
                 slot.bytes_mut().copy_from_slice(data);
-                self.store.publish(slot, checksum)
+                self.store.publish(slot, checksum).map(|(r, _)| r)
             }
         }
     }
@@ -111,14 +112,14 @@ impl Fixture {
     }
 
     fn get(&self, keys: &[BlockKey], lease: Option<LeaseId>) -> Result<Vec<Vec<u8>>, StoreError> {
-        let guard = self.store.pin_for_read(&GetReq {
+        let guard = Arc::new(self.store.pin_for_read(&GetReq {
             namespace: self.ns,
             keys: keys.to_vec(),
             lease,
-        })?;
+        })?);
         let mut out = vec![];
-        for (i, b) in guard.blocks.iter().enumerate() {
-            out.push(self.store.read_block(b, i)?.to_vec());
+        for i in 0..guard.blocks.len() {
+            out.push(guard.dram_bytes(i).expect("in DRAM")?.to_vec());
         }
         Ok(out)
     }
@@ -191,8 +192,8 @@ fn idempotent_put_and_conflict() {
     };
     a.bytes_mut().copy_from_slice(&data);
     b.bytes_mut().copy_from_slice(&data);
-    assert_eq!(f.store.publish(a, c).unwrap(), PutResult::Stored);
-    assert_eq!(f.store.publish(b, c).unwrap(), PutResult::AlreadyPresent);
+    assert_eq!(f.store.publish(a, c).unwrap().0, PutResult::Stored);
+    assert_eq!(f.store.publish(b, c).unwrap().0, PutResult::AlreadyPresent);
     f.store.check_invariants();
     assert_eq!(f.store.stats().tiers[0].used, 2 * 64);
 

@@ -1,6 +1,803 @@
 //! The NVMe tier: log-structured segment files under the data directory,
 //! written and read with O_DIRECT through an I/O engine (io_uring, or psync
 //! where io_uring is unavailable).
+//!
+//! This is the physical side: it appends records, reads them back and
+//! checks them, scans segments at start, deletes segments it is told to
+//! reclaim, and counts space and errors. Which block goes where, what to
+//! reclaim and what a record means for the index is the store's business.
+//!
+//! Invariants:
+//! * the bytes of all segment files (created, or found at start, including
+//!   ones refused for an unknown format) never exceed the configured cap: a
+//!   new segment is created only if it fits;
+//! * records are appended at increasing offsets of the active segment;
+//!   several writes may be in flight; a segment is reclaimable only once
+//!   sealed with no write in flight;
+//! * every record read is checked (header, segment id, key, length and
+//!   payload checksum) before its bytes are handed out;
+//! * after `fence_after_errors` I/O errors the tier is fenced: every later
+//!   operation fails fast with [`NvmeError::Fenced`].
 
 pub mod buf;
 pub mod engine;
+pub mod format;
+pub mod psync;
+pub mod uring;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{Mode, OFlags};
+use strata_proto::{BlockKey, NamespaceId};
+
+use buf::{ALIGN, BufPool, IoBuf};
+use engine::{EngineKind, IoEngine, IoFile};
+use format::{
+    BadSegment, NotARecord, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN,
+    SegmentHeader, record_span,
+};
+
+#[derive(Debug, Clone)]
+pub struct NvmeConfig {
+    pub dir: PathBuf,
+    /// Cap on the bytes of all segment files.
+    pub capacity_bytes: u64,
+    pub segment_bytes: u64,
+    pub engine: EngineKind,
+    pub queue_depth: u32,
+    /// Size and number of pooled I/O buffers; a record larger than a buffer
+    /// uses a standalone one.
+    pub io_buffer_bytes: usize,
+    pub io_buffers: usize,
+    pub fence_after_errors: u32,
+    /// fdatasync after every write (durable across power loss, not only
+    /// across a daemon crash).
+    pub sync_writes: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NvmeError {
+    #[error("nvme tier is fenced after {0} I/O errors")]
+    Fenced(u32),
+    #[error("nvme tier is full ({0} bytes of segments, the cap)")]
+    Full(u64),
+    #[error("filesystem out of space: {0}")]
+    DiskFull(io::Error),
+    #[error("I/O error: {0}")]
+    Io(io::Error),
+    /// The bytes read are not the record expected: a miss.
+    #[error("record check failed: {0}")]
+    Corrupt(String),
+    #[error("record of {0} bytes is larger than a segment")]
+    TooLarge(usize),
+}
+
+impl NvmeError {
+    fn from_io(e: io::Error) -> NvmeError {
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            NvmeError::DiskFull(e)
+        } else {
+            NvmeError::Io(e)
+        }
+    }
+}
+
+/// Where a record lives: segment slot and offset. Valid while the slot's
+/// segment is not reclaimed; resolve it to a file under the store's lock
+/// (see [`NvmeTier::file_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc(pub u64);
+
+const SLOT_SHIFT: u32 = 40;
+
+impl Loc {
+    fn new(slot: u32, offset: u64) -> Loc {
+        debug_assert!(offset.is_multiple_of(ALIGN as u64) && (offset >> 12) < (1 << SLOT_SHIFT));
+        Loc(((slot as u64) << SLOT_SHIFT) | (offset >> 12))
+    }
+    /// The location of `offset` in the segment at `slot`.
+    pub fn new_at(slot: u32, offset: u64) -> Loc {
+        Loc::new(slot, offset)
+    }
+    pub fn slot(self) -> u32 {
+        (self.0 >> SLOT_SHIFT) as u32
+    }
+    pub fn offset(self) -> u64 {
+        (self.0 & ((1 << SLOT_SHIFT) - 1)) << 12
+    }
+}
+
+/// A record's identity as the store knows it: what a read must find.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect {
+    pub namespace: NamespaceId,
+    pub key: BlockKey,
+    pub len: u32,
+    pub checksum: u64,
+}
+
+/// A file handle and segment id resolved under the store's lock.
+#[derive(Debug, Clone)]
+pub struct SegFile {
+    file: IoFile,
+    id: u64,
+}
+
+struct Segment {
+    id: u64,
+    file: IoFile,
+    size: u64,
+    /// Next append offset.
+    cursor: u64,
+    writes_in_flight: u32,
+    sealed: bool,
+    live_bytes: u64,
+    live_records: u64,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Option<Segment>>,
+    free_slots: Vec<u32>,
+    active: Option<u32>,
+    next_id: u64,
+    /// Bytes of all segment files, including refused ones.
+    allocated: u64,
+    refused_bytes: u64,
+    io_errors: u32,
+    fenced: bool,
+    /// After ENOSPC, creation is not retried before this instant.
+    disk_full_until: Option<Instant>,
+}
+
+/// A segment as the reclaimer sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentInfo {
+    pub slot: u32,
+    pub id: u64,
+    pub size: u64,
+    pub live_bytes: u64,
+    pub live_records: u64,
+    pub reclaimable: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NvmeStats {
+    pub capacity: u64,
+    pub allocated: u64,
+    pub live_bytes: u64,
+    pub segments: u64,
+    pub refused_segments_bytes: u64,
+    pub io_errors: u32,
+    pub fenced: bool,
+    pub engine: &'static str,
+}
+
+/// One valid record found by a scan.
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    pub header: RecordHeader,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScanStats {
+    pub segments: u64,
+    pub records: u64,
+    pub tombstones: u64,
+    pub bytes: u64,
+    /// Positions that held a damaged or torn record.
+    pub torn: u64,
+    /// Segments left untouched because of an unknown format version.
+    pub refused_segments: u64,
+}
+
+pub struct NvmeTier {
+    cfg: NvmeConfig,
+    engine: Arc<dyn IoEngine>,
+    pool: Arc<BufPool>,
+    state: Mutex<State>,
+    /// Serialises segment creation (an async step).
+    create: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for NvmeTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmeTier")
+            .field("dir", &self.cfg.dir)
+            .finish()
+    }
+}
+
+fn open_direct(path: &Path, flags: OFlags) -> io::Result<std::os::fd::OwnedFd> {
+    rustix::fs::open(
+        path,
+        flags | OFlags::DIRECT | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(io::Error::from)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl NvmeTier {
+    /// Opens the tier on `cfg.dir` with `engine`: lists the segment files,
+    /// checks their headers, and refuses (keeps, never touches) segments of
+    /// an unknown format. Records are read by [`scan`](Self::scan).
+    pub fn open(
+        cfg: NvmeConfig,
+        engine: Arc<dyn IoEngine>,
+        pool: Arc<BufPool>,
+    ) -> io::Result<(Arc<NvmeTier>, ScanStats)> {
+        std::fs::create_dir_all(&cfg.dir)?;
+        let mut found: Vec<(u64, PathBuf, u64)> = Vec::new();
+        for entry in std::fs::read_dir(&cfg.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(format::parse_segment_file_name) else {
+                continue;
+            };
+            let size = entry.metadata()?.len();
+            found.push((id, entry.path(), size));
+        }
+        found.sort();
+        let mut st = State::default();
+        let mut stats = ScanStats::default();
+        let mut header = IoBuf::alloc(SEGMENT_HEADER_LEN);
+        for (id, path, size) in &found {
+            st.next_id = st.next_id.max(id + 1);
+            st.allocated += size;
+            let fd = match open_direct(path, OFlags::RDWR) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open segment; leaving it untouched");
+                    st.refused_bytes += size;
+                    stats.refused_segments += 1;
+                    continue;
+                }
+            };
+            // A synchronous read: start-up only, one page per segment.
+            header.set_len(SEGMENT_HEADER_LEN);
+            let got = rustix::io::pread(&fd, &mut header[..], 0).map_err(io::Error::from)?;
+            match SegmentHeader::decode(&header[..got]) {
+                Ok(h) if h.id == *id => {
+                    st.slots.push(Some(Segment {
+                        id: *id,
+                        file: IoFile::new(fd, *id),
+                        size: *size,
+                        cursor: *size,
+                        writes_in_flight: 0,
+                        sealed: true,
+                        live_bytes: 0,
+                        live_records: 0,
+                    }));
+                }
+                Err(BadSegment::UnknownVersion(v)) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        version = v,
+                        supported = format::FORMAT_VERSION,
+                        "segment has a format version this stratad does not read (written by a newer release?); leaving it untouched; its space counts against the cap"
+                    );
+                    st.refused_bytes += size;
+                    stats.refused_segments += 1;
+                }
+                other => {
+                    // A segment whose header never made it to disk (crash
+                    // during creation) holds nothing: remove it.
+                    tracing::warn!(path = %path.display(), result = ?other.map(|h| h.id), "segment without a valid header; removing it");
+                    drop(fd);
+                    std::fs::remove_file(path)?;
+                    st.allocated -= size;
+                }
+            }
+        }
+        let tier = Arc::new(NvmeTier {
+            cfg,
+            engine,
+            pool,
+            state: Mutex::new(st),
+            create: tokio::sync::Mutex::new(()),
+        });
+        Ok((tier, stats))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("nvme tier state poisoned")
+    }
+
+    pub fn config(&self) -> &NvmeConfig {
+        &self.cfg
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.lock().fenced
+    }
+
+    /// Counts an I/O error; returns true if this one fenced the tier.
+    fn note_error(&self, e: &NvmeError) -> bool {
+        if !matches!(e, NvmeError::Io(_)) {
+            return false;
+        }
+        let mut st = self.lock();
+        st.io_errors += 1;
+        if !st.fenced && st.io_errors >= self.cfg.fence_after_errors {
+            st.fenced = true;
+            tracing::error!(errors = st.io_errors, dir = %self.cfg.dir.display(), "nvme tier fenced after repeated I/O errors; serving from the other tiers");
+            return true;
+        }
+        false
+    }
+
+    fn check_fenced(&self) -> Result<(), NvmeError> {
+        let st = self.lock();
+        if st.fenced {
+            Err(NvmeError::Fenced(st.io_errors))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Scans every segment (in id order), calling `visit` for each valid
+    /// record; damaged positions are skipped and counted, and the walk goes
+    /// on past them (a write after a torn one may have completed).
+    pub async fn scan(
+        &self,
+        visit: &mut (dyn FnMut(Scanned) + Send),
+        progress: &mut (dyn FnMut(&ScanStats) + Send),
+    ) -> ScanStats {
+        let slots: Vec<(u32, u64)> = {
+            let st = self.lock();
+            st.slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s.id)))
+                .collect()
+        };
+        let mut stats = ScanStats::default();
+        for (slot, _) in slots {
+            self.scan_segment(slot, visit, &mut stats).await;
+            stats.segments += 1;
+            progress(&stats);
+        }
+        stats
+    }
+
+    /// Reads one segment sequentially in large chunks.
+    pub async fn scan_segment(
+        &self,
+        slot: u32,
+        visit: &mut (dyn FnMut(Scanned) + Send),
+        stats: &mut ScanStats,
+    ) {
+        const CHUNK: usize = 8 << 20;
+        let (file, id, end) = {
+            let st = self.lock();
+            let Some(s) = st.slots.get(slot as usize).and_then(|s| s.as_ref()) else {
+                return;
+            };
+            (s.file.clone(), s.id, s.cursor)
+        };
+        // Chunks overlap by the largest record so that a record straddling
+        // a chunk boundary is seen whole in the next chunk.
+        let mut window: Vec<u8> = Vec::new();
+        let mut window_start = SEGMENT_HEADER_LEN as u64;
+        let mut pos = SEGMENT_HEADER_LEN as u64;
+        let mut next_read = SEGMENT_HEADER_LEN as u64;
+        let mut buf = IoBuf::alloc(CHUNK);
+        let mut eof = false;
+        while pos < end {
+            // Keep at least one whole record (up to a segment) in the window.
+            let need = (pos - window_start) as usize + RECORD_HEADER_LEN;
+            while !eof && window.len() < need.max(CHUNK / 2) && next_read < end {
+                let len = CHUNK
+                    .min((end - next_read) as usize)
+                    .next_multiple_of(ALIGN);
+                buf.set_len(len);
+                let (b, r) = self.engine.read(&file, next_read, buf).await;
+                buf = b;
+                match r {
+                    Ok(0) => eof = true,
+                    Ok(n) => {
+                        window.extend_from_slice(&buf[..n]);
+                        next_read += n as u64;
+                        stats.bytes += n as u64;
+                        if n < len {
+                            eof = true;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(segment = id, offset = next_read, error = %e, "reading segment during scan");
+                        self.note_error(&NvmeError::Io(e));
+                        eof = true;
+                    }
+                }
+            }
+            let rel = (pos - window_start) as usize;
+            if rel + RECORD_HEADER_LEN > window.len() {
+                break; // truncated file: nothing more to read
+            }
+            match RecordHeader::decode(&window[rel..], id) {
+                Ok(h) => {
+                    let span = record_span(h.len as usize);
+                    // Make sure the whole record is in the window.
+                    while !eof && rel + span > window.len() && next_read < end {
+                        let len = CHUNK
+                            .min((end - next_read) as usize)
+                            .next_multiple_of(ALIGN);
+                        buf.set_len(len);
+                        let (b, r) = self.engine.read(&file, next_read, buf).await;
+                        buf = b;
+                        match r {
+                            Ok(n) if n > 0 => {
+                                window.extend_from_slice(&buf[..n]);
+                                next_read += n as u64;
+                                stats.bytes += n as u64;
+                                if n < len {
+                                    eof = true;
+                                }
+                            }
+                            Ok(_) => eof = true,
+                            Err(e) => {
+                                self.note_error(&NvmeError::Io(e));
+                                eof = true;
+                            }
+                        }
+                    }
+                    let whole = rel + RECORD_HEADER_LEN + h.len as usize <= window.len();
+                    let ok = whole
+                        && (h.kind == RecordKind::Tombstone
+                            || strata_proto::checksum(
+                                &window[rel + RECORD_HEADER_LEN
+                                    ..rel + RECORD_HEADER_LEN + h.len as usize],
+                            ) == h.checksum);
+                    if ok {
+                        if h.kind == RecordKind::Tombstone {
+                            stats.tombstones += 1;
+                        } else {
+                            stats.records += 1;
+                        }
+                        visit(Scanned {
+                            header: h,
+                            loc: Loc::new(slot, pos),
+                        });
+                        pos += span as u64;
+                    } else {
+                        stats.torn += 1;
+                        pos += ALIGN as u64;
+                    }
+                }
+                Err(NotARecord::Empty) => pos += ALIGN as u64,
+                Err(NotARecord::UnknownVersion(v)) => {
+                    tracing::error!(
+                        segment = id,
+                        offset = pos,
+                        version = v,
+                        "record of an unknown format version; skipping it, never misreading it"
+                    );
+                    stats.torn += 1;
+                    pos += ALIGN as u64;
+                }
+                Err(_) => {
+                    stats.torn += 1;
+                    pos += ALIGN as u64;
+                }
+            }
+            // Drop what lies behind `pos`.
+            let consumed = ((pos - window_start) as usize).min(window.len());
+            if consumed >= CHUNK {
+                window.drain(..consumed);
+                window_start += consumed as u64;
+            }
+        }
+    }
+
+    /// Accounts a record found by the scan (or written) as live.
+    pub fn add_live(&self, loc: Loc, len: u32) {
+        let mut st = self.lock();
+        if let Some(Some(s)) = st.slots.get_mut(loc.slot() as usize) {
+            s.live_bytes += record_span(len as usize) as u64;
+            s.live_records += 1;
+        }
+    }
+
+    /// A record stopped being live (superseded, deleted, dropped).
+    pub fn release(&self, loc: Loc, len: u32) {
+        let mut st = self.lock();
+        if let Some(Some(s)) = st.slots.get_mut(loc.slot() as usize) {
+            s.live_bytes = s
+                .live_bytes
+                .saturating_sub(record_span(len as usize) as u64);
+            s.live_records = s.live_records.saturating_sub(1);
+        }
+    }
+
+    /// The file of a location, resolved under the caller's lock so that the
+    /// segment cannot be reclaimed (and its slot reused) in between.
+    pub fn file_of(&self, loc: Loc) -> Option<SegFile> {
+        let st = self.lock();
+        st.slots
+            .get(loc.slot() as usize)?
+            .as_ref()
+            .map(|s| SegFile {
+                file: s.file.clone(),
+                id: s.id,
+            })
+    }
+
+    /// Appends a record. `payload` is copied into an aligned buffer.
+    pub async fn append(&self, mut header: RecordHeader, payload: &[u8]) -> Result<Loc, NvmeError> {
+        self.check_fenced()?;
+        let span = record_span(payload.len());
+        if span as u64 > self.cfg.segment_bytes - SEGMENT_HEADER_LEN as u64 {
+            return Err(NvmeError::TooLarge(payload.len()));
+        }
+        let mut buf = if span <= self.pool.buf_bytes() {
+            self.pool.get().await
+        } else {
+            IoBuf::alloc(span)
+        };
+        buf.set_len(span);
+        let (slot, offset, file, id) = self.reserve(span as u64).await?;
+        header.segment = id;
+        header.len = payload.len() as u32;
+        header.encode(&mut buf[..RECORD_HEADER_LEN]);
+        buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
+        buf[RECORD_HEADER_LEN + payload.len()..].fill(0);
+        let (buf, r) = self.engine.write(&file, offset, buf).await;
+        drop(buf);
+        let r = match r {
+            Ok(_) if self.cfg.sync_writes => self.engine.sync(&file).await.map(|_| span),
+            other => other,
+        };
+        let mut st = self.lock();
+        if let Some(Some(s)) = st.slots.get_mut(slot as usize) {
+            s.writes_in_flight -= 1;
+        }
+        drop(st);
+        match r {
+            Ok(_) => {
+                let loc = Loc::new(slot, offset);
+                self.add_live(loc, payload.len() as u32);
+                Ok(loc)
+            }
+            Err(e) => {
+                let e = NvmeError::from_io(e);
+                self.note_error(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes `span` bytes in the active segment, creating one if needed.
+    async fn reserve(&self, span: u64) -> Result<(u32, u64, IoFile, u64), NvmeError> {
+        loop {
+            {
+                let mut st = self.lock();
+                if st.fenced {
+                    return Err(NvmeError::Fenced(st.io_errors));
+                }
+                if let Some(a) = st.active
+                    && let Some(Some(s)) = st.slots.get_mut(a as usize)
+                    && s.cursor + span <= s.size
+                {
+                    let off = s.cursor;
+                    s.cursor += span;
+                    s.writes_in_flight += 1;
+                    return Ok((a, off, s.file.clone(), s.id));
+                }
+            }
+            let _creating = self.create.lock().await;
+            {
+                // Someone else may have made room while we waited.
+                let st = self.lock();
+                if let Some(a) = st.active
+                    && let Some(Some(s)) = st.slots.get(a as usize)
+                    && s.cursor + span <= s.size
+                {
+                    continue;
+                }
+            }
+            self.new_segment().await?;
+        }
+    }
+
+    async fn new_segment(&self) -> Result<(), NvmeError> {
+        let (id, path) = {
+            let mut st = self.lock();
+            if let Some(t) = st.disk_full_until
+                && Instant::now() < t
+            {
+                return Err(NvmeError::DiskFull(io::Error::from_raw_os_error(
+                    libc::ENOSPC,
+                )));
+            }
+            if st.allocated + self.cfg.segment_bytes > self.cfg.capacity_bytes {
+                return Err(NvmeError::Full(st.allocated));
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            st.allocated += self.cfg.segment_bytes;
+            (id, self.cfg.dir.join(format::segment_file_name(id)))
+        };
+        let created = self.create_file(id, &path).await;
+        let mut st = self.lock();
+        match created {
+            Ok(file) => {
+                if let Some(a) = st.active
+                    && let Some(Some(s)) = st.slots.get_mut(a as usize)
+                {
+                    s.sealed = true;
+                }
+                let seg = Segment {
+                    id,
+                    file,
+                    size: self.cfg.segment_bytes,
+                    cursor: SEGMENT_HEADER_LEN as u64,
+                    writes_in_flight: 0,
+                    sealed: false,
+                    live_bytes: 0,
+                    live_records: 0,
+                };
+                let slot = match st.free_slots.pop() {
+                    Some(s) => {
+                        st.slots[s as usize] = Some(seg);
+                        s
+                    }
+                    None => {
+                        st.slots.push(Some(seg));
+                        (st.slots.len() - 1) as u32
+                    }
+                };
+                st.active = Some(slot);
+                Ok(())
+            }
+            Err(e) => {
+                st.allocated -= self.cfg.segment_bytes;
+                let _ = std::fs::remove_file(&path);
+                if let NvmeError::DiskFull(_) = e {
+                    st.disk_full_until = Some(Instant::now() + Duration::from_secs(5));
+                    tracing::warn!(dir = %self.cfg.dir.display(), "filesystem full: refusing writes to the nvme tier for 5 s");
+                }
+                drop(st);
+                self.note_error(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_file(&self, id: u64, path: &Path) -> Result<IoFile, NvmeError> {
+        let fd = open_direct(path, OFlags::CREATE | OFlags::EXCL | OFlags::RDWR)
+            .map_err(NvmeError::from_io)?;
+        match rustix::fs::fallocate(
+            &fd,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            self.cfg.segment_bytes,
+        ) {
+            Ok(()) => {}
+            // Filesystems without fallocate: the file grows as it is written.
+            Err(rustix::io::Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(NvmeError::from_io(e.into())),
+        }
+        let file = IoFile::new(fd, id);
+        let mut h = IoBuf::alloc(SEGMENT_HEADER_LEN);
+        SegmentHeader {
+            version: format::FORMAT_VERSION,
+            id,
+            created_unix_ms: now_ms(),
+        }
+        .encode(&mut h);
+        let (_, r) = self.engine.write(&file, 0, h).await;
+        r.map_err(NvmeError::from_io)?;
+        Ok(file)
+    }
+
+    /// Reads the record at `loc` from `seg` and checks it against `expect`;
+    /// returns a buffer holding header and payload (payload at
+    /// `RECORD_HEADER_LEN`).
+    pub async fn read(&self, seg: &SegFile, loc: Loc, expect: &Expect) -> Result<IoBuf, NvmeError> {
+        self.check_fenced()?;
+        let span = record_span(expect.len as usize);
+        let mut buf = if span <= self.pool.buf_bytes() {
+            self.pool.get().await
+        } else {
+            IoBuf::alloc(span)
+        };
+        buf.set_len(span);
+        let (buf, r) = self.engine.read(&seg.file, loc.offset(), buf).await;
+        match r {
+            Ok(n) if n >= RECORD_HEADER_LEN + expect.len as usize => {}
+            Ok(n) => {
+                return Err(NvmeError::Corrupt(format!(
+                    "short read: {n} of {span} bytes"
+                )));
+            }
+            Err(e) => {
+                let e = NvmeError::from_io(e);
+                self.note_error(&e);
+                return Err(e);
+            }
+        }
+        let h =
+            RecordHeader::decode(&buf, seg.id).map_err(|e| NvmeError::Corrupt(format!("{e:?}")))?;
+        if h.kind != RecordKind::Block
+            || h.namespace != expect.namespace
+            || h.key != expect.key
+            || h.len != expect.len
+            || h.checksum != expect.checksum
+        {
+            return Err(NvmeError::Corrupt(
+                "record is not the block expected".into(),
+            ));
+        }
+        let payload = &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.len as usize];
+        if strata_proto::checksum(payload) != expect.checksum {
+            return Err(NvmeError::Corrupt("payload checksum mismatch".into()));
+        }
+        Ok(buf)
+    }
+
+    /// Segments, for the reclaimer.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.as_ref().map(|s| SegmentInfo {
+                    slot: i as u32,
+                    id: s.id,
+                    size: s.size,
+                    live_bytes: s.live_bytes,
+                    live_records: s.live_records,
+                    reclaimable: s.sealed && s.writes_in_flight == 0 && Some(i as u32) != st.active,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a reclaimed segment and frees its space. The store has
+    /// already moved or dropped every live record in it.
+    pub fn delete_segment(&self, slot: u32) -> io::Result<()> {
+        let seg = {
+            let mut st = self.lock();
+            let Some(seg) = st.slots.get_mut(slot as usize).and_then(|s| s.take()) else {
+                return Ok(());
+            };
+            st.free_slots.push(slot);
+            st.allocated -= seg.size;
+            if st.active == Some(slot) {
+                st.active = None;
+            }
+            seg
+        };
+        std::fs::remove_file(self.cfg.dir.join(format::segment_file_name(seg.id)))
+    }
+
+    pub fn stats(&self) -> NvmeStats {
+        let st = self.lock();
+        NvmeStats {
+            capacity: self.cfg.capacity_bytes,
+            allocated: st.allocated,
+            live_bytes: st.slots.iter().flatten().map(|s| s.live_bytes).sum(),
+            segments: st.slots.iter().flatten().count() as u64,
+            refused_segments_bytes: st.refused_bytes,
+            io_errors: st.io_errors,
+            fenced: st.fenced,
+            engine: self.engine.name(),
+        }
+    }
+}

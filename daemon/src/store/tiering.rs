@@ -1,0 +1,296 @@
+//! The asynchronous moves between DRAM and NVMe: write-down of evicted
+//! blocks, write-through, promotion on read, tombstones, reclaim of
+//! segments, and recovery at start. Each move is planned under the store's
+//! lock (`Store::begin_*`, `plan_*`), done outside it, and ended under the
+//! lock (`finish_*`); nothing here decides policy.
+//!
+//! Durability: a block is durable (survives a daemon crash) once its NVMe
+//! record write has completed; with `tiers.nvme.sync_writes` the write is
+//! also followed by fdatasync (survives power loss). Under write-through a
+//! put is acknowledged only after that write, and the put response says so.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use strata_proto::{BlockKey, NamespaceId};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    PromoteFailure, PromoteJob, ReadGuard, ReclaimAction, ReclaimOrder, Store, StoreError, WriteJob,
+};
+use crate::tier::nvme::buf::IoBuf;
+use crate::tier::nvme::format::{RECORD_HEADER_LEN, RecordHeader, RecordKind};
+use crate::tier::nvme::{Expect, Loc, NvmeError, NvmeTier, ScanStats, Scanned};
+
+fn nvme(store: &Store) -> &Arc<NvmeTier> {
+    store.nvme().expect("tiering runs only with an NVMe tier")
+}
+
+/// Writes one planned job and ends it.
+async fn write(store: Arc<Store>, job: WriteJob) {
+    let n = nvme(&store).clone();
+    let r = n
+        .append(job.header, store.job_bytes(&job))
+        .await
+        .map_err(|e| e.to_string());
+    store.finish_write(&job, r);
+}
+
+/// The background task of a daemon with an NVMe tier: fences, write-down,
+/// reclaim. Runs until `stop`.
+pub async fn run(store: Arc<Store>, stop: CancellationToken) {
+    let mut writes = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = store.evict_wanted.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        while writes.try_join_next().is_some() {}
+        if nvme(&store).is_fenced() && store.on_nvme_fenced() {
+            tracing::error!(
+                "nvme tier fenced: its blocks are dropped from the index; DRAM keeps serving"
+            );
+        }
+        for job in store.plan_demotions(64) {
+            writes.spawn(write(store.clone(), job));
+        }
+        if let Err(e) = reclaim(&store).await {
+            tracing::warn!(error = %e, "segment reclaim failed");
+        }
+    }
+    // Let write-downs in flight finish: their blocks are busy until then.
+    while writes.join_next().await.is_some() {}
+}
+
+/// Write-through of a freshly published block; returns whether the block
+/// is durable afterwards.
+pub async fn persist(store: &Arc<Store>, r: super::BlockRef) -> bool {
+    if store.nvme().is_none_or(|n| n.is_fenced()) {
+        return false;
+    }
+    if let Some(job) = store.begin_persist(r) {
+        write(store.clone(), job).await;
+    }
+    store.is_durable(r)
+}
+
+/// Promotes blocks (pinned by the caller) from NVMe into DRAM; returns once
+/// every one has a DRAM copy or could not get one.
+pub async fn promote(store: &Arc<Store>, refs: &[super::BlockRef]) {
+    let jobs = refs.iter().map(|&r| promote_one(store, r));
+    futures_util::future::join_all(jobs).await;
+}
+
+async fn promote_one(store: &Arc<Store>, r: super::BlockRef) {
+    for _ in 0..1000 {
+        match store.begin_promotion(r) {
+            super::Promote::InDram | super::Promote::Gone => return,
+            super::Promote::InFlight => {
+                // Another read of the same record; it ends with a notify.
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), store.promotion_ended()).await;
+            }
+            super::Promote::Job(job) => {
+                let got = read(store, &job).await;
+                match &got {
+                    Ok(buf) => {
+                        let payload =
+                            &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + job.expect.len as usize];
+                        store.finish_promotion(&job, Ok(payload));
+                    }
+                    Err(f) => {
+                        store.finish_promotion(&job, Err(*f));
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn read(store: &Store, job: &PromoteJob) -> Result<IoBuf, PromoteFailure> {
+    match nvme(store).read(&job.seg, job.loc, &job.expect).await {
+        Ok(b) => Ok(b),
+        Err(NvmeError::Corrupt(why)) => {
+            tracing::warn!(key = %job.expect.key, why, "nvme record failed its check; treating it as a miss");
+            Err(PromoteFailure::Corrupt)
+        }
+        Err(e) => {
+            tracing::debug!(key = %job.expect.key, error = %e, "nvme read failed");
+            Err(PromoteFailure::Unavailable)
+        }
+    }
+}
+
+/// The bytes of block `i` of a Get: from DRAM, promoting first if needed;
+/// if DRAM has no room to stage it, straight from the verified NVMe read.
+pub async fn load(guard: &Arc<ReadGuard>, i: usize) -> Result<Bytes, StoreError> {
+    if let Some(r) = guard.dram_bytes(i) {
+        return r;
+    }
+    let store = guard.store().clone();
+    let b = guard.blocks[i].clone();
+    if store.nvme().is_some() {
+        promote(&store, &[b.r]).await;
+        if let Some(r) = guard.dram_bytes(i) {
+            return r;
+        }
+        // No DRAM to stage in (everything pinned): serve the read itself.
+        if let super::Promote::Job(job) = store.begin_promotion(b.r) {
+            let got = read(&store, &job).await;
+            store.finish_promotion(&job, Err(PromoteFailure::Unavailable));
+            if let Ok(buf) = got {
+                store.metrics().bytes_out[crate::store::NVME].increment(b.len);
+                return Ok(Bytes::from_owner(RecordBytes {
+                    buf,
+                    len: b.len as usize,
+                }));
+            }
+        }
+    }
+    Err(StoreError::Corrupt {
+        field: format!("keys[{i}]"),
+        key: b.key,
+        tier: "nvme",
+    })
+}
+
+/// A verified record's payload, as the owner of a `Bytes`.
+struct RecordBytes {
+    buf: IoBuf,
+    len: usize,
+}
+
+impl AsRef<[u8]> for RecordBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.len]
+    }
+}
+
+/// Writes tombstones for deleted blocks that had NVMe records, so that a
+/// restart does not bring them back. Best effort: a failure is logged.
+pub async fn write_tombstones(store: &Arc<Store>, deleted: &[(NamespaceId, BlockKey)]) {
+    let Some(n) = store.nvme() else { return };
+    for &(namespace, key) in deleted {
+        let header = RecordHeader {
+            kind: RecordKind::Tombstone,
+            namespace,
+            seq: store.next_seq(),
+            segment: 0,
+            key,
+            parent: None,
+            len: 0,
+            checksum: 0,
+        };
+        match n.append(header, &[]).await {
+            // Tombstones hold no live bytes.
+            Ok(loc) => n.release(loc, 0),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "writing a tombstone; the block may return after a restart")
+            }
+        }
+    }
+}
+
+/// Reclaims segments while the tier is above its high watermark.
+pub async fn reclaim(store: &Arc<Store>) -> Result<(), NvmeError> {
+    let n = nvme(store).clone();
+    let cfg = &store.config().nvme;
+    let cap = n.config().capacity_bytes;
+    let high = (cap as f64 * cfg.high_watermark) as u64;
+    let low = (cap as f64 * cfg.low_watermark) as u64;
+    if n.stats().allocated <= high || n.is_fenced() {
+        return Ok(());
+    }
+    while n.stats().allocated > low {
+        let segs = n.segments();
+        let oldest_id = segs.iter().map(|s| s.id).min();
+        let victim = segs
+            .iter()
+            .filter(|s| s.reclaimable)
+            .min_by_key(|s| match cfg.reclaim_order {
+                ReclaimOrder::Oldest => (s.id, 0),
+                ReclaimOrder::Emptiest => (s.live_bytes, s.id),
+            })
+            .copied();
+        let Some(v) = victim else { break };
+        reclaim_segment(store, &n, v.slot, Some(v.id) == oldest_id).await?;
+        store.metrics().segments_reclaimed.increment(1);
+    }
+    Ok(())
+}
+
+async fn reclaim_segment(
+    store: &Arc<Store>,
+    n: &Arc<NvmeTier>,
+    slot: u32,
+    oldest: bool,
+) -> Result<(), NvmeError> {
+    let seg = n
+        .file_of(Loc::new_at(slot, 0))
+        .ok_or_else(|| NvmeError::Corrupt("segment vanished".into()))?;
+    let mut copies: Vec<(Scanned, Option<super::BlockRef>)> = Vec::new();
+    let mut stats = ScanStats::default();
+    n.scan_segment(
+        slot,
+        &mut |s: Scanned| match store.reclaim_decision(&s.header, s.loc, oldest) {
+            ReclaimAction::Copy(r) => copies.push((s, Some(r))),
+            ReclaimAction::CopyTombstone => copies.push((s, None)),
+            ReclaimAction::Skip | ReclaimAction::Dropped => {}
+        },
+        &mut stats,
+    )
+    .await;
+    for (s, r) in copies {
+        let h = s.header;
+        match r {
+            None => {
+                // Same sequence number: a tombstone's meaning is its order.
+                if let Ok(loc) = n.append(h, &[]).await {
+                    n.release(loc, 0);
+                }
+            }
+            Some(r) => {
+                let expect = Expect {
+                    namespace: h.namespace,
+                    key: h.key,
+                    len: h.len,
+                    checksum: h.checksum,
+                };
+                let moved = match n.read(&seg, s.loc, &expect).await {
+                    Ok(buf) => n
+                        .append(
+                            h,
+                            &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.len as usize],
+                        )
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                store.finish_copy(r, s.loc, h.len, moved);
+            }
+        }
+    }
+    n.delete_segment(slot).map_err(NvmeError::Io)
+}
+
+/// Rebuilds the index from the NVMe segments. `progress` is called after
+/// each segment with the running totals.
+pub async fn recover(
+    store: &Arc<Store>,
+    progress: &mut (dyn FnMut(&ScanStats, Duration) + Send),
+) -> ScanStats {
+    let n = nvme(store).clone();
+    let started = Instant::now();
+    store.begin_recovery();
+    let stats = n
+        .scan(
+            &mut |s: Scanned| store.recover(&s),
+            &mut |st: &ScanStats| progress(st, started.elapsed()),
+        )
+        .await;
+    store.finish_recovery();
+    stats
+}
