@@ -2323,4 +2323,6 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
 }
 
 #[cfg(test)]
+mod nvme_tests;
+#[cfg(test)]
 mod tests;

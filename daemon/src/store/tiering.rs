@@ -37,6 +37,27 @@ async fn write(store: Arc<Store>, job: WriteJob) {
     store.finish_write(&job, r);
 }
 
+/// One round of background work, awaited to the end: fence handling,
+/// write-down of what DRAM must shed, reclaim. The daemon's task overlaps
+/// rounds; tests and the simulator call this to step deterministically.
+pub async fn step(store: &Arc<Store>) {
+    if nvme(store).is_fenced() && store.on_nvme_fenced() {
+        tracing::error!(
+            "nvme tier fenced: its blocks are dropped from the index; DRAM keeps serving"
+        );
+    }
+    loop {
+        let jobs = store.plan_demotions(64);
+        if jobs.is_empty() {
+            break;
+        }
+        futures_util::future::join_all(jobs.into_iter().map(|j| write(store.clone(), j))).await;
+    }
+    if let Err(e) = reclaim(store).await {
+        tracing::warn!(error = %e, "segment reclaim failed");
+    }
+}
+
 /// The background task of a daemon with an NVMe tier: fences, write-down,
 /// reclaim. Runs until `stop`.
 pub async fn run(store: Arc<Store>, stop: CancellationToken) {

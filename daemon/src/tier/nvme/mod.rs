@@ -21,6 +21,7 @@
 
 pub mod buf;
 pub mod engine;
+pub mod fault;
 pub mod format;
 pub mod psync;
 pub mod uring;

@@ -1,0 +1,603 @@
+//! The store with a real NVMe tier: segment files with O_DIRECT in a
+//! temporary directory, through both I/O engines (each test runs on psync
+//! and on io_uring; io_uring announces when the kernel refuses it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use strata_proto::convert::*;
+use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind};
+
+use super::*;
+use crate::metrics::{Registry, StoreMetrics};
+use crate::tier::nvme::buf::BufPool;
+use crate::tier::nvme::engine::{EngineKind, IoEngine, open_engine};
+use crate::tier::nvme::fault::{FaultPlan, FaultyEngine};
+use crate::tier::nvme::{NvmeConfig, NvmeTier};
+use crate::tier::{DramConfig, DramTier};
+
+/// 4 layers x 2 heads x 16 dim x f16 x K,V = 512 bytes per token; blocks of
+/// 8 tokens = 4 KiB, one NVMe record = 8 KiB on disk.
+fn layout() -> Layout {
+    Layout {
+        model_id: "nvme-test".into(),
+        dtype: Dtype::F16,
+        num_layers: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        tokens_per_block: 8,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+const BLOCK: u64 = 4096;
+
+fn key(c: u8, i: u8) -> BlockKey {
+    BlockKey::new(&[0xd0, c, i]).unwrap()
+}
+
+fn payload(k: &BlockKey) -> Vec<u8> {
+    let mut x = strata_proto::checksum(k.as_bytes()) | 1;
+    (0..BLOCK)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[derive(Clone)]
+struct Opts {
+    engine: EngineKind,
+    dram_blocks: u64,
+    segment_bytes: u64,
+    segments: u64,
+    policy: NvmePolicy,
+    faults: Option<FaultPlan>,
+}
+
+impl Opts {
+    fn new(engine: EngineKind) -> Opts {
+        Opts {
+            engine,
+            dram_blocks: 8,
+            segment_bytes: 1 << 20,
+            segments: 8,
+            policy: NvmePolicy::default(),
+            faults: None,
+        }
+    }
+}
+
+struct Fix {
+    store: Arc<Store>,
+    ns: NamespaceId,
+    faults: Option<FaultyEngine>,
+    dir: tempfile::TempDir,
+    opts: Opts,
+}
+
+fn engine(kind: EngineKind, pool: &Arc<BufPool>) -> Option<Arc<dyn IoEngine>> {
+    match open_engine(kind, 4, Some(pool)) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            eprintln!("SKIPPED: {kind:?} engine unavailable here: {e}");
+            None
+        }
+    }
+}
+
+async fn open(dir: tempfile::TempDir, opts: Opts) -> Option<Fix> {
+    let cfg = NvmeConfig {
+        dir: dir.path().join("nvme"),
+        capacity_bytes: opts.segment_bytes * opts.segments,
+        segment_bytes: opts.segment_bytes,
+        engine: opts.engine,
+        queue_depth: 4,
+        io_buffer_bytes: 64 << 10,
+        io_buffers: 8,
+        fence_after_errors: 3,
+        sync_writes: false,
+    };
+    let pool = BufPool::new(cfg.io_buffer_bytes, cfg.io_buffers);
+    let base = engine(opts.engine, &pool)?;
+    let (eng, faults): (Arc<dyn IoEngine>, _) = match &opts.faults {
+        Some(plan) => {
+            let f = FaultyEngine::new(base, 7, plan.clone());
+            (Arc::new(f.clone()), Some(f))
+        }
+        None => (base, None),
+    };
+    let (tier, _) = NvmeTier::open(cfg, eng, pool).unwrap();
+    let dram = DramTier::new(&DramConfig {
+        bytes: opts.dram_blocks * BLOCK,
+        granule_bytes: BLOCK,
+        prefault: false,
+    })
+    .unwrap();
+    let store_cfg = StoreConfig {
+        nvme: opts.policy.clone(),
+        ..StoreConfig::default()
+    };
+    let store = Arc::new(Store::new(
+        store_cfg,
+        dram,
+        Some(tier),
+        BLOCK,
+        Arc::new(SystemClock),
+        StoreMetrics::new(&Registry::new()),
+    ));
+    tiering::recover(&store, &mut |_, _| {}).await;
+    let (ns, _) = store.register_layout(layout());
+    Some(Fix {
+        store,
+        ns,
+        faults,
+        dir,
+        opts,
+    })
+}
+
+async fn fresh(opts: Opts) -> Option<Fix> {
+    open(tempfile::tempdir().unwrap(), opts).await
+}
+
+impl Fix {
+    /// Restarts on the same directory (a clean stop: nothing in flight).
+    async fn reopen(self, mut opts: Opts) -> Fix {
+        opts.engine = self.opts.engine;
+        let Fix { store, dir, .. } = self;
+        drop(store);
+        open(dir, opts)
+            .await
+            .expect("engine available the second time too")
+    }
+
+    fn put(
+        &self,
+        k: BlockKey,
+        parent: Option<BlockKey>,
+    ) -> Result<(PutResult, index::BlockRef), StoreError> {
+        let data = payload(&k);
+        let sum = strata_proto::checksum(&data);
+        match self.store.reserve(self.ns, k, parent, BLOCK, sum, 0)? {
+            Reserve::Present(r) => Ok((PutResult::AlreadyPresent, r)),
+            Reserve::Slot(mut s) => {
+                s.fill(&data);
+                self.store.publish(s, sum)
+            }
+        }
+    }
+
+    fn lookup(&self, keys: &[BlockKey]) -> LookupResult {
+        self.store
+            .lookup(&LookupReq {
+                namespace: self.ns,
+                keys: keys.to_vec(),
+                lease_ttl_ms: 0,
+                want_slots: false,
+            })
+            .unwrap()
+    }
+
+    /// A Get: every block through DRAM (promoted if needed), verified.
+    async fn get(&self, k: BlockKey) -> Result<Vec<u8>, StoreError> {
+        let guard = Arc::new(self.store.pin_for_read(&GetReq {
+            namespace: self.ns,
+            keys: vec![k],
+            lease: None,
+        })?);
+        tiering::load(&guard, 0).await.map(|b| b.to_vec())
+    }
+
+    fn tier(&self, k: BlockKey) -> Option<TierKind> {
+        self.store.tier_of(self.ns, &k)
+    }
+
+    fn segment_files(&self) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(self.dir.path().join("nvme"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.segment_files()
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    }
+}
+
+const ENGINES: [EngineKind; 2] = [EngineKind::Psync, EngineKind::IoUring];
+
+#[tokio::test]
+async fn evicted_blocks_go_down_and_come_back_byte_exact() {
+    for e in ENGINES {
+        let Some(f) = fresh(Opts::new(e)).await else {
+            continue;
+        };
+        // Chain A, looked up (so admitted), fills DRAM.
+        let a: Vec<_> = (0..8).map(|i| key(0xa, i)).collect();
+        for i in 0..8 {
+            f.put(a[i], (i > 0).then(|| a[i - 1])).unwrap();
+        }
+        assert_eq!(f.lookup(&a).hits, 8);
+        // DRAM is over its high watermark: the background writes down.
+        tiering::step(&f.store).await;
+        let on_nvme = a
+            .iter()
+            .filter(|k| f.tier(**k) == Some(TierKind::Nvme))
+            .count();
+        assert!(on_nvme >= 1, "{e:?}: nothing written down");
+        // More blocks push the rest of A out.
+        for i in 0..8 {
+            f.put(key(0xb, i), (i > 0).then(|| key(0xb, i - 1)))
+                .unwrap();
+            tiering::step(&f.store).await;
+        }
+        // Every block of A is still there (DRAM or NVMe), and reads back.
+        assert_eq!(f.lookup(&a).hits, 8, "{e:?}");
+        let nvme_only = a
+            .iter()
+            .filter(|k| f.tier(**k) == Some(TierKind::Nvme))
+            .count();
+        assert!(nvme_only >= 4, "{e:?}: {nvme_only} on NVMe");
+        for k in &a {
+            assert_eq!(f.get(*k).await.unwrap(), payload(k), "{e:?}");
+        }
+        // The Get promoted them.
+        assert!(a.iter().any(|k| f.tier(*k) == Some(TierKind::Dram)));
+        f.store.check_invariants();
+        let st = f.store.stats();
+        let nv = st
+            .tiers
+            .iter()
+            .find(|t| t.tier == Some(TierKind::Nvme))
+            .unwrap();
+        assert!(
+            nv.bytes_in >= 4 * BLOCK && nv.bytes_out >= 4 * BLOCK,
+            "{nv:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn admission_writes_down_hits_and_heads_only() {
+    for e in ENGINES {
+        let Some(f) = fresh(Opts::new(e)).await else {
+            continue;
+        };
+        // A chain never looked up: only its head is admitted.
+        let c: Vec<_> = (0..8).map(|i| key(0xc, i)).collect();
+        for i in 0..8 {
+            f.put(c[i], (i > 0).then(|| c[i - 1])).unwrap();
+        }
+        for i in 0..8 {
+            f.put(key(0xe, i), None).unwrap(); // heads: admitted when evicted
+            tiering::step(&f.store).await;
+        }
+        for k in &c[1..] {
+            assert!(
+                f.tier(*k) != Some(TierKind::Nvme),
+                "{e:?}: one-hit tail {k} written down"
+            );
+        }
+        f.store.check_invariants();
+    }
+}
+
+#[tokio::test]
+async fn restart_finds_what_was_written_down() {
+    for e in ENGINES {
+        let Some(f) = fresh(Opts::new(e)).await else {
+            continue;
+        };
+        let keys: Vec<_> = (0..16).map(|i| key(1, i)).collect();
+        for k in &keys {
+            f.put(*k, None).unwrap();
+            tiering::step(&f.store).await;
+        }
+        let durable: Vec<_> = keys
+            .iter()
+            .filter(|k| f.tier(**k) == Some(TierKind::Nvme))
+            .copied()
+            .collect();
+        assert!(durable.len() >= 8, "{e:?}");
+        let f = f.reopen(Opts::new(e)).await;
+        for k in &durable {
+            assert_eq!(
+                f.get(*k).await.unwrap(),
+                payload(k),
+                "{e:?}: {k} lost across restart"
+            );
+        }
+        f.store.check_invariants();
+    }
+}
+
+#[tokio::test]
+async fn write_through_is_durable_at_ack_and_tombstones_stick() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        let mut refs = vec![];
+        for i in 0..4 {
+            let (_, r) = f.put(key(2, i), None).unwrap();
+            assert!(tiering::persist(&f.store, r).await, "{e:?}: not durable");
+            refs.push(r);
+        }
+        // Delete one (writes a tombstone), put another twice (idempotent).
+        let d = f
+            .store
+            .delete(&DeleteReq {
+                namespace: f.ns,
+                keys: vec![key(2, 1)],
+            })
+            .unwrap();
+        assert_eq!(d.tombstones.len(), 1);
+        tiering::write_tombstones(&f.store, &d.tombstones).await;
+        let (res, r) = f.put(key(2, 3), None).unwrap();
+        assert_eq!(res, PutResult::AlreadyPresent);
+        assert!(f.store.is_durable(r));
+        // Put the deleted key again: newer than its tombstone.
+        let (_, r) = f.put(key(2, 1), None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        let d = f
+            .store
+            .delete(&DeleteReq {
+                namespace: f.ns,
+                keys: vec![key(2, 2)],
+            })
+            .unwrap();
+        tiering::write_tombstones(&f.store, &d.tombstones).await;
+        let f = f.reopen(o).await;
+        assert_eq!(f.get(key(2, 0)).await.unwrap(), payload(&key(2, 0)));
+        assert_eq!(
+            f.get(key(2, 1)).await.unwrap(),
+            payload(&key(2, 1)),
+            "{e:?}: re-put after delete lost"
+        );
+        assert!(
+            f.get(key(2, 2)).await.is_err(),
+            "{e:?}: deleted block came back"
+        );
+        assert_eq!(f.get(key(2, 3)).await.unwrap(), payload(&key(2, 3)));
+        f.store.check_invariants();
+    }
+}
+
+#[tokio::test]
+async fn reclaim_keeps_disk_within_the_cap_and_hot_blocks() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.segments = 4; // 4 MiB cap, 1 MiB segments, 8 KiB records: ~127 per segment
+        o.policy.write_through = true;
+        let Some(f) = fresh(o).await else { continue };
+        let cap = 4 << 20;
+        let hot = key(3, 0);
+        for i in 0..600u32 {
+            let k = BlockKey::new(&i.to_be_bytes()).unwrap();
+            let (_, r) = f.put(k, None).unwrap();
+            let durable = tiering::persist(&f.store, r).await;
+            // 600 records of 8 KiB are more than the cap: the late ones
+            // are durable only because reclaim made room.
+            assert!(
+                durable || i < 400,
+                "{e:?}: block {i} not durable; reclaim did not make room"
+            );
+            if i % 50 == 0 {
+                // Keep one block hot: looked up again and again.
+                let (_, hr) = f.put(hot, None).unwrap();
+                tiering::persist(&f.store, hr).await;
+                assert_eq!(f.lookup(&[hot]).hits, 1);
+            }
+            tiering::step(&f.store).await;
+            assert!(
+                f.disk_bytes() <= cap,
+                "{e:?}: {} bytes on disk over the cap",
+                f.disk_bytes()
+            );
+        }
+        assert_eq!(
+            f.get(hot).await.unwrap(),
+            payload(&hot),
+            "{e:?}: hot block lost"
+        );
+        f.store.check_invariants();
+    }
+}
+
+/// Flips one byte of the record of `k` on disk.
+fn corrupt_on_disk(dir: &Path, f: &Fix, k: BlockKey) {
+    let needle = payload(&k)[..64].to_vec();
+    for p in std::fs::read_dir(dir).unwrap() {
+        let p = p.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        if let Some(at) = bytes.windows(64).position(|w| w == needle.as_slice()) {
+            bytes[at + 10] ^= 0xff;
+            std::fs::write(&p, bytes).unwrap();
+            return;
+        }
+    }
+    let _ = f;
+    panic!("record of {k} not found on disk");
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_a_miss_counted_and_dropped() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        let k = key(4, 0);
+        let (_, r) = f.put(k, None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        // Restart so that the block is on NVMe only, then damage its record.
+        let f = f.reopen(o.clone()).await;
+        assert_eq!(f.tier(k), Some(TierKind::Nvme));
+        corrupt_on_disk(&f.dir.path().join("nvme"), &f, k);
+        let got = f.get(k).await;
+        assert!(got.is_err(), "{e:?}: served a corrupt block");
+        assert!(!f.store.contains(f.ns, &k), "{e:?}: a doubt must be a miss");
+        assert_eq!(f.store.stats().checksum_failures, 1);
+        f.store.check_invariants();
+    }
+}
+
+#[tokio::test]
+async fn unknown_format_and_truncated_segments() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        for i in 0..3 {
+            let (_, r) = f.put(key(5, i), None).unwrap();
+            assert!(tiering::persist(&f.store, r).await);
+        }
+        // A segment written by a newer format, with a valid header.
+        let alien = f
+            .dir
+            .path()
+            .join("nvme")
+            .join(crate::tier::nvme::format::segment_file_name(0xffff));
+        let mut h = vec![0u8; 4096];
+        crate::tier::nvme::format::SegmentHeader {
+            version: 2,
+            id: 0xffff,
+            created_unix_ms: 0,
+        }
+        .encode(&mut h);
+        h.extend_from_slice(&[7u8; 4096]);
+        std::fs::write(&alien, &h).unwrap();
+        // Cut the live segment in the middle of its third record.
+        let seg = f.segment_files().into_iter().find(|p| *p != alien).unwrap();
+        let third = 4096 + 2 * 8192 + 1000;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(third)
+            .unwrap();
+        let f = f.reopen(o).await;
+        assert_eq!(
+            f.get(key(5, 0)).await.unwrap(),
+            payload(&key(5, 0)),
+            "{e:?}"
+        );
+        assert_eq!(
+            f.get(key(5, 1)).await.unwrap(),
+            payload(&key(5, 1)),
+            "{e:?}"
+        );
+        assert!(
+            !f.store.contains(f.ns, &key(5, 2)),
+            "{e:?}: a cut record was served"
+        );
+        // The alien segment is untouched and its space counted.
+        assert_eq!(
+            std::fs::read(&alien).unwrap(),
+            h,
+            "{e:?}: refused segment modified"
+        );
+        assert!(f.store.nvme().unwrap().stats().refused_segments_bytes >= 8192);
+        // The daemon keeps storing.
+        let (_, r) = f.put(key(5, 9), None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        f.store.check_invariants();
+    }
+}
+
+#[tokio::test]
+async fn a_dying_device_is_fenced_and_dram_keeps_serving() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        o.faults = Some(FaultPlan::default());
+        let Some(f) = fresh(o).await else { continue };
+        let (_, r) = f.put(key(6, 0), None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        // Drop the DRAM copy: the block lives on NVMe only.
+        for i in 1..12 {
+            let (_, r) = f.put(key(6, i), None).unwrap();
+            tiering::persist(&f.store, r).await;
+            tiering::step(&f.store).await;
+        }
+        // The device dies.
+        f.faults.as_ref().unwrap().set_plan(FaultPlan {
+            dead: true,
+            ..FaultPlan::default()
+        });
+        for i in 20..26 {
+            let (_, r) = f.put(key(6, i), None).unwrap();
+            assert!(!tiering::persist(&f.store, r).await);
+        }
+        tiering::step(&f.store).await;
+        assert!(f.store.nvme().unwrap().is_fenced(), "{e:?}: not fenced");
+        assert!(f.store.stats().tiers.iter().any(|t| t.fenced));
+        // DRAM blocks still serve; nothing wrong is ever served.
+        assert_eq!(f.get(key(6, 25)).await.unwrap(), payload(&key(6, 25)));
+        for i in 0..26 {
+            if let Ok(b) = f.get(key(6, i)).await {
+                assert_eq!(b, payload(&key(6, i)));
+            }
+        }
+        // New puts still work (DRAM only).
+        f.put(key(6, 30), None).unwrap();
+        f.store.check_invariants();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_and_keeps_serving() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        o.faults = Some(FaultPlan::default());
+        let Some(f) = fresh(o).await else { continue };
+        let (_, r) = f.put(key(7, 0), None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        f.faults.as_ref().unwrap().set_plan(FaultPlan {
+            full: true,
+            ..FaultPlan::default()
+        });
+        for i in 1..20 {
+            let (_, r) = f.put(key(7, i), None).unwrap();
+            assert!(
+                !tiering::persist(&f.store, r).await,
+                "{e:?}: durable on a full disk?"
+            );
+            tiering::step(&f.store).await;
+        }
+        // ENOSPC is not a device error: no fence.
+        assert!(!f.store.nvme().unwrap().is_fenced(), "{e:?}");
+        assert_eq!(
+            f.get(key(7, 0)).await.unwrap(),
+            payload(&key(7, 0)),
+            "{e:?}: acknowledged block lost"
+        );
+        f.faults.as_ref().unwrap().set_plan(FaultPlan::default());
+        let (_, r) = f.put(key(7, 50), None).unwrap();
+        assert!(
+            tiering::persist(&f.store, r).await,
+            "{e:?}: writes did not resume"
+        );
+        f.store.check_invariants();
+    }
+}
