@@ -49,11 +49,22 @@ impl Daemon {
     /// Starts `stratad` with a temporary data directory, free ports and the
     /// given extra flags; returns once `/readyz` answers 200.
     pub fn spawn(extra: &[&str]) -> Daemon {
+        Daemon::start(None, extra)
+    }
+
+    /// Like [`spawn`](Self::spawn) on a given data directory (which outlives
+    /// the daemon: restarts find their data there).
+    pub fn spawn_in(data: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start(Some(data), extra)
+    }
+
+    fn start(data: Option<&Path>, extra: &[&str]) -> Daemon {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let (port, metrics_port) = (free_port(), free_port());
             let uds = dir.path().join("s.sock");
             let log = dir.path().join("stratad.log");
+            let data_dir = data.map_or_else(|| dir.path().to_path_buf(), Path::to_path_buf);
             let mut args: Vec<String> = vec![
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
@@ -62,7 +73,7 @@ impl Daemon {
                 "--uds".into(),
                 uds.display().to_string(),
                 "--data-dir".into(),
-                dir.path().display().to_string(),
+                data_dir.display().to_string(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
             let child = Command::new(bin("stratad"))
@@ -79,7 +90,7 @@ impl Daemon {
                 uds,
                 log,
             };
-            if d.wait_ready(Duration::from_secs(60)) {
+            if d.wait_ready(Duration::from_secs(120)) {
                 return d;
             }
             let log = std::fs::read_to_string(&d.log).unwrap_or_default();

@@ -308,6 +308,21 @@ impl Client {
 
     /// Stores blocks in one stream, in order. Returns one result per block.
     pub async fn put(&mut self, ns: NamespaceId, blocks: &[PutBlock]) -> Result<Vec<PutResult>> {
+        Ok(self
+            .put_durable(ns, blocks)
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    /// Like [`put`](Self::put), also saying for each block whether it is
+    /// durable (has an NVMe copy; always, under the daemon's write-through).
+    pub async fn put_durable(
+        &mut self,
+        ns: NamespaceId,
+        blocks: &[PutBlock],
+    ) -> Result<Vec<(PutResult, bool)>> {
         let mut msgs = Vec::new();
         for b in blocks {
             let len = b.data.len();
@@ -344,7 +359,10 @@ impl Client {
                 blocks.len()
             )));
         }
-        r.outcomes.iter().map(|o| put_result(o.result)).collect()
+        r.outcomes
+            .iter()
+            .map(|o| Ok((put_result(o.result)?, o.durable)))
+            .collect()
     }
 
     /// Reads blocks; every block's checksum is verified on arrival.

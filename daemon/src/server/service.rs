@@ -278,7 +278,7 @@ impl pb::strata_server::Strata for StrataService {
             let r = self.store.delete(&q)?;
             // Deleted blocks with NVMe records: a tombstone keeps a restart
             // from bringing them back.
-            tiering::write_tombstones(&self.store, &r.tombstones).await;
+            let _ = tiering::write_tombstones(&self.store, &r.tombstones).await;
             let to_pb = |v: Vec<strata_proto::BlockKey>| {
                 v.iter()
                     .map(|k| bytes::Bytes::copy_from_slice(k.as_bytes()))

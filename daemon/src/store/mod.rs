@@ -1603,11 +1603,11 @@ impl Store {
     }
 
     /// Ends a copy-forward started by `reclaim_decision`.
-    pub fn finish_copy(&self, r: BlockRef, old: Loc, len: u32, new: Result<Loc, String>) {
+    pub fn finish_copy(&self, r: BlockRef, old: Loc, len: u32, new: Result<(Loc, u64), String>) {
         let mut g = self.lock();
         let g = &mut *g;
         let Some(m) = g.index.resolve_mut(r) else {
-            if let (Ok(loc), Some(n)) = (new, &self.nvme) {
+            if let (Ok((loc, _)), Some(n)) = (new, &self.nvme) {
                 n.release(loc, len);
             }
             return;
@@ -1615,14 +1615,16 @@ impl Store {
         m.flags &= !FLAG_WRITING;
         let m = *m;
         match new {
-            Ok(loc) if m.on_nvme() && m.nvme_loc == old.0 => {
+            Ok((loc, seq)) if m.on_nvme() && m.nvme_loc == old.0 => {
                 if let Some(n) = &self.nvme {
                     n.release(old, m.len);
                 }
-                g.index.get_mut(r.id).nvme_loc = loc.0;
+                let mm = g.index.get_mut(r.id);
+                mm.nvme_loc = loc.0;
+                mm.seq = seq;
                 refresh(g, r.id);
             }
-            Ok(loc) => {
+            Ok((loc, _)) => {
                 if let Some(n) = &self.nvme {
                     n.release(loc, m.len);
                 }
@@ -1819,6 +1821,15 @@ impl Store {
     /// The tier of a block's fastest copy now (by ref).
     pub fn tier_now(&self, r: BlockRef) -> Option<TierKind> {
         self.lock().index.resolve(r).map(|m| m.tier())
+    }
+
+    /// Whether a block has an NVMe copy (by key), without touching it.
+    pub fn has_nvme_copy(&self, ns: NamespaceId, key: &BlockKey) -> bool {
+        let g = self.lock();
+        let Ok(o) = ns_ord(&g, ns) else { return false };
+        g.index
+            .find(o, key)
+            .is_some_and(|id| g.index.get(id).on_nvme() && !g.index.get(id).is_doomed())
     }
 
     /// The tier a block's fastest copy is in, without touching it.
@@ -2324,5 +2335,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
 
 #[cfg(test)]
 mod nvme_tests;
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

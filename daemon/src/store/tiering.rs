@@ -191,9 +191,11 @@ impl AsRef<[u8]> for RecordBytes {
 }
 
 /// Writes tombstones for deleted blocks that had NVMe records, so that a
-/// restart does not bring them back. Best effort: a failure is logged.
-pub async fn write_tombstones(store: &Arc<Store>, deleted: &[(NamespaceId, BlockKey)]) {
-    let Some(n) = store.nvme() else { return };
+/// restart does not bring them back. Returns how many could not be written
+/// (those blocks may come back after a restart, with their true bytes).
+pub async fn write_tombstones(store: &Arc<Store>, deleted: &[(NamespaceId, BlockKey)]) -> usize {
+    let Some(n) = store.nvme() else { return 0 };
+    let mut failed = 0;
     for &(namespace, key) in deleted {
         let header = RecordHeader {
             kind: RecordKind::Tombstone,
@@ -209,10 +211,12 @@ pub async fn write_tombstones(store: &Arc<Store>, deleted: &[(NamespaceId, Block
             // Tombstones hold no live bytes.
             Ok(loc) => n.release(loc, 0),
             Err(e) => {
-                tracing::warn!(%key, error = %e, "writing a tombstone; the block may return after a restart")
+                failed += 1;
+                tracing::warn!(%key, error = %e, "writing a tombstone failed; the block may return after a restart");
             }
         }
     }
+    failed
 }
 
 /// Reclaims segments while the tier is above its high watermark.
@@ -268,7 +272,7 @@ async fn reclaim_segment(
         let h = s.header;
         match r {
             None => {
-                // Same sequence number: a tombstone's meaning is its order.
+                // Same sequence number: a tombstone voids older records.
                 if let Ok(loc) = n.append(h, &[]).await {
                     n.release(loc, 0);
                 }
@@ -280,13 +284,21 @@ async fn reclaim_segment(
                     len: h.len,
                     checksum: h.checksum,
                 };
+                // A copied block gets a new sequence number, so that a key's
+                // records in newer segments are always the newer ones: the
+                // rule that lets the oldest segment's tombstones go needs it.
+                let copy = RecordHeader {
+                    seq: store.next_seq(),
+                    ..h
+                };
                 let moved = match n.read(&seg, s.loc, &expect).await {
                     Ok(buf) => n
                         .append(
-                            h,
+                            copy,
                             &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.len as usize],
                         )
                         .await
+                        .map(|loc| (loc, copy.seq))
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };

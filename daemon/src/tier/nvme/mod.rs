@@ -376,7 +376,34 @@ impl NvmeTier {
         stats
     }
 
-    /// Reads one segment sequentially in large chunks.
+    /// Reads `len` bytes at `offset`, retrying transient failures; `None`
+    /// if the range stays unreadable (counted as an I/O error).
+    async fn read_retrying(
+        &self,
+        file: &IoFile,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> (IoBuf, Option<usize>) {
+        let mut last = None;
+        for _ in 0..4 {
+            let (b, r) = self.engine.read(file, offset, buf).await;
+            buf = b;
+            match r {
+                Ok(n) => return (buf, Some(n)),
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            tracing::error!(file = file.id, offset, error = %e, "unreadable range in a segment; skipping it");
+            self.note_error(&NvmeError::Io(e));
+        }
+        (buf, None)
+    }
+
+    /// Reads one segment front to back in large chunks, calling `visit` for
+    /// each valid record. A chunk that stays unreadable is skipped (its
+    /// records are lost and counted as torn); a record that fails its check
+    /// is read again on its own once (a transient fault must not lose it).
     pub async fn scan_segment(
         &self,
         slot: u32,
@@ -391,79 +418,85 @@ impl NvmeTier {
             };
             (s.file.clone(), s.id, s.cursor)
         };
-        // Chunks overlap by the largest record so that a record straddling
-        // a chunk boundary is seen whole in the next chunk.
+        // `window` holds the segment's bytes from `window_start` on, up to
+        // `next_read`; an unreadable chunk is kept as zeros (no records).
         let mut window: Vec<u8> = Vec::new();
         let mut window_start = SEGMENT_HEADER_LEN as u64;
-        let mut pos = SEGMENT_HEADER_LEN as u64;
         let mut next_read = SEGMENT_HEADER_LEN as u64;
+        let mut pos = SEGMENT_HEADER_LEN as u64;
         let mut buf = IoBuf::alloc(CHUNK);
-        let mut eof = false;
-        while pos < end {
-            // Keep at least one whole record (up to a segment) in the window.
-            let need = (pos - window_start) as usize + RECORD_HEADER_LEN;
-            while !eof && window.len() < need.max(CHUNK / 2) && next_read < end {
+        while pos + RECORD_HEADER_LEN as u64 <= end {
+            // Make the window cover [pos, pos + one header) at least.
+            while next_read < end && next_read < pos + RECORD_HEADER_LEN as u64 {
                 let len = CHUNK
                     .min((end - next_read) as usize)
                     .next_multiple_of(ALIGN);
                 buf.set_len(len);
-                let (b, r) = self.engine.read(&file, next_read, buf).await;
+                let (b, got) = self.read_retrying(&file, next_read, buf).await;
                 buf = b;
-                match r {
-                    Ok(0) => eof = true,
-                    Ok(n) => {
-                        window.extend_from_slice(&buf[..n]);
-                        next_read += n as u64;
-                        stats.bytes += n as u64;
-                        if n < len {
-                            eof = true;
-                        }
+                let n = match got {
+                    Some(n) => n.min((end - next_read) as usize),
+                    None => {
+                        stats.torn += 1;
+                        buf[..len].fill(0);
+                        len.min((end - next_read) as usize)
                     }
-                    Err(e) => {
-                        tracing::error!(segment = id, offset = next_read, error = %e, "reading segment during scan");
-                        self.note_error(&NvmeError::Io(e));
-                        eof = true;
-                    }
+                };
+                if n == 0 {
+                    break;
                 }
+                window.extend_from_slice(&buf[..n]);
+                next_read += n as u64;
+                stats.bytes += n as u64;
             }
             let rel = (pos - window_start) as usize;
             if rel + RECORD_HEADER_LEN > window.len() {
-                break; // truncated file: nothing more to read
+                break; // the file ends here (truncated)
             }
-            match RecordHeader::decode(&window[rel..], id) {
+            let step = match RecordHeader::decode(&window[rel..], id) {
                 Ok(h) => {
                     let span = record_span(h.len as usize);
-                    // Make sure the whole record is in the window.
-                    while !eof && rel + span > window.len() && next_read < end {
+                    while next_read < end && (next_read - window_start) < (rel + span) as u64 {
                         let len = CHUNK
                             .min((end - next_read) as usize)
                             .next_multiple_of(ALIGN);
                         buf.set_len(len);
-                        let (b, r) = self.engine.read(&file, next_read, buf).await;
+                        let (b, got) = self.read_retrying(&file, next_read, buf).await;
                         buf = b;
-                        match r {
-                            Ok(n) if n > 0 => {
-                                window.extend_from_slice(&buf[..n]);
-                                next_read += n as u64;
-                                stats.bytes += n as u64;
-                                if n < len {
-                                    eof = true;
-                                }
+                        let n = match got {
+                            Some(n) => n.min((end - next_read) as usize),
+                            None => {
+                                buf[..len].fill(0);
+                                len.min((end - next_read) as usize)
                             }
-                            Ok(_) => eof = true,
-                            Err(e) => {
-                                self.note_error(&NvmeError::Io(e));
-                                eof = true;
-                            }
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        window.extend_from_slice(&buf[..n]);
+                        next_read += n as u64;
+                        stats.bytes += n as u64;
+                    }
+                    let body = rel + RECORD_HEADER_LEN..rel + RECORD_HEADER_LEN + h.len as usize;
+                    let mut ok = body.end <= window.len()
+                        && (h.kind == RecordKind::Tombstone
+                            || strata_proto::checksum(&window[body.clone()]) == h.checksum);
+                    if !ok && body.end <= window.len() && h.kind == RecordKind::Block {
+                        // Once more, alone: a flipped bit in transit is not
+                        // a torn write.
+                        let mut one = IoBuf::alloc(span);
+                        one.set_len(span);
+                        let (b, got) = self.read_retrying(&file, pos, one).await;
+                        if got.is_some_and(|n| n >= RECORD_HEADER_LEN + h.len as usize)
+                            && strata_proto::checksum(
+                                &b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.len as usize],
+                            ) == h.checksum
+                        {
+                            window[rel..rel + RECORD_HEADER_LEN + h.len as usize]
+                                .copy_from_slice(&b[..RECORD_HEADER_LEN + h.len as usize]);
+                            ok = true;
                         }
                     }
-                    let whole = rel + RECORD_HEADER_LEN + h.len as usize <= window.len();
-                    let ok = whole
-                        && (h.kind == RecordKind::Tombstone
-                            || strata_proto::checksum(
-                                &window[rel + RECORD_HEADER_LEN
-                                    ..rel + RECORD_HEADER_LEN + h.len as usize],
-                            ) == h.checksum);
                     if ok {
                         if h.kind == RecordKind::Tombstone {
                             stats.tombstones += 1;
@@ -474,13 +507,13 @@ impl NvmeTier {
                             header: h,
                             loc: Loc::new(slot, pos),
                         });
-                        pos += span as u64;
+                        span as u64
                     } else {
                         stats.torn += 1;
-                        pos += ALIGN as u64;
+                        ALIGN as u64
                     }
                 }
-                Err(NotARecord::Empty) => pos += ALIGN as u64,
+                Err(NotARecord::Empty) => ALIGN as u64,
                 Err(NotARecord::UnknownVersion(v)) => {
                     tracing::error!(
                         segment = id,
@@ -489,14 +522,15 @@ impl NvmeTier {
                         "record of an unknown format version; skipping it, never misreading it"
                     );
                     stats.torn += 1;
-                    pos += ALIGN as u64;
+                    ALIGN as u64
                 }
                 Err(_) => {
                     stats.torn += 1;
-                    pos += ALIGN as u64;
+                    ALIGN as u64
                 }
-            }
-            // Drop what lies behind `pos`.
+            };
+            pos += step;
+            // Drop what lies behind `pos` once it is a chunk's worth.
             let consumed = ((pos - window_start) as usize).min(window.len());
             if consumed >= CHUNK {
                 window.drain(..consumed);
