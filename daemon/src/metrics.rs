@@ -268,6 +268,10 @@ impl StoreMetrics {
 
 /// Gauges mirrored from a store snapshot at scrape time.
 pub struct StateGauges {
+    pub fenced: PerTier<Gauge>,
+    pub io_errors: PerTier<Gauge>,
+    pub segments: Gauge,
+    pub writes_in_flight: Gauge,
     pub used_bytes: PerTier<Gauge>,
     pub capacity_bytes: PerTier<Gauge>,
     pub blocks: PerTier<Gauge>,
@@ -282,6 +286,26 @@ pub struct StateGauges {
 impl StateGauges {
     pub fn new(r: &Registry) -> Self {
         StateGauges {
+            fenced: per_tier(|t| {
+                r.gauge(
+                    "strata_tier_fenced",
+                    "1 when the tier stopped after repeated I/O errors",
+                    &[("tier", t)],
+                )
+            }),
+            io_errors: per_tier(|t| {
+                r.gauge(
+                    "strata_tier_io_errors",
+                    "I/O errors seen by the tier since start",
+                    &[("tier", t)],
+                )
+            }),
+            segments: r.gauge("strata_nvme_segments", "NVMe segment files", &[]),
+            writes_in_flight: r.gauge(
+                "strata_nvme_writes_in_flight",
+                "Write-downs to NVMe in progress (queue depth of the tiering path)",
+                &[],
+            ),
             used_bytes: per_tier(|t| {
                 r.gauge(
                     "strata_tier_used_bytes",

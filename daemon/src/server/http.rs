@@ -93,6 +93,14 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             g.blocks[i].set(t.blocks as f64);
             g.pinned_blocks[i].set(t.pinned_blocks as f64);
         }
+        if let Some(n) = store.nvme() {
+            let ns = n.stats();
+            let i = strata_proto::TierKind::Nvme.index();
+            g.fenced[i].set(if ns.fenced { 1.0 } else { 0.0 });
+            g.io_errors[i].set(ns.io_errors as f64);
+            g.segments.set(ns.segments as f64);
+        }
+        g.writes_in_flight.set(st.writes_in_flight as f64);
         g.leases.set(st.leases as f64);
         g.reservations.set(st.reservations as f64);
         g.reserved_bytes

@@ -8,6 +8,7 @@
 //! call starts, in-flight calls finish (up to `server.drain_timeout_ms`),
 //! and the socket files are removed.
 
+pub mod drain;
 pub mod http;
 pub mod limits;
 pub mod service;
@@ -105,7 +106,11 @@ pub struct Running {
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
     stop: CancellationToken,
+    /// Background work (tiering, expiry, metrics endpoint).
     tasks: JoinSet<()>,
+    /// The gRPC servers (which hold idle client connections open).
+    servers: JoinSet<()>,
+    inflight: Arc<drain::InFlight>,
     drain_timeout: Duration,
     health_reporter: tonic_health::server::HealthReporter,
 }
@@ -335,6 +340,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         server_metrics.limit_rejection("server.max_message_bytes"),
     );
     let per_conn = s.max_concurrent_streams_per_connection;
+    let inflight = Arc::new(drain::InFlight::default());
+    let inflight_layer = inflight.clone();
+    let mut servers = JoinSet::new();
     let builder = move || {
         tonic::transport::Server::builder()
             .max_concurrent_streams(per_conn)
@@ -344,12 +352,13 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_frame_size(H2_MAX_FRAME)
             .layer(limit_layer.clone())
+            .layer(drain::InFlightLayer(inflight_layer.clone()))
     };
     let drain_timeout = Duration::from_millis(s.drain_timeout_ms);
     if let Some(incoming) = tcp {
         let (svc, health_svc, stop) = (svc.clone(), health_svc.clone(), stop.clone());
         let mut b = builder();
-        tasks.spawn(async move {
+        servers.spawn(async move {
             let r = b
                 .add_service(health_svc)
                 .add_service(svc)
@@ -363,7 +372,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if let Some(listener) = uds {
         let (svc, health_svc, stop) = (svc.clone(), health_svc.clone(), stop.clone());
         let mut b = builder();
-        tasks.spawn(async move {
+        servers.spawn(async move {
             let r = b
                 .add_service(health_svc)
                 .add_service(svc)
@@ -421,6 +430,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         health,
         stop,
         tasks,
+        servers,
+        inflight,
         drain_timeout,
         health_reporter,
     })
@@ -447,22 +458,44 @@ fn tier_detail(store: &Store) -> String {
 }
 
 impl Running {
-    /// Drains and stops: returns when every task ended or the drain timed out.
+    /// Drains and stops: readiness goes false, the servers stop accepting
+    /// connections and calls, calls in flight finish (up to the drain
+    /// timeout), background work (write-downs in flight) ends, and idle
+    /// client connections are closed.
     pub async fn shutdown(mut self) {
         self.health.set(false, "draining: shutting down");
         self.health_reporter
             .set_not_serving::<StrataServer<StrataService>>()
             .await;
         self.stop.cancel();
-        let drained = tokio::time::timeout(self.drain_timeout, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        let started = std::time::Instant::now();
+        if tokio::time::timeout(self.drain_timeout, self.inflight.idle())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 timeout_ms = self.drain_timeout.as_millis() as u64,
+                calls = self.inflight.count(),
                 "drain timed out; abandoning calls still in flight"
             );
+        }
+        // No call is left; what remains are idle connections.
+        let _ = tokio::time::timeout(Duration::from_millis(50), async {
+            while self.servers.join_next().await.is_some() {}
+        })
+        .await;
+        self.servers.abort_all();
+        let left = self
+            .drain_timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        if tokio::time::timeout(left, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!("background work did not end in time; abandoning it");
             self.tasks.abort_all();
         }
         for p in [&self.uds, &self.shm_socket].into_iter().flatten() {

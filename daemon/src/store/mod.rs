@@ -572,10 +572,8 @@ impl Store {
         let id = layout.namespace_id();
         let mut g = self.lock();
         if let Some(&o) = g.namespaces.get(&id) {
-            let e = &mut g.ns_table[o as usize];
-            let existed = e.layout.is_some();
-            e.layout.get_or_insert(layout);
-            return (id, existed);
+            g.ns_table[o as usize].layout.get_or_insert(layout);
+            return (id, true);
         }
         ns_insert(&mut g, id, Some(layout));
         (id, false)

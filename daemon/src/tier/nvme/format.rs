@@ -124,16 +124,20 @@ impl SegmentHeader {
     }
 
     pub fn decode(b: &[u8]) -> Result<SegmentHeader, BadSegment> {
-        if b.len() < SEGMENT_HEADER_LEN || b[0..8] != SEGMENT_MAGIC {
+        if b.len() < 12 || b[0..8] != SEGMENT_MAGIC {
             return Err(BadSegment::Magic);
+        }
+        // The version first: another format may put its checksum elsewhere.
+        let version = u32_at(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(BadSegment::UnknownVersion(version));
+        }
+        if b.len() < SEGMENT_HEADER_LEN {
+            return Err(BadSegment::Checksum);
         }
         let sum = strata_proto::checksum(&b[..SEGMENT_HEADER_LEN - 8]);
         if sum != u64_at(b, SEGMENT_HEADER_LEN - 8) {
             return Err(BadSegment::Checksum);
-        }
-        let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
-            return Err(BadSegment::UnknownVersion(version));
         }
         Ok(SegmentHeader {
             version,
@@ -292,8 +296,13 @@ mod tests {
         let mut b = vec![0u8; SEGMENT_HEADER_LEN];
         h.encode(&mut b);
         assert_eq!(SegmentHeader::decode(&b), Ok(h));
-        b[9] = 1; // version 257, checksum now wrong
+        b[30] ^= 1; // damaged: checksum now wrong
         assert_eq!(SegmentHeader::decode(&b), Err(BadSegment::Checksum));
+        b[9] = 1; // version 257: refused by version, whatever the checksum
+        assert_eq!(
+            SegmentHeader::decode(&b),
+            Err(BadSegment::UnknownVersion(257))
+        );
         let mut b2 = vec![0u8; SEGMENT_HEADER_LEN];
         SegmentHeader {
             version: 2,

@@ -291,10 +291,20 @@ impl NvmeTier {
                     st.refused_bytes += size;
                     stats.refused_segments += 1;
                 }
-                other => {
-                    // A segment whose header never made it to disk (crash
-                    // during creation) holds nothing: remove it.
-                    tracing::warn!(path = %path.display(), result = ?other.map(|h| h.id), "segment without a valid header; removing it");
+                Ok(h) => {
+                    tracing::error!(path = %path.display(), header_id = h.id, "segment file name and header disagree; leaving it untouched");
+                    st.refused_bytes += size;
+                    stats.refused_segments += 1;
+                }
+                Err(BadSegment::Checksum) => {
+                    tracing::error!(path = %path.display(), "segment header is damaged; leaving the file untouched (its records are not read)");
+                    st.refused_bytes += size;
+                    stats.refused_segments += 1;
+                }
+                Err(BadSegment::Magic) => {
+                    // Our name but no header: the daemon stopped while creating
+                    // it, before any record could be written. Nothing to keep.
+                    tracing::warn!(path = %path.display(), "segment without a header (creation interrupted); removing it");
                     drop(fd);
                     std::fs::remove_file(path)?;
                     st.allocated -= size;
