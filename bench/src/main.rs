@@ -16,6 +16,7 @@
 //! Run with `bench/run` (release build, installs redis-server if missing).
 
 mod alloc;
+mod nvme;
 mod redis;
 
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ struct Args {
     /// Smaller working sets (for a smoke run); figures are less stable.
     #[arg(long)]
     quick: bool,
-    /// Sections to run: zero-copy, grpc, lookup, rss (default: all).
+    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Block sizes in KiB.
@@ -51,6 +52,17 @@ struct Args {
     /// Redis pipeline), MiB. 32 MiB is a 256-token prefix of an 8B model.
     #[arg(long, default_value_t = 32)]
     batch_mib: usize,
+    /// Bytes of the full NVMe tier restarted by the `nvme` section, MiB
+    /// (the figure is for 10 GiB: --restart-mib 10240).
+    #[arg(long, default_value_t = 2048)]
+    restart_mib: u64,
+    /// Scratch directory for the `nvme` section (on the disk to measure;
+    /// O_DIRECT must work there, so not tmpfs).
+    #[arg(long, default_value = "bench/out/scratch")]
+    scratch: PathBuf,
+    /// I/O engine of the `nvme` section: auto, io_uring or psync.
+    #[arg(long, default_value = "auto")]
+    nvme_engine: String,
     /// Blocks in the lookup index.
     #[arg(long, default_value_t = 10_000_000)]
     lookup_blocks: u64,
@@ -324,6 +336,23 @@ fn main() -> Result<()> {
     }
     if want("rss") {
         rt.block_on(rss(&mut rep, args.quick))?;
+    }
+    if want("nvme") {
+        let restart = if args.quick { 256 } else { args.restart_mib } << 20;
+        let engine =
+            stratad::tier::nvme::engine::EngineKind::parse(&args.nvme_engine).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--nvme-engine {:?}: expected auto, io_uring or psync",
+                    args.nvme_engine
+                )
+            })?;
+        rt.block_on(nvme::nvme(
+            &mut rep,
+            args.quick,
+            restart,
+            &args.scratch,
+            engine,
+        ))?;
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("core.md");

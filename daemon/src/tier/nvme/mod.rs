@@ -204,6 +204,8 @@ pub struct NvmeTier {
     state: Mutex<State>,
     /// Serialises segment creation (an async step).
     create: tokio::sync::Mutex<()>,
+    /// The scan's chunk buffers, kept between scans (first touch is slow).
+    scan_bufs: Mutex<Vec<IoBuf>>,
 }
 
 impl std::fmt::Debug for NvmeTier {
@@ -227,6 +229,95 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Bytes per scan read.
+const SCAN_CHUNK: usize = 8 << 20;
+/// Scan reads in flight at once.
+const SCAN_DEPTH: usize = 4;
+
+/// Sequential reads of one file with up to [`SCAN_DEPTH`] chunks in flight.
+/// Each read runs as its own task (engine futures start when polled), so the
+/// disk works while the scan checks the chunk before.
+struct ReadAhead {
+    engine: Arc<dyn IoEngine>,
+    file: IoFile,
+    end: u64,
+    issued: u64,
+    spare: Vec<IoBuf>,
+    pending: std::collections::VecDeque<(u64, usize, tokio::task::JoinHandle<engine::IoResult>)>,
+}
+
+impl ReadAhead {
+    fn new(engine: Arc<dyn IoEngine>, file: IoFile, end: u64, mut spare: Vec<IoBuf>) -> Self {
+        spare.retain(|b| b.capacity() >= SCAN_CHUNK);
+        while spare.len() < SCAN_DEPTH {
+            spare.push(IoBuf::alloc(SCAN_CHUNK));
+        }
+        ReadAhead {
+            engine,
+            file,
+            end,
+            issued: SEGMENT_HEADER_LEN as u64,
+            spare,
+            pending: Default::default(),
+        }
+    }
+
+    fn top_up(&mut self) {
+        while self.issued < self.end {
+            let Some(mut buf) = self.spare.pop() else {
+                break;
+            };
+            let len = SCAN_CHUNK
+                .min((self.end - self.issued) as usize)
+                .next_multiple_of(ALIGN);
+            buf.set_len(len);
+            let read = tokio::spawn(self.engine.read(&self.file, self.issued, buf));
+            self.pending.push_back((self.issued, len, read));
+            self.issued += len as u64;
+        }
+    }
+
+    /// The next chunk in file order: its offset, its length asked, and the
+    /// read's result.
+    async fn next(&mut self) -> Option<(u64, usize, engine::IoResult)> {
+        self.top_up();
+        let (offset, len, read) = self.pending.pop_front()?;
+        Some(match read.await {
+            Ok(r) => (offset, len, r),
+            // A panicked read task lost its buffer: a stand-in, and an
+            // error that makes the caller read the range again.
+            Err(e) => (
+                offset,
+                len,
+                (
+                    IoBuf::alloc(SCAN_CHUNK),
+                    Err(io::Error::other(e.to_string())),
+                ),
+            ),
+        })
+    }
+
+    fn give_back(&mut self, buf: IoBuf) {
+        self.spare.push(buf);
+    }
+
+    /// Issues nothing more (the file ended early).
+    fn stop(&mut self) {
+        self.end = self.issued;
+    }
+
+    /// Waits for reads still in flight and hands back every buffer.
+    async fn finish(mut self) -> Vec<IoBuf> {
+        self.stop();
+        while let Some((_, _, read)) = self.pending.pop_front() {
+            if let Ok((buf, _)) = read.await {
+                self.spare.push(buf);
+            }
+        }
+        self.spare
+    }
 }
 
 impl NvmeTier {
@@ -317,6 +408,7 @@ impl NvmeTier {
             pool,
             state: Mutex::new(st),
             create: tokio::sync::Mutex::new(()),
+            scan_bufs: Mutex::new(Vec::new()),
         });
         Ok((tier, stats))
     }
@@ -411,16 +503,18 @@ impl NvmeTier {
     }
 
     /// Reads one segment front to back in large chunks, calling `visit` for
-    /// each valid record. A chunk that stays unreadable is skipped (its
-    /// records are lost and counted as torn); a record that fails its check
-    /// is read again on its own once (a transient fault must not lose it).
+    /// each valid record. [`SCAN_DEPTH`] chunk reads stay in flight, so
+    /// checking one chunk overlaps reading the next (restart runs at the
+    /// disk's sequential speed, not disk + checksum). A chunk that stays
+    /// unreadable is skipped (its records are lost and counted as torn); a
+    /// record that fails its check is read again on its own once (a
+    /// transient fault must not lose it).
     pub async fn scan_segment(
         &self,
         slot: u32,
         visit: &mut (dyn FnMut(Scanned) + Send),
         stats: &mut ScanStats,
     ) {
-        const CHUNK: usize = 8 << 20;
         let (file, id, end) = {
             let st = self.lock();
             let Some(s) = st.slots.get(slot as usize).and_then(|s| s.as_ref()) else {
@@ -428,36 +522,60 @@ impl NvmeTier {
             };
             (s.file.clone(), s.id, s.cursor)
         };
+        let spare = std::mem::take(&mut *self.scan_bufs.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut ahead = ReadAhead::new(self.engine.clone(), file.clone(), end, spare);
         // `window` holds the segment's bytes from `window_start` on, up to
         // `next_read`; an unreadable chunk is kept as zeros (no records).
         let mut window: Vec<u8> = Vec::new();
         let mut window_start = SEGMENT_HEADER_LEN as u64;
         let mut next_read = SEGMENT_HEADER_LEN as u64;
+        let mut end = end;
         let mut pos = SEGMENT_HEADER_LEN as u64;
-        let mut buf = IoBuf::alloc(CHUNK);
+        // Extends the window by the next chunk; false at the end of the data.
+        macro_rules! more {
+            () => {{
+                match ahead.next().await {
+                    None => false,
+                    Some((offset, len, (buf, r))) => {
+                        debug_assert_eq!(offset, next_read);
+                        let (buf, got) = match r {
+                            Ok(n) => (buf, Some(n)),
+                            // Retried on its own (a transient fault must not
+                            // cost the chunk's records).
+                            Err(_) => self.read_retrying(&file, offset, buf).await,
+                        };
+                        let want = (len as u64).min(end - offset) as usize;
+                        let n = match got {
+                            Some(n) => n.min(want),
+                            None => {
+                                stats.torn += 1;
+                                want
+                            }
+                        };
+                        match got {
+                            Some(_) => window.extend_from_slice(&buf[..n]),
+                            None => window.resize(window.len() + n, 0),
+                        }
+                        ahead.give_back(buf);
+                        next_read += n as u64;
+                        stats.bytes += n as u64;
+                        if n < want {
+                            // The file is shorter than its cursor (truncated):
+                            // nothing lies beyond.
+                            end = next_read;
+                            ahead.stop();
+                        }
+                        n > 0
+                    }
+                }
+            }};
+        }
         while pos + RECORD_HEADER_LEN as u64 <= end {
             // Make the window cover [pos, pos + one header) at least.
             while next_read < end && next_read < pos + RECORD_HEADER_LEN as u64 {
-                let len = CHUNK
-                    .min((end - next_read) as usize)
-                    .next_multiple_of(ALIGN);
-                buf.set_len(len);
-                let (b, got) = self.read_retrying(&file, next_read, buf).await;
-                buf = b;
-                let n = match got {
-                    Some(n) => n.min((end - next_read) as usize),
-                    None => {
-                        stats.torn += 1;
-                        buf[..len].fill(0);
-                        len.min((end - next_read) as usize)
-                    }
-                };
-                if n == 0 {
+                if !more!() {
                     break;
                 }
-                window.extend_from_slice(&buf[..n]);
-                next_read += n as u64;
-                stats.bytes += n as u64;
             }
             let rel = (pos - window_start) as usize;
             if rel + RECORD_HEADER_LEN > window.len() {
@@ -467,25 +585,9 @@ impl NvmeTier {
                 Ok(h) => {
                     let span = record_span(h.len as usize);
                     while next_read < end && (next_read - window_start) < (rel + span) as u64 {
-                        let len = CHUNK
-                            .min((end - next_read) as usize)
-                            .next_multiple_of(ALIGN);
-                        buf.set_len(len);
-                        let (b, got) = self.read_retrying(&file, next_read, buf).await;
-                        buf = b;
-                        let n = match got {
-                            Some(n) => n.min((end - next_read) as usize),
-                            None => {
-                                buf[..len].fill(0);
-                                len.min((end - next_read) as usize)
-                            }
-                        };
-                        if n == 0 {
+                        if !more!() {
                             break;
                         }
-                        window.extend_from_slice(&buf[..n]);
-                        next_read += n as u64;
-                        stats.bytes += n as u64;
                     }
                     let body = rel + RECORD_HEADER_LEN..rel + RECORD_HEADER_LEN + h.len as usize;
                     let mut ok = body.end <= window.len()
@@ -542,11 +644,13 @@ impl NvmeTier {
             pos += step;
             // Drop what lies behind `pos` once it is a chunk's worth.
             let consumed = ((pos - window_start) as usize).min(window.len());
-            if consumed >= CHUNK {
+            if consumed >= SCAN_CHUNK {
                 window.drain(..consumed);
                 window_start += consumed as u64;
             }
         }
+        let spare = ahead.finish().await;
+        *self.scan_bufs.lock().unwrap_or_else(|e| e.into_inner()) = spare;
     }
 
     /// Accounts a record found by the scan (or written) as live.
