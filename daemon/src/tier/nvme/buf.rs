@@ -50,9 +50,16 @@ impl BufPool {
     pub fn new(buf_bytes: usize, count: usize) -> Arc<BufPool> {
         let buf_bytes = align_up(buf_bytes.max(1));
         let layout = region_layout(buf_bytes * count.max(1));
-        // SAFETY: non-zero size. Zeroed allocation touches every page now.
+        // SAFETY: non-zero size.
         let base = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
             .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        // A large zeroed allocation is a fresh mapping whose pages appear on
+        // first touch (slow on these VMs, and it would land on the first
+        // I/Os): touch every page now.
+        for page in (0..layout.size()).step_by(4096) {
+            // SAFETY: inside the allocation just made; nothing else sees it.
+            unsafe { base.as_ptr().add(page).write_volatile(0) };
+        }
         Arc::new(BufPool {
             base,
             buf_bytes,
