@@ -155,7 +155,7 @@ impl Default for NvmeSection {
         NvmeSection {
             bytes: ByteSize(4 << 30),
             dir: String::new(),
-            segment_bytes: ByteSize(256 << 20),
+            segment_bytes: ByteSize(0),
             engine: "auto".into(),
             queue_depth: 32,
             io_buffer_bytes: ByteSize(2052 << 10),
@@ -461,7 +461,13 @@ impl Config {
         let nvme = if nv.bytes.0 == 0 {
             None
         } else {
-            let seg = nv.segment_bytes.0;
+            // 0 = auto: a sixteenth of the cap (reclaim frees space in
+            // steps of ~6%), between 1 MiB and 256 MiB.
+            let seg = if nv.segment_bytes.0 == 0 {
+                (nv.bytes.0 / 16).clamp(1 << 20, 256 << 20) / 4096 * 4096
+            } else {
+                nv.segment_bytes.0
+            };
             if !seg.is_multiple_of(4096) || !(1 << 20..=1 << 40).contains(&seg) {
                 return bad(
                     "tiers.nvme.segment_bytes",
@@ -476,7 +482,8 @@ impl Config {
                     "tiers.nvme.bytes",
                     format!(
                         "{} must hold at least two segments of {} (or be 0 to disable the tier)",
-                        nv.bytes, nv.segment_bytes
+                        nv.bytes,
+                        ByteSize(seg)
                     ),
                 );
             }

@@ -1,0 +1,30 @@
+"""Python client for stratad, the Strata KV-cache store.
+
+- :class:`Client`: the gRPC API, synchronous, over TCP or a Unix socket;
+- :class:`AsyncClient` (``strata.aio``): the same, for asyncio;
+- :class:`LocalClient` (``strata.local``): the zero-copy local data plane
+  (the daemon's arena mapped, numpy views of slots);
+- :mod:`strata.errors`: typed errors carrying the gRPC status and message;
+- :mod:`strata.keys`: chained block keys from token ids;
+- :mod:`strata.integrations`: vLLM, SGLang and LMCache adapters.
+"""
+
+from .aio import AsyncClient
+from .client import DEFAULT_ENDPOINT, Client
+from .errors import (AlreadyExists, ArenaChanged, DataLoss, DeadlineExceeded, FailedPrecondition,
+                     InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, StrataError,
+                     Unavailable)
+from .local import LocalClient
+from .types import (Block, DeleteResult, Dtype, KvKind, Layout, Lease, LookupResult, Namespace,
+                    PutOutcome, PutResult, StoredBlock, Tier, checksum)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient", "Client", "LocalClient", "DEFAULT_ENDPOINT",
+    "StrataError", "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied",
+    "FailedPrecondition", "ResourceExhausted", "Unavailable", "DeadlineExceeded", "DataLoss",
+    "ArenaChanged",
+    "Block", "DeleteResult", "Dtype", "KvKind", "Layout", "Lease", "LookupResult", "Namespace",
+    "PutOutcome", "PutResult", "StoredBlock", "Tier", "checksum",
+]

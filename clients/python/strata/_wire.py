@@ -1,0 +1,130 @@
+"""Conversion between the client's types and the generated protobuf, shared
+by the sync and the asyncio clients. The only module besides the clients
+that imports the stubs."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from .errors import DataLoss, InvalidArgument
+from .types import (Block, DeleteResult, Layout, Lease, LookupResult, Namespace, PutOutcome,
+                    PutResult, StoredBlock, Tier, as_bytes_view, checksum)
+from .v1 import strata_pb2 as pb
+
+# One gRPC message carries at most this much block data (the daemon's
+# default message limit is larger; 4 MiB keeps every message well inside it).
+CHUNK_BYTES = 4 << 20
+
+# Channel options: messages up to 64 MiB, HTTP/2 windows sized for blocks.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.http2.lookahead_bytes", 16 << 20),
+]
+
+
+def channel_options(endpoint: str) -> list:
+    """Options for a channel to ``endpoint``. On a Unix socket gRPC would
+    send the socket path as ``:authority``, which HTTP/2 servers (hyper)
+    refuse as malformed; name the local host instead."""
+    if endpoint.startswith("unix:"):
+        return CHANNEL_OPTIONS + [("grpc.default_authority", "localhost")]
+    return CHANNEL_OPTIONS
+
+
+def target(endpoint: str) -> str:
+    """gRPC target for ``http://host:port``, ``host:port`` or ``unix:/path``."""
+    if endpoint.startswith("unix:"):
+        return endpoint
+    for prefix in ("http://", "grpc://"):
+        if endpoint.startswith(prefix):
+            return endpoint[len(prefix):].rstrip("/")
+    if endpoint.startswith("https://"):
+        raise InvalidArgument(f"endpoint {endpoint!r}: TLS is not supported; use http:// or unix:")
+    return endpoint
+
+
+def layout_pb(layout: Layout) -> pb.Layout:
+    return pb.Layout(model_id=layout.model_id, dtype=int(layout.dtype),
+                     num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                     head_dim=layout.head_dim, tokens_per_block=layout.tokens_per_block,
+                     kv_kind=int(layout.kv_kind), tp_rank=layout.tp_rank, tp_size=layout.tp_size,
+                     tenant_salt=bytes(layout.tenant_salt))
+
+
+def namespace(layout: Layout, r: pb.RegisterLayoutResponse) -> Namespace:
+    return Namespace(id=r.namespace_id, layout=layout, block_bytes=r.block_bytes,
+                     token_bytes=r.token_bytes, existed=r.existed)
+
+
+def ns_id(ns: "Namespace | int") -> int:
+    return ns.id if isinstance(ns, Namespace) else int(ns)
+
+
+def keys_list(keys: Iterable[bytes]) -> list[bytes]:
+    out = [bytes(k) for k in keys]
+    return out
+
+
+def lookup_result(ns: int, r: pb.LookupResponse) -> LookupResult:
+    lease = Lease(r.lease_id, ns, r.lease_expires_unix_ms) if r.lease_id else None
+    return LookupResult(hits=r.hits, tiers=[Tier(t) for t in r.tiers], lease=lease)
+
+
+def put_messages(ns: int, blocks: Iterable[Block]) -> Iterator[pb.PutRequest]:
+    """The Put stream: per block a header message carrying the first chunk,
+    then the rest of its bytes in further messages."""
+    for b in blocks:
+        view = as_bytes_view(b.data)
+        header = pb.PutHeader(namespace_id=ns, key=bytes(b.key), parent=bytes(b.parent or b""),
+                              length=len(view), checksum=checksum(view))
+        first = view[:CHUNK_BYTES]
+        yield pb.PutRequest(header=header, data=bytes(first))
+        for off in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
+            yield pb.PutRequest(data=bytes(view[off:off + CHUNK_BYTES]))
+
+
+def put_outcomes(r) -> list[PutOutcome]:
+    return [PutOutcome(o.key, PutResult(o.result), o.durable) for o in r.outcomes]
+
+
+class GetAssembler:
+    """Reassembles the Get stream into verified blocks."""
+
+    def __init__(self) -> None:
+        self.blocks: list[StoredBlock] = []
+        self._header: pb.BlockHeader | None = None
+        self._parts: list[bytes] = []
+        self._have = 0
+
+    def feed(self, m: pb.GetResponse) -> None:
+        if m.HasField("header"):
+            if self._header is not None:
+                raise DataLoss(f"block {self._header.key.hex()}: stream ended after "
+                               f"{self._have} of {self._header.length} bytes")
+            self._header, self._parts, self._have = m.header, [], 0
+        if self._header is None:
+            raise DataLoss("Get stream: data before any block header")
+        if m.data:
+            self._parts.append(m.data)
+            self._have += len(m.data)
+        if self._have > self._header.length:
+            raise DataLoss(f"block {self._header.key.hex()}: more bytes than its length")
+        if self._have == self._header.length:
+            h = self._header
+            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+            if checksum(data) != h.checksum:
+                raise DataLoss(f"block {h.key.hex()}: checksum mismatch on arrival")
+            self.blocks.append(StoredBlock(key=h.key, data=data, checksum=h.checksum,
+                                           tier=Tier(h.tier), parent=h.parent or None))
+            self._header = None
+
+    def finish(self) -> list[StoredBlock]:
+        if self._header is not None:
+            raise DataLoss(f"block {self._header.key.hex()}: stream ended after "
+                           f"{self._have} of {self._header.length} bytes")
+        return self.blocks
+
+
+def delete_result(r: pb.DeleteResponse) -> DeleteResult:
+    return DeleteResult(deleted=r.deleted, absent=list(r.absent), pinned=list(r.pinned))

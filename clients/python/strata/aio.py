@@ -1,0 +1,84 @@
+"""The asyncio client: the same API as :class:`strata.Client`, awaitable.
+
+Create it inside a running event loop (grpc.aio binds the channel to it).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import grpc
+import grpc.aio
+
+from . import _wire
+from .errors import Unavailable, from_rpc
+from .types import Block, DeleteResult, Layout, Lease, LookupResult, Namespace, PutOutcome, StoredBlock
+from .v1 import strata_pb2 as pb
+from .v1 import strata_pb2_grpc as pb_grpc
+from .client import DEFAULT_ENDPOINT
+
+
+class AsyncClient:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float | None = 30.0):
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(_wire.target(endpoint), options=_wire.channel_options(endpoint))
+        self._stub = pb_grpc.StrataStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, fn, *args, **kw):
+        try:
+            return await fn(*args, timeout=self.timeout_s, **kw)
+        except grpc.RpcError as e:
+            raise from_rpc(e) from None
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        import asyncio
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"stratad at {self.endpoint} not reachable within {timeout_s} s") from None
+
+    async def register_layout(self, layout: Layout) -> Namespace:
+        r = await self._call(self._stub.RegisterLayout, pb.RegisterLayoutRequest(layout=_wire.layout_pb(layout)))
+        return _wire.namespace(layout, r)
+
+    async def lookup(self, ns: "Namespace | int", keys: Iterable[bytes], lease_ttl_ms: int = 0) -> LookupResult:
+        nid = _wire.ns_id(ns)
+        r = await self._call(self._stub.Lookup, pb.LookupRequest(
+            namespace_id=nid, keys=_wire.keys_list(keys), lease_ttl_ms=lease_ttl_ms))
+        return _wire.lookup_result(nid, r)
+
+    async def put(self, ns: "Namespace | int", blocks: Iterable[Block]) -> list[PutOutcome]:
+        msgs = list(_wire.put_messages(_wire.ns_id(ns), blocks))
+        return _wire.put_outcomes(await self._call(self._stub.Put, iter(msgs)))
+
+    async def get(self, ns: "Namespace | int", keys: Iterable[bytes], lease: Lease | None = None) -> list[StoredBlock]:
+        req = pb.GetRequest(namespace_id=_wire.ns_id(ns), keys=_wire.keys_list(keys),
+                            lease_id=lease.id if lease else 0)
+        asm = _wire.GetAssembler()
+        try:
+            async for m in self._stub.Get(req, timeout=self.timeout_s):
+                asm.feed(m)
+        except grpc.RpcError as e:
+            raise from_rpc(e) from None
+        return asm.finish()
+
+    async def release(self, lease: Lease) -> int:
+        r = await self._call(self._stub.Release, pb.ReleaseRequest(lease_id=lease.id, namespace_id=lease.namespace))
+        return r.released_blocks
+
+    async def delete(self, ns: "Namespace | int", keys: Iterable[bytes]) -> DeleteResult:
+        r = await self._call(self._stub.Delete, pb.DeleteRequest(namespace_id=_wire.ns_id(ns), keys=_wire.keys_list(keys)))
+        return _wire.delete_result(r)
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._call(self._stub.Stats, pb.StatsRequest())

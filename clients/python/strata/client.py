@@ -1,0 +1,100 @@
+"""The synchronous client: the whole gRPC API over TCP or a Unix socket.
+
+Thread-safe (one gRPC channel, shared). Every received block is verified
+against its checksum before it is returned; every failure is a typed
+:class:`~strata.errors.StrataError`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import grpc
+
+from . import _wire
+from .errors import StrataError, from_rpc
+from .types import Block, DeleteResult, Layout, Lease, LookupResult, Namespace, PutOutcome, StoredBlock
+from .v1 import strata_pb2 as pb
+from .v1 import strata_pb2_grpc as pb_grpc
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:7470"
+
+
+class Client:
+    """``Client("unix:/run/strata/stratad.sock")`` or
+    ``Client("http://127.0.0.1:7470")``. ``timeout_s`` bounds every call
+    (None: no deadline)."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float | None = 30.0):
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(_wire.target(endpoint), options=_wire.channel_options(endpoint))
+        self._stub = pb_grpc.StrataStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, fn, *args, **kw):
+        try:
+            return fn(*args, timeout=self.timeout_s, **kw)
+        except grpc.RpcError as e:
+            raise from_rpc(e) from None
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Blocks until the channel is connected (raises Unavailable)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            from .errors import Unavailable
+            raise Unavailable(f"stratad at {self.endpoint} not reachable within {timeout_s} s") from None
+
+    def register_layout(self, layout: Layout) -> Namespace:
+        r = self._call(self._stub.RegisterLayout, pb.RegisterLayoutRequest(layout=_wire.layout_pb(layout)))
+        return _wire.namespace(layout, r)
+
+    def lookup(self, ns: "Namespace | int", keys: Iterable[bytes], lease_ttl_ms: int = 0) -> LookupResult:
+        """Length of the leading run of ``keys`` present; with a TTL the hits
+        are pinned under a lease until :meth:`release` or expiry."""
+        nid = _wire.ns_id(ns)
+        r = self._call(self._stub.Lookup, pb.LookupRequest(
+            namespace_id=nid, keys=_wire.keys_list(keys), lease_ttl_ms=lease_ttl_ms))
+        return _wire.lookup_result(nid, r)
+
+    def put(self, ns: "Namespace | int", blocks: Iterable[Block]) -> list[PutOutcome]:
+        """Stores blocks (checksummed here, verified by the daemon before they
+        become visible). Present keys with equal bytes are ALREADY_PRESENT."""
+        return _wire.put_outcomes(self._call(self._stub.Put, _wire.put_messages(_wire.ns_id(ns), blocks)))
+
+    def get(self, ns: "Namespace | int", keys: Iterable[bytes], lease: Lease | None = None) -> list[StoredBlock]:
+        """The blocks of ``keys``, verified on arrival. A missing key is
+        NotFound (take a lease with :meth:`lookup` to be sure they stay)."""
+        req = pb.GetRequest(namespace_id=_wire.ns_id(ns), keys=_wire.keys_list(keys),
+                            lease_id=lease.id if lease else 0)
+        asm = _wire.GetAssembler()
+        try:
+            for m in self._stub.Get(req, timeout=self.timeout_s):
+                asm.feed(m)
+        except grpc.RpcError as e:
+            raise from_rpc(e) from None
+        return asm.finish()
+
+    def release(self, lease: Lease) -> int:
+        r = self._call(self._stub.Release, pb.ReleaseRequest(lease_id=lease.id, namespace_id=lease.namespace))
+        return r.released_blocks
+
+    def delete(self, ns: "Namespace | int", keys: Iterable[bytes]) -> DeleteResult:
+        r = self._call(self._stub.Delete, pb.DeleteRequest(namespace_id=_wire.ns_id(ns), keys=_wire.keys_list(keys)))
+        return _wire.delete_result(r)
+
+    def stats(self) -> pb.StatsResponse:
+        """Occupancy and counters per tier (the protobuf message)."""
+        return self._call(self._stub.Stats, pb.StatsRequest())
+
+
+__all__ = ["Client", "StrataError", "DEFAULT_ENDPOINT"]

@@ -1,0 +1,197 @@
+"""The client's domain types: plain dataclasses, no protobuf.
+
+The block payload convention shared by every Strata client: a block of ``n``
+tokens is the array ``(num_layers, kv_tensors, n, num_kv_heads, head_dim)``
+of ``dtype`` in C order (layer-major, then K before V, then token), where
+``kv_tensors`` is 2 for separate K and V and 1 for MLA's latent. A block's
+length is therefore ``n * token_bytes`` with ``1 <= n <= tokens_per_block``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+
+class Dtype(enum.IntEnum):
+    F32 = 1
+    F16 = 2
+    BF16 = 3
+    FP8_E4M3 = 4
+
+    @property
+    def itemsize(self) -> int:
+        return {Dtype.F32: 4, Dtype.F16: 2, Dtype.BF16: 2, Dtype.FP8_E4M3: 1}[self]
+
+    @classmethod
+    def parse(cls, name: "str | Dtype") -> "Dtype":
+        if isinstance(name, Dtype):
+            return name
+        aliases = {
+            "f32": cls.F32, "float32": cls.F32,
+            "f16": cls.F16, "float16": cls.F16, "half": cls.F16,
+            "bf16": cls.BF16, "bfloat16": cls.BF16,
+            "fp8": cls.FP8_E4M3, "fp8_e4m3": cls.FP8_E4M3, "float8_e4m3fn": cls.FP8_E4M3,
+        }
+        key = str(name).lower().removeprefix("torch.")
+        if key not in aliases:
+            raise ValueError(f"dtype {name!r}: expected one of f32, f16, bf16, fp8_e4m3")
+        return aliases[key]
+
+
+class KvKind(enum.IntEnum):
+    SEPARATE = 1
+    MLA = 2
+
+    @property
+    def tensors(self) -> int:
+        return 2 if self is KvKind.SEPARATE else 1
+
+
+class Tier(enum.IntEnum):
+    UNSPECIFIED = 0
+    GPU = 1
+    DRAM = 2
+    CXL = 3
+    NVME = 4
+    REMOTE = 5
+
+    @property
+    def medium(self) -> str:
+        """The tier as KV-event consumers name it (vLLM's ``medium``)."""
+        return {Tier.GPU: "GPU", Tier.DRAM: "CPU", Tier.CXL: "CXL", Tier.NVME: "DISK",
+                Tier.REMOTE: "REMOTE"}.get(self, "UNKNOWN")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of one engine's KV cache; it names a namespace."""
+
+    model_id: str
+    dtype: Dtype
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tokens_per_block: int
+    kv_kind: KvKind = KvKind.SEPARATE
+    tp_rank: int = 0
+    tp_size: int = 1
+    tenant_salt: bytes = b""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", Dtype.parse(self.dtype))
+        object.__setattr__(self, "kv_kind", KvKind(self.kv_kind))
+
+    @property
+    def token_bytes(self) -> int:
+        return (self.num_layers * self.kv_kind.tensors * self.num_kv_heads
+                * self.head_dim * self.dtype.itemsize)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.token_bytes * self.tokens_per_block
+
+    def block_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
+        """Shape of a block's payload of ``tokens`` tokens (default: full)."""
+        n = self.tokens_per_block if tokens is None else tokens
+        return (self.num_layers, self.kv_kind.tensors, n, self.num_kv_heads, self.head_dim)
+
+    def namespace_id(self) -> int:
+        """The namespace id the daemon derives from this layout (same
+        canonical encoding as ``strata_proto::Layout::namespace_id``)."""
+        model = self.model_id.encode()
+        buf = bytearray(b"strata.layout.v1\0")
+        buf += struct.pack("<I", len(model)) + model
+        buf += bytes([int(self.dtype), int(self.kv_kind)])
+        buf += struct.pack("<6I", self.num_layers, self.num_kv_heads, self.head_dim,
+                           self.tokens_per_block, self.tp_rank, self.tp_size)
+        buf += struct.pack("<I", len(self.tenant_salt)) + bytes(self.tenant_salt)
+        return xxhash.xxh3_64_intdigest(bytes(buf))
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A registered layout."""
+
+    id: int
+    layout: Layout
+    block_bytes: int
+    token_bytes: int
+    existed: bool = False
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block to store: its key, payload (any buffer) and parent key."""
+
+    key: bytes
+    data: "bytes | bytearray | memoryview | np.ndarray"
+    parent: bytes | None = None
+
+
+class PutResult(enum.IntEnum):
+    UNSPECIFIED = 0
+    STORED = 1
+    ALREADY_PRESENT = 2
+
+
+@dataclass(frozen=True)
+class PutOutcome:
+    key: bytes
+    result: PutResult
+    durable: bool
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: int
+    namespace: int
+    expires_unix_ms: int
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    hits: int
+    tiers: list[Tier]
+    lease: Lease | None = None
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """A block read back; its bytes verified against its checksum."""
+
+    key: bytes
+    data: bytes
+    checksum: int
+    tier: Tier
+    parent: bytes | None
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: int
+    absent: list[bytes] = field(default_factory=list)
+    pinned: list[bytes] = field(default_factory=list)
+
+
+def checksum(data) -> int:
+    """XXH3-64 (seed 0) of a buffer: the checksum every block carries."""
+    if isinstance(data, bytes):
+        return xxhash.xxh3_64_intdigest(data)
+    return xxhash.xxh3_64_intdigest(as_bytes_view(data))
+
+
+def as_bytes_view(data) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (bytes, numpy, memoryview)."""
+    if isinstance(data, np.ndarray):
+        if not data.flags.c_contiguous:
+            raise ValueError("block data must be C-contiguous")
+        return memoryview(data.reshape(-1).view(np.uint8))
+    mv = memoryview(data)
+    if not mv.c_contiguous:
+        raise ValueError("block data must be C-contiguous")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
