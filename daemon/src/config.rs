@@ -104,6 +104,7 @@ pub struct ServerConfig {
     pub stream_chunk_bytes: ByteSize,
     pub max_keys_per_call: u32,
     pub max_streams: u32,
+    pub max_subscribers: u32,
     pub max_concurrent_streams_per_connection: u32,
     pub max_inflight_put_bytes: ByteSize,
     pub drain_timeout_ms: u64,
@@ -119,6 +120,7 @@ pub struct StoreSection {
     pub max_reservations: u64,
     pub reservation_ttl_ms: u64,
     pub max_reservation_ttl_ms: u64,
+    pub event_buffer: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -214,6 +216,7 @@ impl Default for ServerConfig {
             stream_chunk_bytes: ByteSize(4 << 20),
             max_keys_per_call: 4096,
             max_streams: 256,
+            max_subscribers: 64,
             max_concurrent_streams_per_connection: 256,
             max_inflight_put_bytes: ByteSize(1 << 30),
             drain_timeout_ms: 10_000,
@@ -231,6 +234,7 @@ impl Default for StoreSection {
             max_reservations: 65536,
             reservation_ttl_ms: 30_000,
             max_reservation_ttl_ms: 300_000,
+            event_buffer: 65536,
         }
     }
 }
@@ -379,6 +383,7 @@ impl Config {
         for (field, v) in [
             ("server.max_keys_per_call", s.max_keys_per_call),
             ("server.max_streams", s.max_streams),
+            ("server.max_subscribers", s.max_subscribers),
             (
                 "server.max_concurrent_streams_per_connection",
                 s.max_concurrent_streams_per_connection,
@@ -447,6 +452,12 @@ impl Config {
             if v == 0 {
                 return bad(field, "must be at least 1");
             }
+        }
+        if st.event_buffer > 1 << 24 {
+            return bad(
+                "store.event_buffer",
+                format!("{} is more than 16777216 events", st.event_buffer),
+            );
         }
         if st.max_blocks >= u32::MAX as u64 {
             return bad("store.max_blocks", "must be below 2^32");
@@ -598,6 +609,7 @@ impl Config {
                 max_reservations: st.max_reservations as usize,
                 reservation_ttl: Duration::from_millis(st.reservation_ttl_ms),
                 max_reservation_ttl: Duration::from_millis(st.max_reservation_ttl_ms),
+                event_buffer: st.event_buffer as usize,
                 nvme: NvmePolicy {
                     admission,
                     write_budget_bytes_per_sec: nv.write_budget_bytes_per_sec.0,

@@ -687,3 +687,176 @@ async fn a_broken_stream_keeps_the_blocks_before_the_error_and_says_so() {
     assert_eq!(&got[0].data[..], &good[..]);
     d.stop().await;
 }
+
+/// Receives the next batch (with a deadline: a missing event fails the test
+/// instead of hanging it).
+async fn next_batch(s: &mut tonic::Streaming<pb::KvEventBatch>) -> pb::KvEventBatch {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("an event batch within 10 s")
+        .unwrap()
+        .expect("the stream stays open")
+}
+
+/// Collects live events until `n` have arrived.
+async fn events(s: &mut tonic::Streaming<pb::KvEventBatch>, n: usize) -> Vec<pb::KvEvent> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let b = next_batch(s).await;
+        assert_eq!(b.missed, 0);
+        out.extend(b.events);
+    }
+    assert_eq!(out.len(), n, "no more events than expected");
+    out
+}
+
+fn stored(e: &pb::KvEvent) -> &pb::BlockStored {
+    match &e.kind {
+        Some(pb::kv_event::Kind::Stored(s)) => s,
+        other => panic!("expected BlockStored, got {other:?}"),
+    }
+}
+
+fn removed(e: &pb::KvEvent) -> &pb::BlockRemoved {
+    match &e.kind {
+        Some(pb::kv_event::Kind::Removed(r)) => r,
+        other => panic!("expected BlockRemoved, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subscribe_streams_ordered_events_snapshots_and_gaps() {
+    let d = start(|c| c.store.event_buffer = 64).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout(16)).await.unwrap().namespace;
+    let other = c.register_layout(&layout(8)).await.unwrap().namespace;
+    let mut sub = c
+        .rpc()
+        .subscribe(pb::SubscribeRequest {
+            namespace_ids: vec![ns.0],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hello = next_batch(&mut sub).await;
+    assert!(hello.events.is_empty() && hello.epoch != 0);
+    // Another namespace's blocks are filtered out; ours arrive in order with
+    // parent, token count and tier.
+    c.put(other, &chain(7, 2, 8 * 256)).await.unwrap();
+    let blocks = chain(1, 3, 16 * 256);
+    c.put(ns, &blocks).await.unwrap();
+    let ev = events(&mut sub, 3).await;
+    for (i, e) in ev.iter().enumerate() {
+        let s = stored(e);
+        assert_eq!(s.namespace_id, ns.0);
+        assert_eq!(s.key.as_ref(), blocks[i].key.as_bytes());
+        let parent = blocks[i]
+            .parent
+            .map(|p| p.as_bytes().to_vec())
+            .unwrap_or_default();
+        assert_eq!(s.parent.as_ref(), parent.as_slice());
+        assert_eq!(s.token_count, 16);
+        assert_eq!(s.medium, pb::Tier::Dram as i32);
+    }
+    assert!(ev.windows(2).all(|w| w[0].seq < w[1].seq));
+    // A partial block counts its tokens; a delete is a removal.
+    c.put(
+        ns,
+        &[PutBlock {
+            key: key(2, 0),
+            parent: None,
+            data: Bytes::from(payload(b"p", 5 * 256)),
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored(&events(&mut sub, 1).await[0]).token_count, 5);
+    c.delete(ns, &[blocks[2].key]).await.unwrap();
+    let r = events(&mut sub, 1).await;
+    assert_eq!(removed(&r[0]).key.as_ref(), blocks[2].key.as_bytes());
+    assert_eq!(removed(&r[0]).medium, pb::Tier::Dram as i32);
+
+    // A snapshot describes what is held now, then live events follow.
+    let mut snap = c
+        .rpc()
+        .subscribe(pb::SubscribeRequest {
+            snapshot: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next_batch(&mut snap).await;
+    let mut held = std::collections::BTreeSet::new();
+    loop {
+        let b = next_batch(&mut snap).await;
+        assert!(b.snapshot);
+        held.extend(b.events.iter().map(|e| stored(e).key.to_vec()));
+        if b.snapshot_done {
+            break;
+        }
+    }
+    assert_eq!(
+        held.len(),
+        2 + 2 + 1,
+        "two of ours, the other namespace's two, the partial"
+    );
+    assert!(!held.contains(blocks[2].key.as_bytes()));
+
+    // A subscriber that fell behind the 64-event ring (here: resuming from a
+    // cursor the ring no longer holds) is told how many events it missed.
+    // (A slow reader over the network only gets there once HTTP/2 windows
+    // are full; the cursor is what counts.)
+    let many: Vec<PutBlock> = (0..200u32)
+        .map(|i| PutBlock {
+            key: key(3, i),
+            parent: None,
+            data: Bytes::from(payload(&i.to_be_bytes(), 16 * 256)),
+        })
+        .collect();
+    c.put(ns, &many).await.unwrap();
+    let mut late = c
+        .rpc()
+        .subscribe(pb::SubscribeRequest {
+            after_seq: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hello = next_batch(&mut late).await;
+    let first = next_batch(&mut late).await;
+    assert!(first.missed > 0, "the ring holds 64 events; 200 went by");
+    assert_eq!(
+        first.events[0].seq,
+        1 + first.missed + 1,
+        "resumes at the oldest event held"
+    );
+    let total = first.missed + 1 + first.events.len() as u64;
+    assert!(total <= hello.last_seq);
+    // Bad input names the field.
+    let e = c
+        .rpc()
+        .subscribe(pb::SubscribeRequest {
+            max_batch: 1 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("max_batch"), "{}", e.message());
+    // Drain ends subscriptions rather than waiting for them.
+    let t = std::time::Instant::now();
+    d.stop().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "drain waited on subscribers"
+    );
+    // What was sent before the end is still delivered; then the stream ends.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = sub.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the subscription ended with the daemon");
+}

@@ -402,6 +402,61 @@ impl TryFrom<pb::GetSlotsRequest> for GetSlotsReq {
     }
 }
 
+/// Most namespaces one subscription may name.
+pub const SUBSCRIBE_NAMESPACES_MAX: usize = 1024;
+/// Largest event batch a subscriber may ask for.
+pub const EVENT_BATCH_MAX: u32 = 4096;
+/// Event batch size when the subscriber names none.
+pub const EVENT_BATCH_DEFAULT: u32 = 256;
+
+#[derive(Debug, Clone)]
+pub struct SubscribeReq {
+    /// Empty = every namespace.
+    pub namespaces: Vec<NamespaceId>,
+    pub after_seq: u64,
+    pub snapshot: bool,
+    pub max_batch: u32,
+}
+
+impl TryFrom<pb::SubscribeRequest> for SubscribeReq {
+    type Error = FieldError;
+    fn try_from(r: pb::SubscribeRequest) -> Result<Self, FieldError> {
+        if r.namespace_ids.len() > SUBSCRIBE_NAMESPACES_MAX {
+            return Err(FieldError::new(
+                "namespace_ids",
+                format!(
+                    "{} namespaces; at most {SUBSCRIBE_NAMESPACES_MAX} (or none for all)",
+                    r.namespace_ids.len()
+                ),
+            ));
+        }
+        let namespaces = r
+            .namespace_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                namespace(v).map_err(|e| FieldError::new(format!("namespace_ids[{i}]"), e.reason))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if r.max_batch > EVENT_BATCH_MAX {
+            return Err(FieldError::new(
+                "max_batch",
+                format!("{} is more than {EVENT_BATCH_MAX}", r.max_batch),
+            ));
+        }
+        Ok(SubscribeReq {
+            namespaces,
+            after_seq: r.after_seq,
+            snapshot: r.snapshot,
+            max_batch: if r.max_batch == 0 {
+                EVENT_BATCH_DEFAULT
+            } else {
+                r.max_batch
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

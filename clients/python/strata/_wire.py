@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from .errors import DataLoss, InvalidArgument
-from .types import (Block, DeleteResult, Layout, Lease, LookupResult, Namespace, PutOutcome,
-                    PutResult, StoredBlock, Tier, as_bytes_view, checksum)
+from .types import (AllBlocksCleared, Block, BlockRemoved, BlockStored, DeleteResult, EventBatch,
+                    Layout, Lease, LookupResult, Namespace, PutOutcome, PutResult, StoredBlock,
+                    Tier, as_bytes_view, checksum)
 from .v1 import strata_pb2 as pb
 
 # One gRPC message carries at most this much block data (the daemon's
@@ -128,3 +129,28 @@ class GetAssembler:
 
 def delete_result(r: pb.DeleteResponse) -> DeleteResult:
     return DeleteResult(deleted=r.deleted, absent=list(r.absent), pinned=list(r.pinned))
+
+
+def subscribe_request(namespaces, after_seq: int, snapshot: bool, max_batch: int) -> pb.SubscribeRequest:
+    return pb.SubscribeRequest(namespace_ids=[ns_id(n) for n in (namespaces or [])],
+                               after_seq=after_seq, snapshot=snapshot, max_batch=max_batch)
+
+
+def event_batch(b: pb.KvEventBatch) -> EventBatch:
+    out = []
+    for e in b.events:
+        kind = e.WhichOneof("kind")
+        if kind == "stored":
+            s = e.stored
+            out.append(BlockStored(e.seq, s.namespace_id, s.key, s.parent or None, s.token_count,
+                                   Tier(s.medium)))
+        elif kind == "removed":
+            r = e.removed
+            out.append(BlockRemoved(e.seq, r.namespace_id, r.key, Tier(r.medium)))
+        elif kind == "cleared":
+            out.append(AllBlocksCleared(e.seq, Tier(e.cleared.medium)))
+        # An event kind this client does not know is skipped (the wire
+        # format only ever adds kinds).
+    return EventBatch(events=out, ts_unix_ms=b.ts_unix_ms, epoch=b.epoch, snapshot=b.snapshot,
+                      snapshot_seq=b.snapshot_seq, snapshot_done=b.snapshot_done, missed=b.missed,
+                      last_seq=b.last_seq)

@@ -80,5 +80,18 @@ class AsyncClient:
         r = await self._call(self._stub.Delete, pb.DeleteRequest(namespace_id=_wire.ns_id(ns), keys=_wire.keys_list(keys)))
         return _wire.delete_result(r)
 
+    async def subscribe(self, namespaces=None, after_seq: int = 0, snapshot: bool = False,
+                        max_batch: int = 0):
+        """Async iterator of :class:`~strata.types.EventBatch` es."""
+        call = self._stub.Subscribe(_wire.subscribe_request(namespaces, after_seq, snapshot, max_batch))
+        try:
+            async for b in call:
+                yield _wire.event_batch(b)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc(e) from None
+        finally:
+            call.cancel()
+
     async def stats(self) -> pb.StatsResponse:
         return await self._call(self._stub.Stats, pb.StatsRequest())

@@ -92,9 +92,44 @@ class Client:
         r = self._call(self._stub.Delete, pb.DeleteRequest(namespace_id=_wire.ns_id(ns), keys=_wire.keys_list(keys)))
         return _wire.delete_result(r)
 
+    def subscribe(self, namespaces=None, after_seq: int = 0, snapshot: bool = False,
+                  max_batch: int = 0):
+        """KV events as :class:`~strata.types.EventBatch` es, until the
+        daemon stops or ``close()`` is called on the returned iterator. See
+        :class:`strata.events.EventFeed` for a feed that resyncs itself."""
+        call = self._stub.Subscribe(_wire.subscribe_request(namespaces, after_seq, snapshot, max_batch))
+        return _Subscription(call)
+
     def stats(self) -> pb.StatsResponse:
         """Occupancy and counters per tier (the protobuf message)."""
         return self._call(self._stub.Stats, pb.StatsRequest())
+
+
+class _Subscription:
+    """Iterator over a Subscribe stream; ``close()`` cancels it."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return _wire.event_batch(next(self._call))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc(e) from None
+
+    def close(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 __all__ = ["Client", "StrataError", "DEFAULT_ENDPOINT"]

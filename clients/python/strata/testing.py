@@ -66,8 +66,11 @@ class Daemon:
         return f"unix:{self.uds}"
 
     def start(self, timeout_s: float = 120.0) -> "Daemon":
-        for _ in range(5):
-            self.port, self.metrics_port = free_port(), free_port()
+        for attempt in range(5):
+            # A restart keeps its ports (clients reconnect to the same
+            # address) unless they were taken meanwhile.
+            if not (attempt == 0 and self.port):
+                self.port, self.metrics_port = free_port(), free_port()
             args = [str(stratad_binary()), "--listen", f"127.0.0.1:{self.port}",
                     "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--uds", self.uds,
                     "--data-dir", str(self.data_dir), "--dram-bytes", self.dram,

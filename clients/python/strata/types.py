@@ -195,3 +195,50 @@ def as_bytes_view(data) -> memoryview:
     if not mv.c_contiguous:
         raise ValueError("block data must be C-contiguous")
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+# ---- KV events (Subscribe) --------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockStored:
+    """A block gained a copy in ``medium``."""
+
+    seq: int
+    namespace: int
+    key: bytes
+    parent: bytes | None
+    token_count: int
+    medium: Tier
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    """A block lost its copy in ``medium`` (it may be held in another)."""
+
+    seq: int
+    namespace: int
+    key: bytes
+    medium: Tier
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    """Every copy in ``medium`` is gone (a fenced NVMe tier)."""
+
+    seq: int
+    medium: Tier
+
+
+KvEvent = "BlockStored | BlockRemoved | AllBlocksCleared"
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    events: list
+    ts_unix_ms: int
+    epoch: int
+    snapshot: bool = False
+    snapshot_seq: int = 0
+    snapshot_done: bool = False
+    missed: int = 0
+    last_seq: int = 0

@@ -164,6 +164,9 @@ pub struct Limits {
     pub max_keys_per_call: usize,
     streams: Arc<Semaphore>,
     max_streams: u32,
+    subscribers: Arc<Semaphore>,
+    max_subscribers: u32,
+    rejected_subscribers: metrics::Counter,
     inflight: Arc<Semaphore>,
     max_inflight: u64,
     metrics: Arc<ServerMetrics>,
@@ -209,6 +212,7 @@ impl Limits {
     pub fn new(
         max_keys_per_call: u32,
         max_streams: u32,
+        max_subscribers: u32,
         max_inflight_put_bytes: u64,
         metrics: Arc<ServerMetrics>,
     ) -> Self {
@@ -216,6 +220,9 @@ impl Limits {
             max_keys_per_call: max_keys_per_call as usize,
             streams: Arc::new(Semaphore::new(max_streams as usize)),
             max_streams,
+            subscribers: Arc::new(Semaphore::new(max_subscribers as usize)),
+            max_subscribers,
+            rejected_subscribers: metrics.limit_rejection("server.max_subscribers"),
             inflight: Arc::new(Semaphore::new(max_inflight_put_bytes as usize)),
             max_inflight: max_inflight_put_bytes,
             rejected_streams: metrics.limit_rejection("server.max_streams"),
@@ -223,6 +230,17 @@ impl Limits {
             rejected_keys: metrics.limit_rejection("server.max_keys_per_call"),
             metrics,
         }
+    }
+
+    /// A Subscribe slot, held for the subscription's life.
+    pub fn subscriber(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.subscribers.clone().try_acquire_owned().map_err(|_| {
+            self.rejected_subscribers.increment(1);
+            Status::resource_exhausted(format!(
+                "server.max_subscribers: {} subscriptions are open, the limit; close one or raise the limit",
+                self.max_subscribers
+            ))
+        })
     }
 
     pub fn stream(&self) -> Result<StreamPermit, Status> {

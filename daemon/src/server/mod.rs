@@ -9,6 +9,7 @@
 //! and the socket files are removed.
 
 pub mod drain;
+pub mod events;
 pub mod http;
 pub mod limits;
 pub mod service;
@@ -321,6 +322,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let limits = Limits::new(
         s.max_keys_per_call,
         s.max_streams,
+        s.max_subscribers,
         s.max_inflight_put_bytes.0,
         server_metrics.clone(),
     );
@@ -330,6 +332,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         limits,
         s.stream_chunk_bytes.0 as usize,
         &server_metrics,
+        stop.clone(),
     ))
     // tonic's own check stays as a second line, above ours.
     .max_decoding_message_size(max_msg + (64 << 10))

@@ -8,10 +8,12 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use strata_proto::convert::{
     CommitReq, DeleteReq, GetReq, GetSlotsReq, LookupReq, PutHeader, ReleaseReq, ReserveReq,
+    SubscribeReq,
 };
 use strata_proto::{FieldError, Layout, ReservationId, pb};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -67,6 +69,7 @@ struct Methods {
     commit: MethodMetrics,
     abort: MethodMetrics,
     get_slots: MethodMetrics,
+    subscribe: MethodMetrics,
 }
 
 pub struct StrataService {
@@ -74,10 +77,18 @@ pub struct StrataService {
     limits: Limits,
     chunk: usize,
     m: Arc<Methods>,
+    /// Ends subscriptions when the daemon drains.
+    stop: CancellationToken,
 }
 
 impl StrataService {
-    pub fn new(store: Arc<Store>, limits: Limits, chunk: usize, metrics: &ServerMetrics) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        limits: Limits,
+        chunk: usize,
+        metrics: &ServerMetrics,
+        stop: CancellationToken,
+    ) -> Self {
         let m = Methods {
             register: metrics.method("RegisterLayout"),
             lookup: metrics.method("Lookup"),
@@ -90,12 +101,14 @@ impl StrataService {
             commit: metrics.method("Commit"),
             abort: metrics.method("Abort"),
             get_slots: metrics.method("GetSlots"),
+            subscribe: metrics.method("Subscribe"),
         };
         StrataService {
             store,
             limits,
             chunk,
             m: Arc::new(m),
+            stop,
         }
     }
 }
@@ -198,6 +211,31 @@ impl pb::strata_server::Strata for StrataService {
     }
 
     type GetStream = ReceiverStream<Result<pb::GetResponse, Status>>;
+    type SubscribeStream = ReceiverStream<Result<pb::KvEventBatch, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let q = SubscribeReq::try_from(req.into_inner())?;
+            let permit = self.limits.subscriber()?;
+            // Bounded: a slow subscriber holds at most a few batches here
+            // and falls behind in the event ring instead (it is told).
+            let (tx, rx) = mpsc::channel(4);
+            let (store, stop) = (self.store.clone(), self.stop.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    _ = super::events::feed(store, q, tx) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })();
+        timed(&self.m.subscribe, t, r)
+    }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
         let t = Instant::now();

@@ -332,6 +332,11 @@ impl Index {
         }
     }
 
+    /// One past the highest slot ever used (ids below it may be live).
+    pub fn slots(&self) -> BlockId {
+        self.used as BlockId
+    }
+
     /// Iterates live ids (for consistency checks).
     pub fn live_ids(&self) -> impl Iterator<Item = BlockId> + '_ {
         (0..self.used as BlockId).filter(|&id| slot(&self.chunks, id).is_live())

@@ -39,6 +39,7 @@
 //! outside it, on extents the caller owns (reservation) or has pinned.
 
 mod error;
+pub mod events;
 pub mod evict;
 pub mod huge;
 pub mod index;
@@ -55,6 +56,8 @@ use strata_proto::convert::{
 use strata_proto::{BlockKey, FieldError, Layout, LeaseId, NamespaceId, ReservationId, TierKind};
 
 pub use error::StoreError;
+pub use events::EventKind;
+use events::EventLog;
 pub use evict::EvictionKind;
 use evict::{Candidate, EvictionPolicy};
 use index::{
@@ -187,6 +190,8 @@ pub struct StoreConfig {
     pub reservation_ttl: Duration,
     pub max_reservation_ttl: Duration,
     pub nvme: NvmePolicy,
+    /// Events kept for `Subscribe` (a ring allocated at start; 0 = none).
+    pub event_buffer: usize,
 }
 
 impl Default for StoreConfig {
@@ -202,6 +207,7 @@ impl Default for StoreConfig {
             reservation_ttl: Duration::from_secs(30),
             max_reservation_ttl: Duration::from_secs(300),
             nvme: NvmePolicy::default(),
+            event_buffer: 1 << 16,
         }
     }
 }
@@ -251,6 +257,28 @@ pub struct DeleteResult {
     /// Deleted blocks that had an NVMe record: a tombstone must be written
     /// so that a restart does not bring them back.
     pub tombstones: Vec<(NamespaceId, BlockKey)>,
+}
+
+/// An event read out for a subscriber.
+#[derive(Debug, Clone)]
+pub struct EventOut {
+    pub seq: u64,
+    pub kind: EventKind,
+    pub medium: TierKind,
+    /// 0 for tier-wide events.
+    pub namespace: NamespaceId,
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub token_count: u32,
+}
+
+#[derive(Debug)]
+pub struct EventsRead {
+    pub events: Vec<EventOut>,
+    /// Events the reader lost to the ring before these.
+    pub missed: u64,
+    /// Where the next read continues.
+    pub cursor: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -388,6 +416,7 @@ struct Inner {
     lookup_keys: u64,
     lookup_hits: u64,
     checksum_failures: u64,
+    events: EventLog,
 }
 
 const DRAM: usize = TierKind::Dram as usize;
@@ -522,6 +551,7 @@ impl Store {
             lookup_keys: 0,
             lookup_hits: 0,
             checksum_failures: 0,
+            events: EventLog::new(cfg.event_buffer),
         };
         Store {
             cfg,
@@ -1532,6 +1562,9 @@ impl Store {
             return false;
         }
         g.nvme_fenced_handled = true;
+        // One event for the whole tier instead of one per block.
+        g.events.push_cleared(TierKind::Nvme);
+        g.events.set_paused(true);
         let ids: Vec<BlockId> = g
             .index
             .live_ids()
@@ -1547,6 +1580,7 @@ impl Store {
                 }
             }
         }
+        g.events.set_paused(false);
         true
     }
 
@@ -1655,11 +1689,88 @@ impl Store {
         g.seq - 1
     }
 
+    // ---- events ---------------------------------------------------------------
+
+    /// Woken on every logged event.
+    pub fn event_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.lock().events.notify()
+    }
+
+    /// The last event's sequence number (0 before the first).
+    pub fn last_event_seq(&self) -> u64 {
+        self.lock().events.last_seq()
+    }
+
+    /// Events after `cursor` (up to `max`), of the namespaces in `only`
+    /// (empty: all); tier-wide events always pass.
+    pub fn read_events(&self, cursor: u64, max: usize, only: &[NamespaceId]) -> EventsRead {
+        let g = self.lock();
+        let ords = ordinals(&g, only);
+        let mut raw = Vec::with_capacity(max.min(4096));
+        let keep = |e: &events::Event| {
+            e.kind == EventKind::Cleared || ords.as_ref().is_none_or(|o| o.contains(&e.ns))
+        };
+        let r = g.events.read(cursor, max, &keep, &mut raw);
+        EventsRead {
+            events: raw.iter().map(|e| event_out(&g, e)).collect(),
+            missed: r.missed,
+            cursor: r.cursor,
+        }
+    }
+
+    /// A snapshot of the blocks held, as Stored events (sequence number 0),
+    /// a chunk at a time: blocks from slot `from` on, up to about `max`
+    /// events; returns the slot to continue from (None when done). Chunks
+    /// are taken under the lock one by one, so a block may show in a chunk
+    /// and in live events after the snapshot's sequence number: replaying
+    /// those events over the snapshot converges on the store's state.
+    pub fn snapshot_events(
+        &self,
+        from: u32,
+        max: usize,
+        only: &[NamespaceId],
+    ) -> (Vec<EventOut>, Option<u32>) {
+        let g = self.lock();
+        let ords = ordinals(&g, only);
+        let mut out = Vec::new();
+        let end = g.index.slots();
+        let mut id = from;
+        while id < end && out.len() < max {
+            if g.index.is_live(id) {
+                let m = g.index.get(id);
+                if !m.is_doomed() && ords.as_ref().is_none_or(|o| o.contains(&m.ns)) {
+                    let parent = g.index.resolve(m.parent).map(|p| p.key);
+                    for (held, medium) in
+                        [(m.in_dram(), TierKind::Dram), (m.on_nvme(), TierKind::Nvme)]
+                    {
+                        if held {
+                            let e = events::Event {
+                                seq: 0,
+                                kind: EventKind::Stored,
+                                medium,
+                                ns: m.ns,
+                                key: m.key,
+                                parent,
+                                len: m.len,
+                            };
+                            out.push(event_out(&g, &e));
+                        }
+                    }
+                }
+            }
+            id += 1;
+        }
+        (out, (id < end).then_some(id))
+    }
+
     // ---- recovery -------------------------------------------------------------
 
     /// Starts rebuilding the index from NVMe records.
     pub fn begin_recovery(&self) {
-        self.lock().recovery = Some(Recovery::default());
+        let mut g = self.lock();
+        g.recovery = Some(Recovery::default());
+        // Subscribers resync from a snapshot after a restart.
+        g.events.set_paused(true);
     }
 
     /// Applies one record found by the scan; the newest sequence number of
@@ -1757,6 +1868,7 @@ impl Store {
         let mut g = self.lock();
         let g = &mut *g;
         let rec = g.recovery.take().unwrap_or_default();
+        g.events.set_paused(false);
         for (id, pk) in rec.parents {
             if !g.index.is_live(id) {
                 continue;
@@ -2250,6 +2362,7 @@ fn add_dram(g: &mut Inner, granule: u64, id: BlockId, addr: u64) {
     m.flags |= FLAG_DRAM;
     m.dram_addr = addr;
     let (len, parent) = (m.len as u64, m.parent);
+    log_event(g, EventKind::Stored, TierKind::Dram, id);
     g.tiers[DRAM].used += len.div_ceil(granule) * granule;
     g.tiers[DRAM].blocks += 1;
     if let Some(p) = g.index.resolve_mut(parent) {
@@ -2270,6 +2383,7 @@ fn drop_dram(g: &mut Inner, granule: u64, dram: &DramTier, id: BlockId) {
     dram.free(addr, rounded);
     g.tiers[DRAM].used -= rounded;
     g.tiers[DRAM].blocks -= 1;
+    log_event(g, EventKind::Removed, TierKind::Dram, id);
     refresh(g, id);
     if let Some(p) = g.index.resolve_mut(parent) {
         p.dram_children -= 1;
@@ -2285,6 +2399,7 @@ fn add_nvme(g: &mut Inner, id: BlockId, loc: Loc, seq: u64) {
     m.nvme_loc = loc.0;
     m.seq = seq;
     g.tiers[NVME].blocks += 1;
+    log_event(g, EventKind::Stored, TierKind::Nvme, id);
 }
 
 /// Forgets a block's NVMe copy without touching the tier (fenced tier).
@@ -2293,7 +2408,41 @@ fn clear_nvme(g: &mut Inner, id: BlockId) {
     if m.on_nvme() {
         m.flags &= !FLAG_NVME;
         g.tiers[NVME].blocks -= 1;
+        log_event(g, EventKind::Removed, TierKind::Nvme, id);
     }
+}
+
+/// The ordinals of `only` (None: every namespace).
+fn ordinals(g: &Inner, only: &[NamespaceId]) -> Option<Vec<u32>> {
+    (!only.is_empty()).then(|| {
+        only.iter()
+            .filter_map(|id| g.namespaces.get(id).copied())
+            .collect()
+    })
+}
+
+fn event_out(g: &Inner, e: &events::Event) -> EventOut {
+    let entry = g.ns_table.get(e.ns as usize);
+    let token_bytes = entry
+        .and_then(|n| n.layout.as_ref())
+        .map_or(0, |l| l.token_bytes());
+    EventOut {
+        seq: e.seq,
+        kind: e.kind,
+        medium: e.medium,
+        namespace: entry.map_or(NamespaceId(0), |n| n.id),
+        key: e.key,
+        parent: e.parent,
+        token_count: u64::from(e.len).checked_div(token_bytes).unwrap_or(0) as u32,
+    }
+}
+
+/// Logs a residency change of block `id` for subscribers.
+fn log_event(g: &mut Inner, kind: EventKind, medium: TierKind, id: BlockId) {
+    let m = g.index.get(id);
+    let parent = g.index.resolve(m.parent).map(|p| p.key);
+    let (ns, key, len) = (m.ns, m.key, m.len);
+    g.events.push(kind, medium, ns, key, parent, len);
 }
 
 /// Drops a block's NVMe copy (it keeps its DRAM copy, or is removed by the
@@ -2319,6 +2468,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
         s.dram.free(m.dram_addr, rounded);
         g.tiers[DRAM].used -= rounded;
         g.tiers[DRAM].blocks -= 1;
+        log_event(g, EventKind::Removed, TierKind::Dram, id);
         if let Some(p) = g.index.resolve_mut(m.parent) {
             p.dram_children -= 1;
             if p.dram_children == 0 {

@@ -226,6 +226,7 @@ async fn evicted_blocks_go_down_and_come_back_byte_exact() {
         let Some(f) = fresh(Opts::new(e)).await else {
             continue;
         };
+        let mut mirror = super::events::EventMirror::new(&f.store);
         // Chain A, looked up (so admitted), fills DRAM.
         let a: Vec<_> = (0..8).map(|i| key(0xa, i)).collect();
         for i in 0..8 {
@@ -258,6 +259,9 @@ async fn evicted_blocks_go_down_and_come_back_byte_exact() {
         // The Get promoted them.
         assert!(a.iter().any(|k| f.tier(*k) == Some(TierKind::Dram)));
         f.store.check_invariants();
+        // Every move showed up as an event: replaying them over the empty
+        // start gives the store's residency.
+        mirror.check(&f.store, &format!("{e:?}"));
         let st = f.store.stats();
         let nv = st
             .tiers

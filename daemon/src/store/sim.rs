@@ -75,6 +75,8 @@ struct World {
     plan: FaultPlan,
     cap: u64,
     seed: u64,
+    /// A subscriber's view, checked against the store after every step.
+    mirror: super::events::EventMirror,
 }
 
 async fn open(
@@ -124,6 +126,7 @@ async fn open(
     }
     let (ns, _) = store.register_layout(layout());
     World {
+        mirror: super::events::EventMirror::new(&store),
         dir,
         store,
         faults,
@@ -336,6 +339,8 @@ async fn run(seed: u64) {
             w.disk_bytes()
         );
         w.store.check_invariants();
+        w.mirror
+            .check(&w.store, &format!("seed {seed} step {step}"));
     }
 }
 
