@@ -66,6 +66,7 @@ class Daemon:
         return f"unix:{self.uds}"
 
     def start(self, timeout_s: float = 120.0) -> "Daemon":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
             # A restart keeps its ports (clients reconnect to the same
             # address) unless they were taken meanwhile.
