@@ -98,3 +98,38 @@ class BlockView:
 
     def has(self, namespace: int, key: bytes) -> bool:
         return (namespace, key) in self.blocks
+
+
+def vllm_event(item, int_hashes: bool = True) -> dict | None:
+    """One Strata event in the shape of vLLM's KV events
+    (``vllm/distributed/kv_events.py``), which Dynamo's KV router and
+    llm-d's prefix scorer consume: a map tagged ``"type"``, block hashes as
+    ints (the low 64 bits of the key read big-endian, vLLM's default) or
+    as the key bytes, ``medium`` = the tier (``CPU`` for DRAM, ``STORAGE``
+    for NVMe). Strata does not keep token ids, so ``token_ids`` is empty and
+    ``block_size`` is the block's token count. :class:`Reset` has no
+    counterpart and gives None: a router clears its view from this source.
+    Encode with msgpack to publish on a vLLM-style ZMQ topic."""
+
+    def h(key: bytes | None):
+        if key is None:
+            return None
+        return int.from_bytes(key[-8:], "big") if int_hashes else bytes(key)
+
+    if isinstance(item, BlockStored):
+        return {"type": "BlockStored", "block_hashes": [h(item.key)], "parent_block_hash": h(item.parent),
+                "token_ids": [], "block_size": item.token_count, "lora_id": None,
+                "medium": item.medium.medium, "lora_name": None}
+    if isinstance(item, BlockRemoved):
+        return {"type": "BlockRemoved", "block_hashes": [h(item.key)], "medium": item.medium.medium}
+    if isinstance(item, AllBlocksCleared):
+        return {"type": "AllBlocksCleared"}
+    return None
+
+
+def vllm_batch(batch, data_parallel_rank: int | None = None, int_hashes: bool = True) -> list:
+    """An :class:`~strata.types.EventBatch` as vLLM's ``KVEventBatch``
+    array ``[ts_seconds, [events...], data_parallel_rank]``."""
+    return [batch.ts_unix_ms / 1000.0,
+            [e for e in (vllm_event(x, int_hashes) for x in batch.events) if e is not None],
+            data_parallel_rank]

@@ -63,7 +63,7 @@ class Tier(enum.IntEnum):
     @property
     def medium(self) -> str:
         """The tier as KV-event consumers name it (vLLM's ``medium``)."""
-        return {Tier.GPU: "GPU", Tier.DRAM: "CPU", Tier.CXL: "CXL", Tier.NVME: "DISK",
+        return {Tier.GPU: "GPU", Tier.DRAM: "CPU", Tier.CXL: "CXL", Tier.NVME: "STORAGE",
                 Tier.REMOTE: "REMOTE"}.get(self, "UNKNOWN")
 
 

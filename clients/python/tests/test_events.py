@@ -80,3 +80,31 @@ def test_feed_resyncs_across_a_daemon_restart(tmp_path):
         feed.close()
         d.close()
         t.join(10)
+
+
+def test_vllm_shape_of_events(daemon):
+    from strata.events import vllm_batch, vllm_event
+    l = small_layout("test/events-vllm")
+    with Client(daemon.endpoint) as c:
+        ns = c.register_layout(l)
+        sub = c.subscribe([ns])
+        try:
+            next(sub)
+            keys = chain_keys(list(range(32)), 16, seed=5)
+            c.put(ns, [Block(k, payload(l, i), keys[i - 1] if i else None) for i, k in enumerate(keys)])
+            c.delete(ns, keys[1:])
+            got = []
+            while len(got) < 3:
+                b = next(sub)
+                got.extend(b.events)
+            shaped = vllm_batch(b)
+            assert isinstance(shaped[0], float) and shaped[2] is None
+        finally:
+            sub.close()
+    e0, e1, e2 = (vllm_event(e) for e in got)
+    assert e0["type"] == "BlockStored" and e0["medium"] == "CPU" and e0["parent_block_hash"] is None
+    assert e0["block_hashes"] == [int.from_bytes(keys[0][-8:], "big")] and e0["block_size"] == 16
+    assert e1["parent_block_hash"] == e0["block_hashes"][0]
+    assert e2 == {"type": "BlockRemoved", "block_hashes": e1["block_hashes"], "medium": "CPU"}
+    assert vllm_event(Reset("x")) is None
+    assert vllm_event(got[0], int_hashes=False)["block_hashes"] == [keys[0]]
