@@ -94,3 +94,23 @@ def test_wrong_block_size_refused_at_connect(daemon):
     # A key stored under another layout is not visible here.
     assert other.lookup(keys)[0] == 0
     assert other.load(keys, lambda i, v: pytest.fail("must not load")) == 0
+
+
+def test_long_saves_go_in_parts_and_hits_count_per_tier(daemon):
+    layout = small_layout("link/parts")
+    link = StoreLink(daemon.unix_endpoint, layout, save_part_bytes=2 * layout.block_bytes)
+    keys = chain_keys(range(16 * 5), 16, seed=9)
+    data = blocks(layout, 5, seed=4)
+    seen = []
+
+    def fill(i, out):
+        seen.append(i)
+        out[:] = data[i]
+
+    assert link.save(keys, [None] + keys[:4], fill) == 5
+    assert seen == [0, 1, 2, 3, 4] and link.stats.saves == 3
+    assert link.lookup(keys)[0] == 5
+    assert link.stats.extra["hits_dram"] == 5
+    got = {}
+    assert link.load(keys, lambda i, v: got.__setitem__(i, v.copy())) == 5
+    assert all(np.array_equal(got[i], data[i]) for i in range(5))

@@ -73,6 +73,7 @@ class LinkStats:
     seconds_loading: float = 0.0
     seconds_saving: float = 0.0
     last_error: str = ""
+    #: hits per tier as ``hits_dram``, ``hits_nvme``, ...
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -91,7 +92,8 @@ class StoreLink:
     """
 
     def __init__(self, endpoint: str, layout: Layout, *, zero_copy: bool = True,
-                 timeout_s: float = 5.0, retry_after_s: float = 1.0, lease_ttl_ms: int = 30_000):
+                 timeout_s: float = 5.0, retry_after_s: float = 1.0, lease_ttl_ms: int = 30_000,
+                 save_part_bytes: int = 32 << 20):
         self.endpoint = endpoint if "://" in endpoint or endpoint.startswith("unix:") else (
             f"unix:{endpoint}" if endpoint.startswith("/") else f"http://{endpoint}")
         self.layout = layout
@@ -99,6 +101,7 @@ class StoreLink:
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.lease_ttl_ms = lease_ttl_ms
+        self.save_part_bytes = save_part_bytes
         self.stats = LinkStats()
         self._lock = threading.Lock()
         self._client: Client | None = None
@@ -135,7 +138,8 @@ class StoreLink:
             except (OSError, StrataError) as e:
                 # The socket may be reachable while the arena is not shared
                 # with this process (another user, no .shm socket): stream.
-                self._log("arena", f"arena of {self.endpoint} not mapped ({e}); streaming over gRPC")
+                self._log("arena", f"arena of {self.endpoint} not mapped ({e}); "
+                                   "data will go over gRPC if the daemon answers")
         client = local.client if local else Client(self.endpoint, timeout_s=self.timeout_s)
         try:
             ns = client.register_layout(self.layout)
@@ -230,6 +234,9 @@ class StoreLink:
 
         def call(local, client, ns):
             r = client.lookup(ns, keys, lease_ttl_ms=lease_ttl_ms)
+            for t in r.tiers:
+                name = f"hits_{t.name.lower()}"
+                self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
             return r.hits, r.lease
 
         hits, lease = self._with_client("lookup", call, (0, None))
@@ -309,9 +316,17 @@ class StoreLink:
         ``i`` into ``out`` (the arena slot itself on the zero-copy path).
         Blocks already present are skipped without calling ``fill``.
         Returns how many are now present. Never raises; a full store or an
-        unreachable daemon skips the save (counted)."""
+        unreachable daemon skips the save (counted).
+
+        A reservation is all or nothing and must fit the daemon's DRAM at
+        once, so long saves go in parts of at most ``save_part_bytes``."""
         if not keys:
             return 0
+        step = max(1, self.save_part_bytes // self.layout.block_bytes)
+        if len(keys) > step:
+            return sum(self.save(keys[i:i + step], parents[i:i + step],
+                                 lambda j, out, i=i: fill(i + j, out))
+                       for i in range(0, len(keys), step))
         t0 = time.perf_counter()
         nbytes = self.layout.block_bytes
 
