@@ -141,7 +141,11 @@ class LocalClient:
     def __init__(self, uds: str, timeout_s: float | None = 30.0, lease_ttl_ms: int = 30_000):
         self.uds = uds
         self.client = Client(f"unix:{uds}", timeout_s=timeout_s)
-        self.arena = SharedArena(uds + ".shm")
+        try:
+            self.arena = SharedArena(uds + ".shm")
+        except BaseException:
+            self.client.close()
+            raise
         self.lease_ttl_ms = lease_ttl_ms
 
     def close(self) -> None:
