@@ -32,7 +32,7 @@ from strata.testing import Daemon
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent / "testbed" / "proof"))
-from conftest import MODEL_ID, WRITE_THROUGH, smollm_layout  # noqa: E402
+from proofkit import MODEL_ID, WRITE_THROUGH, smollm_layout  # noqa: E402
 from plain_hooks import StrataHooks  # noqa: E402
 
 TEXT = ("Strata keeps the key-value cache of prompts an inference engine has already seen, so that a "

@@ -14,7 +14,7 @@ import tinyengine as te
 from strata import Client, Tier
 from strata.integrations.link import StoreLink
 
-from conftest import SYSTEM, assert_identical, smollm_layout
+from proofkit import SYSTEM, assert_identical, smollm_layout
 from plain_hooks import StrataHooks
 
 NEW = 3

@@ -10,10 +10,8 @@ rank or pool shape never loads; a page not intact never counts as loaded."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,22 +22,9 @@ from strata.integrations.link import StoreLink
 from strata.integrations.sglang import HiCacheStorageConfig, StrataHiCacheStorage
 
 from plain_hooks import StrataHooks
+from proofkit import MODEL_ID, SYSTEM, assert_identical, smollm_layout
 from sglang_driver import HiCacheHooks, MHAHostPool, MLAHostPool, sglang_page_hashes
 
-
-def _proof_helpers():
-    """This directory's conftest, imported by path: when pytest also
-    collects clients/python/tests, the module named ``conftest`` is that
-    directory's, and ``from conftest import ...`` would fail."""
-    spec = importlib.util.spec_from_file_location("proof_conftest", Path(__file__).with_name("conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_helpers = _proof_helpers()
-MODEL_ID, SYSTEM = _helpers.MODEL_ID, _helpers.SYSTEM
-assert_identical, smollm_layout = _helpers.assert_identical, _helpers.smollm_layout
 
 NEW = 3
 MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head"]

@@ -9,31 +9,17 @@ layout is refused at ``register_kv_caches``; another namespace never loads.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import time
-from pathlib import Path
 
 import pytest
 import tinyengine as te
 
 from strata import Client, Tier
 
+from proofkit import SYSTEM, assert_identical, smollm_layout
 from vllm_driver import VllmDriver, layer_name, vllm_engine
 
-
-def _proof_helpers():
-    """This directory's conftest, imported by path: when pytest also
-    collects clients/python/tests, the module named ``conftest`` is that
-    directory's, and ``from conftest import ...`` would fail."""
-    spec = importlib.util.spec_from_file_location("proof_conftest", Path(__file__).with_name("conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_helpers = _proof_helpers()
-SYSTEM, assert_identical, smollm_layout = _helpers.SYSTEM, _helpers.assert_identical, _helpers.smollm_layout
 
 NEW = 3
 BS = 16
