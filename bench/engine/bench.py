@@ -114,15 +114,17 @@ def check(req, ref, what, loaded=None):
 
 
 def best(f, rounds: int) -> float:
+    """Best of ``rounds`` timings of ``f``; an ``f`` that returns a float
+    has timed itself (the part that is the load)."""
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
+        r = f()
+        times.append(r if isinstance(r, float) else time.perf_counter() - t0)
     return min(times)
 
 
-def bench_bandwidth(n_blocks: int, rounds: int, out):
+def bench_bandwidth(model, n_blocks: int, rounds: int, out):
     """Plain client and every adapter that can run here, loading the same
     N stored blocks into an engine-shaped destination."""
     layout = smollm_layout()
@@ -130,7 +132,11 @@ def bench_bandwidth(n_blocks: int, rounds: int, out):
     nbytes = layout.block_bytes * n_blocks
     rng = np.random.default_rng(1)
     blocks = [rng.standard_normal(shape).astype(np.float16) for _ in range(n_blocks)]
-    keys = [bytes([i % 256, i // 256]) + b"bench" * 5 for i in range(n_blocks)]
+    # Keys are the engine's chained block hashes of a token sequence: the
+    # plain client, vLLM (block_hashes) and SGLang (page hashes, the same
+    # SHA-256 chain) all address the same stored blocks.
+    tokens = [(7 * i) % 49000 + 10 for i in range(n_blocks * 16 + 1)]
+    keys = te.block_hashes(tokens, 16)[:n_blocks]
     rows = []
     with tempfile.TemporaryDirectory(prefix="strata-bench-bw-") as tmp:
         d = Daemon(dram="1GiB", nvme="0", data_dir=tmp).start()
@@ -160,7 +166,7 @@ def bench_bandwidth(n_blocks: int, rounds: int, out):
                     cache.write_block(layer, i, kv[layer])
             t_paged = best(lambda: link.load(keys, into_cache), rounds)
             rows.append(("plain client into the paged cache (flash_attn)", t_paged))
-            for name, fn in adapter_loaders(d, layout, keys, n_blocks):
+            for name, fn in adapter_loaders(d, model, tokens, n_blocks, shape):
                 rows.append((name, best(fn, rounds)))
         finally:
             d.close()
@@ -173,10 +179,109 @@ def bench_bandwidth(n_blocks: int, rounds: int, out):
     out.append("")
 
 
-def adapter_loaders(d, layout, keys, n_blocks):
-    """(name, zero-argument load function) for each engine adapter; each
-    loads the N blocks into its engine's own buffers."""
-    return []
+def adapter_loaders(d, model, tokens, n_blocks, shape):
+    """(name, zero-argument load function) for each engine adapter, each
+    loading the N stored blocks into its engine's own buffers the way its
+    engine asks for them. Only the load is timed: the scheduler-side lookup
+    (vLLM) or existence check (SGLang) runs before, untimed."""
+    from sglang_driver import MHAHostPool, sglang_page_hashes
+    from vllm_driver import vllm_engine
+
+    from strata.integrations.lmcache import ObjectKey, StrataL2Adapter, StrataL2AdapterConfig
+    from strata.integrations.sglang import HiCacheStorageConfig, StrataHiCacheStorage
+
+    # vLLM: scheduler lookup (lease) untimed; timed: update_state_after_alloc,
+    # build_connector_meta, worker start_load_kv into the paged cache,
+    # get_block_ids_with_load_errors.
+    eng, driver = vllm_engine(model, d.unix_endpoint, num_blocks=n_blocks + 2)
+    rounds = iter(range(1 << 30))
+
+    def vllm_load():
+        req = te.Request(f"bw{next(rounds)}", list(tokens), 1)
+        req.block_ids = list(range(n_blocks + 1))
+        n = driver.lookup(req)
+        t0 = time.perf_counter()
+        failed = driver.load(req, req.block_ids[:n // 16], eng.kv_cache)
+        dt = time.perf_counter() - t0
+        if n != n_blocks * 16 or failed:
+            raise SystemExit(f"vLLM connector loaded {n} tokens, failed {failed}")
+        return dt
+
+    # SGLang: batch_get_v1 into the host pool (page_first, the default).
+    pool = MHAHostPool(30, 3, 64, pages=n_blocks + 1, layout="page_first")
+    cfg = HiCacheStorageConfig(
+        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
+        enable_storage_metrics=False, is_page_first_layout=True, model_name=MODEL_ID,
+        extra_config={"backend_name": "strata", "module_path": "strata.integrations.sglang",
+                      "class_name": "StrataHiCacheStorage", "interface_v1": 1, "endpoint": d.unix_endpoint})
+    backend = StrataHiCacheStorage(cfg, {})
+    backend.register_mem_pool_host(pool)
+    pages = sglang_page_hashes(tokens, 16)[:n_blocks]
+    host = pool.alloc(n_blocks * 16)
+
+    def sglang_load():
+        if backend.batch_exists(pages) != n_blocks:
+            raise SystemExit("SGLang backend does not see the stored pages")
+        t0 = time.perf_counter()
+        ok = backend.batch_get_v1(pages, host)
+        dt = time.perf_counter() - t0
+        if not all(ok):
+            raise SystemExit("SGLang backend failed a page")
+        return dt
+
+    # LMCache: its own keyspace; N objects of one block's size stored first
+    # (untimed), then submit_load_task until the load eventfd says done.
+    import os
+    import select
+    adapter = StrataL2Adapter(StrataL2AdapterConfig(endpoint=d.unix_endpoint), l1_memory_desc=None)
+    size = int(np.prod(shape)) * 2
+    lm_keys = [ObjectKey(i.to_bytes(16, "big"), MODEL_ID, 0, 0, "") for i in range(n_blocks)]
+    bufs = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8) for i in range(n_blocks)]
+
+    class Obj:
+        def __init__(self, raw):
+            self.raw = raw
+
+        def get_size(self):
+            return self.raw.size
+
+        def get_physical_size(self):
+            return self.raw.size
+
+        @property
+        def byte_array(self):
+            return memoryview(self.raw)
+
+    def wait(fd):
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        if not p.poll(60_000):
+            raise SystemExit("LMCache adapter did not signal within 60 s")
+        os.eventfd_read(fd)
+
+    tid = adapter.submit_store_task(lm_keys, [Obj(b) for b in bufs])
+    done: dict = {}
+    while tid not in done:
+        wait(adapter.get_store_event_fd())
+        done.update(adapter.pop_completed_store_tasks())
+    dsts = [Obj(np.zeros(size, np.uint8)) for _ in range(n_blocks)]
+
+    def lmcache_load():
+        t0 = time.perf_counter()
+        tid = adapter.submit_load_task(lm_keys, dsts)
+        while True:
+            wait(adapter.get_load_event_fd())
+            r = adapter.query_load_result(tid)
+            if r is not None:
+                break
+        dt = time.perf_counter() - t0
+        if r.popcount() != n_blocks or not np.array_equal(dsts[-1].raw, bufs[-1]):
+            raise SystemExit("LMCache adapter failed a load")
+        return dt
+
+    return [("vLLM connector (start_load_kv into the paged cache)", vllm_load),
+            ("SGLang backend (batch_get_v1 into the page_first host pool)", sglang_load),
+            ("LMCache L2 adapter (submit_load_task, eventfd)", lmcache_load)]
 
 
 def main() -> None:
@@ -189,11 +294,11 @@ def main() -> None:
     a = ap.parse_args()
     out = [f"# Engine benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, model {MODEL_ID})\n"]
     only = set(a.only.split(","))
+    model = te.load_model()
     if "bandwidth" in only:
         print("load bandwidth ...", flush=True)
-        bench_bandwidth(a.blocks, a.rounds, out)
+        bench_bandwidth(model, a.blocks, a.rounds, out)
     if "ttft" in only:
-        model = te.load_model()
         print("TTFT ...", flush=True)
         bench_ttft(model, model.tokenizer, [int(x) for x in a.prefixes.split(",")], out)
     text = "\n".join(out)
