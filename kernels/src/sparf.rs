@@ -1,0 +1,474 @@
+//! SparF: SparQ's channel-subset scoring adapted to storage (InstInfer).
+//!
+//! For the `heads` query heads of one GQA group (`q [heads][d]`) over `n`
+//! tokens of one KV head:
+//!
+//! 1. [`top_channels`]: the `r` channels with the largest `sum_h |q_h,i|`
+//!    (for one head, the top-r of `|q|`), ties to the lower channel, best
+//!    first. One channel set per group, so that each chosen row of the
+//!    dim-major K is read once for all heads.
+//! 2. [`sparf_scores`]: from `K` stored **dim-major**, `Kt [d][n]` (row `i`
+//!    holds channel `i` of every token, so the `r` rows read are
+//!    contiguous), the approximate logit of each token for the group:
+//!    `score[t] = scale * max_h sum_{i in R} q_h,i * Kt[i][t]`
+//!    (accumulated in f32 in the order of `channels`). A token that matters
+//!    to any head of the group ranks high.
+//! 3. [`topk::top_k`] of the scores (k tokens), sorted back into token
+//!    order, then exact [`partial_attention`] over those rows of the
+//!    token-major `K`, `V` `[n][d]`: a definite token set, so the result
+//!    is an ordinary mergeable `(o, lse)`. [`sparf_attention`] chains the
+//!    three.
+//!
+//! COMPUTE.md defaults: `r = d/8`, `k = n/16`. The optional mean-value
+//! correction (not mergeable) is not here.
+
+use crate::attention::{AttnParams, AttnScratch, Tokens, partial_attention};
+use crate::elem::KvElem;
+use crate::simd;
+use crate::topk;
+
+/// Tokens scored per block: the block's `[heads][BLOCK]` sums (8 KiB at
+/// 8 heads) stay in L1 while the `r` channel rows stream through.
+const BLOCK: usize = 256;
+
+/// Shape of one SparF call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SparfParams {
+    pub heads: usize,
+    pub d: usize,
+    /// Channels scored (COMPUTE.md: `d / 8`).
+    pub r: usize,
+    /// Tokens attended (COMPUTE.md: `n / 16`).
+    pub k: usize,
+    /// Softmax scale, usually `1/sqrt(d)`.
+    pub scale: f32,
+}
+
+/// Scratch for the SparF kernels, made once for the largest call.
+#[derive(Debug, Clone)]
+pub struct SparfScratch {
+    heads_max: usize,
+    d_max: usize,
+    n_max: usize,
+    weight: Vec<f32>,
+    weight_top: Vec<f32>,
+    channels: Vec<u32>,
+    row: Vec<f32>,
+    acc: Vec<f32>,
+    scores: Vec<f32>,
+    top_vals: Vec<f32>,
+    attn: AttnScratch,
+}
+
+impl SparfScratch {
+    pub fn new(heads_max: usize, d_max: usize, n_max: usize) -> Self {
+        Self {
+            heads_max,
+            d_max,
+            n_max,
+            weight: vec![0.0; d_max],
+            weight_top: vec![0.0; d_max],
+            channels: vec![0; d_max],
+            row: vec![0.0; BLOCK],
+            acc: vec![0.0; heads_max * BLOCK],
+            scores: vec![0.0; n_max],
+            top_vals: vec![0.0; n_max],
+            attn: AttnScratch::new(heads_max, d_max),
+        }
+    }
+
+    /// The scores of the last [`sparf_attention`] call (`[n]`).
+    pub fn scores(&self, n: usize) -> &[f32] {
+        &self.scores[..n]
+    }
+}
+
+/// Writes the `channels.len()` best channels of `q [heads][d]` (by
+/// `sum_h |q_h,i|`, best first, ties to the lower channel).
+pub fn top_channels(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    scratch: &mut SparfScratch,
+    channels: &mut [u32],
+) {
+    let r = channels.len();
+    assert!(
+        r <= d && d <= scratch.d_max,
+        "sparf: r {r} > d {d} or d too large"
+    );
+    assert_eq!(q.len(), heads * d, "sparf: q is not [heads][d]");
+    let w = &mut scratch.weight[..d];
+    w.fill(0.0);
+    for qh in q.chunks_exact(d) {
+        for (a, b) in w.iter_mut().zip(qh) {
+            *a += b.abs();
+        }
+    }
+    let got = topk::top_k(w, r, channels, &mut scratch.weight_top[..r]);
+    assert_eq!(got, r, "sparf: NaN in q");
+}
+
+/// Approximate group scores of all `n` tokens from the dim-major `kt`
+/// (`[d][n]`) on `channels`: `out[t] = scale * max_h sum_{i in channels}
+/// q_h,i * kt[i][t]` (`out` is `[n]`).
+#[allow(clippy::too_many_arguments)]
+pub fn sparf_scores<E: KvElem>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    kt: &[E],
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+) {
+    assert!(heads > 0 && heads <= scratch.heads_max, "sparf: bad heads");
+    assert_eq!(q.len(), heads * d, "sparf: q is not [heads][d]");
+    assert_eq!(kt.len() % d, 0, "sparf: Kt is not [d][n]");
+    let n = kt.len() / d;
+    assert_eq!(out.len(), n, "sparf: out is not [n]");
+    assert!(
+        channels.iter().all(|&c| (c as usize) < d),
+        "sparf: channel out of range"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { scores_avx2(q, heads, d, kt, channels, scale, scratch, out) };
+        return;
+    }
+    scores_impl::<E, false>(q, heads, d, kt, channels, scale, scratch, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_avx2<E: KvElem>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    kt: &[E],
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+) {
+    scores_impl::<E, true>(q, heads, d, kt, channels, scale, scratch, out);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn scores_impl<E: KvElem, const FMA: bool>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    kt: &[E],
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+) {
+    let n = kt.len() / d;
+    let (row, acc) = (&mut scratch.row, &mut scratch.acc);
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        let acc = &mut acc[..heads * BLOCK];
+        for h in 0..heads {
+            acc[h * BLOCK..h * BLOCK + len].fill(0.0);
+        }
+        for &c in channels {
+            let c = c as usize;
+            let x = simd::as_f32::<E, FMA>(&kt[c * n + start..c * n + start + len], row);
+            for h in 0..heads {
+                simd::axpy::<FMA>(&mut acc[h * BLOCK..h * BLOCK + len], q[h * d + c], x);
+            }
+        }
+        let o = &mut out[start..start + len];
+        o.copy_from_slice(&acc[..len]);
+        for h in 1..heads {
+            for (a, b) in o.iter_mut().zip(&acc[h * BLOCK..h * BLOCK + len]) {
+                *a = a.max(*b);
+            }
+        }
+        simd::scale(o, scale);
+        start += len;
+    }
+}
+
+/// SparF attention for one GQA group: channels, scores, the top `p.k`
+/// tokens (written to `chosen`, in token order; the count is returned)
+/// and exact `(o, lse)` over them from the token-major `k`, `v` (`[n][d]`);
+/// `kt` is the same K dim-major (`[d][n]`).
+#[allow(clippy::too_many_arguments)]
+pub fn sparf_attention<E: KvElem>(
+    p: &SparfParams,
+    q: &[f32],
+    kt: &[E],
+    k: &[E],
+    v: &[E],
+    scratch: &mut SparfScratch,
+    chosen: &mut [u32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> usize {
+    let n = kt.len() / p.d;
+    assert!(n <= scratch.n_max, "sparf: n {n} exceeds scratch");
+    assert!(p.k <= chosen.len(), "sparf: chosen shorter than k");
+    let r = p.r.min(p.d);
+    let mut channels = std::mem::take(&mut scratch.channels);
+    top_channels(q, p.heads, p.d, scratch, &mut channels[..r]);
+    let mut scores = std::mem::take(&mut scratch.scores);
+    sparf_scores(
+        q,
+        p.heads,
+        p.d,
+        kt,
+        &channels[..r],
+        p.scale,
+        scratch,
+        &mut scores[..n],
+    );
+    let count = topk::top_k(&scores[..n], p.k.min(n), chosen, &mut scratch.top_vals);
+    scratch.channels = channels;
+    scratch.scores = scores;
+    let chosen = &mut chosen[..count];
+    chosen.sort_unstable();
+    let ap = AttnParams {
+        heads: p.heads,
+        d: p.d,
+        scale: p.scale,
+    };
+    partial_attention(
+        &ap,
+        q,
+        k,
+        v,
+        Tokens::Rows(chosen),
+        &mut scratch.attn,
+        o,
+        lse,
+    );
+    count
+}
+
+/// Writes `k` (`[n][d]`) dim-major into `kt` (`[d][n]`), in 32x32 blocks.
+pub fn to_dim_major<E: KvElem>(k: &[E], d: usize, kt: &mut [E]) {
+    assert!(
+        d > 0 && k.len().is_multiple_of(d) && kt.len() == k.len(),
+        "to_dim_major: bad shape"
+    );
+    const B: usize = 32;
+    let n = k.len() / d;
+    for t0 in (0..n).step_by(B) {
+        for i0 in (0..d).step_by(B) {
+            for t in t0..(t0 + B).min(n) {
+                for i in i0..(i0 + B).min(d) {
+                    kt[i * n + t] = k[t * d + i];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Rng, attention_f64, relerr};
+    use half::f16;
+
+    struct Case {
+        n: usize,
+        q: Vec<f32>,
+        k: Vec<f16>,
+        kt: Vec<f16>,
+        v: Vec<f16>,
+    }
+
+    fn case(heads: usize, d: usize, n: usize, seed: u64) -> Case {
+        let mut rng = Rng::new(seed);
+        let q = rng.normal_vec(heads * d, 1.0);
+        let k: Vec<f16> = rng
+            .normal_vec(n * d, 1.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let v: Vec<f16> = rng
+            .normal_vec(n * d, 1.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let mut kt = vec![f16::ZERO; n * d];
+        to_dim_major(&k, d, &mut kt);
+        Case { n, q, k, kt, v }
+    }
+
+    #[test]
+    fn channels_are_the_largest_group_weights() {
+        let c = case(4, 64, 1, 1);
+        let mut s = SparfScratch::new(4, 64, 1);
+        let mut ch = vec![0u32; 8];
+        top_channels(&c.q, 4, 64, &mut s, &mut ch);
+        let mut w: Vec<(f64, u32)> = (0..64)
+            .map(|i| ((0..4).map(|h| c.q[h * 64 + i].abs() as f64).sum(), i as u32))
+            .collect();
+        w.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite").then(a.1.cmp(&b.1)));
+        let want: Vec<u32> = w[..8].iter().map(|x| x.1).collect();
+        assert_eq!(ch, want);
+    }
+
+    /// Scores against f64 on the same channels: max error <= 1e-5 of the
+    /// largest |score|.
+    #[test]
+    fn scores_match_f64() {
+        let c = case(8, 128, 1000, 2);
+        let channels: Vec<u32> = vec![
+            5, 77, 3, 120, 64, 9, 100, 31, 0, 127, 42, 88, 17, 55, 66, 99,
+        ];
+        let mut s = SparfScratch::new(8, 128, 1000);
+        let mut out = vec![0.0; c.n];
+        sparf_scores(&c.q, 8, 128, &c.kt, &channels, 0.25, &mut s, &mut out);
+        let want: Vec<f64> = (0..c.n)
+            .map(|t| {
+                (0..8)
+                    .map(|h| {
+                        channels
+                            .iter()
+                            .map(|&i| {
+                                c.q[h * 128 + i as usize] as f64
+                                    * c.k[t * 128 + i as usize].to_f64()
+                            })
+                            .sum::<f64>()
+                    })
+                    .fold(f64::NEG_INFINITY, f64::max)
+                    * 0.25
+            })
+            .collect();
+        let top = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
+        for (g, w) in out.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 1e-5 * top, "{g} vs {w}");
+        }
+    }
+
+    /// With every channel and every token, SparF is dense attention.
+    #[test]
+    fn full_budget_is_exact_attention() {
+        let c = case(4, 32, 300, 3);
+        let p = SparfParams {
+            heads: 4,
+            d: 32,
+            r: 32,
+            k: 300,
+            scale: 1.0 / 32f32.sqrt(),
+        };
+        let mut s = SparfScratch::new(4, 32, 300);
+        let (mut chosen, mut o, mut lse) = (vec![0; 300], vec![0.0; 4 * 32], vec![0.0; 4]);
+        let got = sparf_attention(
+            &p,
+            &c.q,
+            &c.kt,
+            &c.k,
+            &c.v,
+            &mut s,
+            &mut chosen,
+            &mut o,
+            &mut lse,
+        );
+        assert_eq!(got, 300);
+        assert!(chosen.iter().enumerate().all(|(i, &t)| i as u32 == t));
+        let wide = |x: &[f16]| x.iter().map(|a| a.to_f32()).collect::<Vec<_>>();
+        let (o_ref, _) = attention_f64(4, 32, &c.q, &wide(&c.k), &wide(&c.v), &chosen);
+        assert!(relerr(&o, &o_ref) < 2e-6);
+    }
+
+    /// The chosen set is the top-k of the scores, in token order, and the
+    /// output is exact attention over it.
+    #[test]
+    fn attends_exactly_over_the_top_scored_tokens() {
+        let c = case(8, 128, 2000, 4);
+        let p = SparfParams {
+            heads: 8,
+            d: 128,
+            r: 16,
+            k: 125,
+            scale: 1.0 / 128f32.sqrt(),
+        };
+        let mut s = SparfScratch::new(8, 128, 2000);
+        let (mut chosen, mut o, mut lse) = (vec![0; 125], vec![0.0; 8 * 128], vec![0.0; 8]);
+        let got = sparf_attention(
+            &p,
+            &c.q,
+            &c.kt,
+            &c.k,
+            &c.v,
+            &mut s,
+            &mut chosen,
+            &mut o,
+            &mut lse,
+        );
+        assert_eq!(got, 125);
+        assert!(chosen.windows(2).all(|w| w[0] < w[1]));
+        let scores = s.scores(c.n).to_vec();
+        let mut order: Vec<u32> = (0..c.n as u32).collect();
+        order.sort_by(|a, b| {
+            scores[*b as usize]
+                .partial_cmp(&scores[*a as usize])
+                .expect("finite")
+                .then(a.cmp(b))
+        });
+        let mut want = order[..125].to_vec();
+        want.sort_unstable();
+        assert_eq!(chosen, want);
+        let wide = |x: &[f16]| x.iter().map(|a| a.to_f32()).collect::<Vec<_>>();
+        let (o_ref, _) = attention_f64(8, 128, &c.q, &wide(&c.k), &wide(&c.v), &chosen);
+        assert!(relerr(&o, &o_ref) < 2e-6);
+    }
+
+    /// Sanity on skewed data (a few keys aligned with the query, heavy
+    /// channels as real queries have): at r = d/8, k = n/16 the chosen set
+    /// holds >= 90% of the softmax mass.
+    #[test]
+    fn captures_the_mass_of_skewed_attention() {
+        let (d, n) = (128, 4096);
+        let mut rng = Rng::new(6);
+        let mut q = rng.normal_vec(d, 0.3);
+        for i in 0..12 {
+            q[i * 10] = if i.is_multiple_of(2) { 4.0 } else { -4.0 };
+        }
+        let mut k = rng.normal_vec(n * d, 1.0);
+        for t in (0..n).step_by(41) {
+            for i in 0..d {
+                k[t * d + i] += q[i] * 0.8;
+            }
+        }
+        let mut kt = vec![0.0; n * d];
+        to_dim_major(&k, d, &mut kt);
+        let p = SparfParams {
+            heads: 1,
+            d,
+            r: d / 8,
+            k: n / 16,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let mut s = SparfScratch::new(1, d, n);
+        let (mut chosen, mut o, mut lse) = (vec![0; n / 16], vec![0.0; d], vec![0.0; 1]);
+        sparf_attention(&p, &q, &kt, &k, &k, &mut s, &mut chosen, &mut o, &mut lse);
+        let all: Vec<u32> = (0..n as u32).collect();
+        let (_, lse_full) = attention_f64(1, d, &q, &k, &k, &all);
+        let mass = (lse[0] as f64 - lse_full[0]).exp();
+        assert!(mass >= 0.9, "mass {mass}");
+    }
+
+    #[test]
+    fn dim_major_is_a_transpose() {
+        let k: Vec<f32> = (0..70 * 33).map(|i| i as f32).collect();
+        let mut kt = vec![0.0; k.len()];
+        to_dim_major(&k, 33, &mut kt);
+        for t in 0..70 {
+            for i in 0..33 {
+                assert_eq!(kt[i * 70 + t], k[t * 33 + i]);
+            }
+        }
+    }
+}
