@@ -85,3 +85,39 @@ def test_matches_dense_llama_cpp_convention_reference(model, weights, chat_promp
     assert set(np.argsort(got)[-10:]) == set(top)
     # float16 KV cache: small absolute differences only
     assert np.max(np.abs(got - ref)) < 0.05, np.max(np.abs(got - ref))
+
+
+def test_capture_hook_changes_no_bits(model, chat_prompt):
+    """The capture hook sees post-RoPE Q/K and V of the valid rows, as the
+    cache gets them, and leaves logits and KV bytes bit-identical."""
+    n = len(chat_prompt)
+
+    def run(hook):
+        eng = te.Engine(model, num_blocks=8)
+        req = eng.add_request(chat_prompt, max_new_tokens=3, ignore_eos=True, record_logits=True)
+        if hook is None:
+            eng.run()
+        else:
+            with model.capturing(hook, layers=[1, 29]):
+                eng.run()
+        assert model.capture is None
+        return req, eng
+
+    seen = []
+    plain, eng_plain = run(None)
+    hooked, eng_hooked = run(lambda layer, q, k, v, pos: seen.append((layer, q, k, v, pos)))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(plain.logits, hooked.logits))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(eng_plain.kv_caches, eng_hooked.kv_caches))
+    assert {s[0] for s in seen} == {1, 29}
+    for layer in (1, 29):
+        pos = np.concatenate([s[4] for s in seen if s[0] == layer])
+        assert pos.tolist() == list(range(n + 2))  # prompt, then 2 decode tokens (the 3rd is not fed back)
+        q = np.concatenate([s[1] for s in seen if s[0] == layer])
+        k = np.concatenate([s[2] for s in seen if s[0] == layer])
+        v = np.concatenate([s[3] for s in seen if s[0] == layer])
+        assert q.shape == (n + 2, 9, 64) and k.shape == v.shape == (n + 2, 3, 64) and q.dtype == np.float32
+        ids = np.asarray(hooked.block_ids)
+        kc = eng_hooked.kv_cache.key_cache(layer)[ids].reshape(-1, 3, 64)[: n + 2]
+        vc = eng_hooked.kv_cache.value_cache(layer)[ids].reshape(-1, 3, 64)[: n + 2]
+        assert k.astype(np.float16).tobytes() == kc.tobytes()
+        assert v.astype(np.float16).tobytes() == vc.tobytes()

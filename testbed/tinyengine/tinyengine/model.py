@@ -24,7 +24,8 @@ and the K cache holds keys in HF/vLLM head-dim order.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+#: ``capture(layer, q, k, v, positions)``: see :attr:`Model.capture`.
+CaptureFn = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
 @dataclass
 class _Layer:
     attn_norm: np.ndarray  # (H,)
@@ -96,7 +101,27 @@ class _Layer:
 
 
 class Model:
-    """Weights, tokenizer and the per-layer forward used by :class:`~tinyengine.engine.Engine`."""
+    """Weights, tokenizer and the per-layer forward used by :class:`~tinyengine.engine.Engine`.
+
+    Capture hook (optional, off by default): when :attr:`capture` is set,
+    :meth:`layer_forward` calls ``capture(layer, q, k, v, positions)`` for
+    every tile it computes in a layer of :attr:`capture_layers` (``None``:
+    every layer), right after RoPE and before the K/V are written to the
+    cache. ``q`` is ``(n, num_heads, head_dim)``, ``k`` and ``v`` are
+    ``(n, num_kv_heads, head_dim)``, all float32 (post-RoPE Q and K,
+    pre-float16 K/V), for the tile's valid rows only (padding rows excluded),
+    and ``positions`` is the ``(n,)`` int64 array of their absolute positions.
+    The arrays are fresh copies: the callback may keep or modify them. Blocks
+    loaded through ``hooks.load`` are not computed, hence not captured. The
+    hook only reads; with it set or not, every result is bit-identical.
+    Prefer the :meth:`capturing` context manager, which restores the previous
+    setting on exit.
+    """
+
+    #: optional capture callback (see the class docstring); ``None``: off
+    capture: CaptureFn | None = None
+    #: layers the callback sees; ``None``: all
+    capture_layers: frozenset[int] | None = None
 
     def __init__(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
         tied = "output.weight" not in tensors
@@ -137,6 +162,20 @@ class Model:
         self._cos = np.cos(emb).astype(f32)  # (max_pos, hd)
         self._sin = np.sin(emb).astype(f32)
         self._scale = f32(1.0 / np.sqrt(hd))
+
+    @contextmanager
+    def capturing(self, fn: CaptureFn, layers: Iterable[int] | None = None) -> Iterator[Model]:
+        """Set :attr:`capture` to ``fn`` for ``layers`` (``None``: all) inside
+        a ``with`` block; the previous setting is restored on exit."""
+        prev = (self.capture, self.capture_layers)
+        sel = None if layers is None else frozenset(int(i) for i in layers)
+        if sel is not None and not all(0 <= i < self.config.num_layers for i in sel):
+            raise ValueError(f"capture layers {sorted(sel)} outside 0..{self.config.num_layers - 1}")
+        self.capture, self.capture_layers = fn, sel
+        try:
+            yield self
+        finally:
+            self.capture, self.capture_layers = prev
 
     # ---- building blocks -------------------------------------------------------------
 
@@ -203,6 +242,9 @@ class Model:
         sin = self._sin[tile : tile + T, None, :]
         q = self._rope(q, cos, sin)
         k = self._rope(k, cos, sin)
+        cap = self.capture
+        if cap is not None and (self.capture_layers is None or layer in self.capture_layers):
+            cap(layer, q[lo:hi].copy(), k[lo:hi].copy(), v[lo:hi].copy(), np.arange(start, end, dtype=np.int64))
         kv_cache.write_tokens(layer, block_table, start, k[lo:hi], v[lo:hi])
 
         # Attention over pages 0 .. tile // bs, read back from the cache.
