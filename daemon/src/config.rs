@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::attend::{AttendConfig, SummaryConfig};
 use crate::store::{Admission, EvictionKind, NvmePolicy, ReclaimOrder, ReclaimPolicy, StoreConfig};
 use crate::tier::DramConfig;
 use crate::tier::nvme::NvmeConfig;
@@ -89,7 +90,38 @@ pub struct Config {
     pub server: ServerConfig,
     pub store: StoreSection,
     pub tiers: TiersConfig,
+    pub compute: ComputeSection,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComputeSection {
+    pub abstracts: bool,
+    pub abstracts_bytes: ByteSize,
+    pub threads: u32,
+    pub max_inflight: u32,
+    pub max_sequences: u32,
+    pub max_query_heads: u32,
+    pub sparse_budget_fraction: f64,
+    pub read_wave_bytes: ByteSize,
+    pub promote: bool,
+}
+
+impl Default for ComputeSection {
+    fn default() -> Self {
+        ComputeSection {
+            abstracts: true,
+            abstracts_bytes: ByteSize(0),
+            threads: 0,
+            max_inflight: 64,
+            max_sequences: 256,
+            max_query_heads: 256,
+            sparse_budget_fraction: 0.05,
+            read_wave_bytes: ByteSize(64 << 20),
+            promote: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -199,6 +231,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             store: StoreSection::default(),
             tiers: TiersConfig::default(),
+            compute: ComputeSection::default(),
             log: LogConfig::default(),
         }
     }
@@ -301,6 +334,7 @@ pub struct Resolved {
     pub granule: u64,
     /// `None` when the NVMe tier is disabled (`tiers.nvme.bytes = 0`).
     pub nvme: Option<NvmeConfig>,
+    pub compute: AttendConfig,
 }
 
 impl Config {
@@ -593,6 +627,43 @@ impl Config {
         if self.log.level.is_empty() {
             return bad("log.level", "must not be empty; e.g. \"info\"");
         }
+        let cp = &self.compute;
+        for (field, v) in [
+            ("compute.max_inflight", cp.max_inflight),
+            ("compute.max_sequences", cp.max_sequences),
+            ("compute.max_query_heads", cp.max_query_heads),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if !(cp.sparse_budget_fraction > 0.0 && cp.sparse_budget_fraction <= 1.0) {
+            return bad(
+                "compute.sparse_budget_fraction",
+                format!("{} must be in (0, 1]", cp.sparse_budget_fraction),
+            );
+        }
+        if cp.read_wave_bytes.0 < 1 << 20 || cp.read_wave_bytes.0 > 16 << 30 {
+            return bad(
+                "compute.read_wave_bytes",
+                format!("{} must be between 1MiB and 16GiB", cp.read_wave_bytes),
+            );
+        }
+        let nvme_bytes = nvme.as_ref().map_or(0, |n| n.capacity_bytes);
+        let abstracts_bytes = match cp.abstracts_bytes.0 {
+            0 => ((d.bytes.0 + nvme_bytes) / 16).max(1 << 20),
+            b => b,
+        };
+        if cp.abstracts && abstracts_bytes > 1 << 38 {
+            return bad(
+                "compute.abstracts_bytes",
+                format!("{} is above 256GiB", ByteSize(abstracts_bytes)),
+            );
+        }
+        let threads = match cp.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        };
         Ok(Resolved {
             listen,
             uds,
@@ -610,6 +681,10 @@ impl Config {
                 reservation_ttl: Duration::from_millis(st.reservation_ttl_ms),
                 max_reservation_ttl: Duration::from_millis(st.max_reservation_ttl_ms),
                 event_buffer: st.event_buffer as usize,
+                summaries: SummaryConfig {
+                    enabled: cp.abstracts,
+                    bytes: abstracts_bytes,
+                },
                 nvme: NvmePolicy {
                     admission,
                     write_budget_bytes_per_sec: nv.write_budget_bytes_per_sec.0,
@@ -628,6 +703,15 @@ impl Config {
             },
             granule,
             nvme,
+            compute: AttendConfig {
+                threads,
+                max_inflight: cp.max_inflight as usize,
+                max_sequences: cp.max_sequences as usize,
+                max_query_heads: cp.max_query_heads as usize,
+                sparse_budget_fraction: cp.sparse_budget_fraction,
+                read_wave_bytes: cp.read_wave_bytes.0,
+                promote: cp.promote,
+            },
         })
     }
 }
@@ -695,5 +779,16 @@ mod tests {
         assert_eq!(c.resolve().unwrap_err().field, "tiers.dram.high_watermark");
         let c = Config::from_toml("[server]\nlisten = \"off\"\nuds = \"off\"\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "server.listen");
+        let c = Config::from_toml("[compute]\nsparse_budget_fraction = 0.0\n").unwrap();
+        assert_eq!(
+            c.resolve().unwrap_err().field,
+            "compute.sparse_budget_fraction"
+        );
+        let c = Config::from_toml("[compute]\nmax_sequences = 0\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "compute.max_sequences");
+        // 1GiB of DRAM + 4GiB of NVMe by default: a sixteenth for abstracts.
+        let r = Config::default().resolve().unwrap();
+        assert_eq!(r.store.summaries.bytes, 320 << 20);
+        assert!(r.store.summaries.enabled);
     }
 }

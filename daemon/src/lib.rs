@@ -2,6 +2,7 @@
 //! the config and calls [`daemon::run`]; tests and benchmarks drive the
 //! same library.
 
+pub mod attend;
 pub mod config;
 pub mod metrics;
 pub mod server;

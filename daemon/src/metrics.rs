@@ -139,6 +139,10 @@ pub struct StoreMetrics {
     pub segments_reclaimed: Counter,
     /// Torn or damaged records discarded by the scan at start.
     pub recovered_torn: Counter,
+    /// Block summaries (Attend) computed, and blocks left without one
+    /// because the region was full.
+    pub summaries_computed: Counter,
+    pub summaries_skipped_full: Counter,
 }
 
 impl StoreMetrics {
@@ -262,6 +266,69 @@ impl StoreMetrics {
                 "Torn or damaged NVMe records discarded at start",
                 &[],
             ),
+            summaries_computed: r.counter(
+                "strata_attend_abstracts_computed_total",
+                "Block abstracts (and layer checksums) computed at publish or recovery",
+                &[],
+            ),
+            summaries_skipped_full: r.counter(
+                "strata_attend_abstracts_skipped_total",
+                "Blocks left without an abstract, by reason",
+                &[("reason", "region_full")],
+            ),
+        }
+    }
+}
+
+/// Attend (attention near the data) metrics.
+pub struct AttendMetrics {
+    /// Sequences answered, by mode (dense, sparse, sparf).
+    pub sequences: [Counter; 3],
+    pub tokens: Counter,
+    /// Bytes and blocks read, [dram, nvme].
+    pub read_bytes: [Counter; 2],
+    pub read_blocks: [Counter; 2],
+    /// Calls refused by compute.max_inflight.
+    pub rejected: Counter,
+}
+
+impl AttendMetrics {
+    pub fn new(r: &Registry) -> Self {
+        let seq = |mode| {
+            r.counter(
+                "strata_attend_sequences_total",
+                "Sequences answered by Attend, by mode",
+                &[("mode", mode)],
+            )
+        };
+        let bytes = |tier| {
+            r.counter(
+                "strata_attend_read_bytes_total",
+                "Bytes Attend read (K/V payload and its verification), by tier",
+                &[("tier", tier)],
+            )
+        };
+        let blocks = |tier| {
+            r.counter(
+                "strata_attend_read_blocks_total",
+                "Blocks Attend read, by tier",
+                &[("tier", tier)],
+            )
+        };
+        AttendMetrics {
+            sequences: [seq("dense"), seq("sparse"), seq("sparf")],
+            tokens: r.counter(
+                "strata_attend_tokens_total",
+                "Tokens attended by Attend (per sequence; SPARF: the largest head's set)",
+                &[],
+            ),
+            read_bytes: [bytes("dram"), bytes("nvme")],
+            read_blocks: [blocks("dram"), blocks("nvme")],
+            rejected: r.counter(
+                "strata_server_limit_rejections_total",
+                "Requests refused by a configured limit",
+                &[("limit", "compute.max_inflight")],
+            ),
         }
     }
 }
@@ -281,6 +348,9 @@ pub struct StateGauges {
     pub reserved_bytes: Gauge,
     pub index_bytes: Gauge,
     pub namespaces: Gauge,
+    pub abstract_bytes: Gauge,
+    pub abstract_capacity_bytes: Gauge,
+    pub abstract_blocks: Gauge,
 }
 
 impl StateGauges {
@@ -351,6 +421,21 @@ impl StateGauges {
                 &[],
             ),
             namespaces: r.gauge("strata_store_namespaces", "Registered namespaces", &[]),
+            abstract_bytes: r.gauge(
+                "strata_attend_abstract_bytes",
+                "DRAM bytes held by block abstracts and layer checksums (Attend)",
+                &[],
+            ),
+            abstract_capacity_bytes: r.gauge(
+                "strata_attend_abstract_capacity_bytes",
+                "Size of the region reserved for block abstracts (compute.abstracts_bytes)",
+                &[],
+            ),
+            abstract_blocks: r.gauge(
+                "strata_attend_abstract_blocks",
+                "Blocks that have an abstract",
+                &[],
+            ),
         }
     }
 }

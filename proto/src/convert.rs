@@ -457,9 +457,232 @@ impl TryFrom<pb::SubscribeRequest> for SubscribeReq {
     }
 }
 
+/// How an Attend call chooses the tokens it attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttendMode {
+    Dense,
+    Sparse,
+    Sparf,
+}
+
+/// The budget of a sparse Attend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// The daemon's default fraction of the covered tokens.
+    Default,
+    Tokens(u32),
+    /// Bytes of K and V of the layer; converted into tokens.
+    Bytes(u64),
+}
+
+/// One sequence of an Attend call.
+#[derive(Debug, Clone)]
+pub struct AttendSeq {
+    pub keys: Vec<BlockKey>,
+    /// Tokens of the last key's block to attend (None: all it holds).
+    pub last_block_tokens: Option<u32>,
+    /// `[heads][head_dim]`, every value finite; the shape is checked
+    /// against the layout by the daemon.
+    pub queries: Vec<f32>,
+}
+
+/// An Attend call, checked as far as it can be without the layout.
+#[derive(Debug, Clone)]
+pub struct AttendReq {
+    pub namespace: NamespaceId,
+    pub layer: u32,
+    pub mode: AttendMode,
+    /// None: `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    pub sequences: Vec<AttendSeq>,
+    pub budget: Budget,
+    pub sparf_channels: Option<u32>,
+    pub sparf_tokens: Option<u32>,
+}
+
+impl TryFrom<pb::AttendRequest> for AttendReq {
+    type Error = FieldError;
+    fn try_from(r: pb::AttendRequest) -> Result<Self, FieldError> {
+        let namespace = namespace(r.namespace_id)?;
+        let mode = match pb::AttendMode::try_from(r.mode) {
+            Ok(pb::AttendMode::Dense) => AttendMode::Dense,
+            Ok(pb::AttendMode::Sparse) => AttendMode::Sparse,
+            Ok(pb::AttendMode::Sparf) => AttendMode::Sparf,
+            Ok(pb::AttendMode::Unspecified) => {
+                return Err(FieldError::new(
+                    "mode",
+                    "is unspecified; DENSE, SPARSE or SPARF",
+                ));
+            }
+            Err(_) => {
+                return Err(FieldError::new("mode", format!("unknown value {}", r.mode)));
+            }
+        };
+        if !r.scale.is_finite() || r.scale < 0.0 {
+            return Err(FieldError::new(
+                "scale",
+                format!(
+                    "{} is not a positive finite number (0 = 1/sqrt(head_dim))",
+                    r.scale
+                ),
+            ));
+        }
+        if r.sequences.is_empty() {
+            return Err(FieldError::new(
+                "sequences",
+                "at least one sequence is required",
+            ));
+        }
+        let budget = match (r.budget_tokens, r.budget_bytes) {
+            (0, 0) => Budget::Default,
+            (t, 0) => Budget::Tokens(t),
+            (0, b) => Budget::Bytes(b),
+            _ => {
+                return Err(FieldError::new(
+                    "budget_bytes",
+                    "give budget_tokens or budget_bytes, not both",
+                ));
+            }
+        };
+        if mode != AttendMode::Sparse && budget != Budget::Default {
+            let f = if r.budget_tokens != 0 {
+                "budget_tokens"
+            } else {
+                "budget_bytes"
+            };
+            return Err(FieldError::new(f, "only SPARSE takes a budget"));
+        }
+        if mode != AttendMode::Sparf {
+            for (f, v) in [
+                ("sparf_channels", r.sparf_channels),
+                ("sparf_tokens", r.sparf_tokens),
+            ] {
+                if v != 0 {
+                    return Err(FieldError::new(f, "only SPARF takes this parameter"));
+                }
+            }
+        }
+        let mut sequences = Vec::with_capacity(r.sequences.len());
+        for (i, s) in r.sequences.into_iter().enumerate() {
+            let keys = keys(&format!("sequences[{i}].keys"), &s.keys)?;
+            if s.queries.is_empty() {
+                return Err(FieldError::new(
+                    format!("sequences[{i}].queries"),
+                    "is empty; [num_q_heads][head_dim] f32 values are required",
+                ));
+            }
+            if let Some(j) = s.queries.iter().position(|x| !x.is_finite()) {
+                return Err(FieldError::new(
+                    format!("sequences[{i}].queries[{j}]"),
+                    format!("{} is not a finite number", s.queries[j]),
+                ));
+            }
+            sequences.push(AttendSeq {
+                keys,
+                last_block_tokens: (s.last_block_tokens != 0).then_some(s.last_block_tokens),
+                queries: s.queries,
+            });
+        }
+        Ok(AttendReq {
+            namespace,
+            layer: r.layer,
+            mode,
+            scale: (r.scale != 0.0).then_some(r.scale),
+            sequences,
+            budget,
+            sparf_channels: (r.sparf_channels != 0).then_some(r.sparf_channels),
+            sparf_tokens: (r.sparf_tokens != 0).then_some(r.sparf_tokens),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attend_requests_are_checked_field_by_field() {
+        let seq = |keys: Vec<bytes::Bytes>, queries: Vec<f32>| pb::AttendSequence {
+            keys,
+            last_block_tokens: 0,
+            queries,
+        };
+        let good = || pb::AttendRequest {
+            namespace_id: 1,
+            layer: 0,
+            mode: pb::AttendMode::Dense as i32,
+            scale: 0.0,
+            sequences: vec![seq(vec![vec![1u8].into()], vec![0.5; 4])],
+            ..Default::default()
+        };
+        let r = AttendReq::try_from(good()).unwrap();
+        assert_eq!(r.mode, AttendMode::Dense);
+        assert_eq!(r.scale, None);
+        assert_eq!(r.budget, Budget::Default);
+        let field = |r: pb::AttendRequest| AttendReq::try_from(r).unwrap_err().field;
+        assert_eq!(field(pb::AttendRequest { mode: 0, ..good() }), "mode");
+        assert_eq!(
+            field(pb::AttendRequest {
+                sequences: vec![],
+                ..good()
+            }),
+            "sequences"
+        );
+        assert_eq!(
+            field(pb::AttendRequest {
+                sequences: vec![
+                    seq(vec![vec![1u8].into()], vec![0.5; 4]),
+                    seq(vec![], vec![1.0])
+                ],
+                ..good()
+            }),
+            "sequences[1].keys"
+        );
+        assert_eq!(
+            field(pb::AttendRequest {
+                sequences: vec![seq(vec![vec![1u8].into()], vec![0.5, f32::NAN])],
+                ..good()
+            }),
+            "sequences[0].queries[1]"
+        );
+        assert_eq!(
+            field(pb::AttendRequest {
+                scale: -1.0,
+                ..good()
+            }),
+            "scale"
+        );
+        assert_eq!(
+            field(pb::AttendRequest {
+                budget_tokens: 5,
+                ..good()
+            }),
+            "budget_tokens"
+        );
+        assert_eq!(
+            field(pb::AttendRequest {
+                mode: pb::AttendMode::Sparse as i32,
+                budget_tokens: 5,
+                budget_bytes: 5,
+                ..good()
+            }),
+            "budget_bytes"
+        );
+        assert_eq!(
+            field(pb::AttendRequest {
+                sparf_tokens: 5,
+                ..good()
+            }),
+            "sparf_tokens"
+        );
+        let r = AttendReq::try_from(pb::AttendRequest {
+            mode: pb::AttendMode::Sparse as i32,
+            budget_bytes: 4096,
+            ..good()
+        })
+        .unwrap();
+        assert_eq!(r.budget, Budget::Bytes(4096));
+    }
 
     #[test]
     fn errors_name_the_field() {

@@ -372,12 +372,15 @@ impl Layout {
         self.block_bytes_u128() as u64
     }
 
-    /// The namespace id: XXH3-64 of a canonical, versioned encoding of every
-    /// field (little-endian integers, length-prefixed strings). Stable across
-    /// processes, machines and releases; changing it is a format break.
-    pub fn namespace_id(&self) -> NamespaceId {
+    /// The canonical, versioned encoding of every field (little-endian
+    /// integers, length-prefixed strings): what [`namespace_id`] hashes,
+    /// and what the daemon persists so that a restart knows the layouts of
+    /// the blocks it recovers ([`Layout::from_canonical`] reads it back).
+    ///
+    /// [`namespace_id`]: Layout::namespace_id
+    pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(64 + self.model_id.len() + self.tenant_salt.len());
-        buf.extend_from_slice(b"strata.layout.v1\0");
+        buf.extend_from_slice(CANONICAL_TAG);
         buf.extend_from_slice(&(self.model_id.len() as u32).to_le_bytes());
         buf.extend_from_slice(self.model_id.as_bytes());
         buf.push(self.dtype.code());
@@ -394,7 +397,76 @@ impl Layout {
         }
         buf.extend_from_slice(&(self.tenant_salt.len() as u32).to_le_bytes());
         buf.extend_from_slice(&self.tenant_salt);
-        NamespaceId(xxhash_rust::xxh3::xxh3_64(&buf))
+        buf
+    }
+
+    /// Decodes [`canonical_bytes`](Layout::canonical_bytes) and validates
+    /// the result; any other input is an error (never a misread layout).
+    pub fn from_canonical(b: &[u8]) -> Result<Layout, String> {
+        let mut r = Reader(b);
+        if r.take(CANONICAL_TAG.len())? != CANONICAL_TAG {
+            return Err("not a strata.layout.v1 encoding".into());
+        }
+        let n = r.u32()? as usize;
+        if n > MAX_MODEL_ID_BYTES {
+            return Err(format!("model id of {n} bytes"));
+        }
+        let model_id = std::str::from_utf8(r.take(n)?)
+            .map_err(|_| "model id is not UTF-8".to_string())?
+            .to_string();
+        let dtype = match r.take(1)?[0] {
+            1 => Dtype::F32,
+            2 => Dtype::F16,
+            3 => Dtype::Bf16,
+            4 => Dtype::Fp8E4m3,
+            c => return Err(format!("unknown dtype code {c}")),
+        };
+        let kv_kind = match r.take(1)?[0] {
+            1 => KvKind::Separate,
+            2 => KvKind::Mla,
+            c => return Err(format!("unknown kv kind code {c}")),
+        };
+        let mut dims = [0u32; 6];
+        for d in &mut dims {
+            *d = r.u32()?;
+        }
+        let n = r.u32()? as usize;
+        if n > MAX_TENANT_SALT_BYTES {
+            return Err(format!("tenant salt of {n} bytes"));
+        }
+        let tenant_salt = r.take(n)?.to_vec();
+        if !r.0.is_empty() {
+            return Err(format!("{} bytes after the layout", r.0.len()));
+        }
+        let [
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            tokens_per_block,
+            tp_rank,
+            tp_size,
+        ] = dims;
+        let layout = Layout {
+            model_id,
+            dtype,
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            tokens_per_block,
+            kv_kind,
+            tp_rank,
+            tp_size,
+            tenant_salt,
+        };
+        layout.validate().map_err(|e| e.to_string())?;
+        Ok(layout)
+    }
+
+    /// The namespace id: XXH3-64 of [`canonical_bytes`](Layout::canonical_bytes).
+    /// Stable across processes, machines and releases; changing it is a
+    /// format break.
+    pub fn namespace_id(&self) -> NamespaceId {
+        NamespaceId(xxhash_rust::xxh3::xxh3_64(&self.canonical_bytes()))
     }
 
     /// Validates a block length against this layout.
@@ -408,6 +480,27 @@ impl Layout {
             ));
         }
         Ok(())
+    }
+}
+
+const CANONICAL_TAG: &[u8] = b"strata.layout.v1\0";
+
+/// A cursor over bytes being decoded.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("truncated layout encoding".into());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
@@ -453,6 +546,28 @@ mod tests {
         assert_ne!(a.namespace_id(), c.namespace_id());
         assert_eq!(a.block_bytes(), 30 * 2 * 3 * 64 * 2 * 16);
         assert_eq!(a.token_bytes() * 16, a.block_bytes());
+    }
+
+    #[test]
+    fn canonical_encoding_round_trips_and_refuses_garbage() {
+        let mut l = layout();
+        l.tenant_salt = b"salt".to_vec();
+        l.dtype = Dtype::Bf16;
+        let b = l.canonical_bytes();
+        assert_eq!(Layout::from_canonical(&b).unwrap(), l);
+        assert_eq!(
+            NamespaceId(xxhash_rust::xxh3::xxh3_64(&b)),
+            l.namespace_id()
+        );
+        for cut in 0..b.len() {
+            assert!(Layout::from_canonical(&b[..cut]).is_err(), "cut {cut}");
+        }
+        let mut extra = b.clone();
+        extra.push(0);
+        assert!(Layout::from_canonical(&extra).is_err());
+        let mut bad = b.clone();
+        bad[0] ^= 1;
+        assert!(Layout::from_canonical(&bad).is_err());
     }
 
     #[test]

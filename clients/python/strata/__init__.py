@@ -6,6 +6,8 @@
   (the daemon's arena mapped, numpy views of slots);
 - :mod:`strata.errors`: typed errors carrying the gRPC status and message;
 - :mod:`strata.keys`: chained block keys from token ids;
+- :mod:`strata.merge`: the exact log-sum-exp merge of partial attention
+  (``Client.attend`` answers merged with the engine's own part);
 - :mod:`strata.integrations`: vLLM, SGLang and LMCache adapters.
 """
 
@@ -15,8 +17,9 @@ from .errors import (AlreadyExists, ArenaChanged, DataLoss, DeadlineExceeded, Fa
                      InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, StrataError,
                      Unavailable)
 from .local import LocalClient
-from .types import (Block, DeleteResult, Dtype, KvKind, Layout, Lease, LookupResult, Namespace,
-                    PutOutcome, PutResult, StoredBlock, Tier, checksum)
+from .types import (AttendMode, AttendResult, AttendSequence, Block, DeleteResult, Dtype, KvKind,
+                    Layout, Lease, LookupResult, Namespace, PutOutcome, PutResult, StoredBlock, Tier,
+                    TierRead, checksum)
 
 __version__ = "0.1.0"
 
@@ -25,6 +28,7 @@ __all__ = [
     "StrataError", "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied",
     "FailedPrecondition", "ResourceExhausted", "Unavailable", "DeadlineExceeded", "DataLoss",
     "ArenaChanged",
+    "AttendMode", "AttendResult", "AttendSequence", "TierRead",
     "Block", "DeleteResult", "Dtype", "KvKind", "Layout", "Lease", "LookupResult", "Namespace",
     "PutOutcome", "PutResult", "StoredBlock", "Tier", "checksum",
 ]

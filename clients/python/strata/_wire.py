@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from .errors import DataLoss, InvalidArgument
-from .types import (AllBlocksCleared, Block, BlockRemoved, BlockStored, DeleteResult, EventBatch,
-                    Layout, Lease, LookupResult, Namespace, PutOutcome, PutResult, StoredBlock,
-                    Tier, as_bytes_view, checksum)
+import numpy as np
+
+from .types import (AllBlocksCleared, AttendMode, AttendResult, AttendSequence, Block, BlockRemoved,
+                    BlockStored, DeleteResult, EventBatch, Layout, Lease, LookupResult, Namespace,
+                    PutOutcome, PutResult, StoredBlock, Tier, TierRead, as_bytes_view, checksum)
 from .v1 import strata_pb2 as pb
 
 # One gRPC message carries at most this much block data (the daemon's
@@ -154,3 +156,45 @@ def event_batch(b: pb.KvEventBatch) -> EventBatch:
     return EventBatch(events=out, ts_unix_ms=b.ts_unix_ms, epoch=b.epoch, snapshot=b.snapshot,
                       snapshot_seq=b.snapshot_seq, snapshot_done=b.snapshot_done, missed=b.missed,
                       last_seq=b.last_seq)
+
+
+def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget_bytes,
+                   sparf_channels, sparf_tokens) -> pb.AttendRequest:
+    """The Attend request. ``sequences``: :class:`AttendSequence` s or
+    ``(keys, queries[, last_block_tokens])`` tuples."""
+    seqs = []
+    for s in sequences:
+        if not isinstance(s, AttendSequence):
+            s = AttendSequence(*s)
+        q = np.ascontiguousarray(s.queries, dtype=np.float32).reshape(-1)
+        seqs.append(pb.AttendSequence(keys=keys_list(s.keys), queries=q.tolist(),
+                                      last_block_tokens=s.last_block_tokens or 0))
+    return pb.AttendRequest(
+        namespace_id=ns_id(ns), layer=int(layer), mode=int(AttendMode.parse(mode)),
+        scale=float(scale or 0.0), sequences=seqs, budget_tokens=int(budget_tokens or 0),
+        budget_bytes=int(budget_bytes or 0), sparf_channels=int(sparf_channels or 0),
+        sparf_tokens=int(sparf_tokens or 0))
+
+
+def _ranges(rs) -> list[tuple[int, int]]:
+    return [(r.start, r.end) for r in rs]
+
+
+def attend_results(r: pb.AttendResponse, asked: int) -> list[AttendResult]:
+    if len(r.results) != asked:
+        raise DataLoss(f"Attend: {len(r.results)} results for {asked} sequences")
+    out = []
+    for x in r.results:
+        heads = len(x.lse)
+        if heads == 0 or len(x.o) % heads:
+            raise DataLoss(f"Attend: {len(x.o)} outputs for {heads} heads")
+        out.append(AttendResult(
+            o=np.asarray(x.o, dtype=np.float32).reshape(heads, len(x.o) // heads),
+            lse=np.asarray(x.lse, dtype=np.float32),
+            keys_present=x.keys_present, tokens_present=x.tokens_present,
+            covered=_ranges(x.covered),
+            head_covered=[_ranges(h.ranges) for h in x.head_covered],
+            reads={Tier(t.tier): TierRead(Tier(t.tier), t.blocks, t.bytes) for t in x.reads},
+            exact=x.exact, sink_included=x.sink_included, recent_included=x.recent_included,
+            tokens_attended=x.tokens_attended, abstract_bytes=x.abstract_bytes))
+    return out

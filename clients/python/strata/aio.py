@@ -12,7 +12,8 @@ import grpc.aio
 
 from . import _wire
 from .errors import Unavailable, from_rpc
-from .types import Block, DeleteResult, Layout, Lease, LookupResult, Namespace, PutOutcome, StoredBlock
+from .types import (AttendResult, Block, DeleteResult, Layout, Lease, LookupResult, Namespace,
+                    PutOutcome, StoredBlock)
 from .v1 import strata_pb2 as pb
 from .v1 import strata_pb2_grpc as pb_grpc
 from .client import DEFAULT_ENDPOINT
@@ -95,3 +96,13 @@ class AsyncClient:
 
     async def stats(self) -> pb.StatsResponse:
         return await self._call(self._stub.Stats, pb.StatsRequest())
+
+    async def attend(self, ns: "Namespace | int", sequences, layer: int, mode="dense", *,
+                     scale: float | None = None, budget_tokens: int | None = None,
+                     budget_bytes: int | None = None, sparf_channels: int | None = None,
+                     sparf_tokens: int | None = None) -> list[AttendResult]:
+        """See :meth:`strata.Client.attend`."""
+        seqs = list(sequences)
+        req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
+                                   sparf_channels, sparf_tokens)
+        return _wire.attend_results(await self._call(self._stub.Attend, req), len(seqs))

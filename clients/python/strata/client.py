@@ -13,7 +13,8 @@ import grpc
 
 from . import _wire
 from .errors import StrataError, from_rpc
-from .types import Block, DeleteResult, Layout, Lease, LookupResult, Namespace, PutOutcome, StoredBlock
+from .types import (AttendResult, Block, DeleteResult, Layout, Lease, LookupResult, Namespace,
+                    PutOutcome, StoredBlock)
 from .v1 import strata_pb2 as pb
 from .v1 import strata_pb2_grpc as pb_grpc
 
@@ -103,6 +104,23 @@ class Client:
     def stats(self) -> pb.StatsResponse:
         """Occupancy and counters per tier (the protobuf message)."""
         return self._call(self._stub.Stats, pb.StatsRequest())
+
+    def attend(self, ns: "Namespace | int", sequences, layer: int, mode="dense", *,
+               scale: float | None = None, budget_tokens: int | None = None,
+               budget_bytes: int | None = None, sparf_channels: int | None = None,
+               sparf_tokens: int | None = None) -> list[AttendResult]:
+        """Attention near the data: for one ``layer`` and each sequence (an
+        :class:`~strata.types.AttendSequence`, or ``(keys, queries[,
+        last_block_tokens])`` with queries ``(heads, head_dim)``), the
+        daemon's partial ``(o, lse)`` over the present prefix of its chain.
+        ``mode``: ``"dense"`` (exact), ``"sparse"`` (``budget_tokens`` or
+        ``budget_bytes``, default 5% of the tokens) or ``"sparf"``
+        (``sparf_channels`` r, ``sparf_tokens`` k). Merge each answer with
+        the engine's own part with :func:`strata.merge.merge`."""
+        seqs = list(sequences)
+        req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
+                                   sparf_channels, sparf_tokens)
+        return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs))
 
 
 class _Subscription:

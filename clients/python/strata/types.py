@@ -197,6 +197,89 @@ def as_bytes_view(data) -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
+# ---- Attend (attention near the data) ---------------------------------------
+
+class AttendMode(enum.IntEnum):
+    """How the daemon chooses the tokens it attends."""
+
+    #: Every token of the present prefix: exact, mergeable to full attention.
+    DENSE = 1
+    #: Blocks best-first by the upper bound of q.k from their abstracts,
+    #: within a budget; first (sink) and last (recent) blocks always in.
+    SPARSE = 2
+    #: SparF: the top-r channels of |q| score every token; the top-k tokens
+    #: are attended exactly (per KV head).
+    SPARF = 3
+
+    @classmethod
+    def parse(cls, mode: "str | AttendMode") -> "AttendMode":
+        if isinstance(mode, AttendMode):
+            return mode
+        try:
+            return cls[str(mode).upper()]
+        except KeyError:
+            raise ValueError(f"attend mode {mode!r}: expected dense, sparse or sparf") from None
+
+
+@dataclass(frozen=True)
+class AttendSequence:
+    """One sequence of an Attend call: the block keys of the prefix the
+    daemon should cover (chain order) and the queries, ``(heads, head_dim)``
+    float32 with ``heads`` a multiple of the layout's KV heads.
+    ``last_block_tokens`` cuts the last key's block (None: all it holds)."""
+
+    keys: list
+    queries: "np.ndarray"
+    last_block_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class TierRead:
+    """What one tier gave an Attend: blocks and bytes read."""
+
+    tier: Tier
+    blocks: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class AttendResult:
+    """The daemon's partial attention for one sequence.
+
+    ``o`` is ``(heads, head_dim)`` float32 and ``lse`` ``(heads,)`` float32
+    (``-inf`` for an empty set); merge them with the engine's own part with
+    :func:`strata.merge.merge` (or :meth:`merged`). ``keys_present`` leading
+    keys were present and covered (a missing block is never skipped);
+    ``covered`` are the token ranges ``[start, end)`` attended (union over
+    heads; ``head_covered`` per KV head for SPARF)."""
+
+    o: "np.ndarray"
+    lse: "np.ndarray"
+    keys_present: int
+    tokens_present: int
+    covered: list
+    head_covered: list
+    reads: dict
+    exact: bool
+    sink_included: bool
+    recent_included: bool
+    tokens_attended: int
+    abstract_bytes: int
+
+    def read_bytes(self, tier: Tier) -> int:
+        r = self.reads.get(Tier(tier))
+        return r.bytes if r else 0
+
+    def read_blocks(self, tier: Tier) -> int:
+        r = self.reads.get(Tier(tier))
+        return r.blocks if r else 0
+
+    def merged(self, o, lse) -> "tuple[np.ndarray, np.ndarray]":
+        """This answer merged with a partial over a disjoint token set."""
+        from .merge import merge
+        return merge(self.o, self.lse, o, lse)
+
+
 # ---- KV events (Subscribe) --------------------------------------------------
 
 @dataclass(frozen=True)

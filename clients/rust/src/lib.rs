@@ -8,7 +8,11 @@
 //!   its checksum before it is handed out.
 //! * [`keys`]: the documented, seed-stable helper that turns token ids into
 //!   chained block keys, identical in every process and in the Python client.
+//! * [`attend`]: attention near the data ([`Client::attend`]) and
+//!   [`attend::merge`], which combines the daemon's partial `(o, lse)` with
+//!   the engine's own.
 
+pub mod attend;
 pub mod keys;
 mod local;
 
@@ -452,6 +456,27 @@ impl Client {
 
     pub async fn stats(&mut self) -> Result<pb::StatsResponse> {
         Ok(self.rpc.stats(pb::StatsRequest {}).await?.into_inner())
+    }
+
+    /// Attention near the data: per sequence, the daemon's partial
+    /// `(o, lse)` over the present prefix of its chain, for one layer.
+    /// Merge it with the engine's own part with [`attend::merge`].
+    pub async fn attend(
+        &mut self,
+        req: &attend::AttendRequest,
+    ) -> Result<Vec<attend::AttendOutput>> {
+        let r = self.rpc.attend(attend::request_pb(req)).await?.into_inner();
+        if r.results.len() != req.sequences.len() {
+            return Err(Error::Protocol(format!(
+                "{} Attend results for {} sequences",
+                r.results.len(),
+                req.sequences.len()
+            )));
+        }
+        r.results
+            .into_iter()
+            .map(|x| attend::output(x).map_err(Error::Protocol))
+            .collect()
     }
 }
 

@@ -107,6 +107,9 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             .set(st.tiers.iter().map(|t| t.reserved_bytes).sum::<u64>() as f64);
         g.index_bytes.set(st.index_bytes as f64);
         g.namespaces.set(st.namespaces as f64);
+        g.abstract_bytes.set(st.summary_bytes as f64);
+        g.abstract_capacity_bytes.set(st.summary_capacity as f64);
+        g.abstract_blocks.set(st.summary_blocks as f64);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

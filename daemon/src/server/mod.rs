@@ -327,9 +327,14 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         server_metrics.clone(),
     );
     let max_msg = s.max_message_bytes.0 as usize;
+    let attend = Arc::new(crate::attend::exec::AttendCtx::new(
+        r.compute.clone(),
+        crate::metrics::AttendMetrics::new(&registry),
+    ));
     let svc = StrataServer::new(StrataService::new(
         store.clone(),
         limits,
+        attend,
         s.stream_chunk_bytes.0 as usize,
         &server_metrics,
         stop.clone(),

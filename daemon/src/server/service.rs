@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use strata_proto::convert::{
-    CommitReq, DeleteReq, GetReq, GetSlotsReq, LookupReq, PutHeader, ReleaseReq, ReserveReq,
-    SubscribeReq,
+    AttendReq, CommitReq, DeleteReq, GetReq, GetSlotsReq, LookupReq, PutHeader, ReleaseReq,
+    ReserveReq, SubscribeReq,
 };
 use strata_proto::{FieldError, Layout, ReservationId, pb};
 use tokio::sync::mpsc;
@@ -18,6 +18,7 @@ use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::limits::Limits;
+use crate::attend::exec::{self, AttendCtx, SeqResult};
 use crate::metrics::{MethodMetrics, ServerMetrics};
 use crate::store::{PutResult, Reserve, Store, tiering};
 use strata_proto::TierKind;
@@ -70,11 +71,13 @@ struct Methods {
     abort: MethodMetrics,
     get_slots: MethodMetrics,
     subscribe: MethodMetrics,
+    attend: MethodMetrics,
 }
 
 pub struct StrataService {
     store: Arc<Store>,
     limits: Limits,
+    attend: Arc<AttendCtx>,
     chunk: usize,
     m: Arc<Methods>,
     /// Ends subscriptions when the daemon drains.
@@ -85,6 +88,7 @@ impl StrataService {
     pub fn new(
         store: Arc<Store>,
         limits: Limits,
+        attend: Arc<AttendCtx>,
         chunk: usize,
         metrics: &ServerMetrics,
         stop: CancellationToken,
@@ -102,10 +106,12 @@ impl StrataService {
             abort: metrics.method("Abort"),
             get_slots: metrics.method("GetSlots"),
             subscribe: metrics.method("Subscribe"),
+            attend: metrics.method("Attend"),
         };
         StrataService {
             store,
             limits,
+            attend,
             chunk,
             m: Arc::new(m),
             stop,
@@ -143,6 +149,50 @@ fn outcome(key: &strata_proto::BlockKey, r: PutResult, durable: bool) -> pb::Put
     }
 }
 
+fn ranges(r: &[std::ops::Range<u64>]) -> Vec<pb::TokenRange> {
+    r.iter()
+        .map(|r| pb::TokenRange {
+            start: r.start,
+            end: r.end,
+        })
+        .collect()
+}
+
+fn attend_result(r: SeqResult) -> pb::AttendResult {
+    let mut reads = Vec::new();
+    for (tier, t) in [(pb::Tier::Dram, r.dram), (pb::Tier::Nvme, r.nvme)] {
+        if t.blocks > 0 || t.bytes > 0 {
+            reads.push(pb::TierReads {
+                tier: tier as i32,
+                blocks: t.blocks,
+                bytes: t.bytes,
+            });
+        }
+    }
+    pb::AttendResult {
+        covered: ranges(&r.covered),
+        head_covered: r
+            .head_covered
+            .iter()
+            .enumerate()
+            .map(|(h, c)| pb::HeadCoverage {
+                kv_head: h as u32,
+                ranges: ranges(c),
+            })
+            .collect(),
+        o: r.o,
+        lse: r.lse,
+        keys_present: r.keys_present,
+        tokens_present: r.tokens_present,
+        reads,
+        exact: r.exact,
+        sink_included: r.sink_included,
+        recent_included: r.recent_included,
+        tokens_attended: r.tokens_attended,
+        abstract_bytes: r.abstract_bytes,
+    }
+}
+
 /// Adds how many blocks of a broken Put stream were stored before the error.
 fn after(stored: usize, s: Status) -> Status {
     if stored == 0 {
@@ -164,7 +214,7 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::RegisterLayoutRequest>,
     ) -> Result<Response<pb::RegisterLayoutResponse>, Status> {
         let t = Instant::now();
-        let r = (|| {
+        let r = async {
             let layout = req
                 .into_inner()
                 .layout
@@ -181,14 +231,18 @@ impl pb::strata_server::Strata for StrataService {
                 )
                 .into());
             }
-            let (ns, existed) = self.store.register_layout(layout);
+            let (ns, existed) = self.store.register_layout(layout.clone());
+            // Beside the NVMe segments, so that a restart knows the shape of
+            // the blocks it recovers (once per namespace; idempotent).
+            tiering::persist_layout(&self.store, &layout).await;
             Ok(Response::new(pb::RegisterLayoutResponse {
                 namespace_id: ns.0,
                 block_bytes: block,
                 token_bytes: token,
                 existed,
             }))
-        })();
+        }
+        .await;
         timed(&self.m.register, t, r)
     }
 
@@ -291,6 +345,15 @@ impl pb::strata_server::Strata for StrataService {
         timed(&self.m.get, t, r)
     }
 
+    async fn attend(
+        &self,
+        req: Request<pb::AttendRequest>,
+    ) -> Result<Response<pb::AttendResponse>, Status> {
+        let t = Instant::now();
+        let r = self.attend_inner(req).await;
+        timed(&self.m.attend, t, r)
+    }
+
     async fn release(
         &self,
         req: Request<pb::ReleaseRequest>,
@@ -366,6 +429,9 @@ impl pb::strata_server::Strata for StrataService {
             checksum_failures: s.checksum_failures,
             version: env!("CARGO_PKG_VERSION").to_string(),
             index_bytes: s.index_bytes,
+            abstract_bytes: s.summary_bytes,
+            abstract_capacity_bytes: s.summary_capacity,
+            abstract_blocks: s.summary_blocks,
         }));
         timed(&self.m.stats, t, r)
     }
@@ -477,6 +543,30 @@ impl pb::strata_server::Strata for StrataService {
 }
 
 impl StrataService {
+    async fn attend_inner(
+        &self,
+        req: Request<pb::AttendRequest>,
+    ) -> Result<Response<pb::AttendResponse>, Status> {
+        let raw = req.into_inner();
+        let keys: usize = raw.sequences.iter().map(|s| s.keys.len()).sum();
+        self.limits.keys("sequences", keys)?;
+        let q = AttendReq::try_from(raw)?;
+        let layout = match self.store.namespace_layout(q.namespace) {
+            None => return Err(crate::store::StoreError::UnknownNamespace(q.namespace).into()),
+            // Known only from records found at start, never registered.
+            Some(None) => {
+                return Err(crate::store::StoreError::LayoutNotRegistered(q.namespace).into());
+            }
+            Some(Some(l)) => l,
+        };
+        let checked = exec::check(q, &layout, &self.attend.cfg)?;
+        let _admitted = self.attend.admit()?;
+        let results = exec::run(&self.attend, &self.store, checked).await?;
+        Ok(Response::new(pb::AttendResponse {
+            results: results.into_iter().map(attend_result).collect(),
+        }))
+    }
+
     /// Under write-through, writes the block to NVMe before the put is
     /// acknowledged; reports whether the block is durable.
     async fn durable(&self, r: crate::store::index::BlockRef) -> bool {

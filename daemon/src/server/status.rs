@@ -20,6 +20,7 @@ pub fn code_of(e: &StoreError) -> Code {
         StoreError::LeaseForeign { .. } => Code::PermissionDenied,
         StoreError::Busy { .. } => Code::Aborted,
         StoreError::NoTier(_) | StoreError::LayoutNotRegistered(_) => Code::FailedPrecondition,
+        StoreError::Internal(_) => Code::Internal,
     }
 }
 

@@ -102,6 +102,10 @@ pub enum StoreError {
 
     #[error("tier {0:?} is not configured on this daemon")]
     NoTier(TierKind),
+
+    /// A bug or a lost worker: nothing the caller did.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {

@@ -35,8 +35,14 @@
 //!    Evicting a block that has an NVMe copy only drops its DRAM copy;
 //!    synchronous eviction (a put that needs room now) never waits on I/O.
 //!
-//! One mutex guards the logical state; byte copies, checksums and I/O run
-//! outside it, on extents the caller owns (reservation) or has pinned.
+//! 6. A block has at most one summary (Attend's abstracts and layer
+//!    checksums, `crate::attend::summary`), computed from its bytes before
+//!    it is published (or from its record at recovery), and freed with its
+//!    last copy; summaries fill their region exactly (also checked by
+//!    [`Store::check_invariants`]).
+//!
+//! One mutex guards the logical state; byte copies, checksums, summaries and
+//! I/O run outside it, on extents the caller owns (reservation) or has pinned.
 
 mod error;
 pub mod events;
@@ -65,6 +71,8 @@ use index::{
     FLAG_WRITING, Index, LOCAL_TIERS, Meta, NO_PARENT,
 };
 
+use crate::attend::summary::{SUMMARY_GRANULE, SummaryScratch, summarize};
+use crate::attend::{Geom, SummaryConfig, SummaryRegion, SummaryView};
 use crate::metrics::StoreMetrics;
 use crate::tier::DramTier;
 use crate::tier::nvme::format::{RecordHeader, RecordKind};
@@ -192,6 +200,8 @@ pub struct StoreConfig {
     pub nvme: NvmePolicy,
     /// Events kept for `Subscribe` (a ring allocated at start; 0 = none).
     pub event_buffer: usize,
+    /// Block summaries for Attend (abstracts and per-layer checksums).
+    pub summaries: SummaryConfig,
 }
 
 impl Default for StoreConfig {
@@ -208,6 +218,7 @@ impl Default for StoreConfig {
             max_reservation_ttl: Duration::from_secs(300),
             nvme: NvmePolicy::default(),
             event_buffer: 1 << 16,
+            summaries: SummaryConfig::default(),
         }
     }
 }
@@ -311,12 +322,18 @@ pub struct StoreStats {
     pub checksum_failures: u64,
     pub index_bytes: u64,
     pub writes_in_flight: u64,
+    /// Bytes of block summaries held, and the region's size (0: off).
+    pub summary_bytes: u64,
+    pub summary_capacity: u64,
+    pub summary_blocks: u64,
 }
 
 /// Space reserved for a block in DRAM; not yet visible.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     ns: u32,
+    /// The namespace's geometry, when Attend serves it (for the summary).
+    geom: Option<Geom>,
     key: BlockKey,
     parent: Option<BlockKey>,
     len: u64,
@@ -343,6 +360,8 @@ struct NsEntry {
     /// `None` for a namespace known only from records found at start; its
     /// blocks can be looked up and read, and puts wait for RegisterLayout.
     layout: Option<Layout>,
+    /// `Geom::of(layout)`: set when Attend can serve the namespace.
+    geom: Option<Geom>,
 }
 
 struct TierBook {
@@ -417,6 +436,10 @@ struct Inner {
     lookup_hits: u64,
     checksum_failures: u64,
     events: EventLog,
+    /// Summary of each block: its region offset / granule + 1 (0 = none),
+    /// indexed by block id; grows with the index's slots.
+    summary_of: Vec<u32>,
+    summary_blocks: u64,
 }
 
 const DRAM: usize = TierKind::Dram as usize;
@@ -437,6 +460,8 @@ pub struct Store {
     granule: u64,
     clock: Arc<dyn Clock>,
     metrics: StoreMetrics,
+    /// Where block summaries live (None: `compute.abstracts` off).
+    summaries: Option<SummaryRegion>,
     inner: Mutex<Inner>,
     /// Woken when DRAM passes its high watermark or work for the tiering
     /// task appears.
@@ -552,7 +577,20 @@ impl Store {
             lookup_hits: 0,
             checksum_failures: 0,
             events: EventLog::new(cfg.event_buffer),
+            summary_of: Vec::new(),
+            summary_blocks: 0,
         };
+        let summaries = cfg.summaries.enabled.then(|| {
+            let bytes = match cfg.summaries.bytes {
+                0 => ((cap + nvme_cap) / 16).max(1 << 20),
+                b => b,
+            };
+            SummaryRegion::new(bytes)
+                .map_err(|e| {
+                    tracing::error!(bytes, error = %e, "cannot reserve the block-summary region; Attend runs without abstracts");
+                })
+                .ok()
+        });
         Store {
             cfg,
             dram,
@@ -560,6 +598,7 @@ impl Store {
             granule,
             clock,
             metrics,
+            summaries: summaries.flatten(),
             inner: Mutex::new(inner),
             evict_wanted: tokio::sync::Notify::new(),
             promoted: tokio::sync::Notify::new(),
@@ -602,11 +641,24 @@ impl Store {
         let id = layout.namespace_id();
         let mut g = self.lock();
         if let Some(&o) = g.namespaces.get(&id) {
-            g.ns_table[o as usize].layout.get_or_insert(layout);
+            let e = &mut g.ns_table[o as usize];
+            if e.layout.is_none() {
+                e.geom = Geom::of(&layout);
+                e.layout = Some(layout);
+            }
             return (id, true);
         }
         ns_insert(&mut g, id, Some(layout));
         (id, false)
+    }
+
+    /// None: unknown namespace; Some(None): known from records found at
+    /// start, its layout not registered yet.
+    pub fn namespace_layout(&self, ns: NamespaceId) -> Option<Option<Layout>> {
+        let g = self.lock();
+        g.namespaces
+            .get(&ns)
+            .map(|&o| g.ns_table[o as usize].layout.clone())
     }
 
     pub fn layout(&self, ns: NamespaceId) -> Option<Layout> {
@@ -614,6 +666,172 @@ impl Store {
         g.namespaces
             .get(&ns)
             .and_then(|&o| g.ns_table[o as usize].layout.clone())
+    }
+
+    // ---- block summaries (Attend) -------------------------------------------
+
+    /// The region holding block summaries (None when they are off).
+    pub fn summary_region(&self) -> Option<&SummaryRegion> {
+        self.summaries.as_ref()
+    }
+
+    /// Computes the summary of a payload into a fresh region entry; None
+    /// when summaries are off, the namespace is not one Attend serves, the
+    /// payload is not whole tokens, or the region is full (counted). Runs
+    /// without the store's lock.
+    fn make_summary(&self, geom: Option<Geom>, payload: &[u8]) -> Option<u64> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Option<(Geom, SummaryScratch)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let region = self.summaries.as_ref()?;
+        let geom = geom?;
+        let tokens = geom.tokens_of(payload.len() as u64)?;
+        let len = geom.summary_bytes();
+        let Some(off) = region.allocate(len) else {
+            self.metrics.summaries_skipped_full.increment(1);
+            return None;
+        };
+        // SAFETY: a fresh entry, owned here until it is published.
+        let out = unsafe { region.slice_mut(off, len) };
+        SCRATCH.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_ref().is_none_or(|(g, _)| *g != geom) {
+                *c = Some((geom, SummaryScratch::new(&geom)));
+            }
+            let (_, scratch) = c.as_mut().expect("just set");
+            summarize(&geom, payload, tokens, scratch, out);
+        });
+        self.metrics.summaries_computed.increment(1);
+        Some(off)
+    }
+
+    fn free_summary(&self, geom: Option<Geom>, summary: Option<u64>) {
+        if let (Some(off), Some(geom), Some(region)) = (summary, geom, &self.summaries) {
+            region.free(off, geom.summary_bytes());
+        }
+    }
+
+    /// The geometry of a namespace, when Attend serves it.
+    pub fn geom_of(&self, ns: NamespaceId) -> Option<Geom> {
+        let g = self.lock();
+        let &o = g.namespaces.get(&ns)?;
+        g.ns_table[o as usize].geom
+    }
+
+    /// The summary of a record found by recovery (computed without the
+    /// lock), to hand to [`recover`](Self::recover).
+    pub fn summarize_record(&self, ns: NamespaceId, payload: &[u8]) -> Option<u64> {
+        let geom = self.summaries.as_ref().and(self.geom_of(ns))?;
+        self.make_summary(Some(geom), payload)
+    }
+
+    /// A copy of a block's summary (for tests and tools).
+    pub fn summary_copy(&self, ns: NamespaceId, key: &BlockKey) -> Option<(Geom, Vec<u8>)> {
+        let g = self.lock();
+        let o = ns_ord(&g, ns).ok()?;
+        let id = g.index.find(o, key)?;
+        let off = summary_at(&g, id)?;
+        let geom = g.ns_table[o as usize].geom?;
+        let region = self.summaries.as_ref()?;
+        // SAFETY: the entry cannot be freed while the lock is held.
+        let bytes = unsafe { region.slice(off, geom.summary_bytes()) }.to_vec();
+        Some((geom, bytes))
+    }
+
+    // ---- Attend -------------------------------------------------------------
+
+    /// Pins the longest present prefix of `keys` (doomed blocks end it) for
+    /// an Attend read and says where each block's copies are. Touches every
+    /// pinned block (an access, as for Get).
+    pub fn pin_chain(
+        self: &Arc<Self>,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+    ) -> Result<ChainPin, StoreError> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let o = ns_ord(g, ns)?;
+        if g.ns_table[o as usize].layout.is_none() {
+            return Err(StoreError::LayoutNotRegistered(ns));
+        }
+        let mut ids = Vec::with_capacity(keys.len());
+        g.index.find_run(o, keys, &mut ids);
+        let mut blocks = Vec::with_capacity(ids.len());
+        for id in ids {
+            pin(g, self.granule, id);
+            touch(g, id);
+            let m = *g.index.get(id);
+            let nvme = if m.on_nvme() {
+                let loc = Loc(m.nvme_loc);
+                // Resolved under the lock: the segment's slot cannot be
+                // reused in between, and the file stays readable while
+                // this clone lives even if the segment is reclaimed.
+                self.nvme
+                    .as_ref()
+                    .and_then(|n| n.file_of(loc))
+                    .map(|seg| (seg, loc))
+            } else {
+                None
+            };
+            blocks.push(ChainBlock {
+                r: g.index.ref_of(id),
+                key: m.key,
+                len: m.len as u64,
+                checksum: m.checksum,
+                dram: m.in_dram().then_some(m.dram_addr),
+                nvme,
+                summary: summary_at(g, id),
+                expect: Expect {
+                    namespace: ns,
+                    key: m.key,
+                    len: m.len,
+                    checksum: m.checksum,
+                },
+            });
+        }
+        Ok(ChainPin {
+            store: self.clone(),
+            blocks,
+        })
+    }
+
+    /// A pinned block's copy failed verification during an Attend read:
+    /// a DRAM copy dooms the block (as for Get); an NVMe copy is dropped,
+    /// and the block with it unless it has a DRAM copy.
+    pub fn attend_corrupt(&self, r: BlockRef, tier: TierKind) {
+        if tier == TierKind::Dram {
+            self.mark_corrupt(r, tier);
+            return;
+        }
+        let mut g = self.lock();
+        let g = &mut *g;
+        if g.index.resolve(r).is_none() {
+            return;
+        }
+        g.checksum_failures += 1;
+        self.metrics.miss_checksum.increment(1);
+        self.metrics.checksum_failures[NVME].increment(1);
+        drop_nvme(g, self, r.id);
+        let m = *g.index.get(r.id);
+        if !m.in_dram() {
+            g.index.get_mut(r.id).flags |= FLAG_DOOMED;
+            if m.pins == 0 && !m.busy() {
+                remove_block(g, self, r.id);
+            } else {
+                refresh(g, r.id);
+            }
+        }
+    }
+
+    /// Counts bytes Attend read out of DRAM and NVMe.
+    pub fn count_reads(&self, dram: u64, nvme: u64) {
+        let mut g = self.lock();
+        g.tiers[DRAM].bytes_out += dram;
+        g.tiers[NVME].bytes_out += nvme;
+        drop(g);
+        self.metrics.bytes_out[DRAM].increment(dram);
+        self.metrics.bytes_out[NVME].increment(nvme);
     }
 
     // ---- lookup and leases ------------------------------------------------
@@ -827,9 +1045,14 @@ impl Store {
         field: String,
     ) -> Result<(PutResult, BlockRef), StoreError> {
         // SAFETY: the pending reservation owns the extent.
-        let actual = hashed
-            .unwrap_or_else(|| strata_proto::checksum(unsafe { self.dram.slice(p.addr, p.len) }));
+        let bytes = unsafe { self.dram.slice(p.addr, p.len) };
+        // The summary is computed before the checksum is verified: bytes
+        // changed in between (a local client writing the arena) either fail
+        // the check or fail a later read's per-layer check; never served.
+        let summary = self.make_summary(p.geom, bytes);
+        let actual = hashed.unwrap_or_else(|| strata_proto::checksum(bytes));
         if actual != checksum {
+            self.free_summary(p.geom, summary);
             self.abandon(p);
             self.metrics.puts_rejected.increment(1);
             return Err(StoreError::ChecksumMismatch {
@@ -840,7 +1063,7 @@ impl Store {
             });
         }
         let mut g = self.lock();
-        let r = self.publish_locked(&mut g, p, checksum, field);
+        let r = self.publish_locked(&mut g, p, checksum, field, summary);
         let over = g.tiers[DRAM].used > g.tiers[DRAM].high;
         drop(g);
         if over {
@@ -855,10 +1078,12 @@ impl Store {
         p: Pending,
         checksum: u64,
         field: String,
+        summary: Option<u64>,
     ) -> Result<(PutResult, BlockRef), StoreError> {
         if let Some(id) = g.index.find(p.ns, &p.key) {
             let m = *g.index.get(id);
             free_pending(g, &self.dram, &p);
+            self.free_summary(p.geom, summary);
             if m.is_doomed() {
                 return Err(StoreError::Busy { field, key: p.key });
             }
@@ -897,6 +1122,7 @@ impl Store {
             parent,
         };
         let r = g.index.insert(meta);
+        set_summary(g, r.id, summary);
         g.tiers[DRAM].reserved_bytes -= p.rounded;
         g.tiers[DRAM].used -= p.rounded;
         add_dram(g, self.granule, r.id, p.addr);
@@ -954,6 +1180,7 @@ impl Store {
         g.tiers[DRAM].reserved_bytes += rounded;
         Ok(Pending {
             ns,
+            geom: g.ns_table[ns as usize].geom,
             key,
             parent,
             len,
@@ -1774,14 +2001,23 @@ impl Store {
     }
 
     /// Applies one record found by the scan; the newest sequence number of
-    /// a key wins, and a tombstone voids older records.
-    pub fn recover(&self, s: &Scanned) {
+    /// a key wins, and a tombstone voids older records. `summary` is the
+    /// record's summary ([`summarize_record`](Self::summarize_record)); it
+    /// is kept with the block or freed.
+    pub fn recover(&self, s: &Scanned, summary: Option<u64>) {
         let h = &s.header;
         let mut g = self.lock();
         let g = &mut *g;
         let ns = match g.namespaces.get(&h.namespace) {
             Some(&o) => o,
             None => ns_insert(g, h.namespace, None),
+        };
+        let geom = g.ns_table[ns as usize].geom;
+        let summary = if h.kind == RecordKind::Block {
+            summary
+        } else {
+            self.free_summary(geom, summary);
+            None
         };
         g.seq = g.seq.max(h.seq + 1);
         let existing = g.index.find(ns, &h.key);
@@ -1809,12 +2045,14 @@ impl Store {
                     .is_some_and(|&t| t > h.seq);
                 if voided {
                     release(s.loc, h.len);
+                    self.free_summary(geom, summary);
                     return;
                 }
                 if let Some(id) = existing {
                     let m = *g.index.get(id);
                     if m.seq >= h.seq {
                         release(s.loc, h.len);
+                        self.free_summary(geom, summary);
                         return;
                     }
                     // A newer record of the same block.
@@ -1827,10 +2065,14 @@ impl Store {
                     mm.seq = h.seq;
                     mm.len = h.len;
                     mm.checksum = h.checksum;
+                    let old = take_summary(g, id);
+                    self.free_summary(geom, old);
+                    set_summary(g, id, summary);
                     return;
                 }
                 if g.index.len() >= self.cfg.max_blocks {
                     release(s.loc, h.len);
+                    self.free_summary(geom, summary);
                     return;
                 }
                 g.tick += 1;
@@ -1849,6 +2091,7 @@ impl Store {
                     seq: h.seq,
                     parent: NO_PARENT,
                 });
+                set_summary(g, r.id, summary);
                 g.tiers[NVME].blocks += 1;
                 if let Some(n) = &self.nvme {
                     n.add_live(s.loc, h.len);
@@ -1988,8 +2231,14 @@ impl Store {
             lookup_keys: g.lookup_keys,
             lookup_hits: g.lookup_hits,
             checksum_failures: g.checksum_failures,
-            index_bytes: (g.index.heap_bytes() + g.policy.heap_bytes()) as u64,
+            index_bytes: (g.index.heap_bytes()
+                + g.policy.heap_bytes()
+                + g.summary_of.capacity() * std::mem::size_of::<u32>())
+                as u64,
             writes_in_flight: g.writes_in_flight as u64,
+            summary_bytes: self.summaries.as_ref().map_or(0, |r| r.used_bytes()),
+            summary_capacity: self.summaries.as_ref().map_or(0, |r| r.capacity_bytes()),
+            summary_blocks: g.summary_blocks,
         }
     }
 
@@ -2054,6 +2303,25 @@ impl Store {
         assert!(b.used <= b.capacity, "DRAM over capacity");
         assert_eq!(b.blocks, dram_blocks, "DRAM block count");
         assert_eq!(g.tiers[NVME].blocks, nvme_blocks, "NVMe block count");
+        // Summaries belong to live blocks only, and fill the region exactly.
+        let mut summaries = 0u64;
+        let mut summary_bytes = 0u64;
+        for (id, &v) in g.summary_of.iter().enumerate() {
+            if v == 0 {
+                continue;
+            }
+            assert!(g.index.is_live(id as u32), "summary of a dead slot {id}");
+            let geom = g.ns_table[g.index.get(id as u32).ns as usize]
+                .geom
+                .expect("a summary implies a geometry");
+            summaries += 1;
+            summary_bytes +=
+                (geom.summary_bytes() as u64).div_ceil(SUMMARY_GRANULE) * SUMMARY_GRANULE;
+        }
+        assert_eq!(summaries, g.summary_blocks, "summary count");
+        if let Some(r) = &self.summaries {
+            assert_eq!(r.used_bytes(), summary_bytes, "summary region bytes");
+        }
     }
 }
 
@@ -2225,11 +2493,104 @@ impl Drop for ReadGuard {
     }
 }
 
+/// One block of a chain pinned for Attend.
+#[derive(Debug, Clone)]
+pub struct ChainBlock {
+    pub r: BlockRef,
+    pub key: BlockKey,
+    pub len: u64,
+    pub checksum: u64,
+    /// Arena offset of its DRAM copy (stays while pinned).
+    pub dram: Option<u64>,
+    /// Its NVMe record, resolved under the lock.
+    pub nvme: Option<(SegFile, Loc)>,
+    /// Region offset of its summary.
+    pub summary: Option<u64>,
+    /// What a whole-record read must find.
+    pub expect: Expect,
+}
+
+/// The blocks of an Attend read, pinned until dropped.
+pub struct ChainPin {
+    store: Arc<Store>,
+    pub blocks: Vec<ChainBlock>,
+}
+
+impl std::fmt::Debug for ChainPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainPin")
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
+impl ChainPin {
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Bytes `range` of block `i`'s DRAM copy (None without one).
+    pub fn dram_bytes(&self, i: usize, range: std::ops::Range<usize>) -> Option<&[u8]> {
+        let b = &self.blocks[i];
+        let addr = b.dram?;
+        assert!(range.end as u64 <= b.len, "range past the block");
+        // SAFETY: the block is pinned by this guard, so its DRAM copy stays.
+        Some(unsafe {
+            self.store
+                .dram
+                .slice(addr + range.start as u64, (range.end - range.start) as u64)
+        })
+    }
+
+    /// Block `i`'s summary, read in place.
+    pub fn summary(&self, i: usize, geom: Geom) -> Option<SummaryView<'_>> {
+        let off = self.blocks[i].summary?;
+        let region = self.store.summaries.as_ref()?;
+        // SAFETY: pinned blocks keep their summaries (freed only with the
+        // block, which a pin prevents).
+        let bytes = unsafe { region.slice(off, geom.summary_bytes()) };
+        Some(SummaryView::new(geom, bytes))
+    }
+
+    /// Forgets the blocks from `n` on (unpinning them).
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.blocks.len() {
+            return;
+        }
+        let mut g = self.store.lock();
+        for b in self.blocks.drain(n..) {
+            unpin(&mut g, &self.store, b.r);
+        }
+    }
+
+    /// Looks again where the DRAM copies are (after a promotion).
+    pub fn refresh_dram(&mut self) {
+        let g = self.store.lock();
+        for b in &mut self.blocks {
+            b.dram = g
+                .index
+                .resolve(b.r)
+                .filter(|m| m.in_dram() && !m.is_doomed())
+                .map(|m| m.dram_addr);
+        }
+    }
+}
+
+impl Drop for ChainPin {
+    fn drop(&mut self) {
+        let mut g = self.store.lock();
+        for b in &self.blocks {
+            unpin(&mut g, &self.store, b.r);
+        }
+    }
+}
+
 // ---- helpers on the locked state --------------------------------------------
 
 fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
     let ord = g.ns_table.len() as u32;
-    g.ns_table.push(NsEntry { id, layout });
+    let geom = layout.as_ref().and_then(Geom::of);
+    g.ns_table.push(NsEntry { id, layout, geom });
     g.namespaces.insert(id, ord);
     ord
 }
@@ -2477,8 +2838,38 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
         }
     }
     drop_nvme(g, s, id);
+    if let Some(off) = take_summary(g, id) {
+        s.free_summary(g.ns_table[m.ns as usize].geom, Some(off));
+    }
     g.policy.update(id, None);
     g.index.remove(id);
+}
+
+/// Records the summary of block `id` (region offset), if any.
+fn set_summary(g: &mut Inner, id: BlockId, summary: Option<u64>) {
+    let Some(off) = summary else { return };
+    let i = id as usize;
+    if g.summary_of.len() <= i {
+        g.summary_of.resize((i + 1).next_power_of_two(), 0);
+    }
+    debug_assert_eq!(g.summary_of[i], 0, "block {id} already has a summary");
+    g.summary_of[i] = (off / SUMMARY_GRANULE) as u32 + 1;
+    g.summary_blocks += 1;
+}
+
+fn summary_at(g: &Inner, id: BlockId) -> Option<u64> {
+    match g.summary_of.get(id as usize) {
+        Some(&v) if v != 0 => Some((v as u64 - 1) * SUMMARY_GRANULE),
+        _ => None,
+    }
+}
+
+/// Forgets block `id`'s summary and returns its offset (to free).
+fn take_summary(g: &mut Inner, id: BlockId) -> Option<u64> {
+    let off = summary_at(g, id)?;
+    g.summary_of[id as usize] = 0;
+    g.summary_blocks -= 1;
+    Some(off)
 }
 
 #[cfg(test)]

@@ -190,6 +190,24 @@ impl AsRef<[u8]> for RecordBytes {
     }
 }
 
+/// Persists a layout beside the NVMe segments (once per namespace), so
+/// that a restart knows the shape of the blocks it recovers. A failure is
+/// logged: those blocks then recover without summaries.
+pub async fn persist_layout(store: &Arc<Store>, layout: &strata_proto::Layout) {
+    let Some(n) = store.nvme().cloned() else {
+        return;
+    };
+    let (id, bytes) = (layout.namespace_id(), layout.canonical_bytes());
+    let r = tokio::task::spawn_blocking(move || n.persist_layout(id.0, &bytes)).await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(namespace = %id, error = %e, "cannot persist the layout; its blocks will recover without abstracts after a restart")
+        }
+        Err(e) => tracing::warn!(namespace = %id, error = %e, "persisting the layout failed"),
+    }
+}
+
 /// Writes tombstones for deleted blocks that had NVMe records, so that a
 /// restart does not bring them back. Returns how many could not be written
 /// (those blocks may come back after a restart, with their true bytes).
@@ -260,7 +278,7 @@ async fn reclaim_segment(
     let mut stats = ScanStats::default();
     n.scan_segment(
         slot,
-        &mut |s: Scanned| match store.reclaim_decision(&s.header, s.loc, oldest) {
+        &mut |s: Scanned, _: &[u8]| match store.reclaim_decision(&s.header, s.loc, oldest) {
             ReclaimAction::Copy(r) => copies.push((s, Some(r))),
             ReclaimAction::CopyTombstone => copies.push((s, None)),
             ReclaimAction::Skip | ReclaimAction::Dropped => {}
@@ -310,17 +328,37 @@ async fn reclaim_segment(
 }
 
 /// Rebuilds the index from the NVMe segments. `progress` is called after
-/// each segment with the running totals.
+/// each segment with the running totals. The layouts persisted beside the
+/// segments are registered first, so that each block's summary (Attend's
+/// abstracts and layer checksums) is computed from the payload the scan
+/// has in hand: no extra read.
 pub async fn recover(
     store: &Arc<Store>,
     progress: &mut (dyn FnMut(&ScanStats, Duration) + Send),
 ) -> ScanStats {
     let n = nvme(store).clone();
     let started = Instant::now();
+    for (id, bytes) in n.persisted_layouts() {
+        match strata_proto::Layout::from_canonical(&bytes) {
+            Ok(l) if l.namespace_id().0 == id => {
+                store.register_layout(l);
+            }
+            _ => tracing::warn!(
+                namespace = %NamespaceId(id),
+                "a persisted layout does not decode; its blocks recover without abstracts until it is registered"
+            ),
+        }
+    }
     store.begin_recovery();
     let stats = n
         .scan(
-            &mut |s: Scanned| store.recover(&s),
+            &mut |s: Scanned, payload: &[u8]| {
+                let summary = match s.header.kind {
+                    RecordKind::Block => store.summarize_record(s.header.namespace, payload),
+                    RecordKind::Tombstone => None,
+                };
+                store.recover(&s, summary)
+            },
             &mut |st: &ScanStats| progress(st, started.elapsed()),
         )
         .await;

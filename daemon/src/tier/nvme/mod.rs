@@ -23,6 +23,7 @@ pub mod buf;
 pub mod engine;
 pub mod fault;
 pub mod format;
+pub mod layouts;
 pub mod psync;
 pub mod uring;
 
@@ -128,6 +129,13 @@ pub struct SegFile {
     id: u64,
 }
 
+impl SegFile {
+    /// The segment's id (unique for the tier's life).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 struct Segment {
     id: u64,
     file: IoFile,
@@ -206,6 +214,9 @@ pub struct NvmeTier {
     create: tokio::sync::Mutex<()>,
     /// The scan's chunk buffers, kept between scans (first touch is slow).
     scan_bufs: Mutex<Vec<IoBuf>>,
+    /// Layouts of the namespaces held (for recovery), and those found at open.
+    layouts: layouts::LayoutLog,
+    found_layouts: Vec<(u64, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for NvmeTier {
@@ -402,6 +413,7 @@ impl NvmeTier {
                 }
             }
         }
+        let (layouts, found_layouts) = layouts::LayoutLog::open(&cfg.dir)?;
         let tier = Arc::new(NvmeTier {
             cfg,
             engine,
@@ -409,12 +421,26 @@ impl NvmeTier {
             state: Mutex::new(st),
             create: tokio::sync::Mutex::new(()),
             scan_bufs: Mutex::new(Vec::new()),
+            layouts,
+            found_layouts,
         });
         Ok((tier, stats))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("nvme tier state poisoned")
+    }
+
+    /// The layouts found beside the segments at open: (namespace id,
+    /// canonical encoding).
+    pub fn persisted_layouts(&self) -> Vec<(u64, Vec<u8>)> {
+        self.found_layouts.clone()
+    }
+
+    /// Records a layout beside the segments (a blocking file append with
+    /// fdatasync; once per namespace id).
+    pub fn persist_layout(&self, id: u64, canonical: &[u8]) -> io::Result<()> {
+        self.layouts.append(id, canonical)
     }
 
     pub fn config(&self) -> &NvmeConfig {
@@ -454,11 +480,12 @@ impl NvmeTier {
     }
 
     /// Scans every segment (in id order), calling `visit` for each valid
-    /// record; damaged positions are skipped and counted, and the walk goes
-    /// on past them (a write after a torn one may have completed).
+    /// record with its verified payload (empty for a tombstone); damaged
+    /// positions are skipped and counted, and the walk goes on past them (a
+    /// write after a torn one may have completed).
     pub async fn scan(
         &self,
-        visit: &mut (dyn FnMut(Scanned) + Send),
+        visit: &mut (dyn FnMut(Scanned, &[u8]) + Send),
         progress: &mut (dyn FnMut(&ScanStats) + Send),
     ) -> ScanStats {
         let slots: Vec<(u32, u64)> = {
@@ -512,7 +539,7 @@ impl NvmeTier {
     pub async fn scan_segment(
         &self,
         slot: u32,
-        visit: &mut (dyn FnMut(Scanned) + Send),
+        visit: &mut (dyn FnMut(Scanned, &[u8]) + Send),
         stats: &mut ScanStats,
     ) {
         let (file, id, end) = {
@@ -615,10 +642,13 @@ impl NvmeTier {
                         } else {
                             stats.records += 1;
                         }
-                        visit(Scanned {
-                            header: h,
-                            loc: Loc::new(slot, pos),
-                        });
+                        visit(
+                            Scanned {
+                                header: h,
+                                loc: Loc::new(slot, pos),
+                            },
+                            &window[body],
+                        );
                         span as u64
                     } else {
                         stats.torn += 1;
@@ -860,11 +890,36 @@ impl NvmeTier {
     pub async fn read(&self, seg: &SegFile, loc: Loc, expect: &Expect) -> Result<IoBuf, NvmeError> {
         self.check_fenced()?;
         let span = record_span(expect.len as usize);
-        let mut buf = if span <= self.pool.buf_bytes() {
+        let buf = if span <= self.pool.buf_bytes() {
             self.pool.get().await
         } else {
             IoBuf::alloc(span)
         };
+        self.read_checked(seg, loc, expect, buf).await
+    }
+
+    /// [`read`](Self::read) into a buffer of its own, never a pooled one:
+    /// for callers that hold several records at once (Attend), which could
+    /// otherwise starve the pool while waiting for it.
+    pub async fn read_owned(
+        &self,
+        seg: &SegFile,
+        loc: Loc,
+        expect: &Expect,
+    ) -> Result<IoBuf, NvmeError> {
+        self.check_fenced()?;
+        let buf = IoBuf::alloc(record_span(expect.len as usize));
+        self.read_checked(seg, loc, expect, buf).await
+    }
+
+    async fn read_checked(
+        &self,
+        seg: &SegFile,
+        loc: Loc,
+        expect: &Expect,
+        mut buf: IoBuf,
+    ) -> Result<IoBuf, NvmeError> {
+        let span = record_span(expect.len as usize);
         buf.set_len(span);
         let (buf, r) = self.engine.read(&seg.file, loc.offset(), buf).await;
         match r {
@@ -897,6 +952,38 @@ impl NvmeTier {
             return Err(NvmeError::Corrupt("payload checksum mismatch".into()));
         }
         Ok(buf)
+    }
+
+    /// Reads `len` bytes at `offset` of a segment (both multiples of 4 KiB)
+    /// into a buffer of its own (never a pooled one: a caller may hold
+    /// several reads at once, and pool buffers held until later work
+    /// could starve the pool). The bytes are not checked here: the caller
+    /// verifies them (Attend, against a layer checksum it keeps).
+    pub async fn read_span(
+        &self,
+        seg: &SegFile,
+        offset: u64,
+        len: usize,
+    ) -> Result<IoBuf, NvmeError> {
+        assert!(
+            offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && len > 0,
+            "unaligned span read"
+        );
+        self.check_fenced()?;
+        let mut buf = IoBuf::alloc(len);
+        buf.set_len(len);
+        let (buf, r) = self.engine.read(&seg.file, offset, buf).await;
+        match r {
+            Ok(n) if n >= len => Ok(buf),
+            Ok(n) => Err(NvmeError::Corrupt(format!(
+                "short read: {n} of {len} bytes"
+            ))),
+            Err(e) => {
+                let e = NvmeError::from_io(e);
+                self.note_error(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Segments, for the reclaimer.

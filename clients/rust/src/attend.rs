@@ -1,0 +1,306 @@
+//! Attention near the data: the `Attend` call's request and answer types,
+//! and [`merge`], which combines the daemon's partial `(o, lse)` with the
+//! engine's own part (the tokens it holds itself: sink, recent window).
+//!
+//! For disjoint token sets `A` and `B`, with per query head outputs `o`
+//! (`[heads][head_dim]`) and log-sum-exps `lse` (`[heads]`, natural log of
+//! the scaled scores, `-inf` for an empty set):
+//!
+//! ```text
+//! lse = logaddexp(lse_A, lse_B)
+//! o   = exp(lse_A - lse) * o_A + exp(lse_B - lse) * o_B   == attention over A ∪ B
+//! ```
+
+use std::ops::Range;
+
+use strata_proto::{BlockKey, NamespaceId, TierKind, pb};
+
+/// How the daemon chooses the tokens it attends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttendMode {
+    /// Every token of the present prefix: exact.
+    Dense,
+    /// Blocks best-first by the upper bound of `q.k` from their abstracts,
+    /// within a budget; first (sink) and last (recent) blocks always in.
+    Sparse(SparseBudget),
+    /// SparF: `channels` (r, default head_dim/8) score every token, the
+    /// top `tokens` (k, default covered/16) are attended exactly.
+    Sparf {
+        channels: Option<u32>,
+        tokens: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseBudget {
+    /// The daemon's default (`compute.sparse_budget_fraction`, 5%).
+    Default,
+    Tokens(u32),
+    /// Bytes of K and V of the layer.
+    Bytes(u64),
+}
+
+/// One sequence: the block keys of the prefix the daemon covers, in chain
+/// order, and its queries `[heads][head_dim]` (heads a multiple of the
+/// layout's KV heads).
+#[derive(Debug, Clone)]
+pub struct AttendSequence {
+    pub keys: Vec<BlockKey>,
+    /// Tokens of the last key's block to attend (None: all it holds).
+    pub last_block_tokens: Option<u32>,
+    pub queries: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttendRequest {
+    pub namespace: NamespaceId,
+    pub layer: u32,
+    pub mode: AttendMode,
+    /// None: `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    pub sequences: Vec<AttendSequence>,
+}
+
+/// What one tier gave an Attend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierReads {
+    pub tier: Option<TierKind>,
+    pub blocks: u32,
+    pub bytes: u64,
+}
+
+/// The daemon's answer for one sequence.
+#[derive(Debug, Clone)]
+pub struct AttendOutput {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// `[heads][head_dim]`.
+    pub o: Vec<f32>,
+    /// `[heads]`; `-inf` when the set is empty.
+    pub lse: Vec<f32>,
+    /// Leading keys present (the prefix covered) and their tokens.
+    pub keys_present: u32,
+    pub tokens_present: u64,
+    /// Token positions attended (union over heads), merged, in order.
+    pub covered: Vec<Range<u64>>,
+    /// SPARF: per KV head.
+    pub head_covered: Vec<Vec<Range<u64>>>,
+    pub reads: Vec<TierReads>,
+    /// Attention over every present token.
+    pub exact: bool,
+    pub sink_included: bool,
+    pub recent_included: bool,
+    pub tokens_attended: u64,
+    pub abstract_bytes: u64,
+}
+
+impl AttendOutput {
+    /// Bytes read from `tier`.
+    pub fn read_bytes(&self, tier: TierKind) -> u64 {
+        self.reads
+            .iter()
+            .filter(|r| r.tier == Some(tier))
+            .map(|r| r.bytes)
+            .sum()
+    }
+
+    /// Blocks read from `tier`.
+    pub fn read_blocks(&self, tier: TierKind) -> u32 {
+        self.reads
+            .iter()
+            .filter(|r| r.tier == Some(tier))
+            .map(|r| r.blocks)
+            .sum()
+    }
+
+    /// Merges the engine's own partial `(o, lse)` over a disjoint token set
+    /// into this answer (see [`merge`]).
+    pub fn merge_with(&mut self, o: &[f32], lse: &[f32]) -> Result<(), MergeError> {
+        merge(self.head_dim, &mut self.o, &mut self.lse, o, lse)
+    }
+}
+
+/// The two partials do not have the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("merge: {0}")]
+pub struct MergeError(String);
+
+/// Merges the partial `(o_b, lse_b)` into `(o, lse)`, exactly, per query
+/// head (a thin wrapper over `strata_kernels::attention::merge_into` that
+/// checks the shapes): `o`, `o_b` are `[heads][head_dim]`, `lse`, `lse_b`
+/// `[heads]`. A side with `lse = -inf` (an empty set) contributes nothing.
+pub fn merge(
+    head_dim: usize,
+    o: &mut [f32],
+    lse: &mut [f32],
+    o_b: &[f32],
+    lse_b: &[f32],
+) -> Result<(), MergeError> {
+    let heads = lse.len();
+    if head_dim == 0 {
+        return Err(MergeError("head_dim is 0".into()));
+    }
+    if lse_b.len() != heads {
+        return Err(MergeError(format!(
+            "{heads} heads on one side, {} on the other",
+            lse_b.len()
+        )));
+    }
+    for (name, x) in [("o", o.len()), ("o_b", o_b.len())] {
+        if x != heads * head_dim {
+            return Err(MergeError(format!(
+                "{name} has {x} values, not {heads} heads x head_dim {head_dim}"
+            )));
+        }
+    }
+    if let Some(x) = lse
+        .iter()
+        .chain(lse_b)
+        .find(|x| x.is_nan() || **x == f32::INFINITY)
+    {
+        return Err(MergeError(format!("lse {x} is not finite or -inf")));
+    }
+    strata_kernels::attention::merge_into(head_dim, o, lse, o_b, lse_b);
+    Ok(())
+}
+
+pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
+    let (mode, budget_tokens, budget_bytes, sparf_channels, sparf_tokens) = match r.mode {
+        AttendMode::Dense => (pb::AttendMode::Dense, 0, 0, 0, 0),
+        AttendMode::Sparse(b) => {
+            let (t, by) = match b {
+                SparseBudget::Default => (0, 0),
+                SparseBudget::Tokens(t) => (t, 0),
+                SparseBudget::Bytes(b) => (0, b),
+            };
+            (pb::AttendMode::Sparse, t, by, 0, 0)
+        }
+        AttendMode::Sparf { channels, tokens } => (
+            pb::AttendMode::Sparf,
+            0,
+            0,
+            channels.unwrap_or(0),
+            tokens.unwrap_or(0),
+        ),
+    };
+    pb::AttendRequest {
+        namespace_id: r.namespace.0,
+        layer: r.layer,
+        mode: mode as i32,
+        scale: r.scale.unwrap_or(0.0),
+        sequences: r
+            .sequences
+            .iter()
+            .map(|s| pb::AttendSequence {
+                keys: s
+                    .keys
+                    .iter()
+                    .map(|k| bytes::Bytes::copy_from_slice(k.as_bytes()))
+                    .collect(),
+                last_block_tokens: s.last_block_tokens.unwrap_or(0),
+                queries: s.queries.clone(),
+            })
+            .collect(),
+        budget_tokens,
+        budget_bytes,
+        sparf_channels,
+        sparf_tokens,
+    }
+}
+
+fn ranges(r: &[pb::TokenRange]) -> Vec<Range<u64>> {
+    r.iter().map(|r| r.start..r.end).collect()
+}
+
+pub(crate) fn output(r: pb::AttendResult) -> Result<AttendOutput, String> {
+    let heads = r.lse.len();
+    if heads == 0 || !r.o.len().is_multiple_of(heads) {
+        return Err(format!(
+            "Attend answer with {} outputs for {heads} heads",
+            r.o.len()
+        ));
+    }
+    Ok(AttendOutput {
+        heads,
+        head_dim: r.o.len() / heads,
+        keys_present: r.keys_present,
+        tokens_present: r.tokens_present,
+        covered: ranges(&r.covered),
+        head_covered: r.head_covered.iter().map(|h| ranges(&h.ranges)).collect(),
+        reads: r
+            .reads
+            .iter()
+            .map(|t| TierReads {
+                tier: crate::tier(t.tier),
+                blocks: t.blocks,
+                bytes: t.bytes,
+            })
+            .collect(),
+        exact: r.exact,
+        sink_included: r.sink_included,
+        recent_included: r.recent_included,
+        tokens_attended: r.tokens_attended,
+        abstract_bytes: r.abstract_bytes,
+        o: r.o,
+        lse: r.lse,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attention(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], scale: f32) -> (Vec<f32>, f32) {
+        let s: Vec<f64> = ks
+            .iter()
+            .map(|k| (q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale) as f64)
+            .collect();
+        if s.is_empty() {
+            return (vec![0.0; q.len()], f32::NEG_INFINITY);
+        }
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = w.iter().sum();
+        let mut o = vec![0f64; q.len()];
+        for (wi, v) in w.iter().zip(vs) {
+            for (a, b) in o.iter_mut().zip(v) {
+                *a += wi * *b as f64 / l;
+            }
+        }
+        (o.iter().map(|&x| x as f32).collect(), (m + l.ln()) as f32)
+    }
+
+    #[test]
+    fn merge_of_disjoint_parts_is_the_whole_and_checks_shapes() {
+        let d = 4;
+        let q = [0.3f32, -1.0, 0.5, 2.0];
+        let ks: Vec<Vec<f32>> = (0..7)
+            .map(|i| (0..d).map(|j| ((i * 7 + j * 3) % 5) as f32 - 2.0).collect())
+            .collect();
+        let vs: Vec<Vec<f32>> = (0..7)
+            .map(|i| (0..d).map(|j| ((i + j) % 3) as f32).collect())
+            .collect();
+        let (o_all, lse_all) = attention(&q, &ks, &vs, 0.5);
+        let (mut o, a) = attention(&q, &ks[..3], &vs[..3], 0.5);
+        let (o_b, b) = attention(&q, &ks[3..], &vs[3..], 0.5);
+        let mut lse = vec![a];
+        merge(d, &mut o, &mut lse, &o_b, &[b]).unwrap();
+        for (x, y) in o.iter().zip(&o_all) {
+            assert!((x - y).abs() < 1e-5, "{o:?} vs {o_all:?}");
+        }
+        assert!((lse[0] - lse_all).abs() < 1e-5);
+        // An empty side changes nothing; two empty sides stay empty.
+        let (o_e, e) = attention(&q, &[], &[], 0.5);
+        let (mut o2, mut lse2) = (o_all.clone(), vec![lse_all]);
+        merge(d, &mut o2, &mut lse2, &o_e, &[e]).unwrap();
+        assert_eq!((o2, lse2), (o_all.clone(), vec![lse_all]));
+        let (mut o3, mut lse3) = (o_e.clone(), vec![e]);
+        merge(d, &mut o3, &mut lse3, &o_e, &[e]).unwrap();
+        assert_eq!(lse3[0], f32::NEG_INFINITY);
+        assert!(o3.iter().all(|&x| x == 0.0));
+        // Shapes.
+        assert!(merge(d, &mut o.clone(), &mut [a], &o_b[..3], &[b]).is_err());
+        assert!(merge(d, &mut o.clone(), &mut [a], &o_b, &[b, b]).is_err());
+        assert!(merge(d, &mut o.clone(), &mut [a], &o_b, &[f32::NAN]).is_err());
+    }
+}

@@ -1,0 +1,1213 @@
+//! Running one Attend call: [`check`] the request against the layout and
+//! the limits, then [`run`] it: pin each sequence's present prefix, choose
+//! blocks (SPARSE) or tokens (SPARF), read in bounded waves, verify, and
+//! compute `(o, lse)` per query head by partial attention per block merged
+//! by log-sum-exp, on the blocking pool.
+//!
+//! GQA: query head `j` attends with KV head `j / (heads / kv_heads)`, so a
+//! block's rows of one KV head are read once for all the query heads that
+//! share it (the kernel's group).
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use strata_kernels::KvElem;
+use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
+use strata_kernels::attention::{AttnParams, AttnScratch, Tokens, merge_into, partial_attention};
+use strata_kernels::sparf::{SparfScratch, sparf_scores, to_dim_major, top_channels};
+use strata_kernels::topk::top_k;
+use strata_proto::convert::{AttendMode, AttendReq, Budget};
+use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
+use tokio::sync::Semaphore;
+
+use super::AttendConfig;
+use super::fetch::{Got, Need, What, fetch};
+use super::summary::Geom;
+use crate::metrics::AttendMetrics;
+use crate::store::{ChainPin, Store, StoreError, tiering};
+use crate::tier::nvme::NvmeError;
+use crate::tier::nvme::format::record_span;
+
+// Payloads are little-endian; kernels read them in place.
+const _: () = assert!(cfg!(target_endian = "little"));
+
+/// Shared by every Attend call of a daemon.
+pub struct AttendCtx {
+    pub cfg: AttendConfig,
+    /// One permit per blocking task of math at once.
+    compute: Arc<Semaphore>,
+    /// Calls admitted (running or waiting).
+    inflight: Arc<Semaphore>,
+    metrics: AttendMetrics,
+}
+
+impl std::fmt::Debug for AttendCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttendCtx").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl AttendCtx {
+    pub fn new(cfg: AttendConfig, metrics: AttendMetrics) -> Self {
+        AttendCtx {
+            compute: Arc::new(Semaphore::new(cfg.threads.max(1))),
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
+            cfg,
+            metrics,
+        }
+    }
+
+    /// Admits one call, or refuses it (`compute.max_inflight`).
+    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
+        self.inflight.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.rejected.increment(1);
+            StoreError::Limit {
+                limit: "compute.max_inflight",
+                detail: format!(
+                    "{} Attend calls are in progress, the limit; retry later",
+                    self.cfg.max_inflight
+                ),
+            }
+        })
+    }
+
+    /// Runs `f` on the blocking pool, at most `compute.threads` at once.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let _permit = self
+            .compute
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| StoreError::Internal(format!("Attend compute task failed: {e}")))
+    }
+}
+
+/// One sequence of a checked request.
+#[derive(Debug, Clone)]
+pub struct SeqIn {
+    pub keys: Vec<strata_proto::BlockKey>,
+    pub last_block_tokens: Option<u32>,
+    /// `[heads][head_dim]`.
+    pub q: Vec<f32>,
+    pub heads: usize,
+}
+
+/// A request checked against its namespace's layout and the limits.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub namespace: NamespaceId,
+    pub geom: Geom,
+    pub layer: u32,
+    pub mode: AttendMode,
+    pub scale: f32,
+    pub budget: Budget,
+    pub sparf_channels: Option<u32>,
+    pub sparf_tokens: Option<u32>,
+    pub seqs: Vec<SeqIn>,
+}
+
+/// Checks what needs the layout and the configured limits; every error
+/// names its field.
+pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Checked, FieldError> {
+    if layout.kv_kind == KvKind::Mla {
+        return Err(FieldError::new(
+            "namespace_id",
+            "the namespace's layout is MLA (one latent tensor per layer); Attend serves layouts with separate K and V",
+        ));
+    }
+    if layout.dtype == Dtype::Fp8E4m3 {
+        return Err(FieldError::new(
+            "namespace_id",
+            "the namespace's layout stores fp8_e4m3; Attend serves f32, f16 and bf16 KV",
+        ));
+    }
+    let geom = Geom::of(layout).expect("separate K/V in f32/f16/bf16");
+    if req.layer >= layout.num_layers {
+        return Err(FieldError::new(
+            "layer",
+            format!(
+                "{} is out of range ({} layers)",
+                req.layer, layout.num_layers
+            ),
+        ));
+    }
+    if req.sequences.len() > cfg.max_sequences {
+        return Err(FieldError::new(
+            "sequences",
+            format!(
+                "{} sequences; the limit is {} (compute.max_sequences)",
+                req.sequences.len(),
+                cfg.max_sequences
+            ),
+        ));
+    }
+    let d = layout.head_dim as usize;
+    let kv = layout.num_kv_heads as usize;
+    if let Some(r) = req.sparf_channels
+        && r > layout.head_dim
+    {
+        return Err(FieldError::new(
+            "sparf_channels",
+            format!("{r} is above head_dim {}", layout.head_dim),
+        ));
+    }
+    let mut seqs = Vec::with_capacity(req.sequences.len());
+    for (i, s) in req.sequences.into_iter().enumerate() {
+        let f = |name: &str| format!("sequences[{i}].{name}");
+        if !s.queries.len().is_multiple_of(d) {
+            return Err(FieldError::new(
+                f("queries"),
+                format!(
+                    "{} values are not whole heads of head_dim {d}",
+                    s.queries.len()
+                ),
+            ));
+        }
+        let heads = s.queries.len() / d;
+        if !heads.is_multiple_of(kv) {
+            return Err(FieldError::new(
+                f("queries"),
+                format!("{heads} heads is not a multiple of the layout's {kv} KV heads"),
+            ));
+        }
+        if heads > cfg.max_query_heads {
+            return Err(FieldError::new(
+                f("queries"),
+                format!(
+                    "{heads} heads; the limit is {} (compute.max_query_heads)",
+                    cfg.max_query_heads
+                ),
+            ));
+        }
+        if let Some(t) = s.last_block_tokens
+            && t > layout.tokens_per_block
+        {
+            return Err(FieldError::new(
+                f("last_block_tokens"),
+                format!(
+                    "{t} is above the layout's {} tokens per block",
+                    layout.tokens_per_block
+                ),
+            ));
+        }
+        seqs.push(SeqIn {
+            keys: s.keys,
+            last_block_tokens: s.last_block_tokens,
+            q: s.queries,
+            heads,
+        });
+    }
+    Ok(Checked {
+        namespace: req.namespace,
+        geom,
+        layer: req.layer,
+        mode: req.mode,
+        scale: req.scale.unwrap_or(1.0 / (d as f32).sqrt()),
+        budget: req.budget,
+        sparf_channels: req.sparf_channels,
+        sparf_tokens: req.sparf_tokens,
+        seqs,
+    })
+}
+
+/// Blocks and bytes read from one tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierRead {
+    pub blocks: u32,
+    pub bytes: u64,
+}
+
+/// The answer for one sequence.
+#[derive(Debug, Clone)]
+pub struct SeqResult {
+    /// `[heads][head_dim]` and `[heads]`.
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+    pub keys_present: u32,
+    pub tokens_present: u64,
+    /// Union over heads, merged, in order.
+    pub covered: Vec<Range<u64>>,
+    /// SPARF: per KV head.
+    pub head_covered: Vec<Vec<Range<u64>>>,
+    pub dram: TierRead,
+    pub nvme: TierRead,
+    pub exact: bool,
+    pub sink_included: bool,
+    pub recent_included: bool,
+    pub tokens_attended: u64,
+    pub abstract_bytes: u64,
+}
+
+/// Runs a checked request: all sequences are pinned first (a state error,
+/// such as a last block shorter than `last_block_tokens`, then changes
+/// nothing), then computed concurrently.
+pub async fn run(
+    ctx: &AttendCtx,
+    store: &Arc<Store>,
+    req: Checked,
+) -> Result<Vec<SeqResult>, StoreError> {
+    let req = Arc::new(req);
+    let mut pins = Vec::with_capacity(req.seqs.len());
+    for (i, s) in req.seqs.iter().enumerate() {
+        let pin = store.pin_chain(req.namespace, &s.keys)?;
+        if let Some(t) = s.last_block_tokens
+            && pin.blocks.len() == s.keys.len()
+        {
+            let last = pin.blocks.last().expect("keys are never empty");
+            let held = req.geom.tokens_of(last.len).unwrap_or(0);
+            if t > held {
+                return Err(FieldError::new(
+                    format!("sequences[{i}].last_block_tokens"),
+                    format!(
+                        "{t}, but block keys[{}] holds {held} tokens",
+                        s.keys.len() - 1
+                    ),
+                )
+                .into());
+            }
+        }
+        pins.push(pin);
+    }
+    let runs = pins
+        .into_iter()
+        .enumerate()
+        .map(|(i, pin)| run_seq(ctx, req.clone(), i, pin));
+    let out = futures_util::future::join_all(runs).await;
+    let out: Vec<SeqResult> = out.into_iter().collect::<Result<_, _>>()?;
+    for r in &out {
+        ctx.metrics.sequences[req.mode as usize].increment(1);
+        ctx.metrics.tokens.increment(r.tokens_attended);
+        ctx.metrics.read_bytes[0].increment(r.dram.bytes);
+        ctx.metrics.read_bytes[1].increment(r.nvme.bytes);
+        ctx.metrics.read_blocks[0].increment(r.dram.blocks as u64);
+        ctx.metrics.read_blocks[1].increment(r.nvme.blocks as u64);
+        store.count_reads(r.dram.bytes, r.nvme.bytes);
+    }
+    Ok(out)
+}
+
+/// Running `(o, lse)` of all query heads.
+#[derive(Debug, Clone)]
+struct Acc {
+    o: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// A sequence's state, moved into each blocking step and back.
+struct Seq {
+    req: Arc<Checked>,
+    idx: usize,
+    pin: ChainPin,
+    /// Tokens attended per block (the last one may be cut short).
+    tokens: Vec<u32>,
+    /// First token position of each block.
+    starts: Vec<u64>,
+    acc: Acc,
+    dram: TierRead,
+    nvme: TierRead,
+    dram_seen: Vec<bool>,
+    nvme_seen: Vec<bool>,
+    /// The first block that could not be read or failed verification:
+    /// the covered prefix ends there.
+    cut: Option<usize>,
+}
+
+impl Seq {
+    fn input(&self) -> &SeqIn {
+        &self.req.seqs[self.idx]
+    }
+
+    fn present(&self) -> usize {
+        self.cut.unwrap_or(self.pin.blocks.len())
+    }
+
+    fn count(&mut self, i: usize, tier: TierKind, bytes: u64) {
+        let (read, seen) = match tier {
+            TierKind::Dram => (&mut self.dram, &mut self.dram_seen),
+            _ => (&mut self.nvme, &mut self.nvme_seen),
+        };
+        read.bytes += bytes;
+        if !seen[i] {
+            seen[i] = true;
+            read.blocks += 1;
+        }
+    }
+
+    fn cut_at(&mut self, i: usize) {
+        self.cut = Some(self.cut.map_or(i, |c| c.min(i)));
+    }
+}
+
+/// Which tensors of the layer a step reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    K,
+    Kv,
+}
+
+async fn run_seq(
+    ctx: &AttendCtx,
+    req: Arc<Checked>,
+    idx: usize,
+    pin: ChainPin,
+) -> Result<SeqResult, StoreError> {
+    let geom = req.geom;
+    let s = &req.seqs[idx];
+    let n = pin.blocks.len();
+    let mut tokens = Vec::with_capacity(n);
+    let mut cut = None;
+    for (i, b) in pin.blocks.iter().enumerate() {
+        match geom.tokens_of(b.len) {
+            Some(t) => tokens.push(t),
+            None => {
+                // Not whole tokens of this layout (a record written under
+                // another one): the prefix ends here.
+                cut = Some(i);
+                break;
+            }
+        }
+    }
+    if cut.is_none()
+        && n == s.keys.len()
+        && let (Some(t), Some(last)) = (s.last_block_tokens, tokens.last_mut())
+    {
+        *last = t;
+    }
+    let mut starts = Vec::with_capacity(tokens.len());
+    let mut at = 0u64;
+    for &t in &tokens {
+        starts.push(at);
+        at += t as u64;
+    }
+    let d = geom.head_dim as usize;
+    let mut seq = Seq {
+        idx,
+        pin,
+        tokens,
+        starts,
+        acc: Acc {
+            o: vec![0.0; s.heads * d],
+            lse: vec![f32::NEG_INFINITY; s.heads],
+        },
+        dram: TierRead::default(),
+        nvme: TierRead::default(),
+        dram_seen: vec![false; n],
+        nvme_seen: vec![false; n],
+        cut,
+        req: req.clone(),
+    };
+    if let Some(c) = cut {
+        seq.pin.truncate(c);
+    }
+    match req.mode {
+        AttendMode::Dense => {
+            let all: Vec<usize> = (0..seq.present()).collect();
+            let seq = attend_blocks(ctx, seq, all.clone()).await?;
+            Ok(finish_blocks(seq, &all, 0))
+        }
+        AttendMode::Sparse => {
+            let budget_fraction = ctx.cfg.sparse_budget_fraction;
+            let (seq, chosen, abstract_bytes) = ctx
+                .blocking(move || {
+                    let (chosen, ab) = select_blocks(&seq, budget_fraction);
+                    (seq, chosen, ab)
+                })
+                .await?;
+            let seq = attend_blocks(ctx, seq, chosen.clone()).await?;
+            Ok(finish_blocks(seq, &chosen, abstract_bytes))
+        }
+        AttendMode::Sparf => sparf(ctx, seq).await,
+    }
+}
+
+/// The sparse selection (LeoAM, fixed leaves of one block): per query head,
+/// blocks in exact descending order of `UB(q) = sum_i max(q_i min_i, q_i
+/// max_i)` from their abstracts (a block without one ranks first: its
+/// bound is unknown); heads take turns adding their next best block until
+/// the budget is met, after the sink (first) and recent (last) blocks.
+/// Returns the chosen blocks in order and the abstract bytes read.
+fn select_blocks(seq: &Seq, budget_fraction: f64) -> (Vec<usize>, u64) {
+    let req = &seq.req;
+    let geom = req.geom;
+    let s = seq.input();
+    let n = seq.present();
+    if n == 0 {
+        return (Vec::new(), 0);
+    }
+    let total: u64 = seq.tokens[..n].iter().map(|&t| t as u64).sum();
+    let budget = match req.budget {
+        Budget::Default => (total as f64 * budget_fraction).ceil() as u64,
+        Budget::Tokens(t) => t as u64,
+        Budget::Bytes(b) => b.div_ceil(2 * geom.row_bytes() as u64),
+    }
+    .max(1);
+    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+    let g = s.heads / kv;
+    let mut scratch = AbstractScratch::new(d);
+    let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    let mut ub = vec![0.0f32; g];
+    let mut ranked: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(n); s.heads];
+    let mut abstract_bytes = 0;
+    for i in 0..n {
+        match seq.pin.summary(i, geom) {
+            Some(v) => {
+                abstract_bytes += geom.abstract_layer_bytes() as u64;
+                for h in 0..kv {
+                    v.bounds(req.layer, h as u32, &mut mn, &mut mx);
+                    let q = &s.q[h * g * d..(h + 1) * g * d];
+                    upper_bounds(q, g, d, &mn, &mx, &mut scratch, &mut ub);
+                    for (j, &u) in ub.iter().enumerate() {
+                        ranked[h * g + j].push((u, i));
+                    }
+                }
+            }
+            None => ranked.iter_mut().for_each(|r| r.push((f32::INFINITY, i))),
+        }
+    }
+    for r in &mut ranked {
+        // Descending bound; ties to the earlier block (deterministic).
+        r.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    }
+    let mut chosen = vec![false; n];
+    let mut taken = 0u64;
+    for i in [0, n - 1] {
+        if !chosen[i] {
+            chosen[i] = true;
+            taken += seq.tokens[i] as u64;
+        }
+    }
+    let mut cursor = vec![0usize; s.heads];
+    'fill: while taken < budget {
+        let mut progress = false;
+        for (h, r) in ranked.iter().enumerate() {
+            while cursor[h] < r.len() && chosen[r[cursor[h]].1] {
+                cursor[h] += 1;
+            }
+            if let Some(&(_, i)) = r.get(cursor[h]) {
+                chosen[i] = true;
+                taken += seq.tokens[i] as u64;
+                progress = true;
+                if taken >= budget {
+                    break 'fill;
+                }
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    let out = (0..n).filter(|&i| chosen[i]).collect();
+    (out, abstract_bytes)
+}
+
+/// The answer of DENSE and SPARSE from the blocks attended.
+fn finish_blocks(seq: Seq, chosen: &[usize], abstract_bytes: u64) -> SeqResult {
+    let present = seq.present();
+    let done: Vec<usize> = chosen.iter().copied().filter(|&i| i < present).collect();
+    let covered = merge_ranges(done.iter().map(|&i| {
+        let s = seq.starts[i];
+        s..s + seq.tokens[i] as u64
+    }));
+    let tokens_attended = done.iter().map(|&i| seq.tokens[i] as u64).sum();
+    let tokens_present = seq.tokens[..present].iter().map(|&t| t as u64).sum();
+    let sparse = seq.req.mode == AttendMode::Sparse;
+    SeqResult {
+        o: seq.acc.o,
+        lse: seq.acc.lse,
+        keys_present: present as u32,
+        tokens_present,
+        exact: done.len() == present,
+        sink_included: sparse && present > 0 && done.first() == Some(&0),
+        recent_included: sparse && present > 0 && done.last() == Some(&(present - 1)),
+        covered,
+        head_covered: Vec::new(),
+        dram: seq.dram,
+        nvme: seq.nvme,
+        tokens_attended,
+        abstract_bytes,
+    }
+}
+
+/// Merges ranges given in increasing order of start.
+fn merge_ranges(it: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in it {
+        if r.is_empty() {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Splits `blocks` into waves whose NVMe reads stay within the wave size.
+fn waves(seq: &Seq, blocks: &[usize], want: Want, wave_bytes: u64) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0u64;
+    for &i in blocks {
+        let cost = match need_of(seq, i, want) {
+            Some(n) => match &n.what {
+                What::Span(r) => r.len() as u64 + 8192,
+                What::Record(e) => record_span(e.len as usize) as u64,
+            },
+            None => 0,
+        };
+        match out.last_mut() {
+            Some(w) if bytes + cost <= wave_bytes || bytes == 0 => {
+                w.push(i);
+                bytes += cost;
+            }
+            _ => {
+                out.push(vec![i]);
+                bytes = cost;
+            }
+        }
+    }
+    out
+}
+
+/// What block `i` needs from NVMe (None: it is read from DRAM).
+fn need_of(seq: &Seq, i: usize, want: Want) -> Option<Need> {
+    let b = &seq.pin.blocks[i];
+    if b.dram.is_some() {
+        return None;
+    }
+    let (seg, loc) = b.nvme.clone()?;
+    let geom = seq.req.geom;
+    let tokens = geom.tokens_of(b.len)?;
+    let what = if b.summary.is_some() {
+        let k = geom.tensor_range(tokens, seq.req.layer, 0);
+        let end = match want {
+            Want::K => k.end,
+            Want::Kv => geom.tensor_range(tokens, seq.req.layer, 1).end,
+        };
+        What::Span(k.start..end)
+    } else {
+        What::Record(b.expect)
+    };
+    Some(Need { seg, loc, what })
+}
+
+/// Reads one wave's NVMe bytes: per block of the wave, what arrived.
+async fn read_wave(
+    seq: &mut Seq,
+    wave: &[usize],
+    want: Want,
+) -> Vec<Option<Result<Got, NvmeError>>> {
+    let mut needs = Vec::new();
+    let mut which = Vec::new();
+    for (w, &i) in wave.iter().enumerate() {
+        if let Some(n) = need_of(seq, i, want) {
+            needs.push(n);
+            which.push(w);
+        } else if seq.pin.blocks[i].dram.is_none() {
+            // Neither copy is readable (NVMe fenced meanwhile): the
+            // covered prefix ends here.
+            seq.cut_at(i);
+        }
+    }
+    let mut out: Vec<Option<Result<Got, NvmeError>>> = (0..wave.len()).map(|_| None).collect();
+    if needs.is_empty() {
+        return out;
+    }
+    let Some(tier) = seq.pin.store().nvme().cloned() else {
+        for &w in &which {
+            seq.cut_at(wave[w]);
+        }
+        return out;
+    };
+    let (got, bytes) = fetch(&tier, &needs).await;
+    // Attribute the device bytes to the blocks of the wave, evenly enough
+    // for the per-tier totals (the sum is exact).
+    let per = bytes / needs.len() as u64;
+    let mut rest = bytes - per * needs.len() as u64;
+    for (&w, g) in which.iter().zip(got) {
+        let extra = std::mem::take(&mut rest);
+        seq.count(wave[w], TierKind::Nvme, per + extra);
+        out[w] = Some(g);
+    }
+    out
+}
+
+/// A layer's K and V bytes (V empty when only K was asked).
+type KvBytes<'a> = (&'a [u8], &'a [u8]);
+
+/// The layer's K (and V) of block `i`, verified: from DRAM in place, or
+/// from what a wave read. `Err(tier)`: the bytes failed verification there
+/// (the caller drops that copy); `Ok(None)`: not readable now.
+fn layer_bytes<'a>(
+    seq: &'a Seq,
+    i: usize,
+    want: Want,
+    got: Option<&'a Result<Got, NvmeError>>,
+    read: &mut Vec<(TierKind, u64)>,
+) -> Result<Option<KvBytes<'a>>, TierKind> {
+    let geom = seq.req.geom;
+    let layer = seq.req.layer;
+    let b = &seq.pin.blocks[i];
+    let Some(tokens) = geom.tokens_of(b.len) else {
+        return Ok(None);
+    };
+    let kr = geom.tensor_range(tokens, layer, 0);
+    let vr = geom.tensor_range(tokens, layer, 1);
+    let summary = seq.pin.summary(i, geom);
+    let verify = |k: &[u8], v: &[u8], s: &super::SummaryView<'_>| {
+        strata_proto::checksum(k) == s.sum(layer, 0)
+            && (want == Want::K || strata_proto::checksum(v) == s.sum(layer, 1))
+    };
+    if b.dram.is_some() {
+        return match &summary {
+            Some(s) => {
+                let k = seq.pin.dram_bytes(i, kr.clone()).expect("DRAM copy");
+                let v = match want {
+                    Want::Kv => seq.pin.dram_bytes(i, vr.clone()).expect("DRAM copy"),
+                    Want::K => &[][..],
+                };
+                read.push((TierKind::Dram, (k.len() + v.len()) as u64));
+                if verify(k, v, s) {
+                    Ok(Some((k, v)))
+                } else {
+                    Err(TierKind::Dram)
+                }
+            }
+            None => {
+                let all = seq.pin.dram_bytes(i, 0..b.len as usize).expect("DRAM copy");
+                read.push((TierKind::Dram, b.len));
+                if strata_proto::checksum(all) == b.checksum {
+                    Ok(Some((&all[kr], &all[vr])))
+                } else {
+                    Err(TierKind::Dram)
+                }
+            }
+        };
+    }
+    match got {
+        Some(Ok(g)) => {
+            let bytes = g.bytes();
+            match &summary {
+                Some(s) => {
+                    let k = &bytes[..kr.len()];
+                    let v = match want {
+                        Want::Kv => &bytes[kr.len()..kr.len() + vr.len()],
+                        Want::K => &[][..],
+                    };
+                    if verify(k, v, s) {
+                        Ok(Some((k, v)))
+                    } else {
+                        Err(TierKind::Nvme)
+                    }
+                }
+                // A whole record, verified by the tier.
+                None => Ok(Some((&bytes[kr], &bytes[vr]))),
+            }
+        }
+        Some(Err(NvmeError::Corrupt(_))) => Err(TierKind::Nvme),
+        _ => Ok(None),
+    }
+}
+
+/// [`layer_bytes`], counted; a block that cannot be read or fails its
+/// check ends the covered prefix (a failed check also drops that copy).
+/// The bytes come back as pointer ranges so that `seq` stays free to
+/// borrow mutably (see `slice_of`).
+#[allow(clippy::type_complexity)]
+fn take_layer(
+    seq: &mut Seq,
+    i: usize,
+    want: Want,
+    got: Option<&Result<Got, NvmeError>>,
+) -> Option<(Range<*const u8>, Range<*const u8>)> {
+    let mut read = Vec::new();
+    let r = layer_bytes(seq, i, want, got, &mut read)
+        .map(|o| o.map(|(k, v)| (k.as_ptr_range(), v.as_ptr_range())));
+    for (t, n) in read {
+        seq.count(i, t, n);
+    }
+    match r {
+        Ok(Some(p)) => Some(p),
+        Ok(None) => {
+            seq.cut_at(i);
+            None
+        }
+        Err(tier) => {
+            seq.pin.store().attend_corrupt(seq.pin.blocks[i].r, tier);
+            seq.cut_at(i);
+            None
+        }
+    }
+}
+
+/// Caller-made buffers of one blocking step.
+struct Work {
+    attn: AttnScratch,
+    rows: Vec<u32>,
+    o: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl Work {
+    fn new(g: usize, d: usize) -> Self {
+        Work {
+            attn: AttnScratch::new(g, d),
+            rows: Vec::new(),
+            o: vec![0.0; g * d],
+            lse: vec![0.0; g],
+        }
+    }
+}
+
+/// The stored bytes as elements: in place when aligned (arena extents and
+/// I/O buffers are), else converted into a copy.
+fn elems<E: KvElem>(b: &[u8]) -> Cow<'_, [E]> {
+    // SAFETY: E is f32, f16 or bf16 (sealed): every bit pattern is a value.
+    let (pre, mid, post) = unsafe { b.align_to::<E>() };
+    if pre.is_empty() && post.is_empty() {
+        return Cow::Borrowed(mid);
+    }
+    let w = std::mem::size_of::<E>();
+    Cow::Owned(
+        b.chunks_exact(w)
+            .map(|c| {
+                E::from_f32(match w {
+                    4 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    _ if E::NAME == "bf16" => {
+                        f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
+                    }
+                    _ => f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Partial attention of every query head over `rows(h)` (token indices of
+/// the block) of the block's layer, merged into the accumulator.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<E: KvElem>(
+    seq: &mut Seq,
+    k: &[u8],
+    v: &[u8],
+    w: &mut Work,
+    rows: &dyn Fn(usize, &mut Vec<u32>),
+) {
+    let (k, v) = (elems::<E>(k), elems::<E>(v));
+    let geom = seq.req.geom;
+    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+    let s = &seq.req.seqs[seq.idx];
+    let g = s.heads / kv;
+    let p = AttnParams {
+        heads: g,
+        d,
+        scale: seq.req.scale,
+    };
+    for h in 0..kv {
+        w.rows.clear();
+        rows(h, &mut w.rows);
+        if w.rows.is_empty() {
+            continue;
+        }
+        // The tensor is [token][kv_head][d]: row t*kv + h of [n*kv][d].
+        for r in w.rows.iter_mut() {
+            *r = *r * kv as u32 + h as u32;
+        }
+        let q = &s.q[h * g * d..(h + 1) * g * d];
+        partial_attention(
+            &p,
+            q,
+            &k,
+            &v,
+            Tokens::Rows(&w.rows),
+            &mut w.attn,
+            &mut w.o,
+            &mut w.lse,
+        );
+        merge_into(
+            d,
+            &mut seq.acc.o[h * g * d..(h + 1) * g * d],
+            &mut seq.acc.lse[h * g..(h + 1) * g],
+            &w.o,
+            &w.lse,
+        );
+    }
+}
+
+fn dispatch_rows(
+    seq: &mut Seq,
+    k: &[u8],
+    v: &[u8],
+    w: &mut Work,
+    rows: &dyn Fn(usize, &mut Vec<u32>),
+) {
+    match seq.req.geom.dtype {
+        Dtype::F32 => attend_rows::<f32>(seq, k, v, w, rows),
+        Dtype::F16 => attend_rows::<f16>(seq, k, v, w, rows),
+        Dtype::Bf16 => attend_rows::<bf16>(seq, k, v, w, rows),
+        Dtype::Fp8E4m3 => unreachable!("checked: Attend refuses fp8"),
+    }
+}
+
+/// Promotes the NVMe-only blocks among `blocks` (compute.promote).
+async fn promote(seq: &mut Seq, blocks: &[usize]) {
+    let refs: Vec<_> = blocks
+        .iter()
+        .filter(|&&i| seq.pin.blocks[i].dram.is_none())
+        .map(|&i| seq.pin.blocks[i].r)
+        .collect();
+    if refs.is_empty() {
+        return;
+    }
+    tiering::promote(seq.pin.store(), &refs).await;
+    seq.pin.refresh_dram();
+    for &i in blocks {
+        let b = &seq.pin.blocks[i];
+        if b.dram.is_some() && refs.contains(&b.r) {
+            let len = record_span(b.len as usize) as u64;
+            seq.count(i, TierKind::Nvme, len);
+        }
+    }
+}
+
+/// Attends over whole blocks (DENSE, SPARSE), in order, wave by wave.
+async fn attend_blocks(
+    ctx: &AttendCtx,
+    mut seq: Seq,
+    blocks: Vec<usize>,
+) -> Result<Seq, StoreError> {
+    if ctx.cfg.promote {
+        promote(&mut seq, &blocks).await;
+    }
+    for wave in waves(&seq, &blocks, Want::Kv, ctx.cfg.read_wave_bytes) {
+        if seq.cut.is_some_and(|c| wave[0] >= c) {
+            break;
+        }
+        let got = read_wave(&mut seq, &wave, Want::Kv).await;
+        seq = ctx
+            .blocking(move || {
+                let geom = seq.req.geom;
+                let g = seq.input().heads / geom.kv_heads as usize;
+                let mut w = Work::new(g, geom.head_dim as usize);
+                for (j, &i) in wave.iter().enumerate() {
+                    if seq.cut.is_some_and(|c| i >= c) {
+                        break;
+                    }
+                    let Some((k, v)) = take_layer(&mut seq, i, Want::Kv, got[j].as_ref()) else {
+                        break;
+                    };
+                    // SAFETY: the ranges point into the pinned block's DRAM
+                    // copy or into `got`, both alive for this iteration;
+                    // rebuilt as slices so that `seq` can be borrowed
+                    // mutably for the accumulator.
+                    let (k, v) = unsafe { (slice_of(k), slice_of(v)) };
+                    let n = seq.tokens[i];
+                    dispatch_rows(&mut seq, k, v, &mut w, &|_, rows| rows.extend(0..n));
+                }
+                seq
+            })
+            .await?;
+    }
+    Ok(seq)
+}
+
+/// A slice from a pointer range.
+///
+/// # Safety
+/// The range is a live, initialised byte slice for the caller's use.
+unsafe fn slice_of<'a>(r: Range<*const u8>) -> &'a [u8] {
+    // SAFETY: per the caller's contract.
+    unsafe { std::slice::from_raw_parts(r.start, r.end.offset_from(r.start) as usize) }
+}
+
+/// SparF (InstInfer): per KV head, the top-r channels of the group's
+/// queries score every token from a dim-major copy of the block's keys
+/// (built here from the token-major payload); the top-k tokens are then
+/// attended exactly. Phase 1 reads K of every block; phase 2 reads K and V
+/// of the blocks that hold a chosen token.
+async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
+    let mut seq = seq;
+    let geom = seq.req.geom;
+    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+    let heads = seq.input().heads;
+    let g = heads / kv;
+    let r = seq
+        .req
+        .sparf_channels
+        .map_or((d / 8).max(1), |r| r as usize)
+        .min(d);
+    let all: Vec<usize> = (0..seq.present()).collect();
+    if ctx.cfg.promote {
+        promote(&mut seq, &all).await;
+    }
+    let total: usize = seq.tokens[..seq.present()]
+        .iter()
+        .map(|&t| t as usize)
+        .sum();
+    // Channels per KV head, and scores per KV head over all tokens.
+    let (mut seq, channels) = ctx
+        .blocking(move || {
+            let mut sc = SparfScratch::new(g, d, 0);
+            let s = &seq.req.seqs[seq.idx];
+            let mut channels = vec![0u32; kv * r];
+            for h in 0..kv {
+                top_channels(
+                    &s.q[h * g * d..(h + 1) * g * d],
+                    g,
+                    d,
+                    &mut sc,
+                    &mut channels[h * r..(h + 1) * r],
+                );
+            }
+            (seq, channels)
+        })
+        .await?;
+    let channels = Arc::new(channels);
+    let mut scores = vec![f32::NEG_INFINITY; kv * total];
+    for wave in waves(&seq, &all, Want::K, ctx.cfg.read_wave_bytes) {
+        if seq.cut.is_some_and(|c| wave[0] >= c) {
+            break;
+        }
+        let got = read_wave(&mut seq, &wave, Want::K).await;
+        let channels = channels.clone();
+        (seq, scores) = ctx
+            .blocking(move || {
+                let mut sc = SparfScratch::new(g, d, 0);
+                for (j, &i) in wave.iter().enumerate() {
+                    if seq.cut.is_some_and(|c| i >= c) {
+                        break;
+                    }
+                    let Some((k, v)) = take_layer(&mut seq, i, Want::K, got[j].as_ref()) else {
+                        break;
+                    };
+                    let _ = v;
+                    // SAFETY: as in `attend_blocks`.
+                    let k = unsafe { slice_of(k) };
+                    let (start, n) = (seq.starts[i] as usize, seq.tokens[i] as usize);
+                    let s = &seq.req.seqs[seq.idx];
+                    match geom.dtype {
+                        Dtype::F32 => score_block::<f32>(
+                            k,
+                            s,
+                            &channels,
+                            r,
+                            seq.req.scale,
+                            n,
+                            start,
+                            total,
+                            kv,
+                            d,
+                            &mut sc,
+                            &mut scores,
+                        ),
+                        Dtype::F16 => score_block::<f16>(
+                            k,
+                            s,
+                            &channels,
+                            r,
+                            seq.req.scale,
+                            n,
+                            start,
+                            total,
+                            kv,
+                            d,
+                            &mut sc,
+                            &mut scores,
+                        ),
+                        Dtype::Bf16 => score_block::<bf16>(
+                            k,
+                            s,
+                            &channels,
+                            r,
+                            seq.req.scale,
+                            n,
+                            start,
+                            total,
+                            kv,
+                            d,
+                            &mut sc,
+                            &mut scores,
+                        ),
+                        Dtype::Fp8E4m3 => unreachable!("checked"),
+                    }
+                }
+                (seq, scores)
+            })
+            .await?;
+    }
+    // Top-k per KV head over the tokens of the blocks scored.
+    let scored: usize = seq.tokens[..seq.present()]
+        .iter()
+        .map(|&t| t as usize)
+        .sum();
+    let k_tokens = seq
+        .req
+        .sparf_tokens
+        .map_or(scored.div_ceil(16).max(1), |k| k as usize)
+        .min(scored);
+    let (seq, chosen) = ctx
+        .blocking(move || {
+            let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(kv);
+            let mut idx = vec![0u32; k_tokens];
+            let mut val = vec![0f32; k_tokens];
+            for h in 0..kv {
+                let got = top_k(
+                    &scores[h * total..h * total + scored],
+                    k_tokens,
+                    &mut idx,
+                    &mut val,
+                );
+                let mut c = idx[..got].to_vec();
+                c.sort_unstable();
+                chosen.push(c);
+            }
+            (seq, chosen)
+        })
+        .await?;
+    let chosen = Arc::new(chosen);
+    // Blocks holding a chosen token of any head.
+    let present = seq.present();
+    let mut blocks = Vec::new();
+    for i in 0..present {
+        let (a, b) = (seq.starts[i], seq.starts[i] + seq.tokens[i] as u64);
+        let hit = chosen.iter().any(|c| {
+            let p = c.partition_point(|&t| (t as u64) < a);
+            c.get(p).is_some_and(|&t| (t as u64) < b)
+        });
+        if hit {
+            blocks.push(i);
+        }
+    }
+    let mut seq = seq;
+    for wave in waves(&seq, &blocks, Want::Kv, ctx.cfg.read_wave_bytes) {
+        if seq.cut.is_some_and(|c| wave[0] >= c) {
+            break;
+        }
+        let got = read_wave(&mut seq, &wave, Want::Kv).await;
+        let chosen = chosen.clone();
+        seq = ctx
+            .blocking(move || {
+                let mut w = Work::new(g, d);
+                for (j, &i) in wave.iter().enumerate() {
+                    if seq.cut.is_some_and(|c| i >= c) {
+                        break;
+                    }
+                    let Some((k, v)) = take_layer(&mut seq, i, Want::Kv, got[j].as_ref()) else {
+                        break;
+                    };
+                    // SAFETY: as in `attend_blocks`.
+                    let (k, v) = unsafe { (slice_of(k), slice_of(v)) };
+                    let (a, b) = (seq.starts[i], seq.starts[i] + seq.tokens[i] as u64);
+                    let chosen = &chosen;
+                    dispatch_rows(&mut seq, k, v, &mut w, &|h, rows| {
+                        let c = &chosen[h];
+                        let p = c.partition_point(|&t| (t as u64) < a);
+                        rows.extend(
+                            c[p..]
+                                .iter()
+                                .take_while(|&&t| (t as u64) < b)
+                                .map(|&t| (t as u64 - a) as u32),
+                        );
+                    });
+                }
+                seq
+            })
+            .await?;
+    }
+    let present = seq.present();
+    let end = seq
+        .starts
+        .get(present)
+        .copied()
+        .unwrap_or_else(|| seq.tokens[..present].iter().map(|&t| t as u64).sum());
+    let head_covered: Vec<Vec<Range<u64>>> = chosen
+        .iter()
+        .map(|c| {
+            merge_ranges(
+                c.iter()
+                    .map(|&t| t as u64)
+                    .filter(|&t| t < end)
+                    .map(|t| t..t + 1),
+            )
+        })
+        .collect();
+    let mut all_tokens: Vec<u64> = chosen
+        .iter()
+        .flatten()
+        .map(|&t| t as u64)
+        .filter(|&t| t < end)
+        .collect();
+    all_tokens.sort_unstable();
+    all_tokens.dedup();
+    let covered = merge_ranges(all_tokens.iter().map(|&t| t..t + 1));
+    let tokens_attended = chosen
+        .iter()
+        .map(|c| c.iter().filter(|&&t| (t as u64) < end).count() as u64)
+        .max()
+        .unwrap_or(0);
+    Ok(SeqResult {
+        o: seq.acc.o,
+        lse: seq.acc.lse,
+        keys_present: present as u32,
+        tokens_present: end,
+        exact: head_covered
+            .iter()
+            .all(|c| c.len() == 1 && c[0] == (0..end) || end == 0),
+        sink_included: false,
+        recent_included: false,
+        covered,
+        head_covered,
+        dram: seq.dram,
+        nvme: seq.nvme,
+        tokens_attended,
+        abstract_bytes: 0,
+    })
+}
+
+/// SparF scores of block `i`'s tokens for every KV head, into
+/// `scores[h][start..start + n]`.
+#[allow(clippy::too_many_arguments)]
+fn score_block<E: KvElem>(
+    k: &[u8],
+    s: &SeqIn,
+    channels: &[u32],
+    r: usize,
+    scale: f32,
+    n: usize,
+    start: usize,
+    total: usize,
+    kv: usize,
+    d: usize,
+    sc: &mut SparfScratch,
+    scores: &mut [f32],
+) {
+    let k = elems::<E>(k);
+    let g = s.heads / kv;
+    let mut head = vec![E::default(); n * d];
+    let mut kt = vec![E::default(); n * d];
+    for h in 0..kv {
+        for t in 0..n {
+            let src = (t * kv + h) * d;
+            head[t * d..(t + 1) * d].copy_from_slice(&k[src..src + d]);
+        }
+        to_dim_major(&head, d, &mut kt);
+        sparf_scores(
+            &s.q[h * g * d..(h + 1) * g * d],
+            g,
+            d,
+            &kt,
+            &channels[h * r..(h + 1) * r],
+            scale,
+            sc,
+            &mut scores[h * total + start..h * total + start + n],
+        );
+    }
+}

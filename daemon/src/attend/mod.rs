@@ -1,0 +1,86 @@
+//! Attention near the data (the `Attend` RPC; COMPUTE.md §1, §3, §4).
+//!
+//! For one layer and a batch of sequences, each a chain of block keys and
+//! that sequence's decode queries, the daemon returns per query head the
+//! partial attention `(o, lse)` over the tokens of the longest present
+//! prefix of the chain: dense (every token, exact), sparse (blocks chosen
+//! best-first by the upper bound of `q.k` from their key abstracts, within
+//! a token budget, sink and recent blocks always in) or SparF (per KV head,
+//! the top-r channels of the queries score every token, the top-k tokens
+//! are attended exactly). The engine merges it with its own part by
+//! log-sum-exp (`strata_kernels::attention::merge_into`).
+//!
+//! * [`summary`]: what the store keeps per block in DRAM: per layer and KV
+//!   head the min/max key abstract, and a checksum of each layer's K and V.
+//! * [`exec`]: validation against the layout, block selection, reads in
+//!   bounded waves (DRAM in place; NVMe through the tier's I/O engine, only
+//!   the layer's 4 KiB-aligned ranges, coalesced), verification, and the
+//!   math on a bounded blocking pool.
+//!
+//! Invariants:
+//! * every block is pinned while it is read; a missing block ends the
+//!   covered prefix (said in the answer), it is never skipped;
+//! * every byte computed on was verified since it was read: a layer's K or
+//!   V against its summary checksum, or the whole block (whole record from
+//!   NVMe) when the block has no summary; a failure is a corrupt block
+//!   (dropped, counted) and ends the covered prefix there;
+//! * the math never runs on the async runtime's threads, and at most
+//!   `compute.threads` blocks of it run at once;
+//! * memory per call is bounded: NVMe reads go in waves of at most
+//!   `compute.read_wave_bytes`, each computed and released before the next.
+
+pub mod exec;
+mod fetch;
+pub mod summary;
+#[cfg(test)]
+mod tests;
+
+pub use summary::{Geom, SummaryRegion, SummaryView};
+
+/// Summaries kept by the store (`compute.abstracts`, `compute.abstracts_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SummaryConfig {
+    pub enabled: bool,
+    /// Size of the region; 0 = a sixteenth of the DRAM and NVMe capacities.
+    pub bytes: u64,
+}
+
+impl Default for SummaryConfig {
+    fn default() -> Self {
+        SummaryConfig {
+            enabled: true,
+            bytes: 0,
+        }
+    }
+}
+
+/// Limits and defaults of the Attend RPC (the `[compute]` section).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttendConfig {
+    /// Blocking tasks of Attend math at once.
+    pub threads: usize,
+    /// Attend calls admitted at once (running or waiting).
+    pub max_inflight: usize,
+    pub max_sequences: usize,
+    pub max_query_heads: usize,
+    /// SPARSE default budget, a fraction of the covered tokens.
+    pub sparse_budget_fraction: f64,
+    /// NVMe bytes read before the math runs on them (one wave).
+    pub read_wave_bytes: u64,
+    /// Promote NVMe-only blocks into DRAM before reading them.
+    pub promote: bool,
+}
+
+impl Default for AttendConfig {
+    fn default() -> Self {
+        AttendConfig {
+            threads: 2,
+            max_inflight: 64,
+            max_sequences: 256,
+            max_query_heads: 256,
+            sparse_budget_fraction: 0.05,
+            read_wave_bytes: 64 << 20,
+            promote: false,
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Block summaries: what the daemon keeps in DRAM about every block so that
+//! Attend can select blocks without reading them and verify the one layer
+//! it reads of a block without hashing the whole block.
+//!
+//! A summary is one entry in a pre-sized region, laid out as
+//!
+//! ```text
+//! sums [layers][2]            u64   XXH3-64 of layer l's K (0) and V (1) over the stored tokens
+//! min  [layers][kv_heads][d]  f16   per-channel minimum of the head's keys, rounded toward -inf
+//! max  [layers][kv_heads][d]  f16   per-channel maximum, rounded toward +inf
+//! ```
+//!
+//! The leaf chunk is the whole block (`tokens_per_block` tokens; a partial
+//! block's chunk is shorter), computed with `strata_kernels::abstracts`.
+//! The kernel's mean is computed and not kept: selection uses only the
+//! min/max bound (a mean-key abstract fails on needle heads, COMPUTE.md
+//! §3), and dropping it keeps the summary at `2 / (tokens_per_block *
+//! dtype bytes)` of the KV (6.25% at 16 tokens of f16).
+//!
+//! Invariants:
+//! * an entry is written once, by its owner, before the block is visible,
+//!   and read only while the block is pinned; it is freed with the block's
+//!   last copy (the store does all three);
+//! * the region never grows: resident memory is at most its configured
+//!   size; a block that finds it full has no summary (counted), which makes
+//!   it rank first in sparse selection and be verified whole when read.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use half::f16;
+use memmap2::{MmapOptions, MmapRaw};
+use strata_kernels::abstracts::{AbstractScratch, chunk_abstracts};
+use strata_kernels::block::BlockGeometry;
+use strata_proto::{Dtype, KvKind, Layout};
+
+use crate::tier::alloc::ExtentAllocator;
+
+/// Allocation unit of the region (entries are at least this aligned).
+pub const SUMMARY_GRANULE: u64 = 64;
+
+/// The shape of a namespace's blocks, for the layouts Attend serves:
+/// separate K and V in f32, f16 or bf16. Copy, so it travels with a put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geom {
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub tokens_per_block: u32,
+    pub dtype: Dtype,
+}
+
+impl Geom {
+    /// `None` for layouts Attend does not serve (MLA latents, fp8).
+    pub fn of(l: &Layout) -> Option<Geom> {
+        if l.kv_kind != KvKind::Separate || l.dtype == Dtype::Fp8E4m3 {
+            return None;
+        }
+        Some(Geom {
+            layers: l.num_layers,
+            kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            tokens_per_block: l.tokens_per_block,
+            dtype: l.dtype,
+        })
+    }
+
+    pub fn elem_bytes(&self) -> usize {
+        self.dtype.bytes() as usize
+    }
+
+    /// Bytes of one token of one tensor of one layer (all KV heads).
+    pub fn row_bytes(&self) -> usize {
+        self.kv_heads as usize * self.head_dim as usize * self.elem_bytes()
+    }
+
+    /// Bytes of one token across all layers, K and V.
+    pub fn token_bytes(&self) -> u64 {
+        2 * self.layers as u64 * self.row_bytes() as u64
+    }
+
+    /// Tokens a payload of `len` bytes holds (`None` if not whole tokens).
+    pub fn tokens_of(&self, len: u64) -> Option<u32> {
+        let t = self.token_bytes();
+        (len > 0 && len.is_multiple_of(t) && len / t <= self.tokens_per_block as u64)
+            .then(|| (len / t) as u32)
+    }
+
+    fn block(&self, tokens: u32) -> BlockGeometry {
+        BlockGeometry {
+            layers: self.layers,
+            tensors: 2,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            dtype_bytes: self.dtype.bytes(),
+            tokens,
+        }
+    }
+
+    /// Byte range of `tensor` (0 = K, 1 = V) of `layer` in a payload of
+    /// `tokens` tokens.
+    pub fn tensor_range(&self, tokens: u32, layer: u32, tensor: u32) -> Range<usize> {
+        self.block(tokens).tensor_range(layer, tensor)
+    }
+
+    /// Bytes of one summary entry.
+    pub fn summary_bytes(&self) -> usize {
+        self.layers as usize * 16 + 2 * self.abstract_elems() * 2
+    }
+
+    /// f16 values in each of the min and max arrays.
+    fn abstract_elems(&self) -> usize {
+        self.layers as usize * self.kv_heads as usize * self.head_dim as usize
+    }
+
+    /// Bytes of the min and max rows of one layer, all heads.
+    pub fn abstract_layer_bytes(&self) -> usize {
+        2 * self.kv_heads as usize * self.head_dim as usize * 2
+    }
+}
+
+/// Read access to one summary entry.
+#[derive(Debug, Clone, Copy)]
+pub struct SummaryView<'a> {
+    g: Geom,
+    bytes: &'a [u8],
+}
+
+impl<'a> SummaryView<'a> {
+    pub fn new(g: Geom, bytes: &'a [u8]) -> Self {
+        assert_eq!(bytes.len(), g.summary_bytes(), "summary entry size");
+        SummaryView { g, bytes }
+    }
+
+    /// The checksum of `tensor` (0 = K, 1 = V) of `layer`.
+    pub fn sum(&self, layer: u32, tensor: u32) -> u64 {
+        let at = (layer as usize * 2 + tensor as usize) * 8;
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    fn f16_row(&self, which: usize, layer: u32, head: u32, out: &mut [f16]) {
+        let g = &self.g;
+        let d = g.head_dim as usize;
+        let base = g.layers as usize * 16 + which * g.abstract_elems() * 2;
+        let at = base + ((layer as usize * g.kv_heads as usize + head as usize) * d) * 2;
+        for (o, c) in out[..d]
+            .iter_mut()
+            .zip(self.bytes[at..at + 2 * d].chunks_exact(2))
+        {
+            *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+        }
+    }
+
+    /// The per-channel minimum and maximum of `head`'s keys in `layer`
+    /// (into `min`, `max`, each `head_dim` long).
+    pub fn bounds(&self, layer: u32, head: u32, min: &mut [f16], max: &mut [f16]) {
+        self.f16_row(0, layer, head, min);
+        self.f16_row(1, layer, head, max);
+    }
+}
+
+/// Scratch for [`summarize`], made once per caller.
+#[derive(Debug)]
+pub struct SummaryScratch {
+    rows: Vec<f32>,
+    min: Vec<f16>,
+    max: Vec<f16>,
+    mean: Vec<f16>,
+    kernel: AbstractScratch,
+}
+
+impl SummaryScratch {
+    pub fn new(g: &Geom) -> Self {
+        let d = g.head_dim as usize;
+        SummaryScratch {
+            rows: vec![0.0; g.tokens_per_block as usize * d],
+            min: vec![f16::ZERO; d],
+            max: vec![f16::ZERO; d],
+            mean: vec![f16::ZERO; d],
+            kernel: AbstractScratch::new(d),
+        }
+    }
+}
+
+/// Reads element `i` of a little-endian `dtype` array as f32 (exact).
+#[inline(always)]
+fn elem(dtype: Dtype, b: &[u8], i: usize) -> f32 {
+    match dtype {
+        Dtype::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+        Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
+        Dtype::Bf16 => f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16),
+        Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
+    }
+}
+
+/// Computes the summary of a payload of `tokens` tokens into `out` (one
+/// entry, [`Geom::summary_bytes`] long). Pure compute, no locks.
+pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, out: &mut [u8]) {
+    assert_eq!(out.len(), g.summary_bytes(), "summary entry size");
+    assert_eq!(
+        payload.len() as u64,
+        g.token_bytes() * tokens as u64,
+        "payload is not {tokens} tokens"
+    );
+    let (h, d, n) = (g.kv_heads as usize, g.head_dim as usize, tokens as usize);
+    let (min_base, max_base) = (
+        g.layers as usize * 16,
+        g.layers as usize * 16 + g.abstract_elems() * 2,
+    );
+    for layer in 0..g.layers {
+        for tensor in 0..2 {
+            let r = g.tensor_range(tokens, layer, tensor);
+            let at = (layer as usize * 2 + tensor as usize) * 8;
+            out[at..at + 8].copy_from_slice(&strata_proto::checksum(&payload[r]).to_le_bytes());
+        }
+        let k = &payload[g.tensor_range(tokens, layer, 0)];
+        for head in 0..h {
+            // Gather this head's rows ([token][kv_head][d] → [token][d]);
+            // widening to f32 is exact, so the f32 kernel sees the stored
+            // values.
+            let rows = &mut s.rows[..n * d];
+            for t in 0..n {
+                let src = (t * h + head) * d;
+                for (i, x) in rows[t * d..(t + 1) * d].iter_mut().enumerate() {
+                    *x = elem(g.dtype, k, src + i);
+                }
+            }
+            chunk_abstracts::<f32>(
+                rows,
+                d,
+                n,
+                &mut s.kernel,
+                &mut s.min,
+                &mut s.max,
+                &mut s.mean,
+            );
+            let row = (layer as usize * h + head) * d * 2;
+            for (which, base) in [(&s.min, min_base), (&s.max, max_base)] {
+                for (i, v) in which.iter().enumerate() {
+                    let at = base + row + 2 * i;
+                    out[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// The region summaries live in: one anonymous mapping reserved at start
+/// (pages are touched as entries are written) and an extent allocator.
+pub struct SummaryRegion {
+    map: MmapRaw,
+    len: u64,
+    alloc: Mutex<ExtentAllocator>,
+}
+
+impl std::fmt::Debug for SummaryRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SummaryRegion")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl SummaryRegion {
+    pub fn new(bytes: u64) -> std::io::Result<Self> {
+        let len = bytes / SUMMARY_GRANULE * SUMMARY_GRANULE;
+        let map = MmapOptions::new().len(len.max(1) as usize).map_anon()?;
+        Ok(SummaryRegion {
+            map: MmapRaw::from(map),
+            len,
+            alloc: Mutex::new(ExtentAllocator::new(len, SUMMARY_GRANULE)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExtentAllocator> {
+        // A poisoned allocator cannot be trusted not to hand out an entry
+        // twice: stop.
+        self.alloc.lock().expect("summary allocator poisoned")
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// Bytes taken by entries (rounded to granules).
+    pub fn used_bytes(&self) -> u64 {
+        let a = self.lock();
+        a.capacity_bytes() - a.free_bytes()
+    }
+
+    pub fn allocate(&self, len: usize) -> Option<u64> {
+        self.lock().allocate(len as u64)
+    }
+
+    pub fn free(&self, offset: u64, len: usize) {
+        self.lock().free(offset, len as u64)
+    }
+
+    fn check(&self, offset: u64, len: usize) {
+        assert!(
+            offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.len),
+            "summary access out of bounds: {offset}+{len} > {}",
+            self.len
+        );
+    }
+
+    /// The bytes of an entry.
+    ///
+    /// # Safety
+    /// The entry is allocated and not written while the slice lives (its
+    /// block is pinned, or the caller owns it).
+    pub unsafe fn slice(&self, offset: u64, len: usize) -> &[u8] {
+        self.check(offset, len);
+        // SAFETY: in bounds; lifetime per the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset as usize), len) }
+    }
+
+    /// The bytes of an entry being written.
+    ///
+    /// # Safety
+    /// The caller owns the entry (allocated it, not yet published).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: u64, len: usize) -> &mut [u8] {
+        self.check(offset, len);
+        // SAFETY: in bounds; exclusivity per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset as usize), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_hold_sums_and_bounds() {
+        let g = Geom {
+            layers: 3,
+            kv_heads: 2,
+            head_dim: 8,
+            tokens_per_block: 4,
+            dtype: Dtype::Bf16,
+        };
+        let tokens = 3;
+        let payload: Vec<u8> = (0..g.token_bytes() as usize * tokens as usize)
+            .map(|i| (i * 7 % 251) as u8 & 0x3f)
+            .collect();
+        let mut out = vec![0u8; g.summary_bytes()];
+        summarize(&g, &payload, tokens, &mut SummaryScratch::new(&g), &mut out);
+        let v = SummaryView::new(g, &out);
+        let (mut mn, mut mx) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
+        for layer in 0..3 {
+            for t in 0..2 {
+                let r = g.tensor_range(tokens, layer, t);
+                assert_eq!(v.sum(layer, t), strata_proto::checksum(&payload[r]));
+            }
+            let k = &payload[g.tensor_range(tokens, layer, 0)];
+            for head in 0..2 {
+                v.bounds(layer, head, &mut mn, &mut mx);
+                for tok in 0..tokens as usize {
+                    for i in 0..8 {
+                        let x = elem(g.dtype, k, (tok * 2 + head as usize) * 8 + i);
+                        assert!(mn[i].to_f32() <= x && x <= mx[i].to_f32());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn region_allocates_and_frees() {
+        let r = SummaryRegion::new(4096).unwrap();
+        let a = r.allocate(100).unwrap();
+        assert_eq!(r.used_bytes(), 128);
+        unsafe { r.slice_mut(a, 100) }.fill(3);
+        assert!(unsafe { r.slice(a, 100) }.iter().all(|&b| b == 3));
+        assert!(r.allocate(4096).is_none());
+        r.free(a, 100);
+        assert_eq!(r.used_bytes(), 0);
+    }
+}

@@ -1,0 +1,347 @@
+//! Boundary 1 for Attend's store side: block summaries exist for every
+//! published block on every path (stream put, zero-copy commit, recovery
+//! after a restart), bound every key, die with the block, and stay within
+//! their region; and the sparse selection ranks by the bound.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use half::f16;
+use strata_proto::convert::{CommitReq, DeleteReq, ReserveBlock, ReserveReq};
+use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId};
+
+use super::summary::{Geom, SummaryView};
+use crate::metrics::{Registry, StoreMetrics};
+use crate::store::{ManualClock, Reserve, Store, StoreConfig, tiering};
+use crate::tier::nvme::buf::BufPool;
+use crate::tier::nvme::engine::{EngineKind, open_engine};
+use crate::tier::nvme::{NvmeConfig, NvmeTier};
+use crate::tier::{DramConfig, DramTier};
+
+/// 3 layers x 2 KV heads x 16 dims, f16, 8 tokens per block: 3 KiB blocks.
+fn layout() -> Layout {
+    Layout {
+        model_id: "attend-test".into(),
+        dtype: Dtype::F16,
+        num_layers: 3,
+        num_kv_heads: 2,
+        head_dim: 16,
+        tokens_per_block: 8,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+/// A seeded generator (xorshift + Box-Muller): tests replay exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let (a, b) = (self.unit().max(1e-300), self.unit());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+}
+
+/// A block of `tokens` tokens of f16 values, N(0, 1) scaled per channel.
+fn payload(l: &Layout, tokens: u32, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let n = (l.token_bytes() * tokens as u64 / 2) as usize;
+    let mut out = Vec::with_capacity(n * 2);
+    for i in 0..n {
+        let scale = 1.0 + (i % l.head_dim as usize) as f32 * 0.25;
+        out.extend_from_slice(&f16::from_f32(rng.normal() * scale).to_le_bytes());
+    }
+    out
+}
+
+fn key(i: u32) -> BlockKey {
+    let mut k = [0xa7u8; 12];
+    k[8..].copy_from_slice(&i.to_be_bytes());
+    BlockKey::new(&k).unwrap()
+}
+
+fn store_with(dram_bytes: u64, cfg: StoreConfig, nvme: Option<Arc<NvmeTier>>) -> Arc<Store> {
+    let dram = DramTier::new(&DramConfig {
+        bytes: dram_bytes,
+        granule_bytes: 4096,
+        prefault: false,
+    })
+    .unwrap();
+    Arc::new(Store::new(
+        cfg,
+        dram,
+        nvme,
+        4096,
+        Arc::new(ManualClock::default()),
+        StoreMetrics::new(&Registry::new()),
+    ))
+}
+
+fn put(store: &Arc<Store>, ns: NamespaceId, k: BlockKey, data: &[u8]) {
+    let sum = strata_proto::checksum(data);
+    match store
+        .reserve(ns, k, None, data.len() as u64, sum, 0)
+        .unwrap()
+    {
+        Reserve::Slot(mut s) => {
+            s.fill(data);
+            store.publish(s, sum).unwrap();
+        }
+        Reserve::Present(_) => panic!("present"),
+    }
+}
+
+fn put_zero_copy(store: &Arc<Store>, ns: NamespaceId, k: BlockKey, data: &[u8]) {
+    let r = store
+        .reserve_shared(&ReserveReq {
+            namespace: ns,
+            blocks: vec![ReserveBlock {
+                key: k,
+                parent: None,
+                length: data.len() as u64,
+            }],
+            ttl_ms: 0,
+        })
+        .unwrap();
+    unsafe { store.dram().slice_mut(r[0].offset, r[0].len) }.copy_from_slice(data);
+    store
+        .commit(&CommitReq {
+            blocks: vec![(r[0].id.unwrap(), strata_proto::checksum(data))],
+        })
+        .unwrap();
+}
+
+/// The summary of `k` checks: per-tensor checksums match the payload, and
+/// for every layer, head and random query, `UB(q) >= q.k` for every key.
+fn check_summary(store: &Store, ns: NamespaceId, k: &BlockKey, data: &[u8], rng: &mut Rng) {
+    let (geom, bytes) = store
+        .summary_copy(ns, k)
+        .unwrap_or_else(|| panic!("block {k} has no summary"));
+    let v = SummaryView::new(geom, &bytes);
+    let tokens = geom.tokens_of(data.len() as u64).unwrap();
+    let (h, d) = (geom.kv_heads as usize, geom.head_dim as usize);
+    let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    let mut scratch = strata_kernels::abstracts::AbstractScratch::new(d);
+    let mut ub = [0f32; 1];
+    for layer in 0..geom.layers {
+        for t in 0..2 {
+            let r = geom.tensor_range(tokens, layer, t);
+            assert_eq!(v.sum(layer, t), strata_proto::checksum(&data[r]));
+        }
+        let kb = &data[geom.tensor_range(tokens, layer, 0)];
+        for head in 0..h {
+            v.bounds(layer, head as u32, &mut mn, &mut mx);
+            for _ in 0..8 {
+                let q: Vec<f32> = (0..d).map(|_| rng.normal() * 3.0).collect();
+                strata_kernels::abstracts::upper_bounds(&q, 1, d, &mn, &mx, &mut scratch, &mut ub);
+                for tok in 0..tokens as usize {
+                    let at = (tok * h + head) * d * 2;
+                    let dot: f64 = (0..d)
+                        .map(|i| {
+                            let x = f16::from_le_bytes([kb[at + 2 * i], kb[at + 2 * i + 1]]);
+                            q[i] as f64 * x.to_f64()
+                        })
+                        .sum();
+                    // f32 rounding of the bound's sum (abstracts.rs).
+                    let slack = 1e-4 * (1.0 + dot.abs());
+                    assert!(
+                        ub[0] as f64 >= dot - slack,
+                        "layer {layer} head {head} token {tok}: UB {} < q.k {dot}",
+                        ub[0]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attend_summaries_bound_every_key_on_every_publish_path() {
+    let l = layout();
+    let store = store_with(1 << 20, StoreConfig::default(), None);
+    let (ns, _) = store.register_layout(l.clone());
+    let mut rng = Rng(7);
+    let mut blocks = Vec::new();
+    for i in 0..6u32 {
+        // Full blocks, and a partial one (5 of 8 tokens).
+        let tokens = if i == 5 { 5 } else { 8 };
+        let data = payload(&l, tokens, i as u64);
+        if i % 2 == 0 {
+            put(&store, ns, key(i), &data);
+        } else {
+            put_zero_copy(&store, ns, key(i), &data);
+        }
+        blocks.push((key(i), data));
+    }
+    for (k, data) in &blocks {
+        check_summary(&store, ns, k, data, &mut rng);
+    }
+    store.check_invariants();
+    let geom = Geom::of(&l).unwrap();
+    let entry = (geom.summary_bytes() as u64).next_multiple_of(64);
+    let st = store.stats();
+    assert_eq!(st.summary_blocks, 6);
+    assert_eq!(st.summary_bytes, 6 * entry);
+    // Summaries die with the block.
+    store
+        .delete(&DeleteReq {
+            namespace: ns,
+            keys: blocks.iter().map(|(k, _)| *k).collect(),
+        })
+        .unwrap();
+    let st = store.stats();
+    assert_eq!((st.summary_blocks, st.summary_bytes), (0, 0));
+    store.check_invariants();
+}
+
+#[test]
+fn attend_a_full_region_leaves_blocks_without_summaries_and_a_bad_put_frees_its_entry() {
+    let l = layout();
+    let geom = Geom::of(&l).unwrap();
+    let entry = (geom.summary_bytes() as u64).next_multiple_of(64);
+    let mut cfg = StoreConfig::default();
+    cfg.summaries.bytes = 3 * entry;
+    let store = store_with(1 << 20, cfg, None);
+    let (ns, _) = store.register_layout(l.clone());
+    // A put whose checksum fails computes a summary and hands it back.
+    let data = payload(&l, 8, 99);
+    if let Reserve::Slot(mut s) = store
+        .reserve(ns, key(99), None, data.len() as u64, 1, 0)
+        .unwrap()
+    {
+        s.fill(&data);
+        assert!(store.publish(s, 1).is_err());
+    }
+    assert_eq!(store.stats().summary_bytes, 0);
+    for i in 0..5u32 {
+        put(&store, ns, key(i), &payload(&l, 8, i as u64));
+    }
+    let st = store.stats();
+    assert_eq!((st.summary_blocks, st.summary_bytes), (3, 3 * entry));
+    assert!(store.summary_copy(ns, &key(4)).is_none());
+    store.check_invariants();
+    // Off: no region, no summaries, nothing counted.
+    let mut cfg = StoreConfig::default();
+    cfg.summaries.enabled = false;
+    let store = store_with(1 << 20, cfg, None);
+    let (ns, _) = store.register_layout(l.clone());
+    put(&store, ns, key(0), &payload(&l, 8, 0));
+    let st = store.stats();
+    assert_eq!((st.summary_blocks, st.summary_capacity), (0, 0));
+}
+
+fn nvme_tier(dir: &std::path::Path) -> Arc<NvmeTier> {
+    let cfg = NvmeConfig {
+        dir: dir.join("nvme"),
+        capacity_bytes: 8 << 20,
+        segment_bytes: 1 << 20,
+        engine: EngineKind::Psync,
+        queue_depth: 4,
+        io_buffer_bytes: 64 << 10,
+        io_buffers: 4,
+        fence_after_errors: 3,
+        sync_writes: false,
+    };
+    let pool = BufPool::new(cfg.io_buffer_bytes, cfg.io_buffers);
+    let engine = open_engine(EngineKind::Psync, 4, Some(&pool)).unwrap();
+    NvmeTier::open(cfg, engine, pool).unwrap().0
+}
+
+#[tokio::test]
+async fn attend_summaries_come_back_after_an_nvme_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = layout();
+    let mut rng = Rng(11);
+    let mut blocks = Vec::new();
+    let mut before = Vec::new();
+    {
+        let store = store_with(1 << 20, StoreConfig::default(), Some(nvme_tier(dir.path())));
+        tiering::recover(&store, &mut |_, _| {}).await;
+        let (ns, _) = store.register_layout(l.clone());
+        tiering::persist_layout(&store, &l).await;
+        for i in 0..10u32 {
+            let tokens = if i == 9 { 3 } else { 8 };
+            let data = payload(&l, tokens, 100 + i as u64);
+            let sum = strata_proto::checksum(&data);
+            let Reserve::Slot(mut s) = store
+                .reserve(ns, key(i), None, data.len() as u64, sum, 0)
+                .unwrap()
+            else {
+                panic!("present")
+            };
+            s.fill(&data);
+            let (_, r) = store.publish(s, sum).unwrap();
+            assert!(tiering::persist(&store, r).await, "block {i} written");
+            before.push(store.summary_copy(ns, &key(i)).unwrap());
+            blocks.push((key(i), data));
+        }
+    }
+    // A new daemon on the same directory: no layout registered by anyone;
+    // recovery reads the persisted layouts and summarises every record.
+    let store = store_with(1 << 20, StoreConfig::default(), Some(nvme_tier(dir.path())));
+    tiering::recover(&store, &mut |_, _| {}).await;
+    let ns = l.namespace_id();
+    assert_eq!(store.layout(ns), Some(l.clone()));
+    assert_eq!(store.stats().summary_blocks, 10);
+    for ((k, data), (_, old)) in blocks.iter().zip(&before) {
+        assert_eq!(store.tier_of(ns, k), Some(strata_proto::TierKind::Nvme));
+        let (_, now) = store.summary_copy(ns, k).unwrap();
+        assert_eq!(&now, old, "block {k}: same summary as before the restart");
+        check_summary(&store, ns, k, data, &mut rng);
+    }
+    store.check_invariants();
+}
+
+#[test]
+fn attend_sparse_selection_ranks_blocks_by_their_bound() {
+    // Through the store's summaries: a block holding a key aligned with q
+    // ranks above every other block of random keys.
+    let l = layout();
+    let store = store_with(1 << 20, StoreConfig::default(), None);
+    let (ns, _) = store.register_layout(l.clone());
+    let geom = Geom::of(&l).unwrap();
+    let d = geom.head_dim as usize;
+    let q: Vec<f32> = (0..d)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    for i in 0..12u32 {
+        let mut data = payload(&l, 8, 500 + i as u64);
+        if i == 7 {
+            // Token 3, head 0, layer 1: 8x the query direction.
+            let r = geom.tensor_range(8, 1, 0);
+            let at = r.start + (3 * 2) * d * 2;
+            for (c, &x) in q.iter().enumerate() {
+                data[at + 2 * c..at + 2 * c + 2]
+                    .copy_from_slice(&f16::from_f32(8.0 * x).to_le_bytes());
+            }
+        }
+        put(&store, ns, key(i), &data);
+    }
+    let mut scratch = strata_kernels::abstracts::AbstractScratch::new(d);
+    let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    let mut ub = [0f32; 1];
+    let bounds: Vec<f32> = (0..12u32)
+        .map(|i| {
+            let (g, bytes) = store.summary_copy(ns, &key(i)).unwrap();
+            SummaryView::new(g, &bytes).bounds(1, 0, &mut mn, &mut mx);
+            strata_kernels::abstracts::upper_bounds(&q, 1, d, &mn, &mx, &mut scratch, &mut ub);
+            ub[0]
+        })
+        .collect();
+    let best = (0..12)
+        .max_by(|&a, &b| bounds[a].total_cmp(&bounds[b]))
+        .unwrap();
+    assert_eq!(best, 7, "bounds {bounds:?}");
+}

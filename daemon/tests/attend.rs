@@ -1,0 +1,1052 @@
+//! Boundary 2 for Attend: the gRPC service in process, through the Rust
+//! client, against an f64 reference computed here on the same (f16-rounded)
+//! data. Seeded data; no test depends on timing.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use half::f16;
+use strata_client::attend::{
+    AttendMode, AttendOutput, AttendRequest, AttendSequence, SparseBudget,
+};
+use strata_client::{Client, PutBlock};
+use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind, pb};
+use stratad::config::ByteSize;
+use tonic::Code;
+
+const LAYERS: usize = 2;
+const KV: usize = 2;
+const D: usize = 64;
+const TPB: usize = 16;
+/// Query heads: two per KV head (GQA).
+const HEADS: usize = 4;
+/// Bytes of one layer's K and V of a full block.
+const LAYER_BYTES: u64 = (2 * TPB * KV * D * 2) as u64;
+
+fn layout() -> Layout {
+    Layout {
+        model_id: "attend/test".into(),
+        dtype: Dtype::F16,
+        num_layers: LAYERS as u32,
+        num_kv_heads: KV as u32,
+        head_dim: D as u32,
+        tokens_per_block: TPB as u32,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+/// Seeded normals (xorshift + Box-Muller).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let (a, b) = (self.unit().max(1e-300), self.unit());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+}
+
+fn round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// K and V of a sequence as stored (f16-rounded), `[layer][token][head][d]`.
+struct Kv {
+    n: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Kv {
+    fn at(n: usize, layer: usize, t: usize, h: usize) -> usize {
+        ((layer * n + t) * KV + h) * D
+    }
+
+    fn random(n: usize, seed: u64) -> Kv {
+        let mut rng = Rng::new(seed);
+        let len = LAYERS * n * KV * D;
+        let k = (0..len).map(|_| round(rng.normal() * 0.5)).collect();
+        let v = (0..len).map(|_| round(rng.normal())).collect();
+        Kv { n, k, v }
+    }
+
+    /// Makes the key of (layer, token, head) `alpha` times `q`'s direction.
+    fn plant(&mut self, layer: usize, t: usize, h: usize, q: &[f32], alpha: f32) {
+        let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let at = Kv::at(self.n, layer, t, h);
+        for (x, qi) in self.k[at..at + D].iter_mut().zip(q) {
+            *x = round(alpha * qi / norm);
+        }
+    }
+
+    /// Block `b`'s payload: per layer K then V, `[token][head][d]` f16.
+    fn block(&self, b: usize, tokens: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(LAYERS * 2 * tokens * KV * D * 2);
+        for layer in 0..LAYERS {
+            for src in [&self.k, &self.v] {
+                for t in b * TPB..b * TPB + tokens {
+                    let at = Kv::at(self.n, layer, t, 0);
+                    for x in &src[at..at + KV * D] {
+                        out.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// f64 attention of every query head over `tokens`: (o, lse).
+    fn reference(
+        &self,
+        layer: usize,
+        q: &[f32],
+        scale: f32,
+        tokens: &[usize],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let heads = q.len() / D;
+        let g = heads / KV;
+        let mut o = vec![0f64; heads * D];
+        let mut lse = vec![f64::NEG_INFINITY; heads];
+        for j in 0..heads {
+            let h = j / g;
+            let qj = &q[j * D..(j + 1) * D];
+            let s: Vec<f64> = tokens
+                .iter()
+                .map(|&t| {
+                    let at = Kv::at(self.n, layer, t, h);
+                    scale as f64
+                        * (0..D)
+                            .map(|i| qj[i] as f64 * self.k[at + i] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            if s.is_empty() {
+                continue;
+            }
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let l: f64 = w.iter().sum();
+            for (wi, &t) in w.iter().zip(tokens) {
+                let at = Kv::at(self.n, layer, t, h);
+                for i in 0..D {
+                    o[j * D + i] += wi / l * self.v[at + i] as f64;
+                }
+            }
+            lse[j] = m + l.ln();
+        }
+        (o, lse)
+    }
+}
+
+fn relerr(o: &[f32], r: &[f64]) -> f64 {
+    let num: f64 = o.iter().zip(r).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+    let den: f64 = r.iter().map(|b| b * b).sum();
+    (num / den).sqrt()
+}
+
+fn key(seq: u8, i: usize) -> BlockKey {
+    let mut k = [0u8; 16];
+    k[0] = seq;
+    k[12..].copy_from_slice(&(i as u32).to_be_bytes());
+    BlockKey::new(&k).unwrap()
+}
+
+fn queries(seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..HEADS * D).map(|_| rng.normal()).collect()
+}
+
+/// Stores blocks `which` of `kv` as chain `seq` (the last one with `last`
+/// tokens when given).
+async fn put(
+    c: &mut Client,
+    ns: NamespaceId,
+    kv: &Kv,
+    seq: u8,
+    which: Range<usize>,
+    last: Option<usize>,
+) {
+    let end = which.end;
+    let blocks: Vec<PutBlock> = which
+        .map(|b| PutBlock {
+            key: key(seq, b),
+            parent: (b > 0).then(|| key(seq, b - 1)),
+            data: Bytes::from(kv.block(
+                b,
+                if b + 1 == end {
+                    last.unwrap_or(TPB)
+                } else {
+                    TPB
+                },
+            )),
+        })
+        .collect();
+    for part in blocks.chunks(64) {
+        c.put(ns, part).await.unwrap();
+    }
+}
+
+fn request(
+    ns: NamespaceId,
+    layer: u32,
+    mode: AttendMode,
+    keys: Vec<BlockKey>,
+    q: &[f32],
+) -> AttendRequest {
+    AttendRequest {
+        namespace: ns,
+        layer,
+        mode,
+        scale: None,
+        sequences: vec![AttendSequence {
+            keys,
+            last_block_tokens: None,
+            queries: q.to_vec(),
+        }],
+    }
+}
+
+async fn attend1(c: &mut Client, r: &AttendRequest) -> AttendOutput {
+    let mut out = c.attend(r).await.unwrap();
+    assert_eq!(out.len(), 1);
+    out.pop().unwrap()
+}
+
+fn chain(seq: u8, n: usize) -> Vec<BlockKey> {
+    (0..n).map(|b| key(seq, b)).collect()
+}
+
+fn scale() -> f32 {
+    1.0 / (D as f32).sqrt()
+}
+
+/// COMPUTE.md §1: dense Attend over a chain stored through Put, merged with
+/// the part the client keeps (its last two blocks) by the client's merge
+/// helper, against f64 over all 4096 tokens: relerr <= 5e-4. GQA: four
+/// query heads on two KV heads. Also what was read and covered.
+#[tokio::test]
+async fn dense_attend_merged_with_the_client_part_matches_f64() {
+    let d = start(|_| {}).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 4096;
+    let kv = Kv::random(n, 1);
+    let blocks = n / TPB;
+    let ours = blocks - 2;
+    put(&mut c, ns, &kv, 1, 0..ours, None).await;
+    let q = queries(2);
+    for layer in [0u32, 1] {
+        let mut out = attend1(
+            &mut c,
+            &request(ns, layer, AttendMode::Dense, chain(1, ours), &q),
+        )
+        .await;
+        assert_eq!(out.keys_present as usize, ours);
+        assert_eq!(out.tokens_present as usize, ours * TPB);
+        assert_eq!(out.covered, vec![0..(ours * TPB) as u64]);
+        assert!(out.exact);
+        assert_eq!(out.tokens_attended as usize, ours * TPB);
+        assert_eq!((out.heads, out.head_dim), (HEADS, D));
+        assert_eq!(out.read_blocks(TierKind::Dram) as usize, ours);
+        assert_eq!(out.read_bytes(TierKind::Dram), ours as u64 * LAYER_BYTES);
+        assert_eq!(out.read_bytes(TierKind::Nvme), 0);
+        // The daemon's part alone is attention over its tokens.
+        let theirs: Vec<usize> = (0..ours * TPB).collect();
+        let (o_d, lse_d) = kv.reference(layer as usize, &q, scale(), &theirs);
+        assert!(
+            relerr(&out.o, &o_d) <= 5e-4,
+            "daemon part {}",
+            relerr(&out.o, &o_d)
+        );
+        for (a, b) in out.lse.iter().zip(&lse_d) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "lse {a} vs {b}"
+            );
+        }
+        // The client's own part (f32, as an engine computes it), merged.
+        let mine: Vec<usize> = (ours * TPB..n).collect();
+        let (o_c, lse_c) = kv.reference(layer as usize, &q, scale(), &mine);
+        let o_c: Vec<f32> = o_c.iter().map(|&x| x as f32).collect();
+        let lse_c: Vec<f32> = lse_c.iter().map(|&x| x as f32).collect();
+        out.merge_with(&o_c, &lse_c).unwrap();
+        let all: Vec<usize> = (0..n).collect();
+        let (o_ref, _) = kv.reference(layer as usize, &q, scale(), &all);
+        let e = relerr(&out.o, &o_ref);
+        println!("layer {layer}: dense 4K merged relerr {e:e}");
+        assert!(e <= 5e-4, "relerr {e:e}");
+    }
+    d.stop().await;
+}
+
+/// The same at 32K tokens (COMPUTE.md's size): 2046 per-block partials
+/// merged by the daemon, then the client's part.
+#[tokio::test]
+async fn dense_attend_at_32k_tokens_meets_the_exactness_target() {
+    let d = start(|c| c.tiers.dram.bytes = ByteSize(80 << 20)).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 32 * 1024;
+    let kv = Kv::random(n, 21);
+    let ours = n / TPB - 2;
+    put(&mut c, ns, &kv, 1, 0..ours, None).await;
+    let q = queries(22);
+    let mut out = attend1(
+        &mut c,
+        &request(ns, 1, AttendMode::Dense, chain(1, ours), &q),
+    )
+    .await;
+    assert_eq!(out.keys_present as usize, ours);
+    let mine: Vec<usize> = (ours * TPB..n).collect();
+    let (o_c, lse_c) = kv.reference(1, &q, scale(), &mine);
+    let o_c: Vec<f32> = o_c.iter().map(|&x| x as f32).collect();
+    let lse_c: Vec<f32> = lse_c.iter().map(|&x| x as f32).collect();
+    out.merge_with(&o_c, &lse_c).unwrap();
+    let all: Vec<usize> = (0..n).collect();
+    let (o_ref, _) = kv.reference(1, &q, scale(), &all);
+    let e = relerr(&out.o, &o_ref);
+    println!("dense 32K merged relerr {e:e}");
+    assert!(e <= 5e-4, "relerr {e:e}");
+    d.stop().await;
+}
+
+/// Mass of each head's set: exp(lse_set - lse_all).
+fn masses(part: &AttendOutput, full: &AttendOutput) -> Vec<f64> {
+    part.lse
+        .iter()
+        .zip(&full.lse)
+        .map(|(a, b)| ((*a - *b) as f64).exp())
+        .collect()
+}
+
+/// SPARSE with a budget of every token equals DENSE; at the default 5% on
+/// data with a few strong keys it keeps most of the mass and the output,
+/// compared with the oracle (the exact top tokens at the same budget).
+#[tokio::test]
+async fn sparse_attend_selects_by_abstract_bound() {
+    let d = start(|_| {}).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 4096;
+    let blocks = n / TPB;
+    let q = queries(3);
+    let mut kv = Kv::random(n, 4);
+    // Strong keys for each query head's direction, scattered over blocks.
+    let layer = 1;
+    for (j, &t) in [700usize, 1900, 2600, 3333].iter().enumerate() {
+        let h = j / (HEADS / KV);
+        kv.plant(layer, t, h, &q[j * D..(j + 1) * D], 10.0);
+    }
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let keys = chain(1, blocks);
+    let dense = attend1(
+        &mut c,
+        &request(ns, layer as u32, AttendMode::Dense, keys.clone(), &q),
+    )
+    .await;
+    let all = attend1(
+        &mut c,
+        &request(
+            ns,
+            layer as u32,
+            AttendMode::Sparse(SparseBudget::Tokens(n as u32)),
+            keys.clone(),
+            &q,
+        ),
+    )
+    .await;
+    assert_eq!(all.o, dense.o, "a budget of every token is dense");
+    assert_eq!(all.lse, dense.lse);
+    assert!(all.exact && all.sink_included && all.recent_included);
+
+    let sparse = attend1(
+        &mut c,
+        &request(
+            ns,
+            layer as u32,
+            AttendMode::Sparse(SparseBudget::Default),
+            keys.clone(),
+            &q,
+        ),
+    )
+    .await;
+    let budget = (n as f64 * 0.05).ceil() as u64;
+    assert!(!sparse.exact);
+    assert!(sparse.sink_included && sparse.recent_included);
+    assert!(sparse.tokens_attended >= budget && sparse.tokens_attended < budget + TPB as u64);
+    let covered: u64 = sparse.covered.iter().map(|r| r.end - r.start).sum();
+    assert_eq!(covered, sparse.tokens_attended);
+    assert_eq!(sparse.covered[0].start, 0, "sink");
+    assert_eq!(sparse.covered.last().unwrap().end, n as u64, "recent");
+    let chosen_blocks = (sparse.tokens_attended as usize) / TPB;
+    assert_eq!(sparse.read_blocks(TierKind::Dram) as usize, chosen_blocks);
+    assert_eq!(
+        sparse.read_bytes(TierKind::Dram),
+        chosen_blocks as u64 * LAYER_BYTES
+    );
+    assert_eq!(
+        sparse.abstract_bytes,
+        blocks as u64 * (2 * KV * D * 2) as u64
+    );
+    for t in [700u64, 1900, 2600, 3333] {
+        assert!(
+            sparse.covered.iter().any(|r| r.contains(&t)),
+            "strong key {t} covered"
+        );
+    }
+    // Oracle: each head's exact top-`budget` tokens.
+    let all_tokens: Vec<usize> = (0..n).collect();
+    let (o_full, lse_full) = kv.reference(layer, &q, scale(), &all_tokens);
+    let mass = masses(&sparse, &dense);
+    let mut o_oracle = vec![0f64; HEADS * D];
+    for (j, m) in mass.iter().enumerate() {
+        let h = j / (HEADS / KV);
+        let qj = &q[j * D..(j + 1) * D];
+        let mut w: Vec<(f64, usize)> = (0..n)
+            .map(|t| {
+                let at = Kv::at(n, layer, t, h);
+                let s = scale() as f64
+                    * (0..D)
+                        .map(|i| qj[i] as f64 * kv.k[at + i] as f64)
+                        .sum::<f64>();
+                ((s - lse_full[j]).exp(), t)
+            })
+            .collect();
+        w.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let top = &w[..budget as usize];
+        let oracle: f64 = top.iter().map(|x| x.0).sum();
+        for &(wt, t) in top {
+            let at = Kv::at(n, layer, t, h);
+            for i in 0..D {
+                o_oracle[j * D + i] += wt / oracle * kv.v[at + i] as f64;
+            }
+        }
+        println!("head {j}: sparse 5% mass {m:.3}, oracle {oracle:.3}");
+        assert!(*m >= 0.88 * oracle, "head {j}: mass {m} vs oracle {oracle}");
+    }
+    let e = relerr(&sparse.o, &o_full);
+    let o_oracle32: Vec<f32> = o_oracle.iter().map(|&x| x as f32).collect();
+    let e_oracle = relerr(&o_oracle32, &o_full);
+    println!("sparse 5% relerr {e:.4}, oracle {e_oracle:.4}");
+    assert!(
+        e <= e_oracle + 0.10,
+        "sparse relerr {e} vs oracle {e_oracle}"
+    );
+    // A budget in bytes of K and V: the same tokens.
+    let by_bytes = attend1(
+        &mut c,
+        &request(
+            ns,
+            layer as u32,
+            AttendMode::Sparse(SparseBudget::Bytes(budget * (2 * KV * D * 2) as u64)),
+            keys.clone(),
+            &q,
+        ),
+    )
+    .await;
+    assert_eq!(by_bytes.covered, sparse.covered);
+    d.stop().await;
+}
+
+/// SparF with k = N and r = d is dense; with its defaults (r = d/8,
+/// k = N/16) each KV head attends its own N/16 tokens and keeps the mass.
+#[tokio::test]
+async fn sparf_attend() {
+    let d = start(|_| {}).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(5);
+    let mut kv = Kv::random(n, 6);
+    let layer = 0;
+    for (j, &t) in [100usize, 555, 1200, 2000].iter().enumerate() {
+        kv.plant(layer, t, j / 2, &q[j * D..(j + 1) * D], 30.0);
+    }
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let keys = chain(1, blocks);
+    let dense = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
+    let full = attend1(
+        &mut c,
+        &request(
+            ns,
+            0,
+            AttendMode::Sparf {
+                channels: Some(D as u32),
+                tokens: Some(n as u32),
+            },
+            keys.clone(),
+            &q,
+        ),
+    )
+    .await;
+    assert_eq!(full.o, dense.o, "SparF over every token is dense");
+    assert_eq!(full.lse, dense.lse);
+    assert!(full.exact);
+    let sp = attend1(
+        &mut c,
+        &request(
+            ns,
+            0,
+            AttendMode::Sparf {
+                channels: None,
+                tokens: None,
+            },
+            keys.clone(),
+            &q,
+        ),
+    )
+    .await;
+    assert!(!sp.exact);
+    assert_eq!(sp.head_covered.len(), KV);
+    for hc in &sp.head_covered {
+        let count: u64 = hc.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(count as usize, n / 16);
+    }
+    assert_eq!(sp.tokens_attended as usize, n / 16);
+    for (j, &t) in [100u64, 555, 1200, 2000].iter().enumerate() {
+        assert!(
+            sp.head_covered[j / 2].iter().any(|r| r.contains(&t)),
+            "strong key {t}"
+        );
+    }
+    let mass = masses(&sp, &dense);
+    println!("sparf default mass {mass:?}");
+    assert!(mass.iter().all(|&m| m >= 0.9), "{mass:?}");
+    // K of every block for scoring, K and V of the blocks chosen from.
+    assert_eq!(sp.read_blocks(TierKind::Dram) as usize, blocks);
+    assert!(sp.read_bytes(TierKind::Dram) > blocks as u64 * LAYER_BYTES / 2);
+    d.stop().await;
+}
+
+/// A chain with a missing middle block: only the prefix before it is
+/// covered, and the answer says so; the prefix's attention is exact. A
+/// partial last block, and `last_block_tokens`, cut the token set.
+#[tokio::test]
+async fn a_missing_block_ends_the_covered_prefix() {
+    let d = start(|_| {}).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 1024;
+    let blocks = n / TPB;
+    let kv = Kv::random(n, 7);
+    put(&mut c, ns, &kv, 1, 0..30, None).await;
+    put(&mut c, ns, &kv, 1, 31..blocks, None).await;
+    let q = queries(8);
+    for mode in [
+        AttendMode::Dense,
+        AttendMode::Sparse(SparseBudget::Tokens(n as u32)),
+        AttendMode::Sparf {
+            channels: Some(D as u32),
+            tokens: Some(n as u32),
+        },
+    ] {
+        let out = attend1(&mut c, &request(ns, 1, mode, chain(1, blocks), &q)).await;
+        assert_eq!(out.keys_present, 30, "{mode:?}");
+        assert_eq!(out.tokens_present, 30 * TPB as u64);
+        assert_eq!(out.covered, vec![0..30 * TPB as u64]);
+        let prefix: Vec<usize> = (0..30 * TPB).collect();
+        let (o, _) = kv.reference(1, &q, scale(), &prefix);
+        assert!(
+            relerr(&out.o, &o) <= 5e-4,
+            "{mode:?}: {}",
+            relerr(&out.o, &o)
+        );
+    }
+    // Nothing present: an empty set (lse = -inf, o = 0), not an error.
+    let out = attend1(
+        &mut c,
+        &request(ns, 1, AttendMode::Dense, vec![key(9, 0)], &q),
+    )
+    .await;
+    assert_eq!(out.keys_present, 0);
+    assert!(out.lse.iter().all(|&x| x == f32::NEG_INFINITY));
+    assert!(out.o.iter().all(|&x| x == 0.0));
+    // A partial last block (11 tokens), and only 5 of them asked.
+    put(&mut c, ns, &kv, 2, 0..4, Some(11)).await;
+    let keys = chain(2, 4);
+    let out = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
+    assert_eq!(out.tokens_present, 3 * TPB as u64 + 11);
+    let mut r = request(ns, 0, AttendMode::Dense, keys, &q);
+    r.sequences[0].last_block_tokens = Some(5);
+    let out = attend1(&mut c, &r).await;
+    assert_eq!(out.tokens_present, 3 * TPB as u64 + 5);
+    assert_eq!(out.covered, vec![0..3 * TPB as u64 + 5]);
+    let set: Vec<usize> = (0..3 * TPB + 5).collect();
+    let (o, _) = kv.reference(0, &q, scale(), &set);
+    assert!(relerr(&out.o, &o) <= 5e-4);
+    // Several sequences in one call, answered in order.
+    let mut r = request(ns, 0, AttendMode::Dense, chain(1, 30), &q);
+    r.sequences.push(AttendSequence {
+        keys: chain(2, 2),
+        last_block_tokens: None,
+        queries: queries(9)[..2 * D].to_vec(),
+    });
+    let out = c.attend(&r).await.unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!((out[0].keys_present, out[1].keys_present), (30, 2));
+    assert_eq!((out[0].heads, out[1].heads), (HEADS, 2));
+    d.stop().await;
+}
+
+/// What a bad call must not change: blocks, bytes, leases, pins.
+async fn snapshot(c: &mut Client) -> (u64, u64, u64, u64, u64) {
+    let s = c.stats().await.unwrap();
+    let dram = &s.tiers[0];
+    (
+        s.blocks,
+        dram.used_bytes,
+        s.leases,
+        dram.pinned_blocks,
+        s.abstract_bytes,
+    )
+}
+
+fn assert_status(
+    r: Result<impl std::fmt::Debug, tonic::Status>,
+    code: Code,
+    field: &str,
+    says: &str,
+) {
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(
+        e.message().starts_with(field),
+        "message {:?} should name {field:?}",
+        e.message()
+    );
+    assert!(
+        e.message().contains(says),
+        "message {:?} should say {says:?}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn bad_attend_input_gets_invalid_argument_naming_the_field_and_changes_nothing() {
+    let d = start(|c| {
+        c.compute.max_sequences = 3;
+        c.compute.max_query_heads = 8;
+        c.server.max_keys_per_call = 64;
+    })
+    .await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let kv = Kv::random(256, 10);
+    put(&mut c, ns, &kv, 1, 0..4, Some(7)).await;
+    let mut fp8 = layout();
+    fp8.dtype = Dtype::Fp8E4m3;
+    let ns_fp8 = c.register_layout(&fp8).await.unwrap().namespace;
+    let mut mla = layout();
+    mla.kv_kind = KvKind::Mla;
+    mla.num_kv_heads = 1;
+    let ns_mla = c.register_layout(&mla).await.unwrap().namespace;
+    let before = snapshot(&mut c).await;
+    let q = queries(1);
+    let seq = |keys: Vec<Bytes>, queries: Vec<f32>| pb::AttendSequence {
+        keys,
+        last_block_tokens: 0,
+        queries,
+    };
+    let kb = |i: usize| Bytes::copy_from_slice(key(1, i).as_bytes());
+    let good = || pb::AttendRequest {
+        namespace_id: ns.0,
+        layer: 0,
+        mode: pb::AttendMode::Dense as i32,
+        scale: 0.0,
+        sequences: vec![seq(vec![kb(0), kb(1)], q.clone())],
+        ..Default::default()
+    };
+    let rpc = c.rpc().clone();
+    let call = |r: pb::AttendRequest| {
+        let mut rpc = rpc.clone();
+        async move { rpc.attend(r).await }
+    };
+    assert!(call(good()).await.is_ok());
+    let inv = Code::InvalidArgument;
+    let cases: Vec<(pb::AttendRequest, Code, &str, &str)> = vec![
+        (
+            pb::AttendRequest {
+                namespace_id: 777,
+                ..good()
+            },
+            Code::NotFound,
+            "namespace_id",
+            "not registered",
+        ),
+        (
+            pb::AttendRequest {
+                namespace_id: 0,
+                ..good()
+            },
+            inv,
+            "namespace_id",
+            "missing",
+        ),
+        (
+            pb::AttendRequest { mode: 0, ..good() },
+            inv,
+            "mode",
+            "unspecified",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![],
+                ..good()
+            },
+            inv,
+            "sequences",
+            "at least one",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![kb(0)], q.clone()), seq(vec![], q.clone())],
+                ..good()
+            },
+            inv,
+            "sequences[1].keys",
+            "at least one key",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![Bytes::from(vec![0u8; 40])], q.clone())],
+                ..good()
+            },
+            inv,
+            "sequences[0].keys[0]",
+            "40 bytes",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![kb(0)], {
+                    let mut x = q.clone();
+                    x[3] = f32::NAN;
+                    x
+                })],
+                ..good()
+            },
+            inv,
+            "sequences[0].queries[3]",
+            "not a finite number",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![kb(0)], q[..100].to_vec())],
+                ..good()
+            },
+            inv,
+            "sequences[0].queries",
+            "100 values are not whole heads of head_dim 64",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![kb(0)], q[..3 * D].to_vec())],
+                ..good()
+            },
+            inv,
+            "sequences[0].queries",
+            "3 heads is not a multiple of the layout's 2 KV heads",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![kb(0)], vec![0.5; 10 * D])],
+                ..good()
+            },
+            inv,
+            "sequences[0].queries",
+            "compute.max_query_heads",
+        ),
+        (
+            pb::AttendRequest { layer: 2, ..good() },
+            inv,
+            "layer",
+            "2 is out of range (2 layers)",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq(vec![kb(0)], q.clone()); 4],
+                ..good()
+            },
+            inv,
+            "sequences",
+            "compute.max_sequences",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![seq((0..65).map(|_| kb(0)).collect(), q.clone())],
+                ..good()
+            },
+            inv,
+            "sequences",
+            "server.max_keys_per_call",
+        ),
+        (
+            pb::AttendRequest {
+                scale: -1.0,
+                ..good()
+            },
+            inv,
+            "scale",
+            "positive",
+        ),
+        (
+            pb::AttendRequest {
+                budget_tokens: 10,
+                ..good()
+            },
+            inv,
+            "budget_tokens",
+            "only SPARSE",
+        ),
+        (
+            pb::AttendRequest {
+                mode: pb::AttendMode::Sparse as i32,
+                budget_tokens: 1,
+                budget_bytes: 1,
+                ..good()
+            },
+            inv,
+            "budget_bytes",
+            "not both",
+        ),
+        (
+            pb::AttendRequest {
+                sparf_tokens: 10,
+                ..good()
+            },
+            inv,
+            "sparf_tokens",
+            "only SPARF",
+        ),
+        (
+            pb::AttendRequest {
+                mode: pb::AttendMode::Sparf as i32,
+                sparf_channels: 65,
+                ..good()
+            },
+            inv,
+            "sparf_channels",
+            "above head_dim 64",
+        ),
+        (
+            pb::AttendRequest {
+                sequences: vec![pb::AttendSequence {
+                    last_block_tokens: 17,
+                    ..seq(vec![kb(0)], q.clone())
+                }],
+                ..good()
+            },
+            inv,
+            "sequences[0].last_block_tokens",
+            "above the layout's 16 tokens per block",
+        ),
+        (
+            // The stored last block holds 7 tokens.
+            pb::AttendRequest {
+                sequences: vec![pb::AttendSequence {
+                    last_block_tokens: 9,
+                    ..seq((0..4).map(kb).collect(), q.clone())
+                }],
+                ..good()
+            },
+            inv,
+            "sequences[0].last_block_tokens",
+            "holds 7 tokens",
+        ),
+        (
+            pb::AttendRequest {
+                namespace_id: ns_fp8.0,
+                ..good()
+            },
+            inv,
+            "namespace_id",
+            "fp8",
+        ),
+        (
+            pb::AttendRequest {
+                namespace_id: ns_mla.0,
+                ..good()
+            },
+            inv,
+            "namespace_id",
+            "MLA",
+        ),
+    ];
+    for (i, (r, code, field, says)) in cases.into_iter().enumerate() {
+        println!("case {i}: {field}");
+        assert_status(call(r).await, code, field, says);
+        assert_eq!(
+            snapshot(&mut c).await,
+            before,
+            "case {i} ({field}) changed nothing"
+        );
+    }
+    d.stop().await;
+}
+
+/// Blocks evicted to NVMe (small DRAM): the same answer as from DRAM,
+/// only the layer's 4 KiB-aligned ranges read and counted, nothing
+/// promoted; whole records without summaries; and after a restart, with no
+/// layout registered again, abstracts come back and Attend still serves.
+#[tokio::test]
+async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
+    let small = |c: &mut stratad::config::Config| {
+        c.tiers.dram.bytes = ByteSize(1 << 20);
+        c.tiers.nvme.bytes = ByteSize(64 << 20);
+        c.tiers.nvme.write_through = true;
+        c.tiers.nvme.engine = "psync".into();
+    };
+    let n = 2048;
+    let blocks = n / TPB;
+    let kv = Kv::random(n, 12);
+    let q = queries(13);
+    let all: Vec<usize> = (0..n).collect();
+    let (o_ref, _) = kv.reference(1, &q, scale(), &all);
+    let mut d = start(small).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let keys = chain(1, blocks);
+    // Wait for DRAM to shed down to its watermarks (write-through: every
+    // block has its NVMe copy already).
+    let mut on_nvme = 0;
+    for _ in 0..500 {
+        let l = c.lookup(ns, &keys, 0).await.unwrap();
+        assert_eq!(l.hits, blocks);
+        on_nvme = l.tiers.iter().filter(|t| **t == TierKind::Nvme).count();
+        if on_nvme >= blocks / 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(on_nvme >= blocks / 2, "{on_nvme} blocks on NVMe");
+    let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
+    let e = relerr(&out.o, &o_ref);
+    assert!(e <= 5e-4, "relerr {e}");
+    let nb = out.read_blocks(TierKind::Nvme) as u64;
+    assert!(nb as usize >= on_nvme / 2, "{nb} blocks read from NVMe");
+    assert_eq!(nb + out.read_blocks(TierKind::Dram) as u64, blocks as u64);
+    // A record is 128 bytes of header + 16 KiB: layer 1's K and V span
+    // payload [8 KiB, 16 KiB), which is 3 pages on disk.
+    assert_eq!(out.read_bytes(TierKind::Nvme), nb * 12288);
+    // Nothing was promoted for Attend.
+    let l = c.lookup(ns, &keys, 0).await.unwrap();
+    assert!(l.tiers.iter().filter(|t| **t == TierKind::Nvme).count() + 8 >= on_nvme);
+    for mode in [
+        AttendMode::Sparse(SparseBudget::Default),
+        AttendMode::Sparf {
+            channels: None,
+            tokens: None,
+        },
+    ] {
+        let out = attend1(&mut c, &request(ns, 1, mode, keys.clone(), &q)).await;
+        assert!(out.read_bytes(TierKind::Nvme) > 0, "{mode:?}");
+    }
+    let dense_nvme = out.o.clone();
+    // After a restart: the layout comes back from disk (no RegisterLayout),
+    // every block has its abstract again, and the answer is the same.
+    let dir = d.dir.path().to_path_buf();
+    d.running.take().unwrap().shutdown().await;
+    let mut cfg = config(&dir);
+    small(&mut cfg);
+    d.running = Some(stratad::server::start(&cfg).await.unwrap());
+    let mut c = Client::connect(&format!(
+        "http://{}",
+        d.running.as_ref().unwrap().tcp_addr.unwrap()
+    ))
+    .await
+    .unwrap();
+    let s = c.stats().await.unwrap();
+    assert_eq!(s.abstract_blocks, blocks as u64);
+    let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
+    assert_eq!(out.o, dense_nvme, "same answer after the restart");
+    assert_eq!(
+        out.read_blocks(TierKind::Nvme) as usize,
+        blocks,
+        "all on NVMe after restart"
+    );
+    let sp = attend1(
+        &mut c,
+        &request(
+            ns,
+            1,
+            AttendMode::Sparse(SparseBudget::Default),
+            keys.clone(),
+            &q,
+        ),
+    )
+    .await;
+    assert!(sp.abstract_bytes > 0 && !sp.exact);
+    d.stop().await;
+
+    // Without abstracts: whole records are read (and verified by the tier).
+    let d = start(|c| {
+        small(c);
+        c.compute.abstracts = false;
+    })
+    .await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    for _ in 0..500 {
+        let l = c.lookup(ns, &keys, 0).await.unwrap();
+        if l.tiers.iter().filter(|t| **t == TierKind::Nvme).count() >= blocks / 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
+    assert_eq!(out.o, dense_nvme, "same answer without abstracts");
+    let nb = out.read_blocks(TierKind::Nvme) as u64;
+    assert!(nb > 0);
+    assert_eq!(out.read_bytes(TierKind::Nvme), nb * 20480, "whole records");
+    assert_eq!(c.stats().await.unwrap().abstract_blocks, 0);
+    d.stop().await;
+}
+
+/// The abstracts' memory is reported (metrics and Stats) and bounded.
+#[tokio::test]
+async fn abstract_memory_is_accounted() {
+    let d = start(|_| {}).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let kv = Kv::random(512, 14);
+    put(&mut c, ns, &kv, 1, 0..32, None).await;
+    let s = c.stats().await.unwrap();
+    // Per block: 2 layers x (2 x 8 bytes of checksums + 2 KV heads x 64 x
+    // min/max f16), rounded to 64 bytes.
+    let entry = (LAYERS * 16 + 2 * LAYERS * KV * D * 2).next_multiple_of(64) as u64;
+    assert_eq!(s.abstract_blocks, 32);
+    assert_eq!(s.abstract_bytes, 32 * entry);
+    // 32 MiB of DRAM + 4 GiB of NVMe, a sixteenth.
+    assert_eq!(s.abstract_capacity_bytes, ((32 << 20) + (4u64 << 30)) / 16);
+    let (_, body) = http_get(d.metrics, "/metrics").await;
+    assert!(
+        body.contains(&format!("strata_attend_abstract_bytes {}", 32 * entry)),
+        "{body}"
+    );
+    c.delete(ns, &chain(1, 32)).await.unwrap();
+    let s = c.stats().await.unwrap();
+    assert_eq!((s.abstract_blocks, s.abstract_bytes), (0, 0));
+    d.stop().await;
+}
