@@ -11,11 +11,13 @@
 //! ```
 //!
 //! The leaf chunk is the whole block (`tokens_per_block` tokens; a partial
-//! block's chunk is shorter), computed with `strata_kernels::abstracts`.
-//! The kernel's mean is computed and not kept: selection uses only the
-//! min/max bound (a mean-key abstract fails on needle heads, COMPUTE.md
-//! §3), and dropping it keeps the summary at `2 / (tokens_per_block *
-//! dtype bytes)` of the KV (6.25% at 16 tokens of f16).
+//! block's chunk is shorter); the bounds are those of
+//! `strata_kernels::abstracts` (f16, rounded outward), computed here in one
+//! integer pass per layer because this runs on every publish. No mean is
+//! kept: selection uses only the min/max bound (a mean-key abstract fails
+//! on needle heads, COMPUTE.md §3), and dropping it keeps the summary at
+//! `2 / (tokens_per_block * dtype bytes)` of the KV (6.25% at 16 tokens of
+//! f16).
 //!
 //! Invariants:
 //! * an entry is written once, by its owner, before the block is visible,
@@ -30,8 +32,8 @@ use std::sync::Mutex;
 
 use half::f16;
 use memmap2::{MmapOptions, MmapRaw};
-use strata_kernels::abstracts::{AbstractScratch, chunk_abstracts};
 use strata_kernels::block::BlockGeometry;
+use strata_kernels::elem::{f16_round_down, f16_round_up};
 use strata_proto::{Dtype, KvKind, Layout};
 
 use crate::tier::alloc::ExtentAllocator;
@@ -159,42 +161,81 @@ impl<'a> SummaryView<'a> {
     }
 }
 
-/// Scratch for [`summarize`], made once per caller.
+/// Scratch for [`summarize`], made once per caller: running per-channel
+/// minimum and maximum of one layer's keys, all KV heads (`[kv_heads][d]`),
+/// as order-preserving integer keys (16-bit types) or f32.
 #[derive(Debug)]
 pub struct SummaryScratch {
-    rows: Vec<f32>,
-    min: Vec<f16>,
-    max: Vec<f16>,
-    mean: Vec<f16>,
-    kernel: AbstractScratch,
+    lo16: Vec<u16>,
+    hi16: Vec<u16>,
+    lo32: Vec<f32>,
+    hi32: Vec<f32>,
 }
 
 impl SummaryScratch {
     pub fn new(g: &Geom) -> Self {
-        let d = g.head_dim as usize;
+        let w = g.kv_heads as usize * g.head_dim as usize;
         SummaryScratch {
-            rows: vec![0.0; g.tokens_per_block as usize * d],
-            min: vec![f16::ZERO; d],
-            max: vec![f16::ZERO; d],
-            mean: vec![f16::ZERO; d],
-            kernel: AbstractScratch::new(d),
+            lo16: vec![0; w],
+            hi16: vec![0; w],
+            lo32: vec![0.0; w],
+            hi32: vec![0.0; w],
         }
     }
 }
 
-/// Reads element `i` of a little-endian `dtype` array as f32 (exact).
+/// Maps the bits of a 16-bit float (f16 or bf16: sign, then magnitude) to
+/// an unsigned integer in the same order as the values (-0 just below +0).
 #[inline(always)]
-fn elem(dtype: Dtype, b: &[u8], i: usize) -> f32 {
-    match dtype {
-        Dtype::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
-        Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
-        Dtype::Bf16 => f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16),
-        Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
+fn ord16(b: u16) -> u16 {
+    if b & 0x8000 != 0 { !b } else { b | 0x8000 }
+}
+
+/// The inverse of [`ord16`].
+#[inline(always)]
+fn unord16(k: u16) -> u16 {
+    if k & 0x8000 != 0 { k & 0x7fff } else { !k }
+}
+
+/// Per-channel min and max over the rows of one layer's K (`[tokens][w]`
+/// 16-bit floats, little-endian bytes) as ordered keys: one linear pass of
+/// integer min/max, which LLVM vectorises.
+fn minmax16(k: &[u8], w: usize, lo: &mut [u16], hi: &mut [u16]) {
+    lo.fill(u16::MAX);
+    hi.fill(0);
+    for row in k.chunks_exact(2 * w) {
+        for ((l, h), c) in lo.iter_mut().zip(hi.iter_mut()).zip(row.chunks_exact(2)) {
+            let v = ord16(u16::from_le_bytes([c[0], c[1]]));
+            *l = (*l).min(v);
+            *h = (*h).max(v);
+        }
+    }
+}
+
+/// The same for f32 keys.
+fn minmax32(k: &[u8], w: usize, lo: &mut [f32], hi: &mut [f32]) {
+    lo.fill(f32::INFINITY);
+    hi.fill(f32::NEG_INFINITY);
+    for row in k.chunks_exact(4 * w) {
+        for ((l, h), c) in lo.iter_mut().zip(hi.iter_mut()).zip(row.chunks_exact(4)) {
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            *l = l.min(v);
+            *h = h.max(v);
+        }
     }
 }
 
 /// Computes the summary of a payload of `tokens` tokens into `out` (one
 /// entry, [`Geom::summary_bytes`] long). Pure compute, no locks.
+///
+/// Per layer: the checksum of K and of V, and per KV head and channel the
+/// minimum and maximum key as f16. f16 keys are their own bounds (exact);
+/// bf16 and f32 bounds are rounded outward to f16 (the box still holds every
+/// key, as `strata_kernels::abstracts::chunk_abstracts` does). One pass over K per layer, in integer
+/// order keys for the 16-bit types: this runs on every publish, so it must
+/// cost about a memory read of K (a per-element f16 → f32 conversion made
+/// puts several times slower). NaN keys are not expected in KV; they would
+/// widen the box, never narrow it.
 pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, out: &mut [u8]) {
     assert_eq!(out.len(), g.summary_bytes(), "summary entry size");
     assert_eq!(
@@ -202,7 +243,7 @@ pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, 
         g.token_bytes() * tokens as u64,
         "payload is not {tokens} tokens"
     );
-    let (h, d, n) = (g.kv_heads as usize, g.head_dim as usize, tokens as usize);
+    let w = g.kv_heads as usize * g.head_dim as usize;
     let (min_base, max_base) = (
         g.layers as usize * 16,
         g.layers as usize * 16 + g.abstract_elems() * 2,
@@ -214,33 +255,40 @@ pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, 
             out[at..at + 8].copy_from_slice(&strata_proto::checksum(&payload[r]).to_le_bytes());
         }
         let k = &payload[g.tensor_range(tokens, layer, 0)];
-        for head in 0..h {
-            // Gather this head's rows ([token][kv_head][d] → [token][d]);
-            // widening to f32 is exact, so the f32 kernel sees the stored
-            // values.
-            let rows = &mut s.rows[..n * d];
-            for t in 0..n {
-                let src = (t * h + head) * d;
-                for (i, x) in rows[t * d..(t + 1) * d].iter_mut().enumerate() {
-                    *x = elem(g.dtype, k, src + i);
+        // Rows are [token][kv_head][d]: the [kv_head][d] layout of the
+        // bounds is the row's own, so channel c of the row is entry c.
+        let row = layer as usize * w * 2;
+        let (lo_out, hi_out) = (min_base + row, max_base + row);
+        let mut put = |i: usize, lo: f16, hi: f16| {
+            out[lo_out + 2 * i..lo_out + 2 * i + 2].copy_from_slice(&lo.to_bits().to_le_bytes());
+            out[hi_out + 2 * i..hi_out + 2 * i + 2].copy_from_slice(&hi.to_bits().to_le_bytes());
+        };
+        match g.dtype {
+            Dtype::F16 => {
+                minmax16(k, w, &mut s.lo16, &mut s.hi16);
+                for i in 0..w {
+                    put(
+                        i,
+                        f16::from_bits(unord16(s.lo16[i])),
+                        f16::from_bits(unord16(s.hi16[i])),
+                    );
                 }
             }
-            chunk_abstracts::<f32>(
-                rows,
-                d,
-                n,
-                &mut s.kernel,
-                &mut s.min,
-                &mut s.max,
-                &mut s.mean,
-            );
-            let row = (layer as usize * h + head) * d * 2;
-            for (which, base) in [(&s.min, min_base), (&s.max, max_base)] {
-                for (i, v) in which.iter().enumerate() {
-                    let at = base + row + 2 * i;
-                    out[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+            Dtype::Bf16 => {
+                minmax16(k, w, &mut s.lo16, &mut s.hi16);
+                for i in 0..w {
+                    let lo = f32::from_bits((unord16(s.lo16[i]) as u32) << 16);
+                    let hi = f32::from_bits((unord16(s.hi16[i]) as u32) << 16);
+                    put(i, f16_round_down(lo), f16_round_up(hi));
                 }
             }
+            Dtype::F32 => {
+                minmax32(k, w, &mut s.lo32, &mut s.hi32);
+                for i in 0..w {
+                    put(i, f16_round_down(s.lo32[i]), f16_round_up(s.hi32[i]));
+                }
+            }
+            Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
         }
     }
 }
@@ -335,33 +383,68 @@ mod tests {
 
     #[test]
     fn entries_hold_sums_and_bounds() {
-        let g = Geom {
-            layers: 3,
-            kv_heads: 2,
-            head_dim: 8,
-            tokens_per_block: 4,
-            dtype: Dtype::Bf16,
-        };
-        let tokens = 3;
-        let payload: Vec<u8> = (0..g.token_bytes() as usize * tokens as usize)
-            .map(|i| (i * 7 % 251) as u8 & 0x3f)
-            .collect();
-        let mut out = vec![0u8; g.summary_bytes()];
-        summarize(&g, &payload, tokens, &mut SummaryScratch::new(&g), &mut out);
-        let v = SummaryView::new(g, &out);
-        let (mut mn, mut mx) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
-        for layer in 0..3 {
-            for t in 0..2 {
-                let r = g.tensor_range(tokens, layer, t);
-                assert_eq!(v.sum(layer, t), strata_proto::checksum(&payload[r]));
+        /// Element `i` of a little-endian `dtype` array, as f32 (exact).
+        fn elem(dtype: Dtype, b: &[u8], i: usize) -> f32 {
+            match dtype {
+                Dtype::F32 => f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()),
+                Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
+                Dtype::Bf16 => {
+                    f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16)
+                }
+                Dtype::Fp8E4m3 => unreachable!(),
             }
-            let k = &payload[g.tensor_range(tokens, layer, 0)];
-            for head in 0..2 {
-                v.bounds(layer, head, &mut mn, &mut mx);
-                for tok in 0..tokens as usize {
+        }
+        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            let g = Geom {
+                layers: 3,
+                kv_heads: 2,
+                head_dim: 8,
+                tokens_per_block: 4,
+                dtype,
+            };
+            let tokens = 3;
+            let n = g.token_bytes() as usize * tokens as usize / g.elem_bytes();
+            // Signed values of mixed magnitude (negative zero included).
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut payload = Vec::new();
+            for i in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let v = if i % 37 == 0 {
+                    -0.0
+                } else {
+                    ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2f32.powi((i % 9) as i32 - 3)
+                };
+                match dtype {
+                    Dtype::F16 => payload.extend(f16::from_f32(v).to_bits().to_le_bytes()),
+                    Dtype::Bf16 => payload.extend(((v.to_bits() >> 16) as u16).to_le_bytes()),
+                    _ => payload.extend(v.to_le_bytes()),
+                }
+            }
+            let mut out = vec![0u8; g.summary_bytes()];
+            summarize(&g, &payload, tokens, &mut SummaryScratch::new(&g), &mut out);
+            let v = SummaryView::new(g, &out);
+            let (mut mn, mut mx) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
+            for layer in 0..3 {
+                for t in 0..2 {
+                    let r = g.tensor_range(tokens, layer, t);
+                    assert_eq!(v.sum(layer, t), strata_proto::checksum(&payload[r]));
+                }
+                let k = &payload[g.tensor_range(tokens, layer, 0)];
+                for head in 0..2 {
+                    v.bounds(layer, head, &mut mn, &mut mx);
                     for i in 0..8 {
-                        let x = elem(g.dtype, k, (tok * 2 + head as usize) * 8 + i);
-                        assert!(mn[i].to_f32() <= x && x <= mx[i].to_f32());
+                        let col: Vec<f32> = (0..tokens as usize)
+                            .map(|tok| elem(dtype, k, (tok * 2 + head as usize) * 8 + i))
+                            .collect();
+                        let lo = col.iter().copied().fold(f32::INFINITY, f32::min);
+                        let hi = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        // The box holds every key and is the tightest f16
+                        // box (exact for f16 keys).
+                        assert!(mn[i].to_f32() <= lo && hi <= mx[i].to_f32(), "{dtype:?}");
+                        assert_eq!(mn[i].to_f32(), f16_round_down(lo).to_f32(), "{dtype:?} min");
+                        assert_eq!(mx[i].to_f32(), f16_round_up(hi).to_f32(), "{dtype:?} max");
                     }
                 }
             }
