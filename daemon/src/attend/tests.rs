@@ -13,7 +13,7 @@ use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId};
 
 use super::summary::{Geom, SummaryView};
 use crate::metrics::{Registry, StoreMetrics};
-use crate::store::{ManualClock, Reserve, Store, StoreConfig, tiering};
+use crate::store::{ManualClock, Reserve, Store, StoreConfig, StoreError, tiering};
 use crate::tier::nvme::buf::BufPool;
 use crate::tier::nvme::engine::{EngineKind, open_engine};
 use crate::tier::nvme::{NvmeConfig, NvmeTier};
@@ -240,6 +240,61 @@ fn attend_a_full_region_leaves_blocks_without_summaries_and_a_bad_put_frees_its_
     put(&store, ns, key(0), &payload(&l, 8, 0));
     let st = store.stats();
     assert_eq!((st.summary_blocks, st.summary_capacity), (0, 0));
+}
+
+/// A zero-copy commit is verified whether or not a summary was made: a
+/// block changed after the producer hashed it (one byte) is refused with
+/// its real checksum and frees its summary entry; the right one publishes.
+/// The same with the region full (no summary).
+#[test]
+fn attend_a_zero_copy_commit_is_verified_with_or_without_a_summary() {
+    let l = layout();
+    let geom = Geom::of(&l).unwrap();
+    let entry = (geom.summary_bytes() as u64).next_multiple_of(64);
+    let mut cfg = StoreConfig::default();
+    cfg.summaries.bytes = entry;
+    let store = store_with(1 << 20, cfg, None);
+    let (ns, _) = store.register_layout(l.clone());
+    let try_commit = |k: BlockKey, data: &[u8], claimed: u64| {
+        let r = store
+            .reserve_shared(&ReserveReq {
+                namespace: ns,
+                blocks: vec![ReserveBlock {
+                    key: k,
+                    parent: None,
+                    length: data.len() as u64,
+                }],
+                ttl_ms: 0,
+            })
+            .unwrap();
+        unsafe { store.dram().slice_mut(r[0].offset, r[0].len) }.copy_from_slice(data);
+        store.commit(&CommitReq {
+            blocks: vec![(r[0].id.unwrap(), claimed)],
+        })
+    };
+    for (i, summarized) in [(1u32, true), (2, false)] {
+        for tokens in [8, 5] {
+            let good = payload(&l, tokens, i as u64 * 10 + tokens as u64);
+            let mut bad = good.clone();
+            let at = bad.len() - 1 - (i as usize * 37) % bad.len();
+            bad[at] ^= 0x40;
+            match try_commit(key(i * 10 + tokens), &bad, strata_proto::checksum(&good)) {
+                Err(StoreError::ChecksumMismatch { actual, .. }) => {
+                    assert_eq!(actual, strata_proto::checksum(&bad))
+                }
+                other => panic!("a corrupted block was accepted: {other:?}"),
+            }
+            assert_eq!(
+                store.stats().summary_bytes,
+                if summarized { 0 } else { entry }
+            );
+            store.check_invariants();
+        }
+        let good = payload(&l, 8, i as u64);
+        try_commit(key(i), &good, strata_proto::checksum(&good)).unwrap();
+        assert_eq!(store.summary_copy(ns, &key(i)).is_some(), summarized);
+        store.check_invariants();
+    }
 }
 
 fn nvme_tier(dir: &std::path::Path) -> Arc<NvmeTier> {
