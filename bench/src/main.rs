@@ -12,10 +12,14 @@
 //!   allocator).
 //! * `rss`: daemon resident memory after filling its DRAM tier twice ÷ the
 //!   tier size.
+//! * `attend`: Attend (dense, sparse, SparF) on synthetic heads: mass and
+//!   relerr vs exact attention and the oracle, read%, dense scan rate ÷
+//!   single-thread memory read, wire bytes ÷ the head's K+V.
 //!
 //! Run with `bench/run` (release build, installs redis-server if missing).
 
 mod alloc;
+mod attend;
 mod nvme;
 mod redis;
 
@@ -42,7 +46,7 @@ struct Args {
     /// Smaller working sets (for a smoke run); figures are less stable.
     #[arg(long)]
     quick: bool,
-    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme (default: all).
+    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme, attend (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Block sizes in KiB.
@@ -353,6 +357,9 @@ fn main() -> Result<()> {
             &args.scratch,
             engine,
         ))?;
+    }
+    if want("attend") {
+        rt.block_on(attend::attend(&mut rep, args.quick))?;
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("core.md");
