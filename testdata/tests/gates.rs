@@ -374,8 +374,8 @@ fn temperature_calibration_reaches_its_target() {
     assert!(st.sink > 0.02 && st.sink < 0.7, "{st:?}");
 }
 
+/// The gates at the size COMPUTE.md states them (N = 32K).
 #[test]
-#[ignore = "N = 32K: about 15 s in release; run with --release -- --ignored"]
 fn needle_hardness_at_32k() {
     let needle = generate(Config::new(Regime::Needle, 32768, SEED));
     let r = gates::evaluate(&needle.data, &IvfConfig::default());
