@@ -419,16 +419,8 @@ mod tests {
     fn check_against_f64<E: KvElem>(heads: usize, d: usize, n: usize, seed: u64, tol: f64) {
         let mut rng = Rng::new(seed);
         let q = rng.normal_vec(heads * d, 1.0);
-        let k: Vec<E> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(E::from_f32)
-            .collect();
-        let v: Vec<E> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(E::from_f32)
-            .collect();
+        let k: Vec<E> = rng.normal_kv(n * d, 1.0);
+        let v: Vec<E> = rng.normal_kv(n * d, 1.0);
         let (kw, vw) = (widen(&k), widen(&v));
         let all: Vec<u32> = (0..n as u32).collect();
         let (o_ref, lse_ref) = attention_f64(heads, d, &q, &kw, &vw, &all);
@@ -472,16 +464,8 @@ mod tests {
         let (heads, d, n) = (2, 128, 32 * 1024);
         let mut rng = Rng::new(32);
         let q = rng.normal_vec(heads * d, 1.0);
-        let k: Vec<f16> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let v: Vec<f16> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
+        let k: Vec<f16> = rng.normal_kv(n * d, 1.0);
+        let v: Vec<f16> = rng.normal_kv(n * d, 1.0);
         // The daemon holds everything but the first 128 and last 512 tokens.
         let mut ours = vec![0u64; n.div_ceil(64)];
         let mut client = vec![0u64; n.div_ceil(64)];
@@ -597,16 +581,8 @@ mod tests {
         let (heads, d, n) = (3, 40, 500);
         let mut rng = Rng::new(5);
         let q = rng.normal_vec(heads * d, 1.0);
-        let k: Vec<bf16> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
-        let v: Vec<bf16> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let k: Vec<bf16> = rng.normal_kv(n * d, 1.0);
+        let v: Vec<bf16> = rng.normal_kv(n * d, 1.0);
         let mut mask = vec![0u64; n.div_ceil(64)];
         let mut rows = Vec::new();
         for t in 0..n {
@@ -637,16 +613,8 @@ mod tests {
         ] {
             let mut rng = Rng::new(heads as u64 * 1000 + d as u64);
             let q = rng.normal_vec(heads * d, 1.0);
-            let k: Vec<f16> = rng
-                .normal_vec(n * d, 1.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let v: Vec<f16> = rng
-                .normal_vec(n * d, 1.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
+            let k: Vec<f16> = rng.normal_kv(n * d, 1.0);
+            let v: Vec<f16> = rng.normal_kv(n * d, 1.0);
             let rows: Vec<u32> = (0..n as u32).filter(|t| t % 3 != 1).collect();
             for tokens in [Tokens::All, Tokens::Rows(&rows)] {
                 let (o, lse) = run(heads, d, &q, &k, &v, tokens);

@@ -289,16 +289,8 @@ mod tests {
     fn case(heads: usize, d: usize, n: usize, seed: u64) -> Case {
         let mut rng = Rng::new(seed);
         let q = rng.normal_vec(heads * d, 1.0);
-        let k: Vec<f16> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let v: Vec<f16> = rng
-            .normal_vec(n * d, 1.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
+        let k: Vec<f16> = rng.normal_kv(n * d, 1.0);
+        let v: Vec<f16> = rng.normal_kv(n * d, 1.0);
         let mut kt = vec![f16::ZERO; n * d];
         to_dim_major(&k, d, &mut kt);
         Case { n, q, k, kt, v }

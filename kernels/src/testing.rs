@@ -35,6 +35,14 @@ impl Rng {
     pub(crate) fn normal_vec(&mut self, n: usize, sigma: f64) -> Vec<f32> {
         (0..n).map(|_| (self.normal() * sigma) as f32).collect()
     }
+
+    /// `normal_vec` rounded to a storage type (K or V as a tier holds it).
+    pub(crate) fn normal_kv<E: crate::KvElem>(&mut self, n: usize, sigma: f64) -> Vec<E> {
+        self.normal_vec(n, sigma)
+            .into_iter()
+            .map(E::from_f32)
+            .collect()
+    }
 }
 
 /// Attention of `heads` queries over `rows` of `k`, `v` (`[n][d]`), in
