@@ -1173,7 +1173,8 @@ class StrataConnector(KVConnectorBase_V1, SupportsHMA):
         self._on_device = self._layers[0].on_device
         self._links = [StoreLink(self._endpoint, layout, zero_copy=bool(self._extra.get("zero_copy", True)),
                                  timeout_s=float(self._extra.get("timeout_s", 5.0)),
-                                 retry_after_s=self._retry_after_s, lease_ttl_ms=self._lease_ttl_ms)]
+                                 retry_after_s=self._retry_after_s, lease_ttl_ms=self._lease_ttl_ms,
+                                 save_part_bytes=self._save_chunk_bytes)]
         _connect_at_start(self._links[0])
         log.info("strata: %d layers, %s layout, %d blocks, namespace %#x at %s", len(names),
                  self._layers[0].kind, self._layers[0].num_blocks, layout.namespace_id(), self._endpoint)
@@ -1251,7 +1252,8 @@ class StrataConnector(KVConnectorBase_V1, SupportsHMA):
         once, straight into its arena slot (blocks already stored are
         skipped unread), at most ``save_chunk_bytes`` per call (the daemon
         reserves a call's space all or nothing, so one call larger than its
-        DRAM would always fail). Skips the jobs of requests whose load failed
+        DRAM would always fail; the link is given the same part size, and the
+        parts here also bound the host staging of device caches). Skips the jobs of requests whose load failed
         in this step. An unreachable daemon skips the save (counted)."""
         meta = self._connector_metadata
         if not isinstance(meta, StrataConnectorMetadata) or not meta.stores:
