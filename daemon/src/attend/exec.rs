@@ -792,10 +792,10 @@ fn elems<E: KvElem>(b: &[u8]) -> Cow<'_, [E]> {
 }
 
 /// Partial attention of every query head over `rows(h)` (token indices of
-/// the block) of the block's layer, merged into the accumulator.
-#[allow(clippy::too_many_arguments)]
+/// the block) of the block's layer, merged into `acc`.
 fn attend_rows<E: KvElem>(
-    seq: &mut Seq,
+    seq: &Seq,
+    acc: &mut Acc,
     k: &[u8],
     v: &[u8],
     w: &mut Work,
@@ -817,25 +817,22 @@ fn attend_rows<E: KvElem>(
         if w.rows.is_empty() {
             continue;
         }
-        // The tensor is [token][kv_head][d]: row t*kv + h of [n*kv][d].
-        for r in w.rows.iter_mut() {
-            *r = *r * kv as u32 + h as u32;
-        }
         let q = &s.q[h * g * d..(h + 1) * g * d];
-        partial_attention(
-            &p,
-            q,
-            &k,
-            &v,
-            Tokens::Rows(&w.rows),
-            &mut w.attn,
-            &mut w.o,
-            &mut w.lse,
-        );
+        let tokens = if kv == 1 && w.rows.len() * d == k.len() {
+            // One KV head and every row: the tensor is the head's [n][d].
+            Tokens::All
+        } else {
+            // The tensor is [token][kv_head][d]: row t*kv + h of [n*kv][d].
+            for r in w.rows.iter_mut() {
+                *r = *r * kv as u32 + h as u32;
+            }
+            Tokens::Rows(&w.rows)
+        };
+        partial_attention(&p, q, &k, &v, tokens, &mut w.attn, &mut w.o, &mut w.lse);
         merge_into(
             d,
-            &mut seq.acc.o[h * g * d..(h + 1) * g * d],
-            &mut seq.acc.lse[h * g..(h + 1) * g],
+            &mut acc.o[h * g * d..(h + 1) * g * d],
+            &mut acc.lse[h * g..(h + 1) * g],
             &w.o,
             &w.lse,
         );
@@ -843,16 +840,17 @@ fn attend_rows<E: KvElem>(
 }
 
 fn dispatch_rows(
-    seq: &mut Seq,
+    seq: &Seq,
+    acc: &mut Acc,
     k: &[u8],
     v: &[u8],
     w: &mut Work,
     rows: &dyn Fn(usize, &mut Vec<u32>),
 ) {
     match seq.req.geom.dtype {
-        Dtype::F32 => attend_rows::<f32>(seq, k, v, w, rows),
-        Dtype::F16 => attend_rows::<f16>(seq, k, v, w, rows),
-        Dtype::Bf16 => attend_rows::<bf16>(seq, k, v, w, rows),
+        Dtype::F32 => attend_rows::<f32>(seq, acc, k, v, w, rows),
+        Dtype::F16 => attend_rows::<f16>(seq, acc, k, v, w, rows),
+        Dtype::Bf16 => attend_rows::<bf16>(seq, acc, k, v, w, rows),
         Dtype::Fp8E4m3 => unreachable!("checked: Attend refuses fp8"),
     }
 }
@@ -892,31 +890,195 @@ async fn attend_blocks(
             break;
         }
         let got = read_wave(&mut seq, &wave, Want::Kv).await;
-        seq = ctx
-            .blocking(move || {
-                let geom = seq.req.geom;
-                let g = seq.input().heads / geom.kv_heads as usize;
-                let mut w = Work::new(g, geom.head_dim as usize);
-                for (j, &i) in wave.iter().enumerate() {
-                    if seq.cut.is_some_and(|c| i >= c) {
-                        break;
-                    }
-                    let Some((k, v)) = take_layer(&mut seq, i, Want::Kv, got[j].as_ref()) else {
-                        break;
-                    };
-                    // SAFETY: the ranges point into the pinned block's DRAM
-                    // copy or into `got`, both alive for this iteration;
-                    // rebuilt as slices so that `seq` can be borrowed
-                    // mutably for the accumulator.
-                    let (k, v) = unsafe { (slice_of(k), slice_of(v)) };
-                    let n = seq.tokens[i];
-                    dispatch_rows(&mut seq, k, v, &mut w, &|_, rows| rows.extend(0..n));
-                }
-                seq
-            })
-            .await?;
+        seq = compute_wave(ctx, seq, wave, got, RowSel::All).await?;
     }
     Ok(seq)
+}
+
+/// Which rows of a block a compute step attends, per KV head.
+#[derive(Clone)]
+enum RowSel {
+    /// Every token of the block.
+    All,
+    /// SPARF: per KV head, the chosen token positions (sorted).
+    Chosen(Arc<Vec<Vec<u32>>>),
+}
+
+impl RowSel {
+    fn rows(&self, seq: &Seq, i: usize, h: usize, out: &mut Vec<u32>) {
+        match self {
+            RowSel::All => out.extend(0..seq.tokens[i]),
+            RowSel::Chosen(chosen) => {
+                let (a, b) = (seq.starts[i], seq.starts[i] + seq.tokens[i] as u64);
+                let c = &chosen[h];
+                let p = c.partition_point(|&t| (t as u64) < a);
+                out.extend(
+                    c[p..]
+                        .iter()
+                        .take_while(|&&t| (t as u64) < b)
+                        .map(|&t| (t as u64 - a) as u32),
+                );
+            }
+        }
+    }
+}
+
+/// Blocks below which a wave is not split between compute threads: a part
+/// must outweigh the hand-off to the blocking pool (~64 blocks of 16
+/// tokens of one KV head at d 128 are ~50 µs of math).
+const MIN_PART_BLOCKS: usize = 64;
+
+/// What one part of a wave computed over its blocks, in order: applied to
+/// the sequence once every part is done.
+struct Part {
+    acc: Acc,
+    reads: Vec<(usize, TierKind, u64)>,
+    /// The block that could not be read or failed its check (the part
+    /// stopped there), and the tier whose copy failed.
+    cut: Option<(usize, Option<TierKind>)>,
+}
+
+/// Verifies and attends the blocks of one wave (what `read_wave` read for
+/// them beside the DRAM copies): split into contiguous parts computed on up
+/// to `compute.threads` blocking threads, each with its own accumulator,
+/// merged in block order. A part stops at its first unreadable or corrupt
+/// block; the covered prefix then ends there and later parts are dropped.
+async fn compute_wave(
+    ctx: &AttendCtx,
+    seq: Seq,
+    wave: Vec<usize>,
+    got: Vec<Option<Result<Got, NvmeError>>>,
+    sel: RowSel,
+) -> Result<Seq, StoreError> {
+    let wave: Vec<usize> = match seq.cut {
+        Some(c) => wave.into_iter().take_while(|&i| i < c).collect(),
+        None => wave,
+    };
+    let parts = ctx
+        .cfg
+        .threads
+        .max(1)
+        .min(wave.len().div_ceil(MIN_PART_BLOCKS))
+        .max(1);
+    let per = wave.len().div_ceil(parts).max(1);
+    let seq = Arc::new(seq);
+    let wave = Arc::new(wave);
+    let got = Arc::new(got);
+    let tasks = (0..parts).map(|p| {
+        let (seq, wave, got, sel) = (seq.clone(), wave.clone(), got.clone(), sel.clone());
+        ctx.blocking(move || {
+            let range = (p * per).min(wave.len())..((p + 1) * per).min(wave.len());
+            compute_part(&seq, &wave[range.clone()], &got[range], &sel)
+        })
+    });
+    let done = futures_util::future::join_all(tasks).await;
+    let mut seq = Arc::try_unwrap(seq)
+        .map_err(|_| StoreError::Internal("Attend compute part still holds the sequence".into()))?;
+    let d = seq.req.geom.head_dim as usize;
+    for part in done {
+        let part = part?;
+        for &(i, tier, n) in &part.reads {
+            seq.count(i, tier, n);
+        }
+        merge_into(
+            d,
+            &mut seq.acc.o,
+            &mut seq.acc.lse,
+            &part.acc.o,
+            &part.acc.lse,
+        );
+        if let Some((i, tier)) = part.cut {
+            if let Some(tier) = tier {
+                seq.pin.store().attend_corrupt(seq.pin.blocks[i].r, tier);
+            }
+            seq.cut_at(i);
+            break;
+        }
+    }
+    Ok(seq)
+}
+
+/// One part of [`compute_wave`]: `blocks` with what the wave read for each.
+fn compute_part(
+    seq: &Seq,
+    blocks: &[usize],
+    got: &[Option<Result<Got, NvmeError>>],
+    sel: &RowSel,
+) -> Part {
+    let geom = seq.req.geom;
+    let (d, heads) = (geom.head_dim as usize, seq.input().heads);
+    let g = heads / geom.kv_heads as usize;
+    let mut w = Work::new(g, d);
+    let mut part = Part {
+        acc: Acc {
+            o: vec![0.0; heads * d],
+            lse: vec![f32::NEG_INFINITY; heads],
+        },
+        reads: Vec::with_capacity(blocks.len() * 2),
+        cut: None,
+    };
+    let mut read = Vec::with_capacity(2);
+    for (j, &i) in blocks.iter().enumerate() {
+        if let Some(&next) = blocks.get(j + 1) {
+            prefetch_dram(seq, next);
+        }
+        read.clear();
+        let r = layer_bytes(seq, i, Want::Kv, got[j].as_ref(), &mut read);
+        part.reads.extend(read.iter().map(|&(t, n)| (i, t, n)));
+        match r {
+            Ok(Some((k, v))) => {
+                dispatch_rows(seq, &mut part.acc, k, v, &mut w, &|h, rows| {
+                    sel.rows(seq, i, h, rows)
+                });
+            }
+            Ok(None) => {
+                part.cut = Some((i, None));
+                break;
+            }
+            Err(tier) => {
+                part.cut = Some((i, Some(tier)));
+                break;
+            }
+        }
+    }
+    part
+}
+
+/// Asks the CPU to start loading block `i`'s layer from DRAM into L2 while
+/// the current block is verified and computed (blocks of a chain are not
+/// always adjacent in the arena, so the hardware prefetcher misses the
+/// jump). A hint only: never faults, changes nothing.
+fn prefetch_dram(seq: &Seq, i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let b = &seq.pin.blocks[i];
+        if b.dram.is_none() {
+            return;
+        }
+        let geom = seq.req.geom;
+        let Some(tokens) = geom.tokens_of(b.len) else {
+            return;
+        };
+        let (kr, vr) = (
+            geom.tensor_range(tokens, seq.req.layer, 0),
+            geom.tensor_range(tokens, seq.req.layer, 1),
+        );
+        for r in [kr, vr] {
+            if let Some(bytes) = seq.pin.dram_bytes(i, r) {
+                for line in bytes.chunks(64) {
+                    // SAFETY: a prefetch of a mapped address; SSE is
+                    // baseline on x86-64.
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                            line.as_ptr() as *const i8,
+                        )
+                    };
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (seq, i);
 }
 
 /// A slice from a pointer range.
@@ -1092,35 +1254,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
             break;
         }
         let got = read_wave(&mut seq, &wave, Want::Kv).await;
-        let chosen = chosen.clone();
-        seq = ctx
-            .blocking(move || {
-                let mut w = Work::new(g, d);
-                for (j, &i) in wave.iter().enumerate() {
-                    if seq.cut.is_some_and(|c| i >= c) {
-                        break;
-                    }
-                    let Some((k, v)) = take_layer(&mut seq, i, Want::Kv, got[j].as_ref()) else {
-                        break;
-                    };
-                    // SAFETY: as in `attend_blocks`.
-                    let (k, v) = unsafe { (slice_of(k), slice_of(v)) };
-                    let (a, b) = (seq.starts[i], seq.starts[i] + seq.tokens[i] as u64);
-                    let chosen = &chosen;
-                    dispatch_rows(&mut seq, k, v, &mut w, &|h, rows| {
-                        let c = &chosen[h];
-                        let p = c.partition_point(|&t| (t as u64) < a);
-                        rows.extend(
-                            c[p..]
-                                .iter()
-                                .take_while(|&&t| (t as u64) < b)
-                                .map(|&t| (t as u64 - a) as u32),
-                        );
-                    });
-                }
-                seq
-            })
-            .await?;
+        seq = compute_wave(ctx, seq, wave, got, RowSel::Chosen(chosen.clone())).await?;
     }
     let present = seq.present();
     let end = seq
