@@ -58,7 +58,6 @@ sizes) with .Values.config merged over it.
   "data_dir" .Values.host.dataDir
   "server" (dict
     "uds" (printf "%s/stratad.sock" .Values.host.socketDir)
-    "shm_socket" (printf "%s/stratad.sock.shm" .Values.host.socketDir)
     "metrics_listen" (printf "0.0.0.0:%d" (int .Values.ports.metrics)))
   "tiers" (dict
     "dram" (dict "bytes" (toString .Values.tiers.dram))
