@@ -20,6 +20,7 @@
 
 mod alloc;
 mod attend;
+mod attend_io;
 mod nvme;
 mod redis;
 
@@ -204,10 +205,17 @@ struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
+    /// The daemon's arguments, for [`Daemon::restart`].
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Daemon {
     fn start(dram: &str) -> Result<Daemon> {
+        Self::start_with(dram, "")
+    }
+
+    /// With `config` (TOML) on top of the embedded defaults.
+    fn start_with(dram: &str, config: &str) -> Result<Daemon> {
         let exe = std::env::current_exe()?;
         let stratad = exe.with_file_name("stratad");
         if !stratad.exists() {
@@ -219,30 +227,71 @@ impl Daemon {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mport = free_port()?;
-        let child = Command::new(&stratad)
-            .args(["--dram-bytes", dram, "--data-dir"])
-            .arg(dir.path())
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                &format!("127.0.0.1:{mport}"),
-            ])
-            .args(["--log-level", "warn"])
+        let mut args: Vec<std::ffi::OsString> = vec![stratad.into()];
+        if !config.is_empty() {
+            let file = dir.path().join("bench.toml");
+            std::fs::write(&file, config)?;
+            args.extend(["--config".into(), file.into()]);
+        }
+        args.extend(["--dram-bytes".into(), dram.into(), "--data-dir".into()]);
+        args.push(dir.path().into());
+        args.extend([
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{mport}").into(),
+            "--log-level".into(),
+            "warn".into(),
+        ]);
+        let child = Self::spawn(&args)?;
+        let d = Daemon {
+            child,
+            dir,
+            port,
+            args,
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    fn spawn(args: &[std::ffi::OsString]) -> Result<Child> {
+        Command::new(&args[0])
+            .args(&args[1..])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting stratad")?;
-        let d = Daemon { child, dir, port };
+            .context("starting stratad")
+    }
+
+    fn wait_ready(&self) -> Result<()> {
         let t = Instant::now();
-        while !d.uds().exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !self.uds().exists()
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        {
             if t.elapsed() > Duration::from_secs(120) {
                 bail!("stratad did not start");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(d)
+        Ok(())
     }
+
+    /// Stops the daemon (SIGTERM) and starts it again on the same
+    /// directory: what was on NVMe comes back NVMe-only.
+    fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let _ = std::fs::remove_file(self.uds());
+        self.child = Self::spawn(&self.args)?;
+        self.wait_ready()
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
     fn uds(&self) -> PathBuf {
         self.dir.path().join("stratad.sock")
     }
@@ -263,10 +312,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -360,6 +406,8 @@ fn main() -> Result<()> {
     }
     if want("attend") {
         rt.block_on(attend::attend(&mut rep, args.quick))?;
+        rt.block_on(attend_io::nvme_steps(&mut rep, args.quick))?;
+        rt.block_on(attend_io::near_vs_ship(&mut rep, args.quick))?;
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("core.md");
