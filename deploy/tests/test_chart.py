@@ -321,6 +321,20 @@ def test_values_repeat_the_daemon_defaults():
     walk(chart_values()["config"], default, "")
 
 
+def test_config_is_written_as_toml_that_reads_back_the_same():
+    # The chart's TOML writer (templates/_helpers.tpl) on every shape a
+    # config field can take, under a key stratad would refuse (not run).
+    odd = {
+        "text": 'quotes " and \\ backslash, tab\t, newline\n, é, <html>',
+        "whole": 16777216, "fraction": 0.05, "negative": -3, "yes": True, "no": False,
+        "list": ["a", "b"], "numbers": [1, 2.5], "empty": [],
+        "tenants": [{"name": "a", "quota": {"dram": "1GiB"}, "uids": [1000]}],
+        "nested": {"deeper": {"k": "v"}, "dotted.key": {"a b": 1}},
+    }
+    objs = render.objects(render.render({"config": {"zz_test": odd}}))
+    assert tomllib.loads(stratad_toml(objs))["zz_test"] == odd
+
+
 def check_config(toml: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "stratad.toml"
     path.write_text(toml)

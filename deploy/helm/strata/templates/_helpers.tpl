@@ -67,41 +67,51 @@ sizes) with .Values.config merged over it.
 {{- end -}}
 
 {{/*
-A dict as TOML: its scalar and array keys, then one [table] per map value,
-recursively; keys in sorted order. Scalars are written as JSON, which is
-also valid TOML for strings (\uXXXX escapes), numbers, booleans and arrays
-of them.
+A dict as TOML: its scalar and array keys under a [table] header, then one
+table per map value, recursively; keys in sorted order. Strings, booleans
+and numbers are written as JSON, which TOML reads the same (strings with
+\uXXXX escapes); whole floats (YAML gives every number as a float) as
+integers; arrays as TOML arrays, maps inside them as inline tables.
 */}}
 {{- define "strata.toml" -}}
-{{- $table := .table -}}
-{{- $path := .path -}}
-{{- $scalars := list -}}
-{{- range $k, $v := $table -}}
-{{- if not (kindIs "map" $v) -}}{{- $scalars = append $scalars $k -}}{{- end -}}
-{{- end -}}
-{{- if and $path $scalars }}
-[{{ $path }}]
-{{- end -}}
-{{- range $k := $scalars -}}
-{{- $v := get $table $k -}}
-{{- if kindIs "float64" $v -}}
-{{- if eq $v (float64 (int64 $v)) }}
-{{ $k }} = {{ int64 $v }}
-{{- else }}
-{{ $k }} = {{ toJson $v }}
-{{- end -}}
-{{- else if not (kindIs "invalid" $v) }}
-{{ $k }} = {{ toJson $v }}
+{{- $out := list -}}
+{{- $lines := list -}}
+{{- range $k, $v := .table -}}
+{{- if and (not (kindIs "map" $v)) (not (kindIs "invalid" $v)) -}}
+{{- $lines = append $lines (printf "%s = %s" (include "strata.tomlKey" $k) (include "strata.tomlValue" $v)) -}}
 {{- end -}}
 {{- end -}}
-{{- range $k, $v := $table -}}
+{{- if $lines -}}
+{{- if .path -}}{{- $lines = prepend $lines (printf "[%s]" .path) -}}{{- end -}}
+{{- $out = append $out (join "\n" $lines) -}}
+{{- end -}}
+{{- range $k, $v := .table -}}
 {{- if kindIs "map" $v -}}
-{{- if $path }}
-{{ include "strata.toml" (dict "table" $v "path" (printf "%s.%s" $path $k)) }}
-{{- else }}
-{{ include "strata.toml" (dict "table" $v "path" $k) }}
+{{- $key := include "strata.tomlKey" $k -}}
+{{- $sub := include "strata.toml" (dict "table" $v "path" (ternary (printf "%s.%s" $.path $key) $key (ne $.path ""))) -}}
+{{- if $sub -}}{{- $out = append $out $sub -}}{{- end -}}
 {{- end -}}
 {{- end -}}
+{{- join "\n\n" $out -}}
+{{- end -}}
+
+{{- define "strata.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . -}}{{- . -}}{{- else -}}{{- toJson . -}}{{- end -}}
+{{- end -}}
+
+{{- define "strata.tomlValue" -}}
+{{- if kindIs "slice" . -}}
+{{- $items := list -}}
+{{- range . -}}{{- $items = append $items (include "strata.tomlValue" .) -}}{{- end -}}
+[{{ join ", " $items }}]
+{{- else if kindIs "map" . -}}
+{{- $items := list -}}
+{{- range $k, $v := . -}}{{- $items = append $items (printf "%s = %s" (include "strata.tomlKey" $k) (include "strata.tomlValue" $v)) -}}{{- end -}}
+{{ "{" }}{{ join ", " $items }}{{ "}" }}
+{{- else if and (kindIs "float64" .) (eq . (float64 (int64 .))) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toJson . -}}
 {{- end -}}
 {{- end -}}
 
