@@ -182,6 +182,8 @@ pub struct NvmeSection {
     pub high_watermark: f64,
     pub low_watermark: f64,
     pub max_writes_in_flight: u32,
+    pub drain_write_down: bool,
+    pub drain_write_down_timeout_ms: u64,
 }
 
 impl Default for NvmeSection {
@@ -204,6 +206,8 @@ impl Default for NvmeSection {
             high_watermark: 0.90,
             low_watermark: 0.80,
             max_writes_in_flight: 16,
+            drain_write_down: true,
+            drain_write_down_timeout_ms: 60_000,
         }
     }
 }
@@ -335,6 +339,20 @@ pub struct Resolved {
     /// `None` when the NVMe tier is disabled (`tiers.nvme.bytes = 0`).
     pub nvme: Option<NvmeConfig>,
     pub compute: AttendConfig,
+    pub drain: DrainConfig,
+}
+
+/// What a drain (SIGTERM, `strata drain`) does and how long it waits.
+#[derive(Debug, Clone)]
+pub struct DrainConfig {
+    /// Longest wait for puts, commits and reservations in flight to end,
+    /// and again for calls in flight before exiting (server.drain_timeout_ms).
+    pub settle_timeout: Duration,
+    /// Write blocks held only in DRAM down to NVMe before exiting (with an
+    /// NVMe tier; tiers.nvme.drain_write_down).
+    pub write_down: bool,
+    /// Longest the write-down may take (tiers.nvme.drain_write_down_timeout_ms).
+    pub write_down_timeout: Duration,
 }
 
 impl Config {
@@ -664,6 +682,23 @@ impl Config {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
+        if s.drain_timeout_ms > 3_600_000 {
+            return bad(
+                "server.drain_timeout_ms",
+                format!("{} is more than an hour", s.drain_timeout_ms),
+            );
+        }
+        if nv.drain_write_down_timeout_ms > 3_600_000 {
+            return bad(
+                "tiers.nvme.drain_write_down_timeout_ms",
+                format!("{} is more than an hour", nv.drain_write_down_timeout_ms),
+            );
+        }
+        let drain = DrainConfig {
+            settle_timeout: Duration::from_millis(s.drain_timeout_ms),
+            write_down: nvme.is_some() && nv.drain_write_down,
+            write_down_timeout: Duration::from_millis(nv.drain_write_down_timeout_ms),
+        };
         Ok(Resolved {
             listen,
             uds,
@@ -712,6 +747,7 @@ impl Config {
                 read_wave_bytes: cp.read_wave_bytes.0,
                 promote: cp.promote,
             },
+            drain,
         })
     }
 }

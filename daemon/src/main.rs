@@ -1,5 +1,6 @@
 //! `stratad`: parses flags, loads and validates the config, starts the
-//! daemon, and drains on SIGTERM or Ctrl-C. Everything else is the library.
+//! daemon, and drains on SIGTERM, Ctrl-C or `strata drain`, then exits 0.
+//! Everything else is the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -168,8 +169,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
-        tracing::info!("signal received: draining");
+        let why = tokio::select! {
+            _ = wait_for_signal() => "signal received",
+            _ = running.drain_requested() => "drain requested (strata drain)",
+        };
+        tracing::info!("{why}: draining");
         running.shutdown().await;
         ExitCode::SUCCESS
     })

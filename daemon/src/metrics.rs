@@ -143,6 +143,10 @@ pub struct StoreMetrics {
     /// because the region was full.
     pub summaries_computed: Counter,
     pub summaries_skipped_full: Counter,
+    /// Namespace evictions (EvictNamespace), and the blocks they removed
+    /// at once (retired ones go later, with their last pin).
+    pub namespace_evictions: Counter,
+    pub evicted_namespace_blocks: Counter,
 }
 
 impl StoreMetrics {
@@ -275,6 +279,16 @@ impl StoreMetrics {
                 "strata_attend_abstracts_skipped_total",
                 "Blocks left without an abstract, by reason",
                 &[("reason", "region_full")],
+            ),
+            namespace_evictions: r.counter(
+                "strata_store_namespace_evictions_total",
+                "Namespaces evicted by an operator (strata evict)",
+                &[],
+            ),
+            evicted_namespace_blocks: r.counter(
+                "strata_store_namespace_evicted_blocks_total",
+                "Blocks removed by namespace evictions",
+                &[],
             ),
         }
     }

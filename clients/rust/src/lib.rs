@@ -11,8 +11,13 @@
 //! * [`attend`]: attention near the data ([`Client::attend`]) and
 //!   [`attend::merge`], which combines the daemon's partial `(o, lse)` with
 //!   the engine's own.
+//! * Admin calls ([`Client::drain`], [`Client::evict_namespace`],
+//!   [`Client::export_namespace`], [`Client::stats_per_namespace`]) and
+//!   [`export`], the self-describing file format of `strata export` and
+//!   `strata import`.
 
 pub mod attend;
+pub mod export;
 pub mod keys;
 mod local;
 
@@ -455,7 +460,55 @@ impl Client {
     }
 
     pub async fn stats(&mut self) -> Result<pb::StatsResponse> {
-        Ok(self.rpc.stats(pb::StatsRequest {}).await?.into_inner())
+        Ok(self
+            .rpc
+            .stats(pb::StatsRequest {
+                per_namespace: false,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Stats with one entry per namespace (`namespace_stats`).
+    pub async fn stats_per_namespace(&mut self) -> Result<pb::StatsResponse> {
+        Ok(self
+            .rpc
+            .stats(pb::StatsRequest {
+                per_namespace: true,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Drains the daemon (it then exits): its progress, until the phase is
+    /// `DRAIN_PHASE_DONE`.
+    pub async fn drain(&mut self) -> Result<tonic::Streaming<pb::DrainProgress>> {
+        Ok(self.rpc.drain(pb::DrainRequest {}).await?.into_inner())
+    }
+
+    /// Removes every block of a namespace (see the RPC's documentation:
+    /// pinned blocks are retired, removed when their last pin goes).
+    pub async fn evict_namespace(&mut self, ns: NamespaceId) -> Result<pb::EvictNamespaceResponse> {
+        Ok(self
+            .rpc
+            .evict_namespace(pb::EvictNamespaceRequest { namespace_id: ns.0 })
+            .await?
+            .into_inner())
+    }
+
+    /// Reads a whole namespace out: its layout first, then every block
+    /// (verified on arrival), then a summary.
+    pub async fn export_namespace(&mut self, ns: NamespaceId) -> Result<ExportStream> {
+        let inner = self
+            .rpc
+            .export_namespace(pb::ExportNamespaceRequest { namespace_id: ns.0 })
+            .await?
+            .into_inner();
+        Ok(ExportStream {
+            inner,
+            cur: None,
+            done: false,
+        })
     }
 
     /// Attention near the data: per sequence, the daemon's partial
@@ -477,6 +530,112 @@ impl Client {
             .into_iter()
             .map(|x| attend::output(x).map_err(Error::Protocol))
             .collect()
+    }
+}
+
+/// What an export stream yields, in order: `Start`, `Block`s, `End`.
+#[derive(Debug, Clone)]
+pub enum ExportItem {
+    Start {
+        namespace: NamespaceId,
+        layout: Layout,
+        /// Blocks and bytes the namespace held as the export began.
+        blocks: u64,
+        bytes: u64,
+    },
+    /// A block, its checksum verified on arrival.
+    Block { block: Block, checksum: u64 },
+    End {
+        blocks: u64,
+        bytes: u64,
+        /// Blocks removed (or found corrupt) while the export ran.
+        skipped: u64,
+    },
+}
+
+/// A namespace being read out ([`Client::export_namespace`]).
+pub struct ExportStream {
+    inner: tonic::Streaming<pb::ExportNamespaceResponse>,
+    cur: Option<(pb::BlockHeader, bytes::BytesMut)>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ExportStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportStream")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl ExportStream {
+    /// The next item; `None` after `End`. A stream that stops before its
+    /// `End` is an error (the export is incomplete).
+    pub async fn next(&mut self) -> Result<Option<ExportItem>> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            if let Some((h, buf)) = &self.cur
+                && buf.len() as u64 == h.length
+            {
+                let (h, buf) = self.cur.take().expect("checked");
+                let checksum = h.checksum;
+                let block = finish((h, Parts::Many(buf)))?;
+                return Ok(Some(ExportItem::Block { block, checksum }));
+            }
+            let Some(msg) = self.inner.next().await else {
+                return Err(Error::Protocol(
+                    "the export stream ended before its summary: the export is incomplete".into(),
+                ));
+            };
+            let msg = msg?;
+            if let Some(s) = msg.start {
+                let layout = s
+                    .layout
+                    .ok_or_else(|| Error::Protocol("export start without a layout".into()))
+                    .and_then(|l| {
+                        Layout::try_from(l)
+                            .map_err(|e| Error::Protocol(format!("export layout: {e}")))
+                    })?;
+                return Ok(Some(ExportItem::Start {
+                    namespace: NamespaceId(s.namespace_id),
+                    layout,
+                    blocks: s.blocks,
+                    bytes: s.bytes,
+                }));
+            }
+            if let Some(h) = msg.header {
+                if self.cur.is_some() {
+                    return Err(Error::Protocol(
+                        "export: a block header arrived before the previous block's bytes".into(),
+                    ));
+                }
+                let mut buf = bytes::BytesMut::with_capacity(h.length as usize);
+                buf.extend_from_slice(&msg.data);
+                self.cur = Some((h, buf));
+            } else if !msg.data.is_empty() {
+                match self.cur.as_mut() {
+                    Some((h, buf)) if (buf.len() + msg.data.len()) as u64 <= h.length => {
+                        buf.extend_from_slice(&msg.data)
+                    }
+                    _ => return Err(Error::Protocol("export: unexpected block bytes".into())),
+                }
+            }
+            if let Some(e) = msg.end {
+                if self.cur.is_some() {
+                    return Err(Error::Protocol(
+                        "export: the summary arrived inside a block".into(),
+                    ));
+                }
+                self.done = true;
+                return Ok(Some(ExportItem::End {
+                    blocks: e.blocks,
+                    bytes: e.bytes,
+                    skipped: e.skipped,
+                }));
+            }
+        }
     }
 }
 

@@ -3,11 +3,14 @@
 //!
 //! [`start`] binds every listener first (so a port clash fails at once, with
 //! the address named), opens the tiers while `/readyz` says what it is
-//! doing, then serves. [`Running::shutdown`] begins a drain: readiness goes
-//! false, listeners stop accepting, HTTP/2 connections get GOAWAY so no new
-//! call starts, in-flight calls finish (up to `server.drain_timeout_ms`),
-//! and the socket files are removed.
+//! doing, then serves. [`Running::shutdown`] drains (see `drain.rs`):
+//! readiness goes false and new puts are refused, puts and reservations in
+//! flight settle, blocks held only in DRAM are written down to NVMe and the
+//! segments flushed; then listeners stop accepting, HTTP/2 connections get
+//! GOAWAY so no new call starts, in-flight calls finish (up to
+//! `server.drain_timeout_ms`), and the socket files are removed.
 
+pub mod admin;
 pub mod drain;
 pub mod events;
 pub mod http;
@@ -28,7 +31,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::{Config, ConfigError, Resolved};
+use crate::config::{Config, ConfigError, DrainConfig, Resolved};
 use crate::metrics::{Registry, ServerMetrics, StoreMetrics};
 use crate::store::{Store, SystemClock, tiering};
 use crate::tier::nvme::buf::BufPool;
@@ -114,6 +117,8 @@ pub struct Running {
     inflight: Arc<drain::InFlight>,
     drain_timeout: Duration,
     health_reporter: tonic_health::server::HealthReporter,
+    gate: Arc<drain::Gate>,
+    drain_cfg: DrainConfig,
 }
 
 impl std::fmt::Debug for Running {
@@ -331,6 +336,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         r.compute.clone(),
         crate::metrics::AttendMetrics::new(&registry),
     ));
+    let gate = drain::Gate::new(r.drain.write_down);
     let svc = StrataServer::new(StrataService::new(
         store.clone(),
         limits,
@@ -338,6 +344,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         s.stream_chunk_bytes.0 as usize,
         &server_metrics,
         stop.clone(),
+        gate.clone(),
     ))
     // tonic's own check stays as a second line, above ours.
     .max_decoding_message_size(max_msg + (64 << 10))
@@ -442,6 +449,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         inflight,
         drain_timeout,
         health_reporter,
+        gate,
+        drain_cfg: r.drain,
     })
 }
 
@@ -450,6 +459,7 @@ fn tier_detail(store: &Store) -> String {
     let mut s = format!("dram: {} bytes", store.dram().capacity_bytes());
     if let Some(n) = store.nvme() {
         let st = n.stats();
+        let refused = n.refused_files();
         if st.fenced {
             s.push_str(&format!(
                 "\nnvme: FENCED after {} I/O errors; serving from dram only",
@@ -461,20 +471,44 @@ fn tier_detail(store: &Store) -> String {
                 st.allocated, st.capacity, st.segments, st.engine
             ));
         }
+        // Files of a format this build cannot read: named, left untouched.
+        for line in refused.iter().take(8) {
+            s.push_str(&format!("\nnvme: refused {line}"));
+        }
+        if refused.len() > 8 {
+            s.push_str(&format!(
+                "\nnvme: refused {} more files (see the log)",
+                refused.len() - 8
+            ));
+        }
     }
     s
 }
 
 impl Running {
-    /// Drains and stops: readiness goes false, the servers stop accepting
+    /// Fires when a client asked for a drain (`strata drain`); the owner
+    /// then calls [`shutdown`](Self::shutdown).
+    pub async fn drain_requested(&self) {
+        self.gate.requested().await;
+    }
+
+    /// The drain gate (tests watch its progress).
+    pub fn gate(&self) -> &Arc<drain::Gate> {
+        &self.gate
+    }
+
+    /// Drains and stops: readiness goes false and new puts are refused,
+    /// puts and reservations in flight settle, DRAM is written down to
+    /// NVMe and flushed (`drain::run`); then the servers stop accepting
     /// connections and calls, calls in flight finish (up to the drain
     /// timeout), background work (write-downs in flight) ends, and idle
     /// client connections are closed.
     pub async fn shutdown(mut self) {
-        self.health.set(false, "draining: shutting down");
+        self.health.set(false, "draining: refusing new puts");
         self.health_reporter
             .set_not_serving::<StrataServer<StrataService>>()
             .await;
+        drain::run(&self.store, &self.gate, &self.health, &self.drain_cfg).await;
         self.stop.cancel();
         let started = std::time::Instant::now();
         if tokio::time::timeout(self.drain_timeout, self.inflight.idle())

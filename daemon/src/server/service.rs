@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::admin::namespace_stats_pb;
+use super::drain::Gate;
 use super::limits::Limits;
 use crate::attend::exec::{self, AttendCtx, SeqResult};
 use crate::metrics::{MethodMetrics, ServerMetrics};
@@ -72,16 +74,21 @@ struct Methods {
     get_slots: MethodMetrics,
     subscribe: MethodMetrics,
     attend: MethodMetrics,
+    drain: MethodMetrics,
+    evict_namespace: MethodMetrics,
+    export_namespace: MethodMetrics,
 }
 
 pub struct StrataService {
-    store: Arc<Store>,
-    limits: Limits,
+    pub(super) store: Arc<Store>,
+    pub(super) limits: Limits,
     attend: Arc<AttendCtx>,
-    chunk: usize,
+    pub(super) chunk: usize,
     m: Arc<Methods>,
     /// Ends subscriptions when the daemon drains.
     stop: CancellationToken,
+    /// Refuses new puts during a drain, and reports its progress.
+    pub(super) gate: Arc<Gate>,
 }
 
 impl StrataService {
@@ -92,6 +99,7 @@ impl StrataService {
         chunk: usize,
         metrics: &ServerMetrics,
         stop: CancellationToken,
+        gate: Arc<Gate>,
     ) -> Self {
         let m = Methods {
             register: metrics.method("RegisterLayout"),
@@ -107,6 +115,9 @@ impl StrataService {
             get_slots: metrics.method("GetSlots"),
             subscribe: metrics.method("Subscribe"),
             attend: metrics.method("Attend"),
+            drain: metrics.method("Drain"),
+            evict_namespace: metrics.method("EvictNamespace"),
+            export_namespace: metrics.method("ExportNamespace"),
         };
         StrataService {
             store,
@@ -115,6 +126,7 @@ impl StrataService {
             chunk,
             m: Arc::new(m),
             stop,
+            gate,
         }
     }
 }
@@ -266,6 +278,37 @@ impl pb::strata_server::Strata for StrataService {
 
     type GetStream = ReceiverStream<Result<pb::GetResponse, Status>>;
     type SubscribeStream = ReceiverStream<Result<pb::KvEventBatch, Status>>;
+    type DrainStream = ReceiverStream<Result<pb::DrainProgress, Status>>;
+    type ExportNamespaceStream = ReceiverStream<Result<pb::ExportNamespaceResponse, Status>>;
+
+    // ---- admin (the bodies are in admin.rs) ----
+
+    async fn drain(
+        &self,
+        _req: Request<pb::DrainRequest>,
+    ) -> Result<Response<Self::DrainStream>, Status> {
+        let t = Instant::now();
+        let r = Ok(Response::new(self.drain_stream()));
+        timed(&self.m.drain, t, r)
+    }
+
+    async fn evict_namespace(
+        &self,
+        req: Request<pb::EvictNamespaceRequest>,
+    ) -> Result<Response<pb::EvictNamespaceResponse>, Status> {
+        let t = Instant::now();
+        let r = self.evict_namespace_inner(req.into_inner()).await;
+        timed(&self.m.evict_namespace, t, r.map(Response::new))
+    }
+
+    async fn export_namespace(
+        &self,
+        req: Request<pb::ExportNamespaceRequest>,
+    ) -> Result<Response<Self::ExportNamespaceStream>, Status> {
+        let t = Instant::now();
+        let r = self.export_namespace_inner(req.into_inner());
+        timed(&self.m.export_namespace, t, r.map(Response::new))
+    }
 
     async fn subscribe(
         &self,
@@ -397,10 +440,20 @@ impl pb::strata_server::Strata for StrataService {
 
     async fn stats(
         &self,
-        _req: Request<pb::StatsRequest>,
+        req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let t = Instant::now();
+        let per_namespace = req.into_inner().per_namespace;
         let s = self.store.stats();
+        let namespace_stats = if per_namespace {
+            self.store
+                .namespace_stats()
+                .into_iter()
+                .map(namespace_stats_pb)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let r = Ok(Response::new(pb::StatsResponse {
             tiers: s
                 .tiers
@@ -432,6 +485,8 @@ impl pb::strata_server::Strata for StrataService {
             abstract_bytes: s.summary_bytes,
             abstract_capacity_bytes: s.summary_capacity,
             abstract_blocks: s.summary_blocks,
+            namespace_stats,
+            draining: self.gate.is_draining(),
         }));
         timed(&self.m.stats, t, r)
     }
@@ -443,6 +498,7 @@ impl pb::strata_server::Strata for StrataService {
         let t = Instant::now();
         let r = (|| {
             zero_copy_peer(&req)?;
+            let _w = self.gate.admit_new_write()?;
             let raw = req.into_inner();
             self.limits.keys("blocks", raw.blocks.len())?;
             let q = ReserveReq::try_from(raw)?;
@@ -474,6 +530,7 @@ impl pb::strata_server::Strata for StrataService {
         let t = Instant::now();
         let r = async {
             zero_copy_peer(&req)?;
+            let _w = self.gate.enter_write();
             let raw = req.into_inner();
             self.limits.keys("blocks", raw.blocks.len())?;
             let q = CommitReq::try_from(raw)?;
@@ -495,6 +552,7 @@ impl pb::strata_server::Strata for StrataService {
         let t = Instant::now();
         let r = (|| {
             zero_copy_peer(&req)?;
+            let _w = self.gate.enter_write();
             let raw = req.into_inner();
             self.limits
                 .keys("reservation_ids", raw.reservation_ids.len())?;
@@ -567,10 +625,11 @@ impl StrataService {
         }))
     }
 
-    /// Under write-through, writes the block to NVMe before the put is
-    /// acknowledged; reports whether the block is durable.
+    /// Under write-through (configured, or during a drain that writes DRAM
+    /// down), writes the block to NVMe before the put is acknowledged;
+    /// reports whether the block is durable.
     async fn durable(&self, r: crate::store::index::BlockRef) -> bool {
-        if self.store.config().nvme.write_through {
+        if self.store.config().nvme.write_through || self.gate.write_through() {
             tiering::persist(&self.store, r).await
         } else {
             self.store.is_durable(r)
@@ -636,6 +695,8 @@ impl StrataService {
         &self,
         req: Request<Streaming<pb::PutRequest>>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        // Refused once a drain began; a stream begun before goes on.
+        let _w = self.gate.admit_new_write()?;
         let _permit = self.limits.stream()?;
         let mut stream = req.into_inner();
         let mut outcomes = Vec::new();

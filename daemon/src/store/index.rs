@@ -60,6 +60,13 @@ pub const FLAG_PROMOTING: u8 = 64;
 /// Looked up or read since it was stored (admission and reclaim use it).
 pub const FLAG_HIT: u8 = 128;
 
+// States of a record (`Meta::state`; the flags byte is full).
+/// Retired by a namespace eviction while pinned: doomed (hidden from new
+/// lookups, removed when its last pin goes) but still readable by the
+/// holders of the pins it had, so a lease taken before the eviction can
+/// read what its Lookup reported.
+pub const STATE_RETIRING: u8 = 1;
+
 /// One published block. Fixed size, no heap pointers. The fields a lookup
 /// reads (key, flags, namespace, pins, tick) come first.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +74,8 @@ pub const FLAG_HIT: u8 = 128;
 pub struct Meta {
     pub key: BlockKey,
     pub flags: u8,
+    /// `STATE_*` bits (in what was padding: the record stays 104 bytes).
+    pub state: u8,
     pub ns: u32,
     pub pins: u32,
     pub len: u32,
@@ -95,6 +104,21 @@ impl Meta {
     fn is_live(&self) -> bool {
         self.flags & FLAG_LIVE != 0
     }
+    /// Retired by a namespace eviction (see [`STATE_RETIRING`]).
+    pub fn is_retiring(&self) -> bool {
+        self.state & STATE_RETIRING != 0
+    }
+    /// Readable by someone who pinned it (or holds a lease on it) before
+    /// now: not doomed, or doomed only by retirement.
+    pub fn readable_pinned(&self) -> bool {
+        !self.is_doomed() || self.is_retiring()
+    }
+    /// Marks the block doomed because a copy failed (or is unreachable):
+    /// unreadable even by pin holders.
+    pub fn doom(&mut self) {
+        self.flags |= FLAG_DOOMED;
+        self.state &= !STATE_RETIRING;
+    }
     pub fn in_dram(&self) -> bool {
         self.flags & FLAG_DRAM != 0
     }
@@ -122,6 +146,7 @@ fn empty_meta() -> Meta {
     Meta {
         key: BlockKey::new(&[0]).expect("1-byte key"),
         flags: 0,
+        state: 0,
         ns: 0,
         pins: 0,
         len: 0,
@@ -286,6 +311,7 @@ impl Index {
         }
         let m = self.slot_mut(id);
         m.flags = 0;
+        m.state = 0;
         // The generation moves on now, so refs to the old record go stale
         // even before the slot is reused.
         m.generation = meta.generation.wrapping_add(1);

@@ -44,6 +44,7 @@
 //! One mutex guards the logical state; byte copies, checksums, summaries and
 //! I/O run outside it, on extents the caller owns (reservation) or has pinned.
 
+pub mod admin;
 mod error;
 pub mod events;
 pub mod evict;
@@ -67,8 +68,8 @@ use events::EventLog;
 pub use evict::EvictionKind;
 use evict::{Candidate, EvictionPolicy};
 use index::{
-    BlockId, BlockRef, FLAG_DOOMED, FLAG_DRAM, FLAG_HIT, FLAG_NVME, FLAG_PROMOTING, FLAG_TRACKED,
-    FLAG_WRITING, Index, LOCAL_TIERS, Meta, NO_PARENT,
+    BlockId, BlockRef, FLAG_DRAM, FLAG_HIT, FLAG_NVME, FLAG_PROMOTING, FLAG_TRACKED, FLAG_WRITING,
+    Index, LOCAL_TIERS, Meta, NO_PARENT,
 };
 
 use crate::attend::summary::{SUMMARY_GRANULE, SummaryScratch, summarize};
@@ -362,6 +363,20 @@ struct NsEntry {
     layout: Option<Layout>,
     /// `Geom::of(layout)`: set when Attend can serve the namespace.
     geom: Option<Geom>,
+    /// What the namespace holds, kept as blocks change (Stats per
+    /// namespace without a pass over the index); checked by
+    /// `check_invariants`.
+    count: NsCount,
+}
+
+/// Blocks of one namespace: distinct, pinned, and per tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct NsCount {
+    blocks: u64,
+    bytes: u64,
+    pinned: u64,
+    tier_blocks: [u64; LOCAL_TIERS],
+    tier_bytes: [u64; LOCAL_TIERS],
 }
 
 struct TierBook {
@@ -408,6 +423,9 @@ impl Budget {
 struct Recovery {
     parents: Vec<(BlockId, BlockKey)>,
     tombstones: HashMap<(u32, BlockKey), u64>,
+    /// Namespaces evicted (`evict_namespace`): records with a lower
+    /// sequence number are void.
+    evicted: HashMap<NamespaceId, u64>,
 }
 
 struct Inner {
@@ -815,7 +833,7 @@ impl Store {
         drop_nvme(g, self, r.id);
         let m = *g.index.get(r.id);
         if !m.in_dram() {
-            g.index.get_mut(r.id).flags |= FLAG_DOOMED;
+            g.index.get_mut(r.id).doom();
             if m.pins == 0 && !m.busy() {
                 remove_block(g, self, r.id);
             } else {
@@ -932,8 +950,8 @@ impl Store {
         let mut bytes = 0;
         for (i, (r, key)) in refs.iter().enumerate() {
             let m = match g.index.resolve(*r) {
-                Some(m) if m.in_dram() && !m.is_doomed() => m,
-                Some(m) if !m.is_doomed() => {
+                Some(m) if m.in_dram() && m.readable_pinned() => m,
+                Some(m) if m.readable_pinned() => {
                     let b = &g.tiers[DRAM];
                     return Err(StoreError::NoSpace {
                         tier: "dram",
@@ -1109,6 +1127,7 @@ impl Store {
         let meta = Meta {
             key: p.key,
             flags: 0,
+            state: 0,
             ns: p.ns,
             pins: 0,
             len: p.len as u32,
@@ -1122,6 +1141,9 @@ impl Store {
             parent,
         };
         let r = g.index.insert(meta);
+        let c = &mut g.ns_table[p.ns as usize].count;
+        c.blocks += 1;
+        c.bytes += p.len;
         set_summary(g, r.id, summary);
         g.tiers[DRAM].reserved_bytes -= p.rounded;
         g.tiers[DRAM].used -= p.rounded;
@@ -1348,6 +1370,15 @@ impl Store {
         for (i, k) in req.keys.iter().enumerate() {
             let id = match g.index.find(ns, k) {
                 Some(id) if !g.index.get(id).is_doomed() => id,
+                // Retired by a namespace eviction after this lease was
+                // taken: its holder may still read it.
+                Some(id)
+                    if g.index.get(id).is_retiring()
+                        && lease_blocks
+                            .is_some_and(|lb| lb.binary_search(&g.index.ref_of(id)).is_ok()) =>
+                {
+                    id
+                }
                 _ => {
                     self.metrics.miss_absent.increment(1);
                     return Err(StoreError::NotFound {
@@ -1393,7 +1424,7 @@ impl Store {
         let g = self.lock();
         g.index
             .resolve(r)
-            .filter(|m| m.in_dram() && !m.is_doomed())
+            .filter(|m| m.in_dram() && m.readable_pinned())
             .map(|m| m.dram_addr)
     }
 
@@ -1408,7 +1439,7 @@ impl Store {
         let Some(m) = g.index.resolve_mut(r) else {
             return;
         };
-        m.flags |= FLAG_DOOMED;
+        m.doom();
         if m.pins == 0 && !m.busy() {
             remove_block(g, self, r.id);
         } else {
@@ -1426,7 +1457,7 @@ impl Store {
         for (i, k) in req.keys.iter().enumerate() {
             let covered = g.index.find(ns, k).filter(|&id| {
                 lease.blocks.binary_search(&g.index.ref_of(id)).is_ok()
-                    && !g.index.get(id).is_doomed()
+                    && g.index.get(id).readable_pinned()
             });
             let Some(id) = covered else {
                 return Err(StoreError::NotLeased {
@@ -1641,9 +1672,7 @@ impl Store {
                 self.metrics.bytes_in[NVME].increment(job.header.len as u64);
                 let m = *g.index.get(id);
                 if m.is_doomed() {
-                    if m.pins == 0 {
-                        remove_block(g, self, id);
-                    }
+                    settle(g, self, id);
                 } else if !job.keep_dram && m.pins == 0 {
                     drop_dram(g, self.granule, &self.dram, id);
                     self.metrics.demotions.increment(1);
@@ -1654,7 +1683,9 @@ impl Store {
             Err(e) => {
                 tracing::debug!(key = %job.header.key, error = %e, "nvme write failed");
                 let m = *g.index.get(id);
-                if !job.keep_dram && m.pins == 0 {
+                if m.is_doomed() {
+                    settle(g, self, id);
+                } else if !job.keep_dram && m.pins == 0 {
                     remove_block(g, self, id);
                     self.metrics.dropped_write_failed.increment(1);
                 } else {
@@ -1670,7 +1701,7 @@ impl Store {
         let Some(m) = g.index.resolve_mut(r) else {
             return Promote::Gone;
         };
-        if m.is_doomed() {
+        if !m.readable_pinned() {
             return Promote::Gone;
         }
         if m.in_dram() {
@@ -1758,7 +1789,7 @@ impl Store {
                     drop_nvme(g, self, id);
                     let m = *g.index.get(id);
                     if !m.in_dram() {
-                        g.index.get_mut(id).flags |= FLAG_DOOMED;
+                        g.index.get_mut(id).doom();
                         if m.pins == 0 {
                             remove_block(g, self, id);
                         }
@@ -1767,7 +1798,7 @@ impl Store {
                 _ => {}
             }
             if alive && g.index.resolve(job.r).is_some() {
-                refresh(g, id);
+                settle(g, self, id);
             }
             ok
         };
@@ -1801,7 +1832,7 @@ impl Store {
             let m = *g.index.get(id);
             clear_nvme(g, id);
             if !m.in_dram() {
-                g.index.get_mut(id).flags |= FLAG_DOOMED;
+                g.index.get_mut(id).doom();
                 if m.pins == 0 && !m.busy() {
                     remove_block(g, self, id);
                 }
@@ -1881,13 +1912,13 @@ impl Store {
                 let mm = g.index.get_mut(r.id);
                 mm.nvme_loc = loc.0;
                 mm.seq = seq;
-                refresh(g, r.id);
+                settle(g, self, r.id);
             }
             Ok((loc, _)) => {
                 if let Some(n) = &self.nvme {
                     n.release(loc, m.len);
                 }
-                refresh(g, r.id);
+                settle(g, self, r.id);
             }
             Err(_) => {
                 // Could not copy: the old segment is going away.
@@ -1895,7 +1926,7 @@ impl Store {
                     if m.in_dram() {
                         drop_nvme(g, self, r.id);
                     } else {
-                        g.index.get_mut(r.id).flags |= FLAG_DOOMED;
+                        g.index.get_mut(r.id).doom();
                         clear_nvme(g, r.id);
                         if m.pins == 0 {
                             remove_block(g, self, r.id);
@@ -1903,7 +1934,7 @@ impl Store {
                     }
                 }
                 if g.index.resolve(r).is_some() {
-                    refresh(g, r.id);
+                    settle(g, self, r.id);
                 }
             }
         }
@@ -1912,6 +1943,19 @@ impl Store {
     /// Takes the next record sequence number (tombstones, copies).
     pub fn next_seq(&self) -> u64 {
         let mut g = self.lock();
+        g.seq += 1;
+        g.seq - 1
+    }
+
+    /// The sequence number for a copy-forward of block `r`'s record whose
+    /// sequence number is `old`: a new one, except for a retired block,
+    /// whose copy keeps `old` so that its namespace's eviction (recorded
+    /// as "records below this sequence number are void") still voids it.
+    pub fn seq_for_copy(&self, r: BlockRef, old: u64) -> u64 {
+        let mut g = self.lock();
+        if g.index.resolve(r).is_some_and(|m| m.is_retiring()) {
+            return old;
+        }
         g.seq += 1;
         g.seq - 1
     }
@@ -1992,10 +2036,19 @@ impl Store {
 
     // ---- recovery -------------------------------------------------------------
 
-    /// Starts rebuilding the index from NVMe records.
-    pub fn begin_recovery(&self) {
+    /// Starts rebuilding the index from NVMe records. `evicted`: the
+    /// namespace evictions recorded beside the segments (namespace id, and
+    /// the sequence number below which its records are void).
+    pub fn begin_recovery(&self, evicted: &[(u64, u64)]) {
         let mut g = self.lock();
-        g.recovery = Some(Recovery::default());
+        let mut rec = Recovery::default();
+        for &(ns, seq) in evicted {
+            let e = rec.evicted.entry(NamespaceId(ns)).or_insert(0);
+            *e = (*e).max(seq);
+            // Records written from now on must stay above every mark.
+            g.seq = g.seq.max(seq + 1);
+        }
+        g.recovery = Some(rec);
         // Subscribers resync from a snapshot after a restart.
         g.events.set_paused(true);
     }
@@ -2008,6 +2061,23 @@ impl Store {
         let h = &s.header;
         let mut g = self.lock();
         let g = &mut *g;
+        g.seq = g.seq.max(h.seq + 1);
+        let evicted = g
+            .recovery
+            .as_ref()
+            .and_then(|r| r.evicted.get(&h.namespace))
+            .is_some_and(|&mark| h.seq < mark);
+        if evicted {
+            // Its namespace was evicted after this record was written.
+            if let Some(off) = summary {
+                let geom = g
+                    .namespaces
+                    .get(&h.namespace)
+                    .and_then(|&o| g.ns_table[o as usize].geom);
+                self.free_summary(geom, Some(off));
+            }
+            return;
+        }
         let ns = match g.namespaces.get(&h.namespace) {
             Some(&o) => o,
             None => ns_insert(g, h.namespace, None),
@@ -2019,7 +2089,6 @@ impl Store {
             self.free_summary(geom, summary);
             None
         };
-        g.seq = g.seq.max(h.seq + 1);
         let existing = g.index.find(ns, &h.key);
         let release = |loc: Loc, len: u32| {
             if let Some(n) = &self.nvme {
@@ -2060,6 +2129,9 @@ impl Store {
                     if let Some(n) = &self.nvme {
                         n.add_live(s.loc, h.len);
                     }
+                    let c = &mut g.ns_table[ns as usize].count;
+                    c.bytes = c.bytes - m.len as u64 + h.len as u64;
+                    c.tier_bytes[NVME] = c.tier_bytes[NVME] - m.len as u64 + h.len as u64;
                     let mm = g.index.get_mut(id);
                     mm.nvme_loc = s.loc.0;
                     mm.seq = h.seq;
@@ -2079,6 +2151,7 @@ impl Store {
                 let r = g.index.insert(Meta {
                     key: h.key,
                     flags: FLAG_NVME,
+                    state: 0,
                     ns,
                     pins: 0,
                     len: h.len,
@@ -2093,6 +2166,11 @@ impl Store {
                 });
                 set_summary(g, r.id, summary);
                 g.tiers[NVME].blocks += 1;
+                let c = &mut g.ns_table[ns as usize].count;
+                c.blocks += 1;
+                c.bytes += h.len as u64;
+                c.tier_blocks[NVME] += 1;
+                c.tier_bytes[NVME] += h.len as u64;
                 if let Some(n) = &self.nvme {
                     n.add_live(s.loc, h.len);
                 }
@@ -2303,6 +2381,34 @@ impl Store {
         assert!(b.used <= b.capacity, "DRAM over capacity");
         assert_eq!(b.blocks, dram_blocks, "DRAM block count");
         assert_eq!(g.tiers[NVME].blocks, nvme_blocks, "NVMe block count");
+        // Per-namespace counts, kept incrementally, agree with the index.
+        let mut counts = vec![NsCount::default(); g.ns_table.len()];
+        for id in g.index.live_ids() {
+            let m = g.index.get(id);
+            let c = &mut counts[m.ns as usize];
+            c.blocks += 1;
+            c.bytes += m.len as u64;
+            c.pinned += u64::from(m.pins > 0);
+            for (held, t) in [(m.in_dram(), DRAM), (m.on_nvme(), NVME)] {
+                if held {
+                    c.tier_blocks[t] += 1;
+                    c.tier_bytes[t] += m.len as u64;
+                }
+            }
+            assert!(
+                !m.is_retiring() || m.is_doomed(),
+                "retiring block {:?} is not doomed",
+                m.key
+            );
+            assert!(
+                !m.is_doomed() || m.pins > 0 || m.busy(),
+                "doomed block {:?} outlived its pins",
+                m.key
+            );
+        }
+        for (e, c) in g.ns_table.iter().zip(&counts) {
+            assert_eq!(&e.count, c, "counts of namespace {}", e.id);
+        }
         // Summaries belong to live blocks only, and fill the region exactly.
         let mut summaries = 0u64;
         let mut summary_bytes = 0u64;
@@ -2590,7 +2696,12 @@ impl Drop for ChainPin {
 fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
     let ord = g.ns_table.len() as u32;
     let geom = layout.as_ref().and_then(Geom::of);
-    g.ns_table.push(NsEntry { id, layout, geom });
+    g.ns_table.push(NsEntry {
+        id,
+        layout,
+        geom,
+        count: NsCount::default(),
+    });
     g.namespaces.insert(id, ord);
     ord
 }
@@ -2682,7 +2793,8 @@ fn pin(g: &mut Inner, granule: u64, id: BlockId) {
     let m = g.index.get_mut(id);
     m.pins += 1;
     if m.pins == 1 {
-        let len = m.len as u64;
+        let (len, ns) = (m.len as u64, m.ns);
+        g.ns_table[ns as usize].count.pinned += 1;
         g.tiers[DRAM].pinned_blocks += 1;
         g.tiers[DRAM].pinned_bytes += len.div_ceil(granule) * granule;
         refresh(g, id);
@@ -2697,7 +2809,8 @@ fn unpin(g: &mut Inner, s: &Store, r: BlockRef) {
     if m.pins > 0 {
         return;
     }
-    let (len, doomed, busy) = (m.len as u64, m.is_doomed(), m.busy());
+    let (len, doomed, busy, ns) = (m.len as u64, m.is_doomed(), m.busy(), m.ns);
+    g.ns_table[ns as usize].count.pinned -= 1;
     let b = &mut g.tiers[DRAM];
     b.pinned_blocks -= 1;
     b.pinned_bytes -= len.div_ceil(s.granule) * s.granule;
@@ -2722,7 +2835,8 @@ fn add_dram(g: &mut Inner, granule: u64, id: BlockId, addr: u64) {
     debug_assert!(!m.in_dram());
     m.flags |= FLAG_DRAM;
     m.dram_addr = addr;
-    let (len, parent) = (m.len as u64, m.parent);
+    let (len, parent, ns) = (m.len as u64, m.parent, m.ns);
+    ns_gain(g, ns, DRAM, len);
     log_event(g, EventKind::Stored, TierKind::Dram, id);
     g.tiers[DRAM].used += len.div_ceil(granule) * granule;
     g.tiers[DRAM].blocks += 1;
@@ -2739,7 +2853,8 @@ fn drop_dram(g: &mut Inner, granule: u64, dram: &DramTier, id: BlockId) {
     let m = g.index.get_mut(id);
     debug_assert!(m.in_dram() && m.on_nvme());
     m.flags &= !FLAG_DRAM;
-    let (len, addr, parent) = (m.len as u64, m.dram_addr, m.parent);
+    let (len, addr, parent, ns) = (m.len as u64, m.dram_addr, m.parent, m.ns);
+    ns_lose(g, ns, DRAM, len);
     let rounded = len.div_ceil(granule) * granule;
     dram.free(addr, rounded);
     g.tiers[DRAM].used -= rounded;
@@ -2759,6 +2874,8 @@ fn add_nvme(g: &mut Inner, id: BlockId, loc: Loc, seq: u64) {
     m.flags |= FLAG_NVME;
     m.nvme_loc = loc.0;
     m.seq = seq;
+    let (ns, len) = (m.ns, m.len as u64);
+    ns_gain(g, ns, NVME, len);
     g.tiers[NVME].blocks += 1;
     log_event(g, EventKind::Stored, TierKind::Nvme, id);
 }
@@ -2768,6 +2885,8 @@ fn clear_nvme(g: &mut Inner, id: BlockId) {
     let m = g.index.get_mut(id);
     if m.on_nvme() {
         m.flags &= !FLAG_NVME;
+        let (ns, len) = (m.ns, m.len as u64);
+        ns_lose(g, ns, NVME, len);
         g.tiers[NVME].blocks -= 1;
         log_event(g, EventKind::Removed, TierKind::Nvme, id);
     }
@@ -2829,6 +2948,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
         s.dram.free(m.dram_addr, rounded);
         g.tiers[DRAM].used -= rounded;
         g.tiers[DRAM].blocks -= 1;
+        ns_lose(g, m.ns, DRAM, m.len as u64);
         log_event(g, EventKind::Removed, TierKind::Dram, id);
         if let Some(p) = g.index.resolve_mut(m.parent) {
             p.dram_children -= 1;
@@ -2843,6 +2963,36 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
     }
     g.policy.update(id, None);
     g.index.remove(id);
+    let c = &mut g.ns_table[m.ns as usize].count;
+    c.blocks -= 1;
+    c.bytes -= m.len as u64;
+}
+
+/// Counts a copy of `len` bytes in `tier` gained by a block of namespace
+/// ordinal `ns`.
+fn ns_gain(g: &mut Inner, ns: u32, tier: usize, len: u64) {
+    let c = &mut g.ns_table[ns as usize].count;
+    c.tier_blocks[tier] += 1;
+    c.tier_bytes[tier] += len;
+}
+
+/// Counts a copy of `len` bytes in `tier` lost by a block of namespace
+/// ordinal `ns`.
+fn ns_lose(g: &mut Inner, ns: u32, tier: usize, len: u64) {
+    let c = &mut g.ns_table[ns as usize].count;
+    c.tier_blocks[tier] -= 1;
+    c.tier_bytes[tier] -= len;
+}
+
+/// After a transfer ends: a doomed block that nothing pins or moves any
+/// more goes now; any other is handed back to the eviction policy.
+fn settle(g: &mut Inner, s: &Store, id: BlockId) {
+    let m = *g.index.get(id);
+    if m.is_doomed() && m.pins == 0 && !m.busy() {
+        remove_block(g, s, id);
+    } else {
+        refresh(g, id);
+    }
 }
 
 /// Records the summary of block `id` (region offset), if any.

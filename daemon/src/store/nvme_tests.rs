@@ -605,3 +605,334 @@ async fn a_full_disk_refuses_writes_and_keeps_serving() {
         f.store.check_invariants();
     }
 }
+
+// ---- admin: namespace eviction, drain write-down, export reads ----------------
+
+/// A second layout (namespace) beside the fixture's.
+fn other_layout() -> Layout {
+    Layout {
+        model_id: "nvme-test-other".into(),
+        ..layout()
+    }
+}
+
+fn put_in(f: &Fix, ns: NamespaceId, k: BlockKey) -> index::BlockRef {
+    let data = payload(&k);
+    let sum = strata_proto::checksum(&data);
+    match f.store.reserve(ns, k, None, BLOCK, sum, 0).unwrap() {
+        Reserve::Present(r) => r,
+        Reserve::Slot(mut s) => {
+            s.fill(&data);
+            f.store.publish(s, sum).unwrap().1
+        }
+    }
+}
+
+fn counts(f: &Fix, ns: NamespaceId) -> (u64, u64) {
+    f.store
+        .namespace_stats()
+        .iter()
+        .find(|n| n.id == ns)
+        .map_or((0, 0), |n| (n.blocks, n.pinned_blocks))
+}
+
+/// Evicting a namespace removes every copy of its blocks now, except those
+/// a lease pins: those stay readable under that lease (and only under it),
+/// then go with it. A restart does not bring any of them back; blocks
+/// stored after the eviction, and other namespaces, are kept.
+#[tokio::test]
+async fn evicting_a_namespace_keeps_leased_blocks_readable_and_survives_restart() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        let (other, _) = f.store.register_layout(other_layout());
+        let a: Vec<_> = (0..12).map(|i| key(0xe, i)).collect();
+        for k in &a {
+            let (_, r) = f.put(*k, None).unwrap();
+            assert!(tiering::persist(&f.store, r).await);
+            tiering::step(&f.store).await;
+        }
+        let b: Vec<_> = (0..3).map(|i| key(0xf, i)).collect();
+        for k in &b {
+            let r = put_in(&f, other, *k);
+            assert!(tiering::persist(&f.store, r).await);
+        }
+        // DRAM holds 8 blocks: some of A are on NVMe only.
+        let nvme_only = a
+            .iter()
+            .position(|k| f.tier(*k) == Some(TierKind::Nvme))
+            .expect("some block of A on NVMe only");
+        // A lease on two blocks of A, one of them on NVMe only.
+        let leased = [a[nvme_only], *a.last().unwrap()];
+        let l = f
+            .store
+            .lookup(&LookupReq {
+                namespace: f.ns,
+                keys: vec![leased[0]],
+                lease_ttl_ms: 60_000,
+                want_slots: false,
+            })
+            .unwrap();
+        let l2 = f
+            .store
+            .lookup(&LookupReq {
+                namespace: f.ns,
+                keys: vec![leased[1]],
+                lease_ttl_ms: 60_000,
+                want_slots: false,
+            })
+            .unwrap();
+        let (lease, lease2) = (l.lease.unwrap().0, l2.lease.unwrap().0);
+        let ev = f.store.evict_namespace(f.ns).unwrap();
+        assert_eq!((ev.blocks, ev.retired), (10, 2), "{e:?}");
+        assert_eq!(ev.bytes, 10 * BLOCK);
+        f.store.check_invariants();
+        assert_eq!(counts(&f, f.ns), (2, 2), "{e:?}: only the retired remain");
+        // Gone for everyone else...
+        assert_eq!(f.lookup(&a).hits, 0, "{e:?}");
+        assert!(
+            f.get(leased[0]).await.is_err(),
+            "{e:?}: served without the lease"
+        );
+        // ...readable under the lease that reported them, from either tier.
+        for (k, l) in [(leased[0], lease), (leased[1], lease2)] {
+            let guard = Arc::new(
+                f.store
+                    .pin_for_read(&GetReq {
+                        namespace: f.ns,
+                        keys: vec![k],
+                        lease: Some(l),
+                    })
+                    .unwrap(),
+            );
+            assert_eq!(
+                tiering::load(&guard, 0).await.unwrap(),
+                payload(&k),
+                "{e:?}"
+            );
+        }
+        f.store
+            .release(&ReleaseReq {
+                lease,
+                namespace: Some(f.ns),
+            })
+            .unwrap();
+        f.store
+            .release(&ReleaseReq {
+                lease: lease2,
+                namespace: Some(f.ns),
+            })
+            .unwrap();
+        assert_eq!(
+            counts(&f, f.ns),
+            (0, 0),
+            "{e:?}: retired blocks outlived the lease"
+        );
+        f.store.check_invariants();
+        f.store
+            .nvme()
+            .unwrap()
+            .persist_eviction(f.ns.0, ev.seq)
+            .unwrap();
+        // Stored after the eviction: kept, across restarts.
+        let after = [a[0], key(0xe, 0x80)];
+        for k in after {
+            let (_, r) = f.put(k, None).unwrap();
+            assert!(tiering::persist(&f.store, r).await);
+        }
+        let f = f.reopen(o.clone()).await;
+        f.store.check_invariants();
+        let (other, _) = f.store.register_layout(other_layout());
+        assert_eq!(counts(&f, f.ns).0, 2, "{e:?}: evicted blocks came back");
+        for k in after {
+            assert_eq!(f.get(k).await.unwrap(), payload(&k), "{e:?}");
+        }
+        for k in &a[1..] {
+            assert!(!f.store.contains(f.ns, k), "{e:?}: {k} came back");
+        }
+        assert_eq!(
+            counts(&f, other).0,
+            3,
+            "{e:?}: another namespace was touched"
+        );
+        // Records written after a restart still rank above the mark.
+        let k = key(0xe, 0x81);
+        let (_, r) = f.put(k, None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        let f = f.reopen(o.clone()).await;
+        assert_eq!(f.get(k).await.unwrap(), payload(&k), "{e:?}");
+        assert!(matches!(
+            f.store.evict_namespace(NamespaceId(0x1234)),
+            Err(StoreError::UnknownNamespace(_))
+        ));
+    }
+}
+
+/// The drain's write-down: every block held only in DRAM gets an NVMe
+/// record (whatever admission says), keeps its DRAM copy, and a restart
+/// serves it.
+#[tokio::test]
+async fn plan_flush_writes_every_dram_only_block_down() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.admission = Admission::None;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        let keys: Vec<_> = (0..6).map(|i| key(0x9, i)).collect();
+        for (i, k) in keys.iter().enumerate() {
+            f.put(*k, (i > 0).then(|| keys[i - 1])).unwrap();
+        }
+        assert_eq!(f.store.dram_only(), (6, 6 * BLOCK));
+        let mut cursor = Some(0);
+        let mut written = 0;
+        while let Some(from) = cursor {
+            let (jobs, next) = f.store.plan_flush(from, 4);
+            assert!(jobs.len() <= 4);
+            cursor = next;
+            for j in jobs {
+                assert!(tiering::write_job(f.store.clone(), j).await, "{e:?}");
+                written += 1;
+            }
+        }
+        assert_eq!(written, 6, "{e:?}");
+        assert_eq!(f.store.dram_only(), (0, 0), "{e:?}");
+        for k in &keys {
+            assert_eq!(f.tier(*k), Some(TierKind::Dram), "{e:?}: DRAM copy kept");
+            assert!(f.store.has_nvme_copy(f.ns, k));
+        }
+        // Nothing left to plan.
+        assert!(f.store.plan_flush(0, 64).0.is_empty());
+        f.store.check_invariants();
+        let f = f.reopen(o.clone()).await;
+        for k in &keys {
+            assert_eq!(f.get(*k).await.unwrap(), payload(k), "{e:?}");
+        }
+    }
+}
+
+/// Export reads a namespace in place: NVMe-only blocks are read and
+/// verified without being promoted, and nothing is touched.
+#[tokio::test]
+async fn export_reads_in_place_without_promoting() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        let keys: Vec<_> = (0..5).map(|i| key(0x7, i)).collect();
+        for k in &keys {
+            let (_, r) = f.put(*k, None).unwrap();
+            assert!(tiering::persist(&f.store, r).await);
+        }
+        let f = f.reopen(o.clone()).await;
+        let (other, _) = f.store.register_layout(other_layout());
+        put_in(&f, other, key(0x8, 0));
+        let mut got = Vec::new();
+        let mut cursor = Some(0);
+        while let Some(from) = cursor {
+            let (guard, next) = f
+                .store
+                .pin_namespace_batch(f.ns, from, 2, u64::MAX)
+                .unwrap();
+            assert!(guard.blocks.len() <= 2);
+            cursor = next;
+            let guard = Arc::new(guard);
+            for i in 0..guard.blocks.len() {
+                let data = tiering::read_in_place(&guard, i).await.unwrap();
+                got.push((guard.blocks[i].key, data.to_vec()));
+            }
+        }
+        got.sort_by_key(|(k, _)| k.to_hex());
+        let mut want: Vec<_> = keys.iter().map(|k| (*k, payload(k))).collect();
+        want.sort_by_key(|(k, _)| k.to_hex());
+        assert_eq!(got, want, "{e:?}");
+        for k in &keys {
+            assert_eq!(
+                f.tier(*k),
+                Some(TierKind::Nvme),
+                "{e:?}: export promoted {k}"
+            );
+        }
+        assert_eq!(f.store.stats().tiers[0].pinned_blocks, 0);
+        f.store.check_invariants();
+    }
+}
+
+/// Files this build cannot read are refused by name and version and left
+/// byte for byte as they were: a segment with another magic, a record of
+/// another version inside a v1 segment (that segment is then never
+/// reclaimed), side files of another version. A segment whose header page
+/// is all zeros (creation interrupted) is the only file removed.
+#[tokio::test]
+async fn unreadable_files_are_refused_by_name_and_left_untouched() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        for i in 0..3 {
+            let (_, r) = f.put(key(6, i), None).unwrap();
+            assert!(tiering::persist(&f.store, r).await);
+        }
+        let dir = f.dir.path().join("nvme");
+        let seg = f.segment_files()[0].clone();
+        // The second record (at 4096 + 8192) claims format version 2.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = 4096 + 8192;
+        bytes[at + 4] = 2;
+        let sum = strata_proto::checksum(&bytes[at..at + 120]);
+        bytes[at + 120..at + 128].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(&seg, &bytes).unwrap();
+        let future = dir.join(crate::tier::nvme::format::segment_file_name(0x100));
+        let mut fb = b"STRSEG02".to_vec();
+        fb.resize(8192, 0x5a);
+        std::fs::write(&future, &fb).unwrap();
+        let zeros = dir.join(crate::tier::nvme::format::segment_file_name(0x101));
+        std::fs::write(&zeros, vec![0u8; 4096]).unwrap();
+        let layouts2 = dir.join("layouts.v2");
+        std::fs::write(&layouts2, b"newer layouts").unwrap();
+        let f = f.reopen(o.clone()).await;
+        let n = f.store.nvme().unwrap();
+        let refused = n.refused_files().join("\n");
+        assert!(
+            refused.contains(&format!(
+                "{}: record at byte {at} has format version 2",
+                seg.display()
+            )),
+            "{e:?}: {refused}"
+        );
+        assert!(
+            refused.contains(&format!(
+                "{}: unknown segment magic \"STRSEG02\"",
+                future.display()
+            )),
+            "{e:?}: {refused}"
+        );
+        assert!(
+            refused.contains(&format!(
+                "{}: layouts file of format version 2",
+                layouts2.display()
+            )),
+            "{e:?}: {refused}"
+        );
+        // The other records are served; the foreign one is not misread.
+        assert_eq!(f.get(key(6, 0)).await.unwrap(), payload(&key(6, 0)));
+        assert_eq!(f.get(key(6, 2)).await.unwrap(), payload(&key(6, 2)));
+        assert!(!f.store.contains(f.ns, &key(6, 1)));
+        assert!(
+            n.segments().iter().all(|s| !s.reclaimable || s.id != 0),
+            "{e:?}: a segment with a foreign record is reclaimable"
+        );
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "{e:?}");
+        assert_eq!(std::fs::read(&future).unwrap(), fb, "{e:?}");
+        assert_eq!(std::fs::read(&layouts2).unwrap(), b"newer layouts");
+        assert!(!zeros.exists(), "{e:?}: an interrupted creation was kept");
+        f.store.check_invariants();
+    }
+}

@@ -29,12 +29,20 @@ fn nvme(store: &Store) -> &Arc<NvmeTier> {
 
 /// Writes one planned job and ends it.
 async fn write(store: Arc<Store>, job: WriteJob) {
+    write_job(store, job).await;
+}
+
+/// Writes one planned job (`Store::plan_flush`, `begin_persist`) and ends
+/// it; returns whether the record was written.
+pub async fn write_job(store: Arc<Store>, job: WriteJob) -> bool {
     let n = nvme(&store).clone();
     let r = n
         .append(job.header, store.job_bytes(&job))
         .await
         .map_err(|e| e.to_string());
+    let ok = r.is_ok();
     store.finish_write(&job, r);
+    ok
 }
 
 /// One round of background work, awaited to the end: fence handling,
@@ -178,6 +186,52 @@ pub async fn load(guard: &Arc<ReadGuard>, i: usize) -> Result<Bytes, StoreError>
     })
 }
 
+/// The bytes of block `i` of a guard without changing residency (export):
+/// from its DRAM copy, else straight from its NVMe record (read and
+/// verified, not promoted). An error is a miss for this block: gone, its
+/// copy corrupt (dropped, counted), or unreadable.
+pub async fn read_in_place(guard: &Arc<ReadGuard>, i: usize) -> Result<Bytes, StoreError> {
+    let store = guard.store().clone();
+    let b = guard.blocks[i].clone();
+    let gone = || StoreError::Corrupt {
+        field: format!("keys[{i}]"),
+        key: b.key,
+        tier: "nvme",
+    };
+    for _ in 0..1000 {
+        if let Some(r) = guard.dram_bytes(i) {
+            return r;
+        }
+        match store.begin_promotion(b.r) {
+            super::Promote::InDram => continue,
+            super::Promote::Gone => return Err(gone()),
+            super::Promote::InFlight => {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), store.promotion_ended()).await;
+            }
+            super::Promote::Job(job) => {
+                let got = read(&store, &job).await;
+                return match got {
+                    Ok(buf) => {
+                        // Nothing is staged: the job ends as if unreadable.
+                        store.finish_promotion(&job, Err(PromoteFailure::Unavailable));
+                        store.metrics().bytes_out[crate::store::NVME].increment(b.len);
+                        Ok(Bytes::from_owner(RecordBytes {
+                            buf,
+                            len: b.len as usize,
+                        }))
+                    }
+                    Err(f) => {
+                        store.finish_promotion(&job, Err(f));
+                        Err(gone())
+                    }
+                };
+            }
+        }
+    }
+    Err(gone())
+}
+
 /// A verified record's payload, as the owner of a `Bytes`.
 struct RecordBytes {
     buf: IoBuf,
@@ -305,8 +359,10 @@ async fn reclaim_segment(
                 // A copied block gets a new sequence number, so that a key's
                 // records in newer segments are always the newer ones: the
                 // rule that lets the oldest segment's tombstones go needs it.
+                // (A retired block's copy keeps its number: see
+                // `Store::seq_for_copy`.)
                 let copy = RecordHeader {
-                    seq: store.next_seq(),
+                    seq: store.seq_for_copy(r, h.seq),
                     ..h
                 };
                 let moved = match n.read(&seg, s.loc, &expect).await {
@@ -349,7 +405,7 @@ pub async fn recover(
             ),
         }
     }
-    store.begin_recovery();
+    store.begin_recovery(&n.persisted_evictions());
     let stats = n
         .scan(
             &mut |s: Scanned, payload: &[u8]| {

@@ -17,14 +17,24 @@
 //! * every record read is checked (header, segment id, key, length and
 //!   payload checksum) before its bytes are handed out;
 //! * after `fence_after_errors` I/O errors the tier is fenced: every later
-//!   operation fails fast with [`NvmeError::Fenced`].
+//!   operation fails fast with [`NvmeError::Fenced`];
+//! * a file this build cannot read (a segment, a record or a side file of
+//!   another format version, or a segment with an unknown magic) is never
+//!   modified, truncated or deleted: it is refused, named in the log and
+//!   in [`NvmeTier::refused_files`] with its version, and its space counts
+//!   against the cap. A segment holding a record of another version is read
+//!   for the records this build knows and never reclaimed. The only file
+//!   removed at open is a segment whose header page is all zeros (creation
+//!   interrupted before the header was written: it never held a record).
 
 pub mod buf;
 pub mod engine;
+pub mod evictions;
 pub mod fault;
 pub mod format;
 pub mod layouts;
 pub mod psync;
+mod sidelog;
 pub mod uring;
 
 use std::io;
@@ -146,6 +156,9 @@ struct Segment {
     sealed: bool,
     live_bytes: u64,
     live_records: u64,
+    /// Holds a record of a format version this build does not read: never
+    /// reclaimed (reclaim would delete that record).
+    foreign: bool,
 }
 
 #[derive(Default)]
@@ -217,6 +230,11 @@ pub struct NvmeTier {
     /// Layouts of the namespaces held (for recovery), and those found at open.
     layouts: layouts::LayoutLog,
     found_layouts: Vec<(u64, Vec<u8>)>,
+    /// Namespace evictions (for recovery), and those found at open.
+    evictions: evictions::EvictionLog,
+    found_evictions: Vec<(u64, u64)>,
+    /// One line per file refused (unknown format), naming it and why.
+    refused: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for NvmeTier {
@@ -354,6 +372,7 @@ impl NvmeTier {
         found.sort();
         let mut st = State::default();
         let mut stats = ScanStats::default();
+        let mut refused: Vec<String> = Vec::new();
         let mut header = IoBuf::alloc(SEGMENT_HEADER_LEN);
         for (id, path, size) in &found {
             st.next_id = st.next_id.max(id + 1);
@@ -362,6 +381,7 @@ impl NvmeTier {
                 Ok(fd) => fd,
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "cannot open segment; leaving it untouched");
+                    refused.push(format!("{}: cannot open: {e}", path.display()));
                     st.refused_bytes += size;
                     stats.refused_segments += 1;
                     continue;
@@ -381,39 +401,71 @@ impl NvmeTier {
                         sealed: true,
                         live_bytes: 0,
                         live_records: 0,
+                        foreign: false,
                     }));
                 }
-                Err(BadSegment::UnknownVersion(v)) => {
-                    tracing::error!(
-                        path = %path.display(),
-                        version = v,
-                        supported = format::FORMAT_VERSION,
-                        "segment has a format version this stratad does not read (written by a newer release?); leaving it untouched; its space counts against the cap"
-                    );
-                    st.refused_bytes += size;
-                    stats.refused_segments += 1;
-                }
-                Ok(h) => {
-                    tracing::error!(path = %path.display(), header_id = h.id, "segment file name and header disagree; leaving it untouched");
-                    st.refused_bytes += size;
-                    stats.refused_segments += 1;
-                }
-                Err(BadSegment::Checksum) => {
-                    tracing::error!(path = %path.display(), "segment header is damaged; leaving the file untouched (its records are not read)");
-                    st.refused_bytes += size;
-                    stats.refused_segments += 1;
-                }
-                Err(BadSegment::Magic) => {
-                    // Our name but no header: the daemon stopped while creating
-                    // it, before any record could be written. Nothing to keep.
+                Err(BadSegment::Magic) if header[..got].iter().all(|&b| b == 0) => {
+                    // Our name, and a header page of zeros (or nothing): the
+                    // daemon stopped while creating it, after fallocate and
+                    // before the header write; no record was ever written.
                     tracing::warn!(path = %path.display(), "segment without a header (creation interrupted); removing it");
                     drop(fd);
                     std::fs::remove_file(path)?;
                     st.allocated -= size;
                 }
+                Err(bad) => {
+                    let why = match bad {
+                        BadSegment::UnknownVersion(v) => format!(
+                            "segment format version {v}; this stratad reads version {} (written by another release?)",
+                            format::FORMAT_VERSION
+                        ),
+                        BadSegment::Magic => format!(
+                            "unknown segment magic {:?}; this stratad reads {:?} (format version {})",
+                            String::from_utf8_lossy(&header[..got.min(8)]),
+                            String::from_utf8_lossy(&format::SEGMENT_MAGIC),
+                            format::FORMAT_VERSION
+                        ),
+                        BadSegment::Checksum => {
+                            "segment header is damaged (checksum); its records are not read".into()
+                        }
+                    };
+                    tracing::error!(path = %path.display(), "{why}; leaving the file untouched; its space counts against tiers.nvme.bytes");
+                    refused.push(format!("{}: {why}", path.display()));
+                    st.refused_bytes += size;
+                    stats.refused_segments += 1;
+                }
+                Ok(h) => {
+                    tracing::error!(path = %path.display(), header_id = h.id, "segment file name and header disagree; leaving it untouched");
+                    refused.push(format!(
+                        "{}: header says segment {} (file name and header disagree)",
+                        path.display(),
+                        h.id
+                    ));
+                    st.refused_bytes += size;
+                    stats.refused_segments += 1;
+                }
             }
         }
-        let (layouts, found_layouts) = layouts::LayoutLog::open(&cfg.dir)?;
+        let (layouts, found_layouts, layouts_refused) = layouts::LayoutLog::open(&cfg.dir)?;
+        let (evictions, found_evictions, evictions_refused) =
+            evictions::EvictionLog::open(&cfg.dir)?;
+        for why in [layouts_refused, evictions_refused].into_iter().flatten() {
+            tracing::error!("{why}");
+            refused.push(why);
+        }
+        for (stem, version) in [
+            ("layouts", layouts::VERSION),
+            ("evictions", evictions::VERSION),
+        ] {
+            for (path, v) in sidelog::other_versions(&cfg.dir, stem, version) {
+                let why = format!(
+                    "{}: {stem} file of format version {v}; this stratad reads version {version}; left untouched",
+                    path.display()
+                );
+                tracing::error!("{why}");
+                refused.push(why);
+            }
+        }
         let tier = Arc::new(NvmeTier {
             cfg,
             engine,
@@ -423,6 +475,9 @@ impl NvmeTier {
             scan_bufs: Mutex::new(Vec::new()),
             layouts,
             found_layouts,
+            evictions,
+            found_evictions,
+            refused: Mutex::new(refused),
         });
         Ok((tier, stats))
     }
@@ -441,6 +496,50 @@ impl NvmeTier {
     /// fdatasync; once per namespace id).
     pub fn persist_layout(&self, id: u64, canonical: &[u8]) -> io::Result<()> {
         self.layouts.append(id, canonical)
+    }
+
+    /// The namespace evictions found beside the segments at open:
+    /// (namespace id, sequence number below which its records are void).
+    pub fn persisted_evictions(&self) -> Vec<(u64, u64)> {
+        self.found_evictions.clone()
+    }
+
+    /// Records a namespace eviction beside the segments (a blocking file
+    /// append with fdatasync).
+    pub fn persist_eviction(&self, namespace: u64, seq: u64) -> io::Result<()> {
+        self.evictions.append(namespace, seq)
+    }
+
+    /// Files (or records in them) of a format this build does not read,
+    /// each with what was wrong; they are left untouched.
+    pub fn refused_files(&self) -> Vec<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Flushes every segment file (fdatasync) and the directory, so that
+    /// every record written so far survives power loss too (a drain ends
+    /// with this; without `sync_writes` records are otherwise durable
+    /// against a daemon crash only).
+    pub async fn sync_all(&self) -> io::Result<()> {
+        self.check_fenced()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let files: Vec<IoFile> = self
+            .lock()
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| s.file.clone())
+            .collect();
+        for f in &files {
+            self.engine.sync(f).await?;
+        }
+        let dir = self.cfg.dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?
     }
 
     pub fn config(&self) -> &NvmeConfig {
@@ -657,12 +756,20 @@ impl NvmeTier {
                 }
                 Err(NotARecord::Empty) => ALIGN as u64,
                 Err(NotARecord::UnknownVersion(v)) => {
+                    let path = self.cfg.dir.join(format::segment_file_name(id));
                     tracing::error!(
-                        segment = id,
+                        path = %path.display(),
                         offset = pos,
                         version = v,
-                        "record of an unknown format version; skipping it, never misreading it"
+                        "record of format version {v}, which this stratad does not read; skipping it, never misreading it; the segment will not be reclaimed"
                     );
+                    if self.mark_foreign(slot) {
+                        self.refused.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
+                            "{}: record at byte {pos} has format version {v}; this stratad reads version {}; the segment is kept (never reclaimed)",
+                            path.display(),
+                            format::FORMAT_VERSION
+                        ));
+                    }
                     stats.torn += 1;
                     ALIGN as u64
                 }
@@ -681,6 +788,19 @@ impl NvmeTier {
         }
         let spare = ahead.finish().await;
         *self.scan_bufs.lock().unwrap_or_else(|e| e.into_inner()) = spare;
+    }
+
+    /// Marks a segment as holding a record of another format version;
+    /// true the first time.
+    fn mark_foreign(&self, slot: u32) -> bool {
+        let mut st = self.lock();
+        match st.slots.get_mut(slot as usize) {
+            Some(Some(s)) if !s.foreign => {
+                s.foreign = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Accounts a record found by the scan (or written) as live.
@@ -829,6 +949,7 @@ impl NvmeTier {
                     sealed: false,
                     live_bytes: 0,
                     live_records: 0,
+                    foreign: false,
                 };
                 let slot = match st.free_slots.pop() {
                     Some(s) => {
@@ -999,7 +1120,10 @@ impl NvmeTier {
                     size: s.size,
                     live_bytes: s.live_bytes,
                     live_records: s.live_records,
-                    reclaimable: s.sealed && s.writes_in_flight == 0 && Some(i as u32) != st.active,
+                    reclaimable: s.sealed
+                        && !s.foreign
+                        && s.writes_in_flight == 0
+                        && Some(i as u32) != st.active,
                 })
             })
             .collect()
