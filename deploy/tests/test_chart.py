@@ -113,10 +113,28 @@ def test_helm_lint_is_clean(scenario):
 
 
 def test_a_bad_size_fails_the_render_naming_it():
+    # config: is free-form (stratad checks it); the memory computation
+    # parses the sizes it reads and names one it cannot.
     import helm_python as helm
 
-    with pytest.raises(helm.HelmError, match=r'"16GB of RAM" is not a stratad size'):
-        render.render({"tiers": {"dram": "16GB of RAM"}})
+    with pytest.raises(helm.HelmError, match=r'"1 gig" is not a stratad size'):
+        render.render({"config": {"server": {"max_inflight_put_bytes": "1 gig"}}})
+
+
+@pytest.mark.parametrize("values,error", [
+    ({"tier": {"dram": "1GiB"}}, "additional properties 'tier' not allowed"),
+    ({"tiers": {"nvme": "1 TB of flash"}}, "/tiers/nvme"),
+    ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser"),
+    ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ({"host": {"socketDir": "run/strata"}}, "/host/socketDir"),
+])
+def test_values_schema_refuses_mistakes(values, error):
+    # values.schema.json, enforced by Helm itself on every render.
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmError) as e:
+        render.render(values)
+    assert error in str(e.value), e.value
 
 
 def test_plain_manifests_match_the_chart():
