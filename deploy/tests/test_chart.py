@@ -251,8 +251,11 @@ def test_daemonset_shape(renders):
     (init,) = pod["initContainers"]
     assert f"chown -R {sc['runAsUser']}:{sc['runAsGroup']} /var/lib/strata" in init["command"][-1]
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
-    # The drain fits in the grace period.
-    assert pod["terminationGracePeriodSeconds"] * 1000 > cfg["server"]["drain_timeout_ms"]
+    # The drain fits in the grace period (daemon/config/default.toml says
+    # how long it may take).
+    assert pod["terminationGracePeriodSeconds"] * 1000 > 2 * cfg["server"]["drain_timeout_ms"] \
+        + cfg["tiers"]["nvme"]["drain_write_down_timeout_ms"]
+    assert pod["terminationGracePeriodSeconds"] == 2 * 10 + 60 + 15
     assert c["image"] == f"{values['image']['repository']}:{yaml.safe_load((render.CHART / 'Chart.yaml').read_text())['appVersion']}"
 
 
@@ -262,13 +265,16 @@ def test_scenario_knobs_reach_the_pod(renders):
     assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert pod["priorityClassName"] == "system-node-critical"
-    assert pod["terminationGracePeriodSeconds"] == 75
+    # 2 x 60 s of drain + 60 s of write-down (the default) + 15 s.
+    assert pod["terminationGracePeriodSeconds"] == 195
     pm = only(objs, "PodMonitor")
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus"
     assert not [o for o in objs if o["kind"] == "ServiceMonitor"]
     objs = render.objects(renders["dram-only"])
     pod = only(objs, "DaemonSet")["spec"]["template"]["spec"]
     assert "initContainers" not in pod
+    # No NVMe tier: no write-down in the drain.
+    assert pod["terminationGracePeriodSeconds"] == 2 * 10 + 15
     assert pod["containers"][0]["resources"]["limits"]["cpu"] == "4"
     assert not [o for o in objs if o["kind"] in ("ServiceMonitor", "PodMonitor")]
 

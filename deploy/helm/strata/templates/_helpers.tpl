@@ -145,3 +145,19 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- define "strata.memory" -}}
 {{- .Values.resources.memory | default (printf "%sMi" (include "strata.memoryMiB" .)) -}}
 {{- end -}}
+
+{{/*
+The pod's grace period, seconds: the drain waits up to
+server.drain_timeout_ms twice (puts settling, then calls in flight) and,
+with the NVMe tier, writes DRAM down for up to
+tiers.nvme.drain_write_down_timeout_ms (daemon/config/default.toml);
+15 s more for the exit itself.
+*/}}
+{{- define "strata.gracePeriodSeconds" -}}
+{{- $c := include "strata.configDict" . | fromYaml -}}
+{{- $ms := mul (int64 $c.server.drain_timeout_ms) 2 -}}
+{{- if and (gt (include "strata.bytes" $c.tiers.nvme.bytes | int64) 0) $c.tiers.nvme.drain_write_down -}}
+{{- $ms = add $ms (int64 $c.tiers.nvme.drain_write_down_timeout_ms) -}}
+{{- end -}}
+{{- add (div (add $ms 999) 1000) 15 -}}
+{{- end -}}
