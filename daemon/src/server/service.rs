@@ -487,6 +487,8 @@ impl pb::strata_server::Strata for StrataService {
             abstract_blocks: s.summary_blocks,
             namespace_stats,
             draining: self.gate.is_draining(),
+            tenant: super::admin::DEFAULT_TENANT.into(),
+            tenant_stats: Vec::new(),
         }));
         timed(&self.m.stats, t, r)
     }
