@@ -150,8 +150,13 @@ impl Gate {
         self.requested.cancelled().await;
     }
 
+    /// Publishes the drain's progress (subscribers wake only on a change).
     pub fn publish(&self, st: DrainStatus) {
-        self.status.send_replace(st);
+        self.status.send_if_modified(|cur| {
+            let changed = *cur != st;
+            *cur = st;
+            changed
+        });
     }
 
     pub fn subscribe(&self) -> watch::Receiver<DrainStatus> {
