@@ -322,6 +322,13 @@ fn strata_drain_under_load_loses_no_acknowledged_block() {
         (acked, block, drain.await.unwrap())
     });
     let out = String::from_utf8_lossy(&drain_out.stdout).into_owned();
+    let progress = String::from_utf8_lossy(&drain_out.stderr).into_owned();
+    assert!(
+        progress.contains("drain: refusing new puts; waiting for")
+            && progress.contains(" open reservations")
+            && progress.contains("writing DRAM down to NVMe"),
+        "{progress}"
+    );
     assert!(
         drain_out.status.success(),
         "{}",
