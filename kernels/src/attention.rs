@@ -101,6 +101,85 @@ pub fn partial_attention<E: KvElem>(
     o: &mut [f32],
     lse: &mut [f32],
 ) {
+    assert!(p.d > 0, "attention: empty shape {p:?}");
+    assert!(
+        k.len() == v.len() && k.len().is_multiple_of(p.d),
+        "attention: K and V are not [n][d]"
+    );
+    let geo = Geo {
+        pitch: p.d,
+        off: 0,
+        n: k.len() / p.d,
+    };
+    checked(p, q, k, v, geo, tokens, scratch, o, lse);
+}
+
+/// [`partial_attention`] over KV head `head` of K and V stored
+/// `[n][kv_heads][d]` (one token's heads together, as engines page them),
+/// reading the head's rows in place; `tokens` index the `n` tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn partial_attention_head<E: KvElem>(
+    p: &AttnParams,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    kv_heads: usize,
+    head: usize,
+    tokens: Tokens<'_>,
+    scratch: &mut AttnScratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    assert!(p.d > 0 && kv_heads > 0, "attention: empty shape {p:?}");
+    assert!(head < kv_heads, "attention: head {head} of {kv_heads}");
+    let pitch = kv_heads * p.d;
+    assert!(
+        k.len() == v.len() && k.len().is_multiple_of(pitch),
+        "attention: K and V are not [n][kv_heads][d]"
+    );
+    let geo = Geo {
+        pitch,
+        off: head * p.d,
+        n: k.len() / pitch,
+    };
+    checked(p, q, k, v, geo, tokens, scratch, o, lse);
+}
+
+/// Where a head's rows are: row `t` is `[off + t * pitch, + d)`, `t < n`.
+#[derive(Debug, Clone, Copy)]
+struct Geo {
+    pitch: usize,
+    off: usize,
+    n: usize,
+}
+
+impl Geo {
+    #[inline(always)]
+    fn row(&self, t: usize, d: usize) -> std::ops::Range<usize> {
+        let a = self.off + t * self.pitch;
+        a..a + d
+    }
+
+    /// Elements from row `t`'s start through the end of row `t + len - 1`.
+    #[inline(always)]
+    fn span(&self, t: usize, len: usize, d: usize) -> std::ops::Range<usize> {
+        let a = self.off + t * self.pitch;
+        a..a + (len - 1) * self.pitch + d
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn checked<E: KvElem>(
+    p: &AttnParams,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    geo: Geo,
+    tokens: Tokens<'_>,
+    scratch: &mut AttnScratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
     let (heads, d) = (p.heads, p.d);
     assert!(heads > 0 && d > 0, "attention: empty shape {p:?}");
     assert!(
@@ -112,20 +191,16 @@ pub fn partial_attention<E: KvElem>(
     assert_eq!(q.len(), heads * d, "attention: q is not [heads][d]");
     assert_eq!(o.len(), heads * d, "attention: o is not [heads][d]");
     assert_eq!(lse.len(), heads, "attention: lse is not [heads]");
-    assert!(
-        k.len() == v.len() && k.len().is_multiple_of(d),
-        "attention: K and V are not [n][d]"
-    );
     if let Tokens::Mask(mask) = tokens {
-        assert!(mask.len() * 64 >= k.len() / d, "attention: mask too short");
+        assert!(mask.len() * 64 >= geo.n, "attention: mask too short");
     }
     #[cfg(target_arch = "x86_64")]
     if simd::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { attend_avx2(p, q, k, v, tokens, scratch, o, lse) };
+        unsafe { attend_avx2(p, q, k, v, geo, tokens, scratch, o, lse) };
         return;
     }
-    attend::<E, false>(p, q, k, v, tokens, scratch, o, lse);
+    attend::<E, false>(p, q, k, v, geo, tokens, scratch, o, lse);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -136,12 +211,13 @@ unsafe fn attend_avx2<E: KvElem>(
     q: &[f32],
     k: &[E],
     v: &[E],
+    geo: Geo,
     tokens: Tokens<'_>,
     scratch: &mut AttnScratch,
     o: &mut [f32],
     lse: &mut [f32],
 ) {
-    attend::<E, true>(p, q, k, v, tokens, scratch, o, lse);
+    attend::<E, true>(p, q, k, v, geo, tokens, scratch, o, lse);
 }
 
 /// Running state of the online softmax of one call.
@@ -172,13 +248,14 @@ fn attend<E: KvElem, const FMA: bool>(
     q: &[f32],
     k: &[E],
     v: &[E],
+    geo: Geo,
     tokens: Tokens<'_>,
     scratch: &mut AttnScratch,
     o: &mut [f32],
     lse: &mut [f32],
 ) {
     let (heads, d) = (p.heads, p.d);
-    let n = k.len() / d;
+    let n = geo.n;
     let AttnScratch {
         k: kbuf,
         v: vbuf,
@@ -210,10 +287,30 @@ fn attend<E: KvElem, const FMA: bool>(
                     _ => low_bits(len),
                 };
                 if valid != 0 {
-                    let rows = start * d..(start + len) * d;
-                    let kt = simd::as_f32::<E, FMA>(&k[rows.clone()], kbuf);
-                    let vt = simd::as_f32::<E, FMA>(&v[rows], vbuf);
-                    tile::<FMA>(&mut st, kt, vt, len, valid);
+                    #[cfg(target_arch = "x86_64")]
+                    if FMA && d.is_multiple_of(8) {
+                        let span = geo.span(start, len, d);
+                        // SAFETY: FMA is only set inside AVX2+FMA+F16C
+                        // functions; d % 8 == 0.
+                        unsafe {
+                            tile_direct(&mut st, &k[span.clone()], &v[span], geo.pitch, len, valid)
+                        };
+                        start += len;
+                        continue;
+                    }
+                    if geo.pitch == d {
+                        let rows = start * d..(start + len) * d;
+                        let kt = simd::as_f32::<E, FMA>(&k[rows.clone()], kbuf);
+                        let vt = simd::as_f32::<E, FMA>(&v[rows], vbuf);
+                        tile::<FMA>(&mut st, kt, vt, len, valid);
+                    } else {
+                        for j in 0..len {
+                            let r = geo.row(start + j, d);
+                            simd::widen::<E, FMA>(&k[r.clone()], &mut kbuf[j * d..]);
+                            simd::widen::<E, FMA>(&v[r], &mut vbuf[j * d..]);
+                        }
+                        tile::<FMA>(&mut st, &kbuf[..len * d], &vbuf[..len * d], len, valid);
+                    }
                 }
                 start += len;
             }
@@ -223,8 +320,9 @@ fn attend<E: KvElem, const FMA: bool>(
                 for (j, &r) in chunk.iter().enumerate() {
                     let r = r as usize;
                     assert!(r < n, "attention: row {r} out of {n}");
-                    simd::widen::<E, FMA>(&k[r * d..(r + 1) * d], &mut kbuf[j * d..]);
-                    simd::widen::<E, FMA>(&v[r * d..(r + 1) * d], &mut vbuf[j * d..]);
+                    let r = geo.row(r, d);
+                    simd::widen::<E, FMA>(&k[r.clone()], &mut kbuf[j * d..]);
+                    simd::widen::<E, FMA>(&v[r], &mut vbuf[j * d..]);
                 }
                 let len = chunk.len();
                 tile::<FMA>(
@@ -258,7 +356,6 @@ fn row(t: &[f32], d: usize, j: usize) -> &[f32] {
 #[inline(always)]
 fn tile<const FMA: bool>(st: &mut Online<'_>, kt: &[f32], vt: &[f32], len: usize, valid: u64) {
     let (heads, d, scale) = (st.p.heads, st.p.d, st.p.scale);
-    let every = valid == low_bits(len);
     #[cfg(target_arch = "x86_64")]
     let intrinsics = FMA && d.is_multiple_of(8);
     #[cfg(not(target_arch = "x86_64"))]
@@ -267,7 +364,7 @@ fn tile<const FMA: bool>(st: &mut Online<'_>, kt: &[f32], vt: &[f32], len: usize
         #[cfg(target_arch = "x86_64")]
         // SAFETY: FMA is only set inside AVX2+FMA+F16C functions; d % 8 == 0.
         unsafe {
-            simd::x86::scores(st.q, heads, d, kt, len, scale, st.s, TILE)
+            simd::x86::scores(st.q, heads, d, kt, d, len, scale, st.s, TILE)
         };
     } else {
         for h in 0..heads {
@@ -295,31 +392,12 @@ fn tile<const FMA: bool>(st: &mut Online<'_>, kt: &[f32], vt: &[f32], len: usize
             }
         }
     }
-    for h in 0..heads {
-        let sh = &mut st.s[h * TILE..h * TILE + len];
-        if !every {
-            for (j, x) in sh.iter_mut().enumerate() {
-                if valid >> j & 1 == 0 {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-        }
-        // The set is shared by all heads, so every head has a finite
-        // maximum in a tile with a valid token.
-        let m_new = st.m[h].max(simd::max(sh));
-        let alpha = simd::exp_approx(st.m[h] - m_new);
-        let sum = simd::exp_sub_sum(sh, m_new);
-        st.l[h] = st.l[h] * alpha + sum;
-        st.m[h] = m_new;
-        if alpha != 1.0 {
-            simd::scale(&mut st.o[h * d..(h + 1) * d], alpha);
-        }
-    }
+    online_update(st, len, valid);
     if intrinsics {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as for the scores above.
         unsafe {
-            simd::x86::weighted_sum(st.s, TILE, heads, vt, len, d, st.o)
+            simd::x86::weighted_sum(st.s, TILE, heads, vt, d, len, d, st.o)
         };
         return;
     }
@@ -344,6 +422,59 @@ fn tile<const FMA: bool>(st: &mut Online<'_>, kt: &[f32], vt: &[f32], len: usize
         }
         j += 1;
     }
+}
+
+/// The online-softmax step of a tile whose scores are in `st.s`: masks
+/// the tokens not in `valid`, rescales the running sums and outputs to the
+/// new maximum, and leaves the weights `exp(s - m)` in `st.s`.
+#[inline(always)]
+fn online_update(st: &mut Online<'_>, len: usize, valid: u64) {
+    let (heads, d) = (st.p.heads, st.p.d);
+    let every = valid == low_bits(len);
+    for h in 0..heads {
+        let sh = &mut st.s[h * TILE..h * TILE + len];
+        if !every {
+            for (j, x) in sh.iter_mut().enumerate() {
+                if valid >> j & 1 == 0 {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        // The set is shared by all heads, so every head has a finite
+        // maximum in a tile with a valid token.
+        let m_new = st.m[h].max(simd::max(sh));
+        let alpha = simd::exp_approx(st.m[h] - m_new);
+        let sum = simd::exp_sub_sum(sh, m_new);
+        st.l[h] = st.l[h] * alpha + sum;
+        st.m[h] = m_new;
+        if alpha != 1.0 {
+            simd::scale(&mut st.o[h * d..(h + 1) * d], alpha);
+        }
+    }
+}
+
+/// [`tile`] reading the stored K and V rows directly (row `j` at
+/// `j * pitch`, converted to f32 in registers as it is loaded), with no
+/// widening pass into scratch.
+///
+/// # Safety
+/// AVX2+FMA+F16C; `d % 8 == 0`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_direct<E: KvElem>(
+    st: &mut Online<'_>,
+    kt: &[E],
+    vt: &[E],
+    pitch: usize,
+    len: usize,
+    valid: u64,
+) {
+    let (heads, d, scale) = (st.p.heads, st.p.d, st.p.scale);
+    // SAFETY: per the contract (the lengths are checked inside).
+    unsafe { simd::x86::scores(st.q, heads, d, kt, pitch, len, scale, st.s, TILE) };
+    online_update(st, len, valid);
+    // SAFETY: as above.
+    unsafe { simd::x86::weighted_sum(st.s, TILE, heads, vt, pitch, len, d, st.o) };
 }
 
 /// Merges the partial `(o_b, lse_b)` into `(o, lse)` (both `[heads][d]`,
@@ -603,6 +734,55 @@ mod tests {
     /// The portable body (the one non-AVX2 CPUs run) agrees with the
     /// dispatched one, for head counts and dims on and off the blocking.
     #[test]
+    fn one_head_of_interleaved_heads_equals_that_head_copied_out() {
+        fn check<E: KvElem>(kv: usize, heads: usize, d: usize, n: usize, seed: u64) {
+            let mut rng = Rng::new(seed);
+            let q = rng.normal_vec(heads * d, 1.0);
+            let k: Vec<E> = rng.normal_kv(n * kv * d, 1.0);
+            let v: Vec<E> = rng.normal_kv(n * kv * d, 1.0);
+            let p = AttnParams {
+                heads,
+                d,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let rows: Vec<u32> = (0..n as u32).filter(|t| t % 4 != 2).collect();
+            let mask: Vec<u64> = (0..n.div_ceil(64))
+                .map(|w| 0x5555_5555_5555_5555u64.rotate_left(w as u32))
+                .collect();
+            let mut sc = AttnScratch::new(heads, d);
+            for h in 0..kv {
+                let pick = |x: &[E]| -> Vec<E> {
+                    (0..n)
+                        .flat_map(|t| x[(t * kv + h) * d..(t * kv + h + 1) * d].to_vec())
+                        .collect()
+                };
+                let (kh, vh) = (pick(&k), pick(&v));
+                for tokens in [Tokens::All, Tokens::Mask(&mask), Tokens::Rows(&rows)] {
+                    let (mut o1, mut l1) = (vec![0.0; heads * d], vec![0.0; heads]);
+                    let (mut o2, mut l2) = (vec![0.0; heads * d], vec![0.0; heads]);
+                    partial_attention(&p, &q, &kh, &vh, tokens, &mut sc, &mut o1, &mut l1);
+                    partial_attention_head(
+                        &p, &q, &k, &v, kv, h, tokens, &mut sc, &mut o2, &mut l2,
+                    );
+                    // The same arithmetic in the same order: bit for bit.
+                    assert_eq!(o1, o2, "{} kv{kv} h{h} d{d} {tokens:?}", E::NAME);
+                    assert_eq!(l1, l2);
+                }
+            }
+        }
+        for (kv, heads, d, n) in [
+            (3, 3, 64, 100),
+            (2, 4, 128, 77),
+            (8, 1, 24, 33),
+            (3, 2, 12, 40),
+        ] {
+            check::<f16>(kv, heads, d, n, 1);
+            check::<bf16>(kv, heads, d, n, 2);
+            check::<f32>(kv, heads, d, n, 3);
+        }
+    }
+
+    #[test]
     fn portable_and_dispatched_paths_agree() {
         for (heads, d, n) in [
             (8, 128, 700),
@@ -625,7 +805,22 @@ mod tests {
                 };
                 let mut scratch = AttnScratch::new(heads, d);
                 let (mut o2, mut lse2) = (vec![0.0; heads * d], vec![0.0; heads]);
-                attend::<f16, false>(&p, &q, &k, &v, tokens, &mut scratch, &mut o2, &mut lse2);
+                let geo = Geo {
+                    pitch: d,
+                    off: 0,
+                    n,
+                };
+                attend::<f16, false>(
+                    &p,
+                    &q,
+                    &k,
+                    &v,
+                    geo,
+                    tokens,
+                    &mut scratch,
+                    &mut o2,
+                    &mut lse2,
+                );
                 assert!(relerr(&o2, &to64(&o)) < 1e-6, "h{heads} d{d}");
                 for (a, b) in lse.iter().zip(&lse2) {
                     assert!((a - b).abs() < 1e-5);

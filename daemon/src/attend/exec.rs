@@ -15,7 +15,9 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
-use strata_kernels::attention::{AttnParams, AttnScratch, Tokens, merge_into, partial_attention};
+use strata_kernels::attention::{
+    AttnParams, AttnScratch, Tokens, merge_into, partial_attention_head,
+};
 use strata_kernels::sparf::{SparfScratch, sparf_scores, to_dim_major, top_channels};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
@@ -818,17 +820,25 @@ fn attend_rows<E: KvElem>(
             continue;
         }
         let q = &s.q[h * g * d..(h + 1) * g * d];
-        let tokens = if kv == 1 && w.rows.len() * d == k.len() {
-            // One KV head and every row: the tensor is the head's [n][d].
+        // The tensor is [token][kv_head][d]: the kernel reads head h's rows
+        // in place (every row of the block: no index list at all).
+        let tokens = if w.rows.len() * kv * d == k.len() {
             Tokens::All
         } else {
-            // The tensor is [token][kv_head][d]: row t*kv + h of [n*kv][d].
-            for r in w.rows.iter_mut() {
-                *r = *r * kv as u32 + h as u32;
-            }
             Tokens::Rows(&w.rows)
         };
-        partial_attention(&p, q, &k, &v, tokens, &mut w.attn, &mut w.o, &mut w.lse);
+        partial_attention_head(
+            &p,
+            q,
+            &k,
+            &v,
+            kv,
+            h,
+            tokens,
+            &mut w.attn,
+            &mut w.o,
+            &mut w.lse,
+        );
         merge_into(
             d,
             &mut acc.o[h * g * d..(h + 1) * g * d],
