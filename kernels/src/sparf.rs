@@ -54,6 +54,9 @@ pub struct SparfScratch {
     weight_top: Vec<f32>,
     channels: Vec<u32>,
     row: Vec<f32>,
+    /// Gathered channel rows of one block of tokens (`[r][BLOCK]` values
+    /// of the storage type; u32 so that any of them fits and aligns).
+    gather: Vec<u32>,
     acc: Vec<f32>,
     scores: Vec<f32>,
     top_vals: Vec<f32>,
@@ -70,6 +73,7 @@ impl SparfScratch {
             weight_top: vec![0.0; d_max],
             channels: vec![0; d_max],
             row: vec![0.0; BLOCK],
+            gather: Vec::new(),
             acc: vec![0.0; heads_max * BLOCK],
             scores: vec![0.0; n_max],
             top_vals: vec![0.0; n_max],
@@ -109,6 +113,20 @@ pub fn top_channels(
     assert_eq!(got, r, "sparf: NaN in q");
 }
 
+/// Where the scored keys are.
+#[derive(Clone, Copy)]
+enum Src<'a, E> {
+    /// `kt [d][n]`.
+    DimMajor(&'a [E]),
+    /// Token `t`'s key at `k[off + t * pitch..][..d]` (token-major, e.g.
+    /// one KV head of `[n][kv_heads][d]`).
+    Rows {
+        k: &'a [E],
+        pitch: usize,
+        off: usize,
+    },
+}
+
 /// Approximate group scores of all `n` tokens from the dim-major `kt`
 /// (`[d][n]`) on `channels`: `out[t] = scale * max_h sum_{i in channels}
 /// q_h,i * kt[i][t]` (`out` is `[n]`).
@@ -123,22 +141,88 @@ pub fn sparf_scores<E: KvElem>(
     scratch: &mut SparfScratch,
     out: &mut [f32],
 ) {
-    assert!(heads > 0 && heads <= scratch.heads_max, "sparf: bad heads");
-    assert_eq!(q.len(), heads * d, "sparf: q is not [heads][d]");
     assert_eq!(kt.len() % d, 0, "sparf: Kt is not [d][n]");
     let n = kt.len() / d;
+    scores_checked(
+        q,
+        heads,
+        d,
+        n,
+        Src::DimMajor(kt),
+        channels,
+        scale,
+        scratch,
+        out,
+    );
+}
+
+/// [`sparf_scores`] from token-major keys: KV head `head` of `k`
+/// (`[n][kv_heads][d]`), the `r` channels of each token gathered as its
+/// row is read (no dim-major copy, no transposition). Same results, bit
+/// for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn sparf_scores_head<E: KvElem>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    k: &[E],
+    kv_heads: usize,
+    head: usize,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+) {
+    assert!(
+        kv_heads > 0 && head < kv_heads,
+        "sparf: head {head} of {kv_heads}"
+    );
+    let pitch = kv_heads * d;
+    assert!(
+        d > 0 && k.len().is_multiple_of(pitch),
+        "sparf: K is not [n][kv_heads][d]"
+    );
+    let n = k.len() / pitch;
+    let src = Src::Rows {
+        k,
+        pitch,
+        off: head * d,
+    };
+    scores_checked(q, heads, d, n, src, channels, scale, scratch, out);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scores_checked<E: KvElem>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    n: usize,
+    src: Src<'_, E>,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+) {
+    assert!(heads > 0 && heads <= scratch.heads_max, "sparf: bad heads");
+    assert_eq!(q.len(), heads * d, "sparf: q is not [heads][d]");
     assert_eq!(out.len(), n, "sparf: out is not [n]");
     assert!(
         channels.iter().all(|&c| (c as usize) < d),
         "sparf: channel out of range"
     );
+    if let Src::Rows { .. } = src {
+        let need = channels.len() * BLOCK;
+        if scratch.gather.len() < need {
+            scratch.gather.resize(need, 0);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if simd::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { scores_avx2(q, heads, d, kt, channels, scale, scratch, out) };
+        unsafe { scores_avx2(q, heads, d, n, src, channels, scale, scratch, out) };
         return;
     }
-    scores_impl::<E, false>(q, heads, d, kt, channels, scale, scratch, out);
+    scores_impl::<E, false>(q, heads, d, n, src, channels, scale, scratch, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -148,13 +232,14 @@ unsafe fn scores_avx2<E: KvElem>(
     q: &[f32],
     heads: usize,
     d: usize,
-    kt: &[E],
+    n: usize,
+    src: Src<'_, E>,
     channels: &[u32],
     scale: f32,
     scratch: &mut SparfScratch,
     out: &mut [f32],
 ) {
-    scores_impl::<E, true>(q, heads, d, kt, channels, scale, scratch, out);
+    scores_impl::<E, true>(q, heads, d, n, src, channels, scale, scratch, out);
 }
 
 #[inline(always)]
@@ -163,14 +248,18 @@ fn scores_impl<E: KvElem, const FMA: bool>(
     q: &[f32],
     heads: usize,
     d: usize,
-    kt: &[E],
+    n: usize,
+    src: Src<'_, E>,
     channels: &[u32],
     scale: f32,
     scratch: &mut SparfScratch,
     out: &mut [f32],
 ) {
-    let n = kt.len() / d;
     let (row, acc) = (&mut scratch.row, &mut scratch.acc);
+    // SAFETY: E is f32, f16 or bf16 (sealed): every bit pattern is a value,
+    // and u32's alignment covers each.
+    let (pre, gather, _) = unsafe { scratch.gather.align_to_mut::<E>() };
+    debug_assert!(pre.is_empty());
     let mut start = 0;
     while start < n {
         let len = BLOCK.min(n - start);
@@ -178,9 +267,22 @@ fn scores_impl<E: KvElem, const FMA: bool>(
         for h in 0..heads {
             acc[h * BLOCK..h * BLOCK + len].fill(0.0);
         }
-        for &c in channels {
+        if let Src::Rows { k, pitch, off } = src {
+            // One visit per token row, its r channels to their rows.
+            for j in 0..len {
+                let r = &k[off + (start + j) * pitch..][..d];
+                for (i, &c) in channels.iter().enumerate() {
+                    gather[i * BLOCK + j] = r[c as usize];
+                }
+            }
+        }
+        for (i, &c) in channels.iter().enumerate() {
             let c = c as usize;
-            let x = simd::as_f32::<E, FMA>(&kt[c * n + start..c * n + start + len], row);
+            let xs = match src {
+                Src::DimMajor(kt) => &kt[c * n + start..c * n + start + len],
+                Src::Rows { .. } => &gather[i * BLOCK..i * BLOCK + len],
+            };
+            let x = simd::as_f32::<E, FMA>(xs, row);
             for h in 0..heads {
                 simd::axpy::<FMA>(&mut acc[h * BLOCK..h * BLOCK + len], q[h * d + c], x);
             }
@@ -450,6 +552,29 @@ mod tests {
         let (_, lse_full) = attention_f64(1, d, &q, &k, &k, &all);
         let mass = (lse[0] as f64 - lse_full[0]).exp();
         assert!(mass >= 0.9, "mass {mass}");
+    }
+
+    #[test]
+    fn token_major_scores_equal_dim_major_scores() {
+        for (kv, heads, d, n, r) in [(3, 3, 64, 700, 8), (1, 4, 128, 300, 16), (2, 2, 24, 33, 5)] {
+            let mut rng = Rng::new(kv as u64 * 31 + n as u64);
+            let q = rng.normal_vec(heads * d, 1.0);
+            let k: Vec<f16> = rng.normal_kv(n * kv * d, 1.0);
+            let mut sc = SparfScratch::new(heads, d, n);
+            let mut channels = vec![0u32; r];
+            top_channels(&q, heads, d, &mut sc, &mut channels);
+            for h in 0..kv {
+                let head: Vec<f16> = (0..n)
+                    .flat_map(|t| k[(t * kv + h) * d..(t * kv + h + 1) * d].to_vec())
+                    .collect();
+                let mut kt = vec![f16::ZERO; n * d];
+                to_dim_major(&head, d, &mut kt);
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                sparf_scores(&q, heads, d, &kt, &channels, 0.125, &mut sc, &mut a);
+                sparf_scores_head(&q, heads, d, &k, kv, h, &channels, 0.125, &mut sc, &mut b);
+                assert_eq!(a, b, "kv{kv} h{h} d{d}");
+            }
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{
     AttnParams, AttnScratch, Tokens, merge_into, partial_attention_head,
 };
-use strata_kernels::sparf::{SparfScratch, sparf_scores, to_dim_major, top_channels};
+use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channels};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
@@ -1317,7 +1317,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
 }
 
 /// SparF scores of block `i`'s tokens for every KV head, into
-/// `scores[h][start..start + n]`.
+/// `scores[h][start..start + n]`, read from the token-major rows in place.
 #[allow(clippy::too_many_arguments)]
 fn score_block<E: KvElem>(
     k: &[u8],
@@ -1335,19 +1335,14 @@ fn score_block<E: KvElem>(
 ) {
     let k = elems::<E>(k);
     let g = s.heads / kv;
-    let mut head = vec![E::default(); n * d];
-    let mut kt = vec![E::default(); n * d];
     for h in 0..kv {
-        for t in 0..n {
-            let src = (t * kv + h) * d;
-            head[t * d..(t + 1) * d].copy_from_slice(&k[src..src + d]);
-        }
-        to_dim_major(&head, d, &mut kt);
-        sparf_scores(
+        sparf_scores_head(
             &s.q[h * g * d..(h + 1) * g * d],
             g,
             d,
-            &kt,
+            &k[..n * kv * d],
+            kv,
+            h,
             &channels[h * r..(h + 1) * r],
             scale,
             sc,
