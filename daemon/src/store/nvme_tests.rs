@@ -936,3 +936,72 @@ async fn unreadable_files_are_refused_by_name_and_left_untouched() {
         f.store.check_invariants();
     }
 }
+
+/// Reclaim copies a retired (pinned, evicted) block's record forward with
+/// its old sequence number, so the namespace's eviction mark still voids
+/// it: after the lease ends and a restart, the block does not come back.
+#[tokio::test]
+async fn reclaim_keeps_a_retired_blocks_sequence_number() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        // 8 segments of 127 records (8 KiB each): fill all 8.
+        let keys: Vec<_> = (0..900u32)
+            .map(|i| BlockKey::new(&[0xc1, (i >> 8) as u8, i as u8]).unwrap())
+            .collect();
+        for k in &keys {
+            let (_, r) = f.put(*k, None).unwrap();
+            assert!(tiering::persist(&f.store, r).await, "{e:?}");
+        }
+        let n = f.store.nvme().unwrap().clone();
+        assert_eq!(n.stats().allocated, 8 << 20, "{e:?}");
+        // A lease on the first block (in the oldest segment), then evict.
+        let l = f
+            .store
+            .lookup(&LookupReq {
+                namespace: f.ns,
+                keys: vec![keys[0]],
+                lease_ttl_ms: 60_000,
+                want_slots: false,
+            })
+            .unwrap();
+        let ev = f.store.evict_namespace(f.ns).unwrap();
+        assert_eq!((ev.blocks, ev.retired), (899, 1), "{e:?}");
+        n.persist_eviction(f.ns.0, ev.seq).unwrap();
+        // Reclaim takes the oldest segment first: the retired block's
+        // record is in use, so it is copied forward.
+        tiering::reclaim(&f.store).await.unwrap();
+        assert!(n.stats().allocated < 8 << 20, "{e:?}: nothing reclaimed");
+        let guard = Arc::new(
+            f.store
+                .pin_for_read(&GetReq {
+                    namespace: f.ns,
+                    keys: vec![keys[0]],
+                    lease: Some(l.lease.unwrap().0),
+                })
+                .unwrap(),
+        );
+        assert_eq!(
+            tiering::load(&guard, 0).await.unwrap(),
+            payload(&keys[0]),
+            "{e:?}: the copy serves the lease"
+        );
+        drop(guard);
+        f.store
+            .release(&ReleaseReq {
+                lease: l.lease.unwrap().0,
+                namespace: Some(f.ns),
+            })
+            .unwrap();
+        f.store.check_invariants();
+        let f = f.reopen(o.clone()).await;
+        assert!(
+            !f.store.contains(f.ns, &keys[0]),
+            "{e:?}: the retired block's copy came back after a restart"
+        );
+        f.store.check_invariants();
+    }
+}
