@@ -194,30 +194,188 @@ fn checked<E: KvElem>(
     if let Tokens::Mask(mask) = tokens {
         assert!(mask.len() * 64 >= geo.n, "attention: mask too short");
     }
-    #[cfg(target_arch = "x86_64")]
-    if simd::avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { attend_avx2(p, q, k, v, geo, tokens, scratch, o, lse) };
-        return;
-    }
-    attend::<E, false>(p, q, k, v, geo, tokens, scratch, o, lse);
+    let AttnScratch {
+        k: kbuf,
+        v: vbuf,
+        s,
+        m,
+        l,
+        ..
+    } = scratch;
+    let (m, l) = (&mut m[..heads], &mut l[..heads]);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    o.fill(0.0);
+    feed(p, q, k, v, geo, tokens, kbuf, vbuf, s, m, l, o);
+    finish(d, m, l, o, lse);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Runs the tiles of `tokens` into the running `(m, l, o)` (o
+/// unnormalised), on the AVX2 path when the CPU has it.
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2<E: KvElem>(
+fn feed<E: KvElem>(
     p: &AttnParams,
     q: &[f32],
     k: &[E],
     v: &[E],
     geo: Geo,
     tokens: Tokens<'_>,
-    scratch: &mut AttnScratch,
+    kbuf: &mut [f32],
+    vbuf: &mut [f32],
+    s: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
     o: &mut [f32],
-    lse: &mut [f32],
 ) {
-    attend::<E, true>(p, q, k, v, geo, tokens, scratch, o, lse);
+    let mut st = Online {
+        p,
+        q,
+        s: &mut s[..p.heads * TILE],
+        m,
+        l,
+        o,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { attend_avx2(k, v, geo, tokens, kbuf, vbuf, &mut st) };
+        return;
+    }
+    attend::<E, false>(k, v, geo, tokens, kbuf, vbuf, &mut st);
+}
+
+/// Normalises the running `(m, l, o)` into the answer `(o, lse)`.
+fn finish(d: usize, m: &[f32], l: &[f32], o: &mut [f32], lse: &mut [f32]) {
+    for (h, (oh, lse_h)) in o.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
+        if l[h] > 0.0 {
+            simd::scale(oh, 1.0 / l[h]);
+            *lse_h = m[h] + l[h].ln();
+        } else {
+            oh.fill(0.0);
+            *lse_h = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<E: KvElem>(
+    k: &[E],
+    v: &[E],
+    geo: Geo,
+    tokens: Tokens<'_>,
+    kbuf: &mut [f32],
+    vbuf: &mut [f32],
+    st: &mut Online<'_>,
+) {
+    attend::<E, true>(k, v, geo, tokens, kbuf, vbuf, st);
+}
+
+/// Partial attention accumulated over several calls (the blocks of a
+/// sequence, each its own slice): the running maximum, sum and
+/// unnormalised output of each head persist between [`AttnState::feed_head`]
+/// calls, so no per-call normalisation and merge is paid; [`AttnState::finish`]
+/// gives the same `(o, lse)` as one [`partial_attention`] over the union,
+/// up to f32 rounding (the tiles fall at other token boundaries).
+#[derive(Debug, Clone)]
+pub struct AttnState {
+    heads: usize,
+    d: usize,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl AttnState {
+    pub fn new(heads: usize, d: usize) -> Self {
+        AttnState {
+            heads,
+            d,
+            m: vec![f32::NEG_INFINITY; heads],
+            l: vec![0.0; heads],
+            o: vec![0.0; heads * d],
+        }
+    }
+
+    /// Back to the empty set.
+    pub fn reset(&mut self) {
+        self.m.fill(f32::NEG_INFINITY);
+        self.l.fill(0.0);
+        self.o.fill(0.0);
+    }
+
+    /// Adds `tokens` of KV head `head` of `k`, `v` (`[n][kv_heads][d]`) for
+    /// the queries `q` (`[heads][d]`, scaled by `scale`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn feed_head<E: KvElem>(
+        &mut self,
+        q: &[f32],
+        scale: f32,
+        k: &[E],
+        v: &[E],
+        kv_heads: usize,
+        head: usize,
+        tokens: Tokens<'_>,
+        scratch: &mut AttnScratch,
+    ) {
+        let (heads, d) = (self.heads, self.d);
+        let p = AttnParams { heads, d, scale };
+        assert!(
+            heads > 0 && d > 0 && kv_heads > 0,
+            "attention: empty shape {p:?}"
+        );
+        assert!(head < kv_heads, "attention: head {head} of {kv_heads}");
+        assert!(
+            heads <= scratch.heads_max && d <= scratch.d_max,
+            "attention: {p:?} exceeds scratch"
+        );
+        assert_eq!(q.len(), heads * d, "attention: q is not [heads][d]");
+        let pitch = kv_heads * d;
+        assert!(
+            k.len() == v.len() && k.len().is_multiple_of(pitch),
+            "attention: K and V are not [n][kv_heads][d]"
+        );
+        let geo = Geo {
+            pitch,
+            off: head * d,
+            n: k.len() / pitch,
+        };
+        if let Tokens::Mask(mask) = tokens {
+            assert!(mask.len() * 64 >= geo.n, "attention: mask too short");
+        }
+        let AttnScratch {
+            k: kbuf,
+            v: vbuf,
+            s,
+            ..
+        } = scratch;
+        feed(
+            &p,
+            q,
+            k,
+            v,
+            geo,
+            tokens,
+            kbuf,
+            vbuf,
+            s,
+            &mut self.m,
+            &mut self.l,
+            &mut self.o,
+        );
+    }
+
+    /// `(o, lse)` over everything fed since the last reset.
+    pub fn finish(&self, o: &mut [f32], lse: &mut [f32]) {
+        assert_eq!(
+            o.len(),
+            self.heads * self.d,
+            "attention: o is not [heads][d]"
+        );
+        assert_eq!(lse.len(), self.heads, "attention: lse is not [heads]");
+        o.copy_from_slice(&self.o);
+        finish(self.d, &self.m, &self.l, o, lse);
+    }
 }
 
 /// Running state of the online softmax of one call.
@@ -242,41 +400,17 @@ const fn low_bits(len: usize) -> u64 {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn attend<E: KvElem, const FMA: bool>(
-    p: &AttnParams,
-    q: &[f32],
     k: &[E],
     v: &[E],
     geo: Geo,
     tokens: Tokens<'_>,
-    scratch: &mut AttnScratch,
-    o: &mut [f32],
-    lse: &mut [f32],
+    kbuf: &mut [f32],
+    vbuf: &mut [f32],
+    st: &mut Online<'_>,
 ) {
-    let (heads, d) = (p.heads, p.d);
+    let d = st.p.d;
     let n = geo.n;
-    let AttnScratch {
-        k: kbuf,
-        v: vbuf,
-        s,
-        m,
-        l,
-        ..
-    } = scratch;
-    let m = &mut m[..heads];
-    let l = &mut l[..heads];
-    m.fill(f32::NEG_INFINITY);
-    l.fill(0.0);
-    o.fill(0.0);
-    let mut st = Online {
-        p,
-        q,
-        s: &mut s[..heads * TILE],
-        m,
-        l,
-        o,
-    };
     match tokens {
         Tokens::All | Tokens::Mask(_) => {
             let mut start = 0;
@@ -293,7 +427,7 @@ fn attend<E: KvElem, const FMA: bool>(
                         // SAFETY: FMA is only set inside AVX2+FMA+F16C
                         // functions; d % 8 == 0.
                         unsafe {
-                            tile_direct(&mut st, &k[span.clone()], &v[span], geo.pitch, len, valid)
+                            tile_direct(st, &k[span.clone()], &v[span], geo.pitch, len, valid)
                         };
                         start += len;
                         continue;
@@ -302,14 +436,14 @@ fn attend<E: KvElem, const FMA: bool>(
                         let rows = start * d..(start + len) * d;
                         let kt = simd::as_f32::<E, FMA>(&k[rows.clone()], kbuf);
                         let vt = simd::as_f32::<E, FMA>(&v[rows], vbuf);
-                        tile::<FMA>(&mut st, kt, vt, len, valid);
+                        tile::<FMA>(st, kt, vt, len, valid);
                     } else {
                         for j in 0..len {
                             let r = geo.row(start + j, d);
                             simd::widen::<E, FMA>(&k[r.clone()], &mut kbuf[j * d..]);
                             simd::widen::<E, FMA>(&v[r], &mut vbuf[j * d..]);
                         }
-                        tile::<FMA>(&mut st, &kbuf[..len * d], &vbuf[..len * d], len, valid);
+                        tile::<FMA>(st, &kbuf[..len * d], &vbuf[..len * d], len, valid);
                     }
                 }
                 start += len;
@@ -325,23 +459,8 @@ fn attend<E: KvElem, const FMA: bool>(
                     simd::widen::<E, FMA>(&v[r], &mut vbuf[j * d..]);
                 }
                 let len = chunk.len();
-                tile::<FMA>(
-                    &mut st,
-                    &kbuf[..len * d],
-                    &vbuf[..len * d],
-                    len,
-                    low_bits(len),
-                );
+                tile::<FMA>(st, &kbuf[..len * d], &vbuf[..len * d], len, low_bits(len));
             }
-        }
-    }
-    for (h, (oh, lse_h)) in st.o.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
-        if st.l[h] > 0.0 {
-            simd::scale(oh, 1.0 / st.l[h]);
-            *lse_h = st.m[h] + st.l[h].ln();
-        } else {
-            oh.fill(0.0);
-            *lse_h = f32::NEG_INFINITY;
         }
     }
 }
@@ -783,6 +902,81 @@ mod tests {
     }
 
     #[test]
+    fn state_fed_block_by_block_is_attention_over_the_union() {
+        let (kv, heads, d, n, block) = (2, 3, 64, 208, 16);
+        let mut rng = Rng::new(77);
+        let q = rng.normal_vec(heads * d, 1.0);
+        let k: Vec<f16> = rng.normal_kv(n * kv * d, 1.0);
+        let v: Vec<f16> = rng.normal_kv(n * kv * d, 1.0);
+        let p = AttnParams {
+            heads,
+            d,
+            scale: 0.125,
+        };
+        let mut sc = AttnScratch::new(heads, d);
+        let mut st = AttnState::new(heads, d);
+        let (mut o1, mut l1) = (vec![0.0; heads * d], vec![0.0; heads]);
+        let (mut o2, mut l2) = (vec![0.0; heads * d], vec![0.0; heads]);
+        let odd: Vec<u32> = (0..block as u32).filter(|t| t % 2 == 1).collect();
+        for h in 0..kv {
+            partial_attention_head(
+                &p,
+                &q,
+                &k,
+                &v,
+                kv,
+                h,
+                Tokens::All,
+                &mut sc,
+                &mut o1,
+                &mut l1,
+            );
+            st.reset();
+            for b in (0..n).step_by(block) {
+                let r = b * kv * d..(b + block).min(n) * kv * d;
+                st.feed_head(&q, 0.125, &k[r.clone()], &v[r], kv, h, Tokens::All, &mut sc);
+            }
+            st.finish(&mut o2, &mut l2);
+            assert!(relerr(&o2, &to64(&o1)) < 1e-6, "h{h}");
+            for (a, b) in l1.iter().zip(&l2) {
+                assert!((a - b).abs() < 1e-5);
+            }
+            // Rows of every block, and an empty state.
+            st.reset();
+            st.finish(&mut o2, &mut l2);
+            assert!(l2.iter().all(|&x| x == f32::NEG_INFINITY) && o2.iter().all(|&x| x == 0.0));
+            for b in (0..n).step_by(block) {
+                let r = b * kv * d..(b + block) * kv * d;
+                st.feed_head(
+                    &q,
+                    0.125,
+                    &k[r.clone()],
+                    &v[r],
+                    kv,
+                    h,
+                    Tokens::Rows(&odd),
+                    &mut sc,
+                );
+            }
+            st.finish(&mut o2, &mut l2);
+            let mask: Vec<u64> = vec![0xaaaa_aaaa_aaaa_aaaa; n.div_ceil(64)];
+            partial_attention_head(
+                &p,
+                &q,
+                &k,
+                &v,
+                kv,
+                h,
+                Tokens::Mask(&mask),
+                &mut sc,
+                &mut o1,
+                &mut l1,
+            );
+            assert!(relerr(&o2, &to64(&o1)) < 1e-6, "rows h{h}");
+        }
+    }
+
+    #[test]
     fn portable_and_dispatched_paths_agree() {
         for (heads, d, n) in [
             (8, 128, 700),
@@ -810,17 +1004,23 @@ mod tests {
                     off: 0,
                     n,
                 };
-                attend::<f16, false>(
-                    &p,
-                    &q,
-                    &k,
-                    &v,
-                    geo,
-                    tokens,
-                    &mut scratch,
-                    &mut o2,
-                    &mut lse2,
-                );
+                let (mut m, mut l) = (vec![f32::NEG_INFINITY; heads], vec![0.0; heads]);
+                let AttnScratch {
+                    k: kbuf,
+                    v: vbuf,
+                    s,
+                    ..
+                } = &mut scratch;
+                let mut st = Online {
+                    p: &p,
+                    q: &q,
+                    s: &mut s[..heads * TILE],
+                    m: &mut m,
+                    l: &mut l,
+                    o: &mut o2,
+                };
+                attend::<f16, false>(&k, &v, geo, tokens, kbuf, vbuf, &mut st);
+                finish(d, &m, &l, &mut o2, &mut lse2);
                 assert!(relerr(&o2, &to64(&o)) < 1e-6, "h{heads} d{d}");
                 for (a, b) in lse.iter().zip(&lse2) {
                     assert!((a - b).abs() < 1e-5);

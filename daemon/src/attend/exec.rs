@@ -15,9 +15,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
-use strata_kernels::attention::{
-    AttnParams, AttnScratch, Tokens, merge_into, partial_attention_head,
-};
+use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
 use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channels};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
@@ -754,8 +752,6 @@ fn take_layer(
 struct Work {
     attn: AttnScratch,
     rows: Vec<u32>,
-    o: Vec<f32>,
-    lse: Vec<f32>,
 }
 
 impl Work {
@@ -763,8 +759,6 @@ impl Work {
         Work {
             attn: AttnScratch::new(g, d),
             rows: Vec::new(),
-            o: vec![0.0; g * d],
-            lse: vec![0.0; g],
         }
     }
 }
@@ -797,7 +791,7 @@ fn elems<E: KvElem>(b: &[u8]) -> Cow<'_, [E]> {
 /// the block) of the block's layer, merged into `acc`.
 fn attend_rows<E: KvElem>(
     seq: &Seq,
-    acc: &mut Acc,
+    states: &mut [AttnState],
     k: &[u8],
     v: &[u8],
     w: &mut Work,
@@ -808,12 +802,7 @@ fn attend_rows<E: KvElem>(
     let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
     let s = &seq.req.seqs[seq.idx];
     let g = s.heads / kv;
-    let p = AttnParams {
-        heads: g,
-        d,
-        scale: seq.req.scale,
-    };
-    for h in 0..kv {
+    for (h, state) in states.iter_mut().enumerate() {
         w.rows.clear();
         rows(h, &mut w.rows);
         if w.rows.is_empty() {
@@ -821,46 +810,29 @@ fn attend_rows<E: KvElem>(
         }
         let q = &s.q[h * g * d..(h + 1) * g * d];
         // The tensor is [token][kv_head][d]: the kernel reads head h's rows
-        // in place (every row of the block: no index list at all).
+        // in place (every row of the block: no index list at all), into
+        // the head's running state (no per-block normalisation or merge).
         let tokens = if w.rows.len() * kv * d == k.len() {
             Tokens::All
         } else {
             Tokens::Rows(&w.rows)
         };
-        partial_attention_head(
-            &p,
-            q,
-            &k,
-            &v,
-            kv,
-            h,
-            tokens,
-            &mut w.attn,
-            &mut w.o,
-            &mut w.lse,
-        );
-        merge_into(
-            d,
-            &mut acc.o[h * g * d..(h + 1) * g * d],
-            &mut acc.lse[h * g..(h + 1) * g],
-            &w.o,
-            &w.lse,
-        );
+        state.feed_head(q, seq.req.scale, &k, &v, kv, h, tokens, &mut w.attn);
     }
 }
 
 fn dispatch_rows(
     seq: &Seq,
-    acc: &mut Acc,
+    states: &mut [AttnState],
     k: &[u8],
     v: &[u8],
     w: &mut Work,
     rows: &dyn Fn(usize, &mut Vec<u32>),
 ) {
     match seq.req.geom.dtype {
-        Dtype::F32 => attend_rows::<f32>(seq, acc, k, v, w, rows),
-        Dtype::F16 => attend_rows::<f16>(seq, acc, k, v, w, rows),
-        Dtype::Bf16 => attend_rows::<bf16>(seq, acc, k, v, w, rows),
+        Dtype::F32 => attend_rows::<f32>(seq, states, k, v, w, rows),
+        Dtype::F16 => attend_rows::<f16>(seq, states, k, v, w, rows),
+        Dtype::Bf16 => attend_rows::<bf16>(seq, states, k, v, w, rows),
         Dtype::Fp8E4m3 => unreachable!("checked: Attend refuses fp8"),
     }
 }
@@ -1019,6 +991,7 @@ fn compute_part(
     let (d, heads) = (geom.head_dim as usize, seq.input().heads);
     let g = heads / geom.kv_heads as usize;
     let mut w = Work::new(g, d);
+    let mut states: Vec<AttnState> = (0..geom.kv_heads).map(|_| AttnState::new(g, d)).collect();
     let mut part = Part {
         acc: Acc {
             o: vec![0.0; heads * d],
@@ -1037,7 +1010,7 @@ fn compute_part(
         part.reads.extend(read.iter().map(|&(t, n)| (i, t, n)));
         match r {
             Ok(Some((k, v))) => {
-                dispatch_rows(seq, &mut part.acc, k, v, &mut w, &|h, rows| {
+                dispatch_rows(seq, &mut states, k, v, &mut w, &|h, rows| {
                     sel.rows(seq, i, h, rows)
                 });
             }
@@ -1050,6 +1023,12 @@ fn compute_part(
                 break;
             }
         }
+    }
+    for (h, st) in states.iter().enumerate() {
+        st.finish(
+            &mut part.acc.o[h * g * d..(h + 1) * g * d],
+            &mut part.acc.lse[h * g..(h + 1) * g],
+        );
     }
     part
 }
