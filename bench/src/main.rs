@@ -228,11 +228,19 @@ impl Daemon {
         let port = free_port()?;
         let mport = free_port()?;
         let mut args: Vec<std::ffi::OsString> = vec![stratad.into()];
-        if !config.is_empty() {
-            let file = dir.path().join("bench.toml");
-            std::fs::write(&file, config)?;
-            args.extend(["--config".into(), file.into()]);
-        }
+        // A bench daemon stops without writing its DRAM blocks down to NVMe
+        // (the drain's default), so that stopping one is not timed into
+        // the next section.
+        let config = if config.contains("drain_write_down") {
+            config.to_string()
+        } else if config.contains("[tiers.nvme]\n") {
+            config.replace("[tiers.nvme]\n", "[tiers.nvme]\ndrain_write_down = false\n")
+        } else {
+            format!("{config}\n[tiers.nvme]\ndrain_write_down = false\n")
+        };
+        let file = dir.path().join("bench.toml");
+        std::fs::write(&file, config)?;
+        args.extend(["--config".into(), file.into()]);
         args.extend(["--dram-bytes".into(), dram.into(), "--data-dir".into()]);
         args.push(dir.path().into());
         args.extend([
