@@ -13,6 +13,9 @@
 //! * [`sparf`]: SparF channel-subset scoring over dim-major K, then exact
 //!   attention over the chosen tokens (InstInfer, COMPUTE.md §4).
 //! * [`quant`]: int8/int4 per-channel asymmetric quantisation of cold KV.
+//! * [`retrieval`]: RetrievalAttention's index over keys (key-kNN backbone,
+//!   co-retrieval edges from training queries, beam search by `q.k`,
+//!   incremental inserts; COMPUTE.md §5).
 //! * `gpu` (feature `cuda`): the CUDA twins of the kernels above, compiled
 //!   at run time with NVRTC (`kernels/cuda/*.cu`).
 //!
@@ -28,6 +31,7 @@ pub mod elem;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod quant;
+pub mod retrieval;
 mod simd;
 pub mod sparf;
 #[cfg(test)]
