@@ -1,5 +1,7 @@
 //! A minimal reader of NumPy `.npy` files: format versions 1.0, 2.0 and
-//! 3.0, little-endian `float32` (`<f4`) or `float16` (`<f2`), C order.
+//! 3.0, little-endian `float32` (`<f4`) or `float16` (`<f2`), C order; and
+//! a writer of version 1.0 files of `<f4` or `<i4` (to hand generated data
+//! to other tools, e.g. the benchmark's Python baselines).
 //!
 //! The format (numpy.lib.format): the magic `\x93NUMPY`, major and minor
 //! version bytes, the header length (u16 LE in 1.0, u32 LE in 2.0 and
@@ -112,6 +114,68 @@ pub fn parse(bytes: &[u8]) -> Result<Array, NpyError> {
         shape: h.shape,
         dtype: h.dtype,
         data,
+    })
+}
+
+/// Writes `data` (C order, `shape`) as a version 1.0 `.npy` file of
+/// little-endian `float32`.
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_raw(path, "<f4", 4, shape, &bytes)
+}
+
+/// Writes `data` (C order, `shape`) as a version 1.0 `.npy` file of
+/// little-endian `int32`.
+pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> Result<(), NpyError> {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_raw(path, "<i4", 4, shape, &bytes)
+}
+
+fn write_raw(
+    path: &Path,
+    descr: &str,
+    itemsize: usize,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<(), NpyError> {
+    let want = shape
+        .iter()
+        .fold(itemsize as u128, |acc, &s| acc * s as u128);
+    if want != data.len() as u128 {
+        return Err(NpyError::Size {
+            shape: shape.to_vec(),
+            itemsize,
+            want,
+            got: data.len(),
+        });
+    }
+    let dims: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
+    // A one-element tuple needs its trailing comma.
+    let tuple = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}").into_bytes();
+    // Magic (6) + version (2) + length (2) + header + '\n': a multiple of 64.
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(b' ');
+    }
+    header.push(b'\n');
+    if header.len() > usize::from(u16::MAX) {
+        return Err(NpyError::Header(format!(
+            "{} bytes, too long for version 1.0",
+            header.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header);
+    out.extend_from_slice(data);
+    std::fs::write(path, out).map_err(|error| NpyError::Io {
+        path: path.display().to_string(),
+        error,
     })
 }
 
@@ -484,6 +548,49 @@ pub(crate) mod tests {
             &d,
         );
         assert!(err(many).contains("needs"));
+    }
+
+    #[test]
+    fn writes_what_it_and_numpy_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.npy");
+        let xs: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        write_f32(&path, &[2, 3, 4], &xs).unwrap();
+        let a = read(&path).unwrap();
+        assert_eq!(
+            (a.shape, a.dtype, a.data),
+            (vec![2, 3, 4], Dtype::F32, xs.clone())
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        // The layout numpy writes: header padded to 64 bytes, '\n' last.
+        let h = parse_header(&bytes).unwrap();
+        assert_eq!(h.data_offset % 64, 0);
+        assert_eq!(bytes[h.data_offset - 1], b'\n');
+        assert_eq!(
+            bytes,
+            npy_bytes(
+                1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 4), }",
+                &f32_bytes(&xs)
+            )
+        );
+        write_f32(&path, &[3], &xs[..3]).unwrap();
+        assert_eq!(read(&path).unwrap().shape, vec![3]);
+        let ids = [7i32, -1, 1 << 20];
+        write_i32(&path, &[3], &ids).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let data: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(
+            bytes,
+            npy_bytes(
+                1,
+                "{'descr': '<i4', 'fortran_order': False, 'shape': (3,), }",
+                &data
+            )
+        );
+        // The reader reads floats only, and says so.
+        assert!(matches!(parse(&bytes), Err(NpyError::Dtype(d)) if d == "<i4"));
+        assert!(write_f32(&path, &[2, 2], &xs[..3]).is_err());
     }
 
     #[test]
