@@ -11,7 +11,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::attend::{AttendConfig, SummaryConfig};
-use crate::store::{Admission, EvictionKind, NvmePolicy, ReclaimOrder, ReclaimPolicy, StoreConfig};
+use crate::store::{
+    Admission, EvictionKind, NvmePolicy, ReclaimOrder, ReclaimPolicy, StoreConfig, TenantConfig,
+    TenantSpec,
+};
 use crate::tier::DramConfig;
 use crate::tier::nvme::NvmeConfig;
 use crate::tier::nvme::engine::EngineKind;
@@ -20,7 +23,7 @@ use crate::tier::nvme::engine::EngineKind;
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
 
 /// A size in bytes; parses `123`, `"64MiB"`, `"1GiB"`, `"10GB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
 impl FromStr for ByteSize {
@@ -92,6 +95,65 @@ pub struct Config {
     pub tiers: TiersConfig,
     pub compute: ComputeSection,
     pub log: LogConfig,
+    pub auth: AuthSection,
+    /// `[[tenants]]`: who may connect as which tenant, and its quotas.
+    pub tenants: Vec<TenantSection>,
+}
+
+/// `[auth]`: how clients prove who they are, per transport.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// "none", "token" or "mtls".
+    pub tcp: String,
+    /// "none" or "peercred".
+    pub uds: String,
+    pub tokens_file: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_client_ca: String,
+    pub allow_insecure_tcp: bool,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            tcp: "none".into(),
+            uds: "none".into(),
+            tokens_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
+            allow_insecure_tcp: false,
+        }
+    }
+}
+
+/// One `[[tenants]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    pub name: String,
+    /// Unix-socket peers (auth.uds = "peercred") by user or group id.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// Client certificate names (subject CN, DNS or URI SAN) on TCP
+    /// (auth.tcp = "mtls").
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+    /// May make admin calls and use every namespace.
+    #[serde(default)]
+    pub admin: bool,
+    /// May map the shared DRAM arena (zero-copy path).
+    #[serde(default)]
+    pub zero_copy: bool,
+    /// Quotas; 0 = none.
+    #[serde(default)]
+    pub dram_bytes: ByteSize,
+    #[serde(default)]
+    pub nvme_bytes: ByteSize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -237,6 +299,8 @@ impl Default for Config {
             tiers: TiersConfig::default(),
             compute: ComputeSection::default(),
             log: LogConfig::default(),
+            auth: AuthSection::default(),
+            tenants: Vec::new(),
         }
     }
 }
@@ -340,6 +404,63 @@ pub struct Resolved {
     pub nvme: Option<NvmeConfig>,
     pub compute: AttendConfig,
     pub drain: DrainConfig,
+    pub auth: AuthConfig,
+}
+
+/// How TCP clients authenticate (`auth.tcp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpAuth {
+    /// Every TCP client is the tenant "default".
+    None,
+    /// `authorization: Bearer <token>` metadata, tokens from a file.
+    Token,
+    /// A client certificate signed by `auth.tls_client_ca`.
+    Mtls,
+}
+
+/// How Unix-socket clients authenticate (`auth.uds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdsAuth {
+    /// Every local client is the tenant "default".
+    None,
+    /// The peer's uid, else its gid (`SO_PEERCRED`), mapped by `[[tenants]]`.
+    PeerCred,
+}
+
+/// The TLS files of the TCP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// With mTLS: the CA that signs client certificates.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// One tenant as the server sees it (ordinal = index, "default" first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantAuth {
+    pub name: String,
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub tls_names: Vec<String>,
+    pub admin: bool,
+    pub zero_copy: bool,
+}
+
+/// Resolved `[auth]` and `[[tenants]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub tcp: TcpAuth,
+    pub uds: UdsAuth,
+    pub tokens_file: Option<PathBuf>,
+    /// TLS on the TCP listener (token over TLS, or mTLS).
+    pub tls: Option<TlsFiles>,
+    /// By store ordinal: "default" first (implicit unless configured).
+    pub tenants: Vec<TenantAuth>,
+    /// Some transport authenticates: tenants are separated.
+    pub multi: bool,
+    /// TCP listens beyond loopback with auth.allow_insecure_tcp.
+    pub insecure_tcp: bool,
 }
 
 /// What a drain (SIGTERM, `strata drain`) does and how long it waits.
@@ -699,6 +820,7 @@ impl Config {
             write_down: nvme.is_some() && nv.drain_write_down,
             write_down_timeout: Duration::from_millis(nv.drain_write_down_timeout_ms),
         };
+        let (auth, tenant_specs) = self.resolve_auth(listen)?;
         Ok(Resolved {
             listen,
             uds,
@@ -716,6 +838,10 @@ impl Config {
                 reservation_ttl: Duration::from_millis(st.reservation_ttl_ms),
                 max_reservation_ttl: Duration::from_millis(st.max_reservation_ttl_ms),
                 event_buffer: st.event_buffer as usize,
+                tenants: TenantConfig {
+                    tenants: tenant_specs,
+                    multi: auth.multi,
+                },
                 summaries: SummaryConfig {
                     enabled: cp.abstracts,
                     bytes: abstracts_bytes,
@@ -748,7 +874,206 @@ impl Config {
                 promote: cp.promote,
             },
             drain,
+            auth,
         })
+    }
+
+    /// Checks `[auth]` and `[[tenants]]`: the server's view of tenants and
+    /// the store's (same order, "default" first).
+    fn resolve_auth(
+        &self,
+        listen: Option<SocketAddr>,
+    ) -> Result<(AuthConfig, Vec<TenantSpec>), ConfigError> {
+        let a = &self.auth;
+        let tcp = match a.tcp.as_str() {
+            "none" => TcpAuth::None,
+            "token" => TcpAuth::Token,
+            "mtls" => TcpAuth::Mtls,
+            other => {
+                return bad(
+                    "auth.tcp",
+                    format!("{other:?} is not one of \"none\", \"token\", \"mtls\""),
+                );
+            }
+        };
+        let uds = match a.uds.as_str() {
+            "none" => UdsAuth::None,
+            "peercred" => UdsAuth::PeerCred,
+            other => {
+                return bad(
+                    "auth.uds",
+                    format!("{other:?} is not one of \"none\", \"peercred\""),
+                );
+            }
+        };
+        let path = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+        let tokens_file = path(&a.tokens_file);
+        if tcp == TcpAuth::Token && tokens_file.is_none() {
+            return bad(
+                "auth.tokens_file",
+                "auth.tcp = \"token\" needs a tokens file: one `tenant token` per line",
+            );
+        }
+        let (cert, key, ca) = (path(&a.tls_cert), path(&a.tls_key), path(&a.tls_client_ca));
+        if cert.is_some() != key.is_some() {
+            return bad(
+                "auth.tls_cert",
+                "auth.tls_cert and auth.tls_key go together (the server's certificate chain and its private key, PEM)",
+            );
+        }
+        if tcp == TcpAuth::Mtls && (cert.is_none() || ca.is_none()) {
+            return bad(
+                "auth.tls_client_ca",
+                "auth.tcp = \"mtls\" needs auth.tls_cert, auth.tls_key and auth.tls_client_ca (PEM files)",
+            );
+        }
+        if tcp == TcpAuth::None && cert.is_some() {
+            return bad(
+                "auth.tls_cert",
+                "is set, but auth.tcp = \"none\" serves plain TCP; set auth.tcp to \"token\" or \"mtls\"",
+            );
+        }
+        let tls = cert.zip(key).map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: if tcp == TcpAuth::Mtls { ca } else { None },
+        });
+        // TCP beyond loopback: only authenticated and encrypted, unless the
+        // operator says the network is trusted.
+        let exposed = listen.is_some_and(|l| !l.ip().is_loopback());
+        if exposed && !a.allow_insecure_tcp {
+            let addr = listen.map(|l| l.to_string()).unwrap_or_default();
+            if tcp == TcpAuth::None {
+                return bad(
+                    "server.listen",
+                    format!(
+                        "{addr} is not a loopback address and auth.tcp = \"none\": anyone who reaches it could read and write every namespace. Set auth.tcp = \"mtls\" (or \"token\" with auth.tls_cert), listen on 127.0.0.1, or set auth.allow_insecure_tcp = true if the network is trusted"
+                    ),
+                );
+            }
+            if tls.is_none() {
+                return bad(
+                    "auth.tls_cert",
+                    format!(
+                        "server.listen {addr} is not a loopback address: bearer tokens would cross the network in clear text. Set auth.tls_cert and auth.tls_key, or auth.allow_insecure_tcp = true if the network is trusted"
+                    ),
+                );
+            }
+        }
+        let multi = tcp != TcpAuth::None || uds != UdsAuth::None;
+        let mut tenants: Vec<TenantAuth> = Vec::new();
+        let mut specs: Vec<TenantSpec> = Vec::new();
+        let mut seen_uid = std::collections::HashMap::new();
+        let mut seen_gid = std::collections::HashMap::new();
+        let mut seen_name = std::collections::HashMap::new();
+        for t in &self.tenants {
+            if !strata_proto::is_tenant_name(&t.name) {
+                return bad(
+                    "tenants.name",
+                    format!(
+                        "{:?} is not a tenant name: 1 to {} ASCII letters, digits, '.', '_' or '-'",
+                        t.name,
+                        strata_proto::MAX_TENANT_NAME_BYTES
+                    ),
+                );
+            }
+            if tenants.iter().any(|x| x.name == t.name) {
+                return bad("tenants.name", format!("{:?} appears twice", t.name));
+            }
+            for (ids, seen, what) in [
+                (&t.uids, &mut seen_uid, "uids"),
+                (&t.gids, &mut seen_gid, "gids"),
+            ] {
+                for id in ids {
+                    if let Some(other) = seen.insert(*id, t.name.clone()) {
+                        return bad(
+                            if what == "uids" {
+                                "tenants.uids"
+                            } else {
+                                "tenants.gids"
+                            },
+                            format!("{id} is mapped to both {other:?} and {:?}", t.name),
+                        );
+                    }
+                }
+            }
+            for n in &t.tls_names {
+                if let Some(other) = seen_name.insert(n.clone(), t.name.clone()) {
+                    return bad(
+                        "tenants.tls_names",
+                        format!("{n:?} is mapped to both {other:?} and {:?}", t.name),
+                    );
+                }
+            }
+            if !multi && t.name != strata_proto::DEFAULT_TENANT {
+                return bad(
+                    "tenants.name",
+                    format!(
+                        "tenant {:?}: without authentication (auth.tcp and auth.uds are \"none\") every client is the tenant \"default\"; turn authentication on or configure only \"default\"",
+                        t.name
+                    ),
+                );
+            }
+            tenants.push(TenantAuth {
+                name: t.name.clone(),
+                uids: t.uids.clone(),
+                gids: t.gids.clone(),
+                tls_names: t.tls_names.clone(),
+                admin: t.admin,
+                zero_copy: t.zero_copy,
+            });
+            specs.push(TenantSpec {
+                name: t.name.clone(),
+                dram_bytes: t.dram_bytes.0,
+                nvme_bytes: t.nvme_bytes.0,
+            });
+        }
+        // "default" is ordinal 0: implicit (no quota) unless configured.
+        match tenants
+            .iter()
+            .position(|t| t.name == strata_proto::DEFAULT_TENANT)
+        {
+            Some(i) => {
+                let t = tenants.remove(i);
+                tenants.insert(0, t);
+                let sp = specs.remove(i);
+                specs.insert(0, sp);
+            }
+            None => {
+                tenants.insert(
+                    0,
+                    TenantAuth {
+                        name: strata_proto::DEFAULT_TENANT.into(),
+                        uids: vec![],
+                        gids: vec![],
+                        tls_names: vec![],
+                        // Without authentication it may do everything;
+                        // with it, the clients of an unauthenticated
+                        // transport may use their namespaces, no more.
+                        admin: false,
+                        zero_copy: true,
+                    },
+                );
+                specs.insert(0, TenantSpec::unlimited(strata_proto::DEFAULT_TENANT));
+            }
+        }
+        if !multi {
+            // One tenant, and it may do everything.
+            tenants[0].admin = true;
+            tenants[0].zero_copy = true;
+        }
+        Ok((
+            AuthConfig {
+                tcp,
+                uds,
+                tokens_file,
+                tls,
+                tenants,
+                multi,
+                insecure_tcp: exposed && a.allow_insecure_tcp,
+            },
+            specs,
+        ))
     }
 }
 
@@ -777,6 +1102,114 @@ mod tests {
         );
         assert_eq!(r.dram.bytes, 1 << 30);
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn auth_defaults_are_off_with_one_admin_tenant() {
+        let r = Config::default().resolve().unwrap();
+        assert!(!r.auth.multi);
+        assert_eq!(r.auth.tcp, TcpAuth::None);
+        assert_eq!(r.auth.tenants.len(), 1);
+        assert_eq!(r.auth.tenants[0].name, "default");
+        assert!(r.auth.tenants[0].admin && r.auth.tenants[0].zero_copy);
+        assert_eq!(r.store.tenants, TenantConfig::default());
+    }
+
+    #[test]
+    fn tcp_beyond_loopback_needs_authentication_or_an_explicit_waiver() {
+        let e = Config::from_toml("[server]\nlisten = \"0.0.0.0:7470\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert_eq!(e.field, "server.listen");
+        assert!(e.reason.contains("auth.tcp = \"mtls\""), "{e}");
+        assert!(e.reason.contains("allow_insecure_tcp"), "{e}");
+        let r = Config::from_toml(
+            "[server]\nlisten = \"0.0.0.0:7470\"\n[auth]\nallow_insecure_tcp = true\n",
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert!(r.auth.insecure_tcp && !r.auth.multi);
+        // Tokens beyond loopback travel only over TLS.
+        let toks =
+            "[server]\nlisten = \"10.0.0.1:7470\"\n[auth]\ntcp = \"token\"\ntokens_file = \"t\"\n";
+        let e = Config::from_toml(toks).unwrap().resolve().unwrap_err();
+        assert_eq!(e.field, "auth.tls_cert");
+        let ok = format!("{toks}tls_cert = \"c\"\ntls_key = \"k\"\n");
+        let r = Config::from_toml(&ok).unwrap().resolve().unwrap();
+        assert!(r.auth.multi && !r.auth.insecure_tcp);
+        assert_eq!(r.auth.tls.unwrap().client_ca, None);
+        // Loopback with tokens and no TLS is fine.
+        let r = Config::from_toml("[auth]\ntcp = \"token\"\ntokens_file = \"t\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert!(r.auth.tls.is_none());
+    }
+
+    #[test]
+    fn auth_and_tenants_are_checked() {
+        let field = |t: &str| {
+            Config::from_toml(t)
+                .unwrap()
+                .resolve()
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.field)
+        };
+        assert_eq!(field("[auth]\ntcp = \"token\"\n"), "auth.tokens_file");
+        assert_eq!(
+            field("[auth]\ntcp = \"mtls\"\ntls_cert = \"c\"\ntls_key = \"k\"\n"),
+            "auth.tls_client_ca"
+        );
+        assert_eq!(field("[auth]\ntls_cert = \"c\"\n"), "auth.tls_cert");
+        assert_eq!(
+            field("[auth]\ntls_cert = \"c\"\ntls_key = \"k\"\n"),
+            "auth.tls_cert"
+        );
+        let peer = "[auth]\nuds = \"peercred\"\n";
+        assert_eq!(
+            field(&format!("{peer}[[tenants]]\nname = \"a b\"\n")),
+            "tenants.name"
+        );
+        assert_eq!(
+            field(&format!(
+                "{peer}[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"\n"
+            )),
+            "tenants.name"
+        );
+        assert_eq!(
+            field(&format!(
+                "{peer}[[tenants]]\nname = \"a\"\nuids = [7]\n[[tenants]]\nname = \"b\"\nuids = [7]\n"
+            )),
+            "tenants.uids"
+        );
+        assert_eq!(
+            field(&format!(
+                "{peer}[[tenants]]\nname = \"a\"\ntls_names = [\"x\"]\n[[tenants]]\nname = \"b\"\ntls_names = [\"x\"]\n"
+            )),
+            "tenants.tls_names"
+        );
+        // Without authentication only "default" may be configured.
+        assert_eq!(field("[[tenants]]\nname = \"a\"\n"), "tenants.name");
+        assert_eq!(
+            field("[[tenants]]\nname = \"default\"\ndram_bytes = \"1MiB\"\n"),
+            "ok"
+        );
+        // "default" comes first, whatever the file's order; quotas reach
+        // the store.
+        let r = Config::from_toml(&format!(
+            "{peer}[[tenants]]\nname = \"a\"\ndram_bytes = \"8MiB\"\nuids = [5]\n[[tenants]]\nname = \"default\"\nadmin = true\n"
+        ))
+        .unwrap()
+        .resolve()
+        .unwrap();
+        let names: Vec<_> = r.auth.tenants.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["default", "a"]);
+        assert!(r.auth.tenants[0].admin);
+        assert!(!r.auth.tenants[1].zero_copy, "zero_copy is opt-in");
+        assert_eq!(r.store.tenants.tenants[1].dram_bytes, 8 << 20);
+        assert!(r.store.tenants.multi);
     }
 
     #[test]
@@ -822,6 +1255,8 @@ mod tests {
         );
         let c = Config::from_toml("[compute]\nmax_sequences = 0\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "compute.max_sequences");
+        let c = Config::from_toml("[auth]\ntcp = \"kerberos\"\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "auth.tcp");
         // 1GiB of DRAM + 4GiB of NVMe by default: a sixteenth for abstracts.
         let r = Config::default().resolve().unwrap();
         assert_eq!(r.store.summaries.bytes, 320 << 20);

@@ -1,6 +1,6 @@
 //! `stratad`: parses flags, loads and validates the config, starts the
-//! daemon, and drains on SIGTERM, Ctrl-C or `strata drain`, then exits 0.
-//! Everything else is the library.
+//! daemon, re-reads its tokens file on SIGHUP, and drains on SIGTERM,
+//! Ctrl-C or `strata drain`, then exits 0. Everything else is the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -172,11 +172,32 @@ fn main() -> ExitCode {
         let why = tokio::select! {
             _ = wait_for_signal() => "signal received",
             _ = running.drain_requested() => "drain requested (strata drain)",
+            _ = reload_on_hangup(&running) => "SIGHUP cannot be watched",
         };
         tracing::info!("{why}: draining");
         running.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Re-reads the tokens file on every SIGHUP (token rotation). Returns only
+/// if SIGHUP cannot be watched.
+async fn reload_on_hangup(running: &stratad::server::Running) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGHUP; the tokens file is read only at start");
+            return std::future::pending().await;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match running.reload_tokens() {
+            Ok(n) => tracing::info!(tokens = n, "SIGHUP: tokens file re-read"),
+            Err(e) => tracing::error!("SIGHUP: {e}; the tokens in use stay"),
+        }
+    }
+    std::future::pending().await
 }
 
 async fn wait_for_signal() {

@@ -84,6 +84,40 @@ impl Registry {
             .register_gauge(&Self::key(name, labels), &META)
     }
 
+    /// A gauge whose label values are known only at run time (tenants).
+    pub fn gauge_labelled(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Gauge {
+        self.recorder
+            .describe_gauge(name.into(), Some(Unit::Bytes), help.into());
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &META)
+    }
+
+    /// A counter whose label values are known only at run time (tenants).
+    pub fn counter_labelled(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Counter {
+        self.recorder
+            .describe_counter(name.into(), None, help.into());
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &META)
+    }
+
     pub fn histogram(
         &self,
         name: &'static str,
@@ -136,6 +170,11 @@ pub struct StoreMetrics {
     pub dropped_write_failed: Counter,
     /// NVMe records dropped when their segment was reclaimed.
     pub dropped_reclaim: Counter,
+    /// Not written down because the tenant is at its NVMe quota.
+    pub dropped_quota: Counter,
+    /// Puts, reservations (DRAM) and NVMe writes refused by a tenant's
+    /// quota, by tier (per tenant: `strata_tenant_quota_refusals_total`).
+    pub quota_refusals: PerTier<Counter>,
     pub segments_reclaimed: Counter,
     /// Torn or damaged records discarded by the scan at start.
     pub recovered_torn: Counter,
@@ -260,6 +299,18 @@ impl StoreMetrics {
                 "Blocks dropped instead of kept in a lower tier, by reason",
                 &[("reason", "reclaim")],
             ),
+            dropped_quota: r.counter(
+                "strata_store_dropped_total",
+                "Blocks dropped instead of kept in a lower tier, by reason",
+                &[("reason", "tenant_quota")],
+            ),
+            quota_refusals: per_tier(|t| {
+                r.counter(
+                    "strata_store_quota_refusals_total",
+                    "Puts, reservations and NVMe writes refused by a tenant's quota, by tier",
+                    &[("tier", t)],
+                )
+            }),
             segments_reclaimed: r.counter(
                 "strata_nvme_segments_reclaimed_total",
                 "NVMe segments reclaimed",
@@ -451,6 +502,65 @@ impl StateGauges {
                 &[],
             ),
         }
+    }
+}
+
+/// One tenant's usage, mirrored from the store at scrape time.
+pub struct TenantGauges {
+    /// [dram, nvme]
+    bytes: [Gauge; 2],
+    quota: [Gauge; 2],
+    share: Gauge,
+    refusals: [Counter; 2],
+    evictions: Counter,
+}
+
+impl TenantGauges {
+    pub fn new(r: &Registry, tenant: &str) -> Self {
+        let tiers = ["dram", "nvme"];
+        TenantGauges {
+            bytes: tiers.map(|t| {
+                r.gauge_labelled(
+                    "strata_tenant_bytes",
+                    "Bytes a tenant holds in a tier (DRAM in whole granules, reservations included; NVMe payload, writes in flight included)",
+                    &[("tenant", tenant), ("tier", t)],
+                )
+            }),
+            quota: tiers.map(|t| {
+                r.gauge_labelled(
+                    "strata_tenant_quota_bytes",
+                    "A tenant's quota in a tier (0: none)",
+                    &[("tenant", tenant), ("tier", t)],
+                )
+            }),
+            share: r.gauge_labelled(
+                "strata_tenant_share_bytes",
+                "DRAM a tenant keeps under pressure: other tenants' puts never evict its blocks below this",
+                &[("tenant", tenant), ("tier", "dram")],
+            ),
+            refusals: tiers.map(|t| {
+                r.counter_labelled(
+                    "strata_tenant_quota_refusals_total",
+                    "Puts and reservations (DRAM) or NVMe writes refused by a tenant's quota",
+                    &[("tenant", tenant), ("tier", t)],
+                )
+            }),
+            evictions: r.counter_labelled(
+                "strata_tenant_evictions_total",
+                "A tenant's blocks evicted from DRAM to make room",
+                &[("tenant", tenant), ("tier", "dram")],
+            ),
+        }
+    }
+
+    pub fn set(&self, u: &crate::store::TenantUsage) {
+        for (i, t) in [u.dram, u.nvme].iter().enumerate() {
+            self.bytes[i].set(t.used as f64);
+            self.quota[i].set(t.quota as f64);
+            self.refusals[i].absolute(t.refusals);
+        }
+        self.share.set(u.dram.share as f64);
+        self.evictions.absolute(u.dram.evictions);
     }
 }
 

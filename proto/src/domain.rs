@@ -21,6 +21,24 @@ pub const MAX_TOKENS_PER_BLOCK: u32 = 1 << 16;
 pub const MAX_TP_SIZE: u32 = 1024;
 pub const MAX_MODEL_ID_BYTES: usize = 256;
 pub const MAX_TENANT_SALT_BYTES: usize = 64;
+/// Longest tenant name (the daemon's `[[tenants]] name`).
+pub const MAX_TENANT_NAME_BYTES: usize = 32;
+/// Longest salt of a stored layout: a tenant's name, a NUL and a client's
+/// salt ([`Layout::for_tenant`]).
+pub const MAX_STORED_SALT_BYTES: usize = MAX_TENANT_NAME_BYTES + 1 + MAX_TENANT_SALT_BYTES;
+/// The tenant that owns namespaces whose salt names no tenant, and every
+/// namespace when the daemon runs without authentication.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Whether `name` is a valid tenant name: 1 to [`MAX_TENANT_NAME_BYTES`]
+/// ASCII letters, digits, `.`, `_` or `-` (so it never holds the NUL that
+/// ends it inside a salt).
+pub fn is_tenant_name(name: &str) -> bool {
+    (1..=MAX_TENANT_NAME_BYTES).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
 /// Identifies a layout (and so a family of compatible blocks). Derived from
 /// the layout by [`Layout::namespace_id`]; blocks of different namespaces never mix.
@@ -271,8 +289,44 @@ impl fmt::Display for LayoutError {
 impl std::error::Error for LayoutError {}
 
 impl Layout {
-    /// Checks every dimension; the first bad field is reported.
+    /// Checks every dimension; the first bad field is reported. The salt
+    /// is held to the wire limit ([`MAX_TENANT_SALT_BYTES`]).
     pub fn validate(&self) -> Result<(), LayoutError> {
+        self.validate_with_salt(MAX_TENANT_SALT_BYTES)
+    }
+
+    /// The tenant a stored layout belongs to: the bytes of its salt before
+    /// the first NUL ([`Layout::for_tenant`]), or `None` when the salt has
+    /// no NUL (the layout belongs to [`DEFAULT_TENANT`]).
+    pub fn salt_tenant(&self) -> Option<&[u8]> {
+        let nul = self.tenant_salt.iter().position(|&b| b == 0)?;
+        Some(&self.tenant_salt[..nul])
+    }
+
+    /// The layout as tenant `tenant` owns it: its salt becomes `tenant`, a
+    /// NUL, then the client's salt. The namespace id hashes the result, so
+    /// two tenants registering the same model never share a namespace, and
+    /// the owner of a namespace is read back from its layout
+    /// ([`salt_tenant`](Layout::salt_tenant)), also after a restart.
+    /// [`DEFAULT_TENANT`] is not folded: its namespaces keep the ids they
+    /// had before authentication existed. `tenant` must be a valid name
+    /// ([`is_tenant_name`]).
+    pub fn for_tenant(&self, tenant: &str) -> Layout {
+        debug_assert!(is_tenant_name(tenant), "tenant name {tenant:?}");
+        if tenant == DEFAULT_TENANT {
+            return self.clone();
+        }
+        let mut salt = Vec::with_capacity(tenant.len() + 1 + self.tenant_salt.len());
+        salt.extend_from_slice(tenant.as_bytes());
+        salt.push(0);
+        salt.extend_from_slice(&self.tenant_salt);
+        Layout {
+            tenant_salt: salt,
+            ..self.clone()
+        }
+    }
+
+    fn validate_with_salt(&self, max_salt: usize) -> Result<(), LayoutError> {
         let err = |field: &'static str, reason: String| Err(LayoutError { field, reason });
         if self.model_id.is_empty() {
             return err("layout.model_id", "must not be empty".into());
@@ -328,11 +382,11 @@ impl Layout {
                 format!("{} must be below tp_size {}", self.tp_rank, self.tp_size),
             );
         }
-        if self.tenant_salt.len() > MAX_TENANT_SALT_BYTES {
+        if self.tenant_salt.len() > max_salt {
             return err(
                 "layout.tenant_salt",
                 format!(
-                    "has {} bytes; the limit is {MAX_TENANT_SALT_BYTES}",
+                    "has {} bytes; the limit is {max_salt}",
                     self.tenant_salt.len()
                 ),
             );
@@ -431,7 +485,7 @@ impl Layout {
             *d = r.u32()?;
         }
         let n = r.u32()? as usize;
-        if n > MAX_TENANT_SALT_BYTES {
+        if n > MAX_STORED_SALT_BYTES {
             return Err(format!("tenant salt of {n} bytes"));
         }
         let tenant_salt = r.take(n)?.to_vec();
@@ -458,7 +512,10 @@ impl Layout {
             tp_size,
             tenant_salt,
         };
-        layout.validate().map_err(|e| e.to_string())?;
+        // Stored layouts carry their tenant's name in the salt.
+        layout
+            .validate_with_salt(MAX_STORED_SALT_BYTES)
+            .map_err(|e| e.to_string())?;
         Ok(layout)
     }
 
@@ -568,6 +625,43 @@ mod tests {
         let mut bad = b.clone();
         bad[0] ^= 1;
         assert!(Layout::from_canonical(&bad).is_err());
+    }
+
+    #[test]
+    fn tenant_folding_separates_tenants_and_survives_the_canonical_form() {
+        let mut l = layout();
+        l.tenant_salt = b"cache-salt".to_vec();
+        // The default tenant's namespaces keep their ids.
+        assert_eq!(l.for_tenant(DEFAULT_TENANT), l);
+        assert_eq!(l.salt_tenant(), None);
+        let a = l.for_tenant("alice");
+        let b = l.for_tenant("bob");
+        assert_eq!(a.tenant_salt, b"alice\0cache-salt");
+        assert_eq!(a.salt_tenant(), Some(&b"alice"[..]));
+        assert_eq!(b.salt_tenant(), Some(&b"bob"[..]));
+        assert_ne!(a.namespace_id(), b.namespace_id());
+        assert_ne!(a.namespace_id(), l.namespace_id());
+        // Pinned: a tenant's namespace id is part of the on-disk format.
+        assert_eq!(
+            layout().for_tenant("alice").namespace_id(),
+            NamespaceId(0x42a9_b884_7945_54ac)
+        );
+        // A full client salt under the longest name is still stored and
+        // read back, though it is above the wire limit.
+        let mut full = layout();
+        full.tenant_salt = vec![7; MAX_TENANT_SALT_BYTES];
+        let name = "n".repeat(MAX_TENANT_NAME_BYTES);
+        let f = full.for_tenant(&name);
+        assert_eq!(f.tenant_salt.len(), MAX_STORED_SALT_BYTES);
+        assert!(f.validate().is_err(), "the wire limit holds for clients");
+        assert_eq!(Layout::from_canonical(&f.canonical_bytes()).unwrap(), f);
+        let mut over = f.clone();
+        over.tenant_salt.push(1);
+        assert!(Layout::from_canonical(&over.canonical_bytes()).is_err());
+        assert!(is_tenant_name("team-a.prod_1"));
+        for bad in ["", "a b", "a\0b", "é", &"x".repeat(33)] {
+            assert!(!is_tenant_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::drain::{DrainPhase, DrainStatus};
 use super::service::StrataService;
+use crate::store::TenantUsage;
 use crate::store::admin::NamespaceStats;
 use crate::store::{StoreError, tiering};
 
@@ -18,13 +19,10 @@ use crate::store::{StoreError, tiering};
 const EXPORT_BATCH_BLOCKS: usize = 64;
 const EXPORT_BATCH_BYTES: u64 = 64 << 20;
 
-/// The one tenant until authentication maps identities to tenants.
-pub const DEFAULT_TENANT: &str = "default";
-
 pub fn namespace_stats_pb(n: NamespaceStats) -> pb::NamespaceStats {
     pb::NamespaceStats {
         namespace_id: n.id.0,
-        tenant: DEFAULT_TENANT.into(),
+        tenant: n.tenant_name.to_string(),
         layout: n.layout.as_ref().map(Into::into),
         blocks: n.blocks,
         bytes: n.bytes,
@@ -36,6 +34,30 @@ pub fn namespace_stats_pb(n: NamespaceStats) -> pb::NamespaceStats {
                 tier: pb::Tier::from(t) as i32,
                 blocks,
                 bytes,
+            })
+            .collect(),
+    }
+}
+
+/// One tenant's usage and limits.
+pub fn tenant_stats_pb(u: &TenantUsage, admin: bool) -> pb::TenantStats {
+    pb::TenantStats {
+        name: u.name.to_string(),
+        admin,
+        namespaces: u.namespaces,
+        tiers: [TierKind::Dram, TierKind::Nvme]
+            .into_iter()
+            .filter_map(|t| {
+                let x = u.tier(t)?;
+                Some(pb::TenantTierStats {
+                    tier: pb::Tier::from(t) as i32,
+                    used_bytes: x.used,
+                    quota_bytes: x.quota,
+                    share_bytes: x.share,
+                    blocks: x.blocks,
+                    quota_refusals: x.refusals,
+                    evictions: x.evictions,
+                })
             })
             .collect(),
     }

@@ -14,6 +14,7 @@ use strata_proto::{TierKind, pb};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::store::tenants::TenantId;
 use crate::store::{EventKind, EventOut, Store};
 
 type Tx = mpsc::Sender<Result<pb::KvEventBatch, Status>>;
@@ -56,8 +57,9 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Streams events to `tx` until the subscriber goes away.
-pub async fn feed(store: Arc<Store>, q: SubscribeReq, tx: Tx) {
+/// Streams events to `tx` until the subscriber goes away. `tenant`: only
+/// that tenant's namespaces (and tier-wide events); None: every tenant's.
+pub async fn feed(store: Arc<Store>, q: SubscribeReq, tenant: Option<TenantId>, tx: Tx) {
     let epoch = store.dram().epoch();
     let max = q.max_batch as usize;
     let notify = store.event_notify();
@@ -85,7 +87,7 @@ pub async fn feed(store: Arc<Store>, q: SubscribeReq, tx: Tx) {
     if q.snapshot {
         let mut from = Some(0u32);
         while let Some(f) = from {
-            let (events, next) = store.snapshot_events(f, max, &q.namespaces);
+            let (events, next) = store.snapshot_events_of(f, max, &q.namespaces, tenant);
             from = next;
             if events.is_empty() && next.is_some() {
                 continue;
@@ -107,7 +109,7 @@ pub async fn feed(store: Arc<Store>, q: SubscribeReq, tx: Tx) {
         tokio::pin!(notified);
         // Registered before reading, so an event logged in between wakes us.
         notified.as_mut().enable();
-        let r = store.read_events(cursor, max, &q.namespaces);
+        let r = store.read_events_of(cursor, max, &q.namespaces, tenant);
         let moved = r.cursor != cursor;
         cursor = r.cursor;
         if !r.events.is_empty() || r.missed > 0 {

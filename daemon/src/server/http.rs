@@ -16,7 +16,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Registry, StateGauges};
+use crate::metrics::{Registry, StateGauges, TenantGauges};
 use crate::store::Store;
 
 /// Readiness, shared by the HTTP probe and the gRPC health service.
@@ -48,6 +48,7 @@ struct AppState {
     health: Arc<Health>,
     /// Set once the store exists (the endpoint starts before the tiers).
     store: Arc<OnceLock<Arc<Store>>>,
+    tenants: Arc<OnceLock<Vec<TenantGauges>>>,
 }
 
 pub struct HttpHandle {
@@ -62,6 +63,7 @@ pub fn router(registry: Arc<Registry>, health: Arc<Health>) -> (Router, HttpHand
         gauges,
         health,
         store: store.clone(),
+        tenants: Arc::new(OnceLock::new()),
     };
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -110,6 +112,18 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         g.abstract_bytes.set(st.summary_bytes as f64);
         g.abstract_capacity_bytes.set(st.summary_capacity as f64);
         g.abstract_blocks.set(st.summary_blocks as f64);
+        // Tenants are fixed at start: their handles are made at the first
+        // scrape, when the store (and so their names) exists.
+        let usage = store.tenant_usage();
+        let tg = s.tenants.get_or_init(|| {
+            usage
+                .iter()
+                .map(|u| TenantGauges::new(&s.registry, &u.name))
+                .collect()
+        });
+        for (u, h) in usage.iter().zip(tg) {
+            h.set(u);
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

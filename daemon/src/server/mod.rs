@@ -11,6 +11,7 @@
 //! `server.drain_timeout_ms`), and the socket files are removed.
 
 pub mod admin;
+pub mod auth;
 pub mod drain;
 pub mod events;
 pub mod http;
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod service;
 pub mod shm;
 pub mod status;
+pub mod x509;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,16 @@ pub enum StartError {
     Dram(#[from] DramError),
     #[error("opening tiers: {0}")]
     Task(String),
+    #[error(transparent)]
+    Tokens(#[from] auth::TokensError),
+    #[error("{what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS on server.listen: {0}")]
+    Tls(String),
     #[error("opening the nvme tier in {dir}: {source}")]
     Nvme {
         dir: PathBuf,
@@ -109,6 +121,7 @@ pub struct Running {
     pub store: Arc<Store>,
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
+    pub auth: Arc<auth::Auth>,
     stop: CancellationToken,
     /// Background work (tiering, expiry, metrics endpoint).
     tasks: JoinSet<()>,
@@ -155,13 +168,50 @@ fn prepare_socket(what: &'static str, path: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-fn bind_unix(what: &'static str, path: &Path) -> Result<UnixListener, StartError> {
+/// Binds a Unix socket. `open`: anyone may connect (mode 0666), because
+/// every connection is identified by its peer credentials (auth.uds =
+/// "peercred"); otherwise the process umask decides (0755 by default:
+/// only the daemon's user and root may connect).
+fn bind_unix(what: &'static str, path: &Path, open: bool) -> Result<UnixListener, StartError> {
     prepare_socket(what, path)?;
-    UnixListener::bind(path).map_err(|source| StartError::Bind {
+    let err = |source| StartError::Bind {
         what,
         addr: path.display().to_string(),
         source,
-    })
+    };
+    let l = UnixListener::bind(path).map_err(err)?;
+    if open {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    }
+    Ok(l)
+}
+
+/// The TLS setting of the TCP listener: the server's certificate and key,
+/// and with mTLS the CA of client certificates. A client without a
+/// certificate completes the handshake and is then refused per call with
+/// UNAUTHENTICATED (saying what is expected); one with a certificate the CA
+/// did not sign fails the handshake.
+fn tls_config(
+    files: &crate::config::TlsFiles,
+) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |what: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| StartError::TlsFile {
+            what,
+            path: path.into(),
+            source,
+        })
+    };
+    let cert = read("auth.tls_cert", &files.cert)?;
+    let key = read("auth.tls_key", &files.key)?;
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &files.client_ca {
+        cfg = cfg
+            .client_ca_root(Certificate::from_pem(read("auth.tls_client_ca", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(cfg)
 }
 
 /// Starts a daemon from a configuration; returns once it serves.
@@ -201,12 +251,17 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         None => None,
     };
     let tcp_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
+    let open = r.auth.uds == crate::config::UdsAuth::PeerCred;
     let uds = match &r.uds {
-        Some(p) => Some(bind_unix("server.uds", p)?),
+        Some(p) => Some(bind_unix("server.uds", p, open)?),
         None => None,
     };
     let shm_listener = match &r.shm_socket {
-        Some(p) => Some(bind_unix("server.shm_socket", p)?),
+        Some(p) => Some(bind_unix("server.shm_socket", p, open)?),
+        None => None,
+    };
+    let tls = match &r.auth.tls {
+        Some(files) => Some(tls_config(files)?),
         None => None,
     };
 
@@ -246,7 +301,20 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         StoreMetrics::new(&registry),
     ));
     let _ = http_handle.store.set(store.clone());
-
+    let auth = Arc::new(auth::Auth::new(
+        &r.auth,
+        |name| store.tenant_id(name),
+        &registry,
+    )?);
+    for line in auth.describe(tcp_addr, r.auth.insecure_tcp) {
+        if r.auth.insecure_tcp
+            || (!auth.is_multi() && tcp_addr.is_some_and(|a| !a.ip().is_loopback()))
+        {
+            tracing::warn!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
     // 4. Warm restart: rebuild the index from the NVMe segments. /readyz
     //    says how far it got; gRPC opens when it is done.
     if let Some(n) = &nvme {
@@ -345,6 +413,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         &server_metrics,
         stop.clone(),
         gate.clone(),
+        auth.clone(),
     ))
     // tonic's own check stays as a second line, above ours.
     .max_decoding_message_size(max_msg + (64 << 10))
@@ -373,6 +442,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if let Some(incoming) = tcp {
         let (svc, health_svc, stop) = (svc.clone(), health_svc.clone(), stop.clone());
         let mut b = builder();
+        if let Some(t) = tls {
+            b = b
+                .tls_config(t)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
         servers.spawn(async move {
             let r = b
                 .add_service(health_svc)
@@ -399,7 +473,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         });
     }
     if let Some(listener) = shm_listener {
-        let policy = shm::ShmPolicy::from_config(r.shm_allowed_uids.clone());
+        let policy = shm::ShmPolicy::from_config(r.shm_allowed_uids.clone(), auth.clone());
         tasks.spawn(shm::serve(
             listener,
             store.clone(),
@@ -443,6 +517,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         store,
         registry,
         health,
+        auth,
         stop,
         tasks,
         servers,
@@ -486,6 +561,11 @@ fn tier_detail(store: &Store) -> String {
 }
 
 impl Running {
+    /// Re-reads the tokens file (SIGHUP). On error the tokens in use stay.
+    pub fn reload_tokens(&self) -> Result<usize, auth::TokensError> {
+        self.auth.reload_tokens()
+    }
+
     /// Fires when a client asked for a drain (`strata drain`); the owner
     /// then calls [`shutdown`](Self::shutdown).
     pub async fn drain_requested(&self) {

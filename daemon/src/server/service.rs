@@ -1,6 +1,8 @@
-//! The `strata.v1.Strata` gRPC service: receives wire messages, converts
-//! them into validated domain requests (`strata-proto`), applies the server
-//! limits, and calls the store. No policy lives here.
+//! The `strata.v1.Strata` gRPC service: identifies the caller (`auth.rs`),
+//! receives wire messages, converts them into validated domain requests
+//! (`strata-proto`), checks that the caller's tenant owns every namespace
+//! (and reservation) it names, applies the server limits, and calls the
+//! store. No policy lives here.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +12,15 @@ use strata_proto::convert::{
     AttendReq, CommitReq, DeleteReq, GetReq, GetSlotsReq, LookupReq, PutHeader, ReleaseReq,
     ReserveReq, SubscribeReq,
 };
-use strata_proto::{FieldError, Layout, ReservationId, pb};
+use strata_proto::{FieldError, Layout, NamespaceId, ReservationId, pb};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::namespace_stats_pb;
+use super::auth::{Auth, Denied, Tenant};
 use super::drain::Gate;
 use super::limits::Limits;
 use crate::attend::exec::{self, AttendCtx, SeqResult};
@@ -51,6 +54,9 @@ impl Peer {
         }
         if let Some(info) = req.extensions().get::<TcpConnectInfo>() {
             return Peer::Tcp(info.remote_addr());
+        }
+        if let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+            return Peer::Tcp(info.get_ref().remote_addr());
         }
         Peer::Unknown
     }
@@ -89,9 +95,12 @@ pub struct StrataService {
     stop: CancellationToken,
     /// Refuses new puts during a drain, and reports its progress.
     pub(super) gate: Arc<Gate>,
+    /// Who is calling, and what they may touch.
+    pub(super) auth: Arc<Auth>,
 }
 
 impl StrataService {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<Store>,
         limits: Limits,
@@ -100,6 +109,7 @@ impl StrataService {
         metrics: &ServerMetrics,
         stop: CancellationToken,
         gate: Arc<Gate>,
+        auth: Arc<Auth>,
     ) -> Self {
         let m = Methods {
             register: metrics.method("RegisterLayout"),
@@ -127,7 +137,24 @@ impl StrataService {
             m: Arc::new(m),
             stop,
             gate,
+            auth,
         }
+    }
+
+    /// May `who` use namespace `ns`? An admin (every caller when
+    /// authentication is off) may, without asking the store.
+    pub(super) fn own(&self, who: &Tenant, ns: NamespaceId) -> Result<(), Status> {
+        if who.admin {
+            return Ok(());
+        }
+        self.auth
+            .check_namespace(who, ns, self.store.namespace_owner(ns))
+    }
+
+    /// The zero-copy calls: on the Unix socket, by a tenant that may.
+    fn zero_copy<T>(&self, who: &Tenant, req: &Request<T>) -> Result<(), Status> {
+        zero_copy_peer(req)?;
+        self.auth.check_zero_copy(who)
     }
 }
 
@@ -227,11 +254,12 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::RegisterLayoutResponse>, Status> {
         let t = Instant::now();
         let r = async {
+            let who = self.auth.identify(&req)?;
             let layout = req
                 .into_inner()
                 .layout
                 .ok_or_else(|| FieldError::new("layout", "is missing"))?;
-            let layout = Layout::try_from(layout)?;
+            let layout = self.auth.layout_for(&who, Layout::try_from(layout)?)?;
             let (block, token) = (layout.block_bytes(), layout.token_bytes());
             let room = self.store.dram().capacity_bytes();
             if block > room {
@@ -243,12 +271,16 @@ impl pb::strata_server::Strata for StrataService {
                 )
                 .into());
             }
-            let (ns, existed) = self.store.register_layout(layout.clone());
+            let reg = self.store.register(layout.clone())?;
+            self.auth
+                .check_namespace(&who, reg.id, Some(reg.tenant))?;
             // Beside the NVMe segments, so that a restart knows the shape of
-            // the blocks it recovers (once per namespace; idempotent).
+            // the blocks it recovers, and their owner (once per namespace;
+            // idempotent).
             tiering::persist_layout(&self.store, &layout).await;
+            let existed = reg.existed;
             Ok(Response::new(pb::RegisterLayoutResponse {
-                namespace_id: ns.0,
+                namespace_id: reg.id.0,
                 block_bytes: block,
                 token_bytes: token,
                 existed,
@@ -285,10 +317,14 @@ impl pb::strata_server::Strata for StrataService {
 
     async fn drain(
         &self,
-        _req: Request<pb::DrainRequest>,
+        req: Request<pb::DrainRequest>,
     ) -> Result<Response<Self::DrainStream>, Status> {
         let t = Instant::now();
-        let r = Ok(Response::new(self.drain_stream()));
+        let r = self
+            .auth
+            .identify(&req)
+            .and_then(|who| self.auth.check_admin(&who, "Drain"))
+            .map(|()| Response::new(self.drain_stream()));
         timed(&self.m.drain, t, r)
     }
 
@@ -297,7 +333,14 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::EvictNamespaceRequest>,
     ) -> Result<Response<pb::EvictNamespaceResponse>, Status> {
         let t = Instant::now();
-        let r = self.evict_namespace_inner(req.into_inner()).await;
+        let r = match self
+            .auth
+            .identify(&req)
+            .and_then(|who| self.auth.check_admin(&who, "EvictNamespace"))
+        {
+            Ok(()) => self.evict_namespace_inner(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         timed(&self.m.evict_namespace, t, r.map(Response::new))
     }
 
@@ -306,7 +349,11 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::ExportNamespaceRequest>,
     ) -> Result<Response<Self::ExportNamespaceStream>, Status> {
         let t = Instant::now();
-        let r = self.export_namespace_inner(req.into_inner());
+        let r = self
+            .auth
+            .identify(&req)
+            .and_then(|who| self.auth.check_admin(&who, "ExportNamespace"))
+            .and_then(|()| self.export_namespace_inner(req.into_inner()));
         timed(&self.m.export_namespace, t, r.map(Response::new))
     }
 
@@ -316,7 +363,14 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let t = Instant::now();
         let r = (|| {
+            let who = self.auth.identify(&req)?;
             let q = SubscribeReq::try_from(req.into_inner())?;
+            for &ns in &q.namespaces {
+                self.own(&who, ns)?;
+            }
+            // Without a filter, a tenant sees its own namespaces' events
+            // (and tier-wide ones); an admin sees everything.
+            let tenant = (!who.admin).then_some(who.id);
             let permit = self.limits.subscriber()?;
             // Bounded: a slow subscriber holds at most a few batches here
             // and falls behind in the event ring instead (it is told).
@@ -325,7 +379,7 @@ impl pb::strata_server::Strata for StrataService {
             tokio::spawn(async move {
                 let _permit = permit;
                 tokio::select! {
-                    _ = super::events::feed(store, q, tx) => {}
+                    _ = super::events::feed(store, q, tenant, tx) => {}
                     _ = stop.cancelled() => {}
                 }
             });
@@ -337,9 +391,11 @@ impl pb::strata_server::Strata for StrataService {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
         let t = Instant::now();
         let r = (|| {
+            let who = self.auth.identify(&req)?;
             let raw = req.into_inner();
             self.limits.keys("keys", raw.keys.len())?;
             let q = GetReq::try_from(raw)?;
+            self.own(&who, q.namespace)?;
             let permit = self.limits.stream()?;
             let guard = Arc::new(self.store.pin_for_read(&q)?);
             // Bounded: a slow reader holds at most a few chunks here.
@@ -403,7 +459,19 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let t = Instant::now();
         let r = (|| {
+            let who = self.auth.identify(&req)?;
             let q = ReleaseReq::try_from(req.into_inner())?;
+            if let Some(ns) = q.namespace {
+                self.own(&who, ns)?;
+            } else if !who.admin {
+                // A lease is tied to its namespace: naming it is how a
+                // tenant shows the lease is its own.
+                return Err(FieldError::new(
+                    "namespace_id",
+                    "is required when the daemon separates tenants: name the lease's namespace",
+                )
+                .into());
+            }
             let n = self.store.release(&q)?;
             Ok(Response::new(pb::ReleaseResponse { released_blocks: n }))
         })();
@@ -416,9 +484,11 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let t = Instant::now();
         let r = async {
+            let who = self.auth.identify(&req)?;
             let raw = req.into_inner();
             self.limits.keys("keys", raw.keys.len())?;
             let q = DeleteReq::try_from(raw)?;
+            self.own(&who, q.namespace)?;
             let r = self.store.delete(&q)?;
             // Deleted blocks with NVMe records: a tombstone keeps a restart
             // from bringing them back.
@@ -443,17 +513,32 @@ impl pb::strata_server::Strata for StrataService {
         req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let t = Instant::now();
+        let who = match self.auth.identify(&req) {
+            Ok(w) => w,
+            Err(e) => return timed(&self.m.stats, t, Err(e)),
+        };
         let per_namespace = req.into_inner().per_namespace;
         let s = self.store.stats();
+        // A tenant sees its own namespaces and usage; an admin everyone's.
+        let mine = |id| who.admin || id == who.id;
         let namespace_stats = if per_namespace {
             self.store
                 .namespace_stats()
                 .into_iter()
+                .filter(|n| mine(n.tenant))
                 .map(namespace_stats_pb)
                 .collect()
         } else {
             Vec::new()
         };
+        let tenant_stats = self
+            .store
+            .tenant_usage()
+            .into_iter()
+            .filter(|u| mine(u.id))
+            .filter(|u| self.auth.is_multi() || u.id == who.id)
+            .map(|u| super::admin::tenant_stats_pb(&u, self.auth.tenant_is_admin(u.id)))
+            .collect();
         let r = Ok(Response::new(pb::StatsResponse {
             tiers: s
                 .tiers
@@ -487,8 +572,8 @@ impl pb::strata_server::Strata for StrataService {
             abstract_blocks: s.summary_blocks,
             namespace_stats,
             draining: self.gate.is_draining(),
-            tenant: super::admin::DEFAULT_TENANT.into(),
-            tenant_stats: Vec::new(),
+            tenant: who.name.to_string(),
+            tenant_stats,
         }));
         timed(&self.m.stats, t, r)
     }
@@ -499,11 +584,13 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::ReserveResponse>, Status> {
         let t = Instant::now();
         let r = (|| {
-            zero_copy_peer(&req)?;
+            let who = self.auth.identify(&req)?;
+            self.zero_copy(&who, &req)?;
             let _w = self.gate.admit_new_write()?;
             let raw = req.into_inner();
             self.limits.keys("blocks", raw.blocks.len())?;
             let q = ReserveReq::try_from(raw)?;
+            self.own(&who, q.namespace)?;
             let rs = self.store.reserve_shared(&q)?;
             Ok(Response::new(pb::ReserveResponse {
                 reservations: rs
@@ -531,11 +618,14 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::CommitResponse>, Status> {
         let t = Instant::now();
         let r = async {
-            zero_copy_peer(&req)?;
+            let who = self.auth.identify(&req)?;
+            self.zero_copy(&who, &req)?;
             let _w = self.gate.enter_write();
             let raw = req.into_inner();
             self.limits.keys("blocks", raw.blocks.len())?;
             let q = CommitReq::try_from(raw)?;
+            let ids: Vec<ReservationId> = q.blocks.iter().map(|&(id, _)| id).collect();
+            self.own_reservations(&who, &ids)?;
             let out = self.store.commit(&q)?;
             let mut outcomes = Vec::with_capacity(out.len());
             for (k, res, r) in out {
@@ -553,7 +643,8 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::AbortResponse>, Status> {
         let t = Instant::now();
         let r = (|| {
-            zero_copy_peer(&req)?;
+            let who = self.auth.identify(&req)?;
+            self.zero_copy(&who, &req)?;
             let _w = self.gate.enter_write();
             let raw = req.into_inner();
             self.limits
@@ -563,6 +654,7 @@ impl pb::strata_server::Strata for StrataService {
                 .iter()
                 .map(|&i| ReservationId(i))
                 .collect();
+            self.own_reservations(&who, &ids)?;
             Ok(Response::new(pb::AbortResponse {
                 aborted: self.store.abort(&ids),
             }))
@@ -576,10 +668,12 @@ impl pb::strata_server::Strata for StrataService {
     ) -> Result<Response<pb::GetSlotsResponse>, Status> {
         let t = Instant::now();
         let r = async {
-            zero_copy_peer(&req)?;
+            let who = self.auth.identify(&req)?;
+            self.zero_copy(&who, &req)?;
             let raw = req.into_inner();
             self.limits.keys("keys", raw.keys.len())?;
             let q = GetSlotsReq::try_from(raw)?;
+            self.own(&who, q.namespace)?;
             let refs = self.store.leased_refs(&q)?;
             // Leased blocks only on NVMe are brought up to DRAM first.
             tiering::promote(&self.store, &refs).await;
@@ -603,14 +697,38 @@ impl pb::strata_server::Strata for StrataService {
 }
 
 impl StrataService {
+    /// Every reservation named must be of a namespace `who` owns (unknown
+    /// ids are left to the store, which reports them by field).
+    fn own_reservations(&self, who: &Tenant, ids: &[ReservationId]) -> Result<(), Status> {
+        if who.admin {
+            return Ok(());
+        }
+        for (i, owner) in self.store.reservation_owners(ids).into_iter().enumerate() {
+            if let Some((ns, t)) = owner
+                && t != who.id
+            {
+                return Err(self.auth.deny(
+                    Denied::ForeignNamespace,
+                    Status::permission_denied(format!(
+                        "reservation {}: belongs to namespace {ns}, which does not belong to tenant {}",
+                        ids[i].0, who.name
+                    )),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn attend_inner(
         &self,
         req: Request<pb::AttendRequest>,
     ) -> Result<Response<pb::AttendResponse>, Status> {
+        let who = self.auth.identify(&req)?;
         let raw = req.into_inner();
         let keys: usize = raw.sequences.iter().map(|s| s.keys.len()).sum();
         self.limits.keys("sequences", keys)?;
         let q = AttendReq::try_from(raw)?;
+        self.own(&who, q.namespace)?;
         let layout = match self.store.namespace_layout(q.namespace) {
             None => return Err(crate::store::StoreError::UnknownNamespace(q.namespace).into()),
             // Known only from records found at start, never registered.
@@ -642,12 +760,14 @@ impl StrataService {
         &self,
         req: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
+        let who = self.auth.identify(&req)?;
         if req.get_ref().want_slots {
-            zero_copy_peer(&req)?;
+            self.zero_copy(&who, &req)?;
         }
         let raw = req.into_inner();
         self.limits.keys("keys", raw.keys.len())?;
         let q = LookupReq::try_from(raw)?;
+        self.own(&who, q.namespace)?;
         let r = self.store.lookup(&q)?;
         let (lease_id, expires) = r.lease.map_or((0, 0), |(l, at)| {
             (
@@ -697,16 +817,22 @@ impl StrataService {
         &self,
         req: Request<Streaming<pb::PutRequest>>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        let who = self.auth.identify(&req)?;
         // Refused once a drain began; a stream begun before goes on.
         let _w = self.gate.admit_new_write()?;
         let _permit = self.limits.stream()?;
         let mut stream = req.into_inner();
         let mut outcomes = Vec::new();
+        // The last namespace found to be the caller's (a stream rarely
+        // changes namespace: one ownership check per stream).
+        let mut owned: Option<NamespaceId> = None;
         // A block's first message; the loop below consumes its data messages.
         let mut next = stream.message().await?;
         while let Some(first) = next.take() {
             let i = outcomes.len();
-            let r = self.put_block(&mut stream, first, i).await;
+            let r = self
+                .put_block(&mut stream, first, i, &who, &mut owned)
+                .await;
             match r {
                 Ok((o, following)) => {
                     outcomes.push(o);
@@ -725,6 +851,8 @@ impl StrataService {
         stream: &mut Streaming<pb::PutRequest>,
         first: pb::PutRequest,
         i: usize,
+        who: &Tenant,
+        owned: &mut Option<NamespaceId>,
     ) -> Result<(pb::PutOutcome, Option<pb::PutRequest>), Status> {
         self.limits.keys("blocks", i + 1)?;
         let header = first.header.as_ref().ok_or_else(|| {
@@ -734,6 +862,11 @@ impl StrataService {
             )
         })?;
         let h = PutHeader::from_pb(header, i)?;
+        if *owned != Some(h.namespace) {
+            self.own(who, h.namespace)
+                .map_err(|s| Status::new(s.code(), format!("blocks[{i}].{}", s.message())))?;
+            *owned = Some(h.namespace);
+        }
         let _bytes = self.limits.inflight_bytes(h.length)?;
         let reserved = self
             .store

@@ -2,9 +2,20 @@
 //! (`strata_proto::shm` describes the protocol).
 //!
 //! A client is identified by the kernel's peer credentials of its Unix
-//! socket connection (`SO_PEERCRED`), never by anything it says. Only uids in
-//! the allowed list receive the descriptor; everyone else gets a refusal
-//! with the reason, and the refusal is counted.
+//! socket connection (`SO_PEERCRED`), never by anything it says. It receives
+//! the descriptor only if both agree: its uid is in the allowed list
+//! (`server.shm_allowed_uids`) and, with authentication on the Unix socket,
+//! its uid or gid maps to a tenant with `zero_copy = true`. Everyone else
+//! gets a refusal with the reason, and the refusal is counted. The memfd
+//! is never linked into a file system: the descriptor passed here is the
+//! only way to map it.
+//!
+//! The arena is one mapping shared by every client that maps it: a tenant
+//! that may map it can read any DRAM block by address, bypassing the calls
+//! that check namespace ownership (its writes to other blocks are caught by
+//! their checksums). So `zero_copy` is for tenants that trust each other;
+//! the calls themselves (Reserve, Commit, GetSlots, Lookup with slots) still
+//! hand a tenant only the slots of its own namespaces.
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
@@ -16,19 +27,22 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use super::auth::Auth;
 use crate::metrics::ServerMetrics;
 use crate::store::Store;
 
-/// Who may receive the arena. `None` = any local user.
+/// Who may receive the arena.
 #[derive(Debug, Clone)]
 pub struct ShmPolicy {
+    /// `None` = any local user.
     pub allowed_uids: Option<Vec<u32>>,
+    pub auth: Arc<Auth>,
 }
 
 impl ShmPolicy {
     /// The configured list, where an empty list means the daemon's own uid
     /// and root.
-    pub fn from_config(allowed: Option<Vec<u32>>) -> Self {
+    pub fn from_config(allowed: Option<Vec<u32>>, auth: Arc<Auth>) -> Self {
         let allowed_uids = allowed.map(|v| {
             if v.is_empty() {
                 vec![rustix::process::getuid().as_raw(), 0]
@@ -36,11 +50,24 @@ impl ShmPolicy {
                 v
             }
         });
-        ShmPolicy { allowed_uids }
+        ShmPolicy { allowed_uids, auth }
     }
 
-    fn allows(&self, uid: u32) -> bool {
-        self.allowed_uids.as_ref().is_none_or(|v| v.contains(&uid))
+    /// Why a local peer may not map the arena (None: it may).
+    fn refusal(&self, uid: u32, gid: u32) -> Option<String> {
+        if !self.allowed_uids.as_ref().is_none_or(|v| v.contains(&uid)) {
+            return Some(format!(
+                "uid {uid} may not map the arena; add it to server.shm_allowed_uids or use Put/Get over gRPC"
+            ));
+        }
+        match self.auth.local_tenant(uid, gid) {
+            Err(s) => Some(s.message().to_string()),
+            Ok(t) => self
+                .auth
+                .check_zero_copy(&t)
+                .err()
+                .map(|s| s.message().to_string()),
+        }
     }
 }
 
@@ -88,14 +115,10 @@ async fn hand_off(
         arena_len: dram.capacity_bytes(),
         epoch: dram.epoch(),
     };
-    if !policy.allows(cred.uid()) {
+    if let Some(reason) = policy.refusal(cred.uid(), cred.gid()) {
         metrics.shm_refused.increment(1);
-        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused the arena to a local client");
+        tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), %reason, "refused the arena to a local client");
         header.status = shm::STATUS_REFUSED;
-        let reason = format!(
-            "uid {} may not map the arena; add it to server.shm_allowed_uids or use Put/Get over gRPC",
-            cred.uid()
-        );
         let mut msg = header.encode().to_vec();
         msg.extend_from_slice(&(reason.len() as u32).to_le_bytes());
         msg.extend_from_slice(reason.as_bytes());

@@ -13,7 +13,10 @@ pub fn code_of(e: &StoreError) -> Code {
         | StoreError::NotFound { .. }
         | StoreError::Corrupt { .. } => Code::NotFound,
         StoreError::Conflict { .. } => Code::AlreadyExists,
-        StoreError::NoSpace { .. } | StoreError::Limit { .. } => Code::ResourceExhausted,
+        StoreError::NoSpace { .. } | StoreError::Limit { .. } | StoreError::Quota { .. } => {
+            Code::ResourceExhausted
+        }
+        StoreError::LayoutCollision(_) => Code::AlreadyExists,
         StoreError::LeaseGone(_)
         | StoreError::NotLeased { .. }
         | StoreError::ReservationGone { .. } => Code::FailedPrecondition,

@@ -27,6 +27,9 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct NamespaceStats {
     pub id: NamespaceId,
+    /// The owning tenant (`tenants.rs`).
+    pub tenant: super::TenantId,
+    pub tenant_name: Arc<str>,
     /// None: known only from records found at start, layout not persisted.
     pub layout: Option<Layout>,
     /// Distinct blocks and the sum of their lengths.
@@ -64,6 +67,8 @@ impl Store {
                 let c = &e.count;
                 NamespaceStats {
                     id: e.id,
+                    tenant: e.tenant,
+                    tenant_name: g.tenants.books[e.tenant as usize].name.clone(),
                     layout: e.layout.clone(),
                     blocks: c.blocks,
                     bytes: c.bytes,

@@ -56,6 +56,24 @@ pub enum StoreError {
         capacity: u64,
     },
 
+    #[error(
+        "tenant {tenant}: {tier} quota exceeded: this needs {needed} bytes and the tenant uses {used} of its {quota} bytes ({pinned} pinned by leases or reads, {reserved} reserved by puts in flight), and its other blocks cannot make room; release leases, delete blocks, or raise the quota ([[tenants]] {tier}_bytes)"
+    )]
+    Quota {
+        tenant: std::sync::Arc<str>,
+        tier: &'static str,
+        quota: u64,
+        used: u64,
+        pinned: u64,
+        reserved: u64,
+        needed: u64,
+    },
+
+    #[error(
+        "layout: namespace {0} is already registered with a different layout (a namespace id collision); change tenant_salt"
+    )]
+    LayoutCollision(NamespaceId),
+
     #[error("{limit}: {detail}")]
     Limit { limit: &'static str, detail: String },
 
@@ -113,7 +131,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::NoSpace { .. } | StoreError::Limit { .. } | StoreError::Busy { .. }
+            StoreError::NoSpace { .. }
+                | StoreError::Limit { .. }
+                | StoreError::Busy { .. }
+                | StoreError::Quota { .. }
         )
     }
 }

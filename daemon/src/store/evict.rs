@@ -1,18 +1,23 @@
 //! Eviction policies: plug-ins that choose which block of a tier goes next.
 //!
-//! A policy sees only block ids and [`Candidate`] states (access tick, pin
-//! state, children in the tier); it never touches a tier or a byte. The
-//! store calls [`EvictionPolicy::update`] after every change to a block of
-//! the tier (publish, touch, pin, unpin, a child added or removed, removal),
-//! and asks for the [`victim`](EvictionPolicy::victim), which it then
-//! removes or demotes (and reports with `update(id, None)`).
+//! A policy sees only block ids, the group a block belongs to (its
+//! namespace's tenant) and [`Candidate`] states (access tick, pin state,
+//! children in the tier); it never touches a tier or a byte. The store calls
+//! [`EvictionPolicy::update`] after every change to a block of the tier
+//! (publish, touch, pin, unpin, a child added or removed, removal), and asks
+//! a group for its [`victim`](EvictionPolicy::victim), which it then removes
+//! or demotes (and reports with `update(id, group, None)`). Which group
+//! gives up a block is the store's decision (the tenants' shares:
+//! `tenants.rs`); the order within a group is the policy's.
 //!
-//! Both policies here keep an indexed binary min-heap of `(tick, id)` over
-//! exactly the blocks that are evictable under the policy's rule, with each
-//! block's heap position in a side table: updates are O(log n), there are no
-//! stale entries and so no compaction pauses, and memory is 4 bytes per
-//! block slot plus 16 per candidate. Ticks are unique, so the order is total
-//! and deterministic: the property test checks it against a plain model.
+//! Both policies here keep, per group, an indexed binary min-heap of
+//! `(tick, id)` over exactly the group's blocks that are evictable under the
+//! policy's rule, with each block's heap position in one side table shared
+//! by the groups: updates are O(log n), there are no stale entries and so no
+//! compaction pauses, and memory is 4 bytes per block slot plus 16 per
+//! candidate, whatever the number of groups. Ticks are unique, so the order
+//! is total and deterministic: the property test checks it against a plain
+//! model.
 
 use allocator_api2::vec::Vec as HVec;
 
@@ -32,14 +37,18 @@ pub struct Candidate {
 pub trait EvictionPolicy: Send {
     fn name(&self) -> &'static str;
     /// The block's state changed; `None` when it is no longer in the tier
-    /// (removed, doomed, moved). Returns whether the policy now tracks the
-    /// block: the store skips telling it about a touch (a new tick only) of
-    /// a block it does not track, since a tick alone never makes a block a
-    /// candidate. That keeps Lookup of long chains off the policy's tables.
-    fn update(&mut self, id: BlockId, c: Option<Candidate>) -> bool;
-    /// The next victim (not removed from the policy: the store evicts it
-    /// and then calls `update(id, None)`), or `None` if nothing is evictable.
-    fn victim(&self) -> Option<BlockId>;
+    /// (removed, doomed, moved). `group` is the block's group; a block
+    /// stays in one group while the policy tracks it (the store reports it
+    /// gone before moving it to another). Returns whether the policy now
+    /// tracks the block: the store skips telling it about a touch (a new
+    /// tick only) of a block it does not track, since a tick alone never
+    /// makes a block a candidate. That keeps Lookup of long chains off the
+    /// policy's tables.
+    fn update(&mut self, id: BlockId, group: u32, c: Option<Candidate>) -> bool;
+    /// The next victim of `group` and its tick (not removed from the policy:
+    /// the store evicts it and then calls `update(id, group, None)`), or
+    /// `None` if nothing of the group is evictable.
+    fn victim(&self, group: u32) -> Option<(u64, BlockId)>;
     /// Heap bytes held by the policy.
     fn heap_bytes(&self) -> usize;
 }
@@ -76,9 +85,9 @@ const ABSENT: u32 = u32::MAX;
 struct IndexedHeap {
     name: &'static str,
     leaves_only: bool,
-    /// Min-heap of (tick, id).
-    heap: HVec<(u64, BlockId), HugePages>,
-    /// Position of each block id in `heap`, or ABSENT.
+    /// Per group, a min-heap of (tick, id).
+    heaps: Vec<HVec<(u64, BlockId), HugePages>>,
+    /// Position of each block id in its group's heap, or ABSENT.
     pos: HVec<u32, HugePages>,
 }
 
@@ -87,7 +96,7 @@ impl IndexedHeap {
         IndexedHeap {
             name,
             leaves_only,
-            heap: HVec::new_in(HugePages),
+            heaps: Vec::new(),
             pos: HVec::new_in(HugePages),
         }
     }
@@ -96,54 +105,60 @@ impl IndexedHeap {
         !c.pinned && (!self.leaves_only || c.children_in_tier == 0)
     }
 
-    fn place(&mut self, i: usize) {
-        self.pos[self.heap[i].1 as usize] = i as u32;
+    fn heap_mut(&mut self, group: u32) -> &mut HVec<(u64, BlockId), HugePages> {
+        let g = group as usize;
+        if g >= self.heaps.len() {
+            self.heaps.resize_with(g + 1, || HVec::new_in(HugePages));
+        }
+        &mut self.heaps[g]
     }
 
-    fn sift_up(&mut self, mut i: usize) {
+    fn sift_up(&mut self, group: u32, mut i: usize) {
+        let (heap, pos) = (&mut self.heaps[group as usize], &mut self.pos);
         while i > 0 {
             let p = (i - 1) / 2;
-            if self.heap[p].0 <= self.heap[i].0 {
+            if heap[p].0 <= heap[i].0 {
                 break;
             }
-            self.heap.swap(p, i);
-            self.place(i);
+            heap.swap(p, i);
+            pos[heap[i].1 as usize] = i as u32;
             i = p;
         }
-        self.place(i);
+        pos[heap[i].1 as usize] = i as u32;
     }
 
-    fn sift_down(&mut self, mut i: usize) {
-        let n = self.heap.len();
+    fn sift_down(&mut self, group: u32, mut i: usize) {
+        let (heap, pos) = (&mut self.heaps[group as usize], &mut self.pos);
+        let n = heap.len();
         loop {
             let (l, r) = (2 * i + 1, 2 * i + 2);
             let mut m = i;
-            if l < n && self.heap[l].0 < self.heap[m].0 {
+            if l < n && heap[l].0 < heap[m].0 {
                 m = l;
             }
-            if r < n && self.heap[r].0 < self.heap[m].0 {
+            if r < n && heap[r].0 < heap[m].0 {
                 m = r;
             }
             if m == i {
                 break;
             }
-            self.heap.swap(m, i);
-            self.place(i);
+            heap.swap(m, i);
+            pos[heap[i].1 as usize] = i as u32;
             i = m;
         }
-        self.place(i);
+        pos[heap[i].1 as usize] = i as u32;
     }
 
-    fn remove_at(&mut self, i: usize) {
-        let id = self.heap[i].1;
-        let last = self.heap.len() - 1;
-        self.heap.swap(i, last);
-        self.heap.pop();
+    fn remove_at(&mut self, group: u32, i: usize) {
+        let heap = &mut self.heaps[group as usize];
+        let id = heap[i].1;
+        let last = heap.len() - 1;
+        heap.swap(i, last);
+        heap.pop();
         self.pos[id as usize] = ABSENT;
-        if i < self.heap.len() {
-            self.place(i);
-            self.sift_down(i);
-            self.sift_up(i);
+        if i < self.heaps[group as usize].len() {
+            self.sift_down(group, i);
+            self.sift_up(group, i);
         }
     }
 }
@@ -153,7 +168,7 @@ impl EvictionPolicy for IndexedHeap {
         self.name
     }
 
-    fn update(&mut self, id: BlockId, c: Option<Candidate>) -> bool {
+    fn update(&mut self, id: BlockId, group: u32, c: Option<Candidate>) -> bool {
         let slot = id as usize;
         if slot >= self.pos.len() {
             if c.is_none() {
@@ -164,35 +179,42 @@ impl EvictionPolicy for IndexedHeap {
         let at = self.pos[slot];
         match c.filter(|c| self.eligible(c)) {
             Some(c) if at == ABSENT => {
-                self.heap.push((c.tick, id));
-                self.sift_up(self.heap.len() - 1);
+                let heap = self.heap_mut(group);
+                heap.push((c.tick, id));
+                let last = heap.len() - 1;
+                self.sift_up(group, last);
                 true
             }
             Some(c) => {
                 let i = at as usize;
-                let old = self.heap[i].0;
-                self.heap[i].0 = c.tick;
+                let entry = &mut self.heaps[group as usize][i];
+                debug_assert_eq!(entry.1, id, "block {id} tracked in another group");
+                let old = entry.0;
+                entry.0 = c.tick;
                 if c.tick < old {
-                    self.sift_up(i);
+                    self.sift_up(group, i);
                 } else {
-                    self.sift_down(i);
+                    self.sift_down(group, i);
                 }
                 true
             }
             None if at != ABSENT => {
-                self.remove_at(at as usize);
+                self.remove_at(group, at as usize);
                 false
             }
             None => false,
         }
     }
 
-    fn victim(&self) -> Option<BlockId> {
-        self.heap.first().map(|&(_, id)| id)
+    fn victim(&self, group: u32) -> Option<(u64, BlockId)> {
+        self.heaps.get(group as usize)?.first().copied()
     }
 
     fn heap_bytes(&self) -> usize {
-        self.heap.capacity() * std::mem::size_of::<(u64, BlockId)>()
+        self.heaps
+            .iter()
+            .map(|h| h.capacity() * std::mem::size_of::<(u64, BlockId)>())
+            .sum::<usize>()
             + self.pos.capacity() * std::mem::size_of::<u32>()
     }
 }
@@ -204,27 +226,32 @@ mod tests {
     use std::collections::BTreeMap;
 
     proptest! {
-        /// The heap's victim is always the eligible block with the least tick.
+        /// Each group's victim is always its eligible block with the least
+        /// tick, whatever the other groups do.
         #[test]
-        fn victim_is_min_eligible(ops in proptest::collection::vec((0u32..40, 0u64..1000, any::<bool>(), 0u32..2, any::<bool>()), 1..400)) {
+        fn victim_is_min_eligible_per_group(ops in proptest::collection::vec((0u32..40, 0u32..3, any::<bool>(), 0u32..2, any::<bool>()), 1..400)) {
             let mut h = IndexedHeap::new("t", true);
-            let mut model: BTreeMap<u32, Candidate> = BTreeMap::new();
-            for (tick, (id, _t, pinned, children, remove)) in ops.into_iter().enumerate() {
+            // id -> (group, candidate); a block keeps its group while tracked.
+            let mut model: BTreeMap<u32, (u32, Candidate)> = BTreeMap::new();
+            for (tick, (id, group, pinned, children, remove)) in ops.into_iter().enumerate() {
                 let tick = tick as u64 + 1;
+                let group = model.get(&id).map_or(group, |&(g, _)| g);
                 if remove {
-                    h.update(id, None);
+                    h.update(id, group, None);
                     model.remove(&id);
                 } else {
                     let c = Candidate { tick, pinned, children_in_tier: children };
-                    h.update(id, Some(c));
-                    model.insert(id, c);
+                    h.update(id, group, Some(c));
+                    model.insert(id, (group, c));
                 }
-                let want = model
-                    .iter()
-                    .filter(|(_, c)| !c.pinned && c.children_in_tier == 0)
-                    .min_by_key(|(_, c)| c.tick)
-                    .map(|(id, _)| *id);
-                prop_assert_eq!(h.victim(), want);
+                for g in 0..3 {
+                    let want = model
+                        .iter()
+                        .filter(|(_, (mg, c))| *mg == g && !c.pinned && c.children_in_tier == 0)
+                        .min_by_key(|(_, (_, c))| c.tick)
+                        .map(|(id, (_, c))| (c.tick, *id));
+                    prop_assert_eq!(h.victim(g), want);
+                }
             }
         }
     }

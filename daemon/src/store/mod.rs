@@ -50,6 +50,7 @@ pub mod events;
 pub mod evict;
 pub mod huge;
 pub mod index;
+pub mod tenants;
 pub mod tiering;
 
 use std::cmp::Reverse;
@@ -71,6 +72,8 @@ use index::{
     BlockId, BlockRef, FLAG_DRAM, FLAG_HIT, FLAG_NVME, FLAG_PROMOTING, FLAG_TRACKED, FLAG_WRITING,
     Index, LOCAL_TIERS, Meta, NO_PARENT,
 };
+use tenants::{DEFAULT_ID, TenantId, Tenants};
+pub use tenants::{TenantConfig, TenantSpec, TenantUsage, UNOWNED};
 
 use crate::attend::summary::{SUMMARY_GRANULE, SummaryScratch, summarize};
 use crate::attend::{Geom, SummaryConfig, SummaryRegion, SummaryView};
@@ -203,6 +206,8 @@ pub struct StoreConfig {
     pub event_buffer: usize,
     /// Block summaries for Attend (abstracts and per-layer checksums).
     pub summaries: SummaryConfig,
+    /// Tenants, their quotas and DRAM shares (`tenants.rs`).
+    pub tenants: TenantConfig,
 }
 
 impl Default for StoreConfig {
@@ -220,8 +225,19 @@ impl Default for StoreConfig {
             nvme: NvmePolicy::default(),
             event_buffer: 1 << 16,
             summaries: SummaryConfig::default(),
+            tenants: TenantConfig::default(),
         }
     }
+}
+
+/// A registered namespace.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub id: NamespaceId,
+    /// Known before this call (registered, or found in records at start).
+    pub existed: bool,
+    pub tenant: TenantId,
+    pub tenant_name: std::sync::Arc<str>,
 }
 
 /// Outcome of storing one block.
@@ -363,6 +379,8 @@ struct NsEntry {
     layout: Option<Layout>,
     /// `Geom::of(layout)`: set when Attend can serve the namespace.
     geom: Option<Geom>,
+    /// The owning tenant (`tenants.rs`: read off the layout's salt).
+    tenant: TenantId,
     /// What the namespace holds, kept as blocks change (Stats per
     /// namespace without a pass over the index); checked by
     /// `check_invariants`.
@@ -432,8 +450,11 @@ struct Inner {
     namespaces: HashMap<NamespaceId, u32>,
     ns_table: Vec<NsEntry>,
     index: Index,
-    /// DRAM's eviction policy.
+    /// DRAM's eviction policy; its groups are tenants.
     policy: Box<dyn EvictionPolicy>,
+    tenants: Tenants,
+    /// DRAM's allocation unit (the store's, copied for the helpers).
+    granule: u64,
     tiers: [TierBook; LOCAL_TIERS],
     leases: HashMap<u64, Lease>,
     lease_expiry: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -573,6 +594,8 @@ impl Store {
             ns_table: Vec::new(),
             index: Index::with_capacity(initial),
             policy: cfg.eviction.build(),
+            tenants: Tenants::new(&cfg.tenants, (cap as f64 * cfg.low_watermark) as u64),
+            granule,
             tiers,
             leases: HashMap::new(),
             lease_expiry: BinaryHeap::new(),
@@ -657,17 +680,88 @@ impl Store {
     /// it was already known (registered, or found in records at start).
     pub fn register_layout(&self, layout: Layout) -> (NamespaceId, bool) {
         let id = layout.namespace_id();
-        let mut g = self.lock();
-        if let Some(&o) = g.namespaces.get(&id) {
-            let e = &mut g.ns_table[o as usize];
-            if e.layout.is_none() {
-                e.geom = Geom::of(&layout);
-                e.layout = Some(layout);
-            }
-            return (id, true);
+        match self.register(layout) {
+            Ok(r) => (r.id, r.existed),
+            Err(_) => (id, true),
         }
-        ns_insert(&mut g, id, Some(layout));
-        (id, false)
+    }
+
+    /// Registers a (validated) layout: its namespace id, whether it was
+    /// already known, and its owning tenant (read off the layout's salt).
+    /// A namespace known only from records found at start takes the layout
+    /// and moves to its owner. The id of a different layout already
+    /// registered (a 64-bit hash collision, or a crafted salt) is refused.
+    pub fn register(&self, layout: Layout) -> Result<Registered, StoreError> {
+        let id = layout.namespace_id();
+        let mut g = self.lock();
+        let g = &mut *g;
+        let (o, existed) = match g.namespaces.get(&id) {
+            Some(&o) => {
+                match &g.ns_table[o as usize].layout {
+                    Some(l) if *l != layout => return Err(StoreError::LayoutCollision(id)),
+                    Some(_) => {}
+                    None => {
+                        let owner = g.tenants.owner_of(Some(&layout));
+                        let e = &mut g.ns_table[o as usize];
+                        e.geom = Geom::of(&layout);
+                        e.layout = Some(layout);
+                        if e.tenant != owner {
+                            rehome(g, o, owner);
+                        }
+                    }
+                }
+                (o, true)
+            }
+            None => (ns_insert(g, id, Some(layout)), false),
+        };
+        let tenant = g.ns_table[o as usize].tenant;
+        Ok(Registered {
+            id,
+            existed,
+            tenant,
+            tenant_name: g.tenants.books[tenant as usize].name.clone(),
+        })
+    }
+
+    /// The tenant that owns namespace `ns` (None: not registered).
+    pub fn namespace_owner(&self, ns: NamespaceId) -> Option<TenantId> {
+        let g = self.lock();
+        g.namespaces
+            .get(&ns)
+            .map(|&o| g.ns_table[o as usize].tenant)
+    }
+
+    /// The owners of the namespaces of open reservations (None: no such
+    /// reservation; the store answers for those).
+    pub fn reservation_owners(
+        &self,
+        ids: &[ReservationId],
+    ) -> Vec<Option<(NamespaceId, TenantId)>> {
+        let g = self.lock();
+        ids.iter()
+            .map(|r| {
+                g.reservations.get(&r.0).map(|sp| {
+                    let e = &g.ns_table[sp.p.ns as usize];
+                    (e.id, e.tenant)
+                })
+            })
+            .collect()
+    }
+
+    /// The ordinal of tenant `name` (None: not configured).
+    pub fn tenant_id(&self, name: &str) -> Option<TenantId> {
+        self.lock().tenants.id_of(name)
+    }
+
+    /// What each tenant holds, by ordinal.
+    pub fn tenant_usage(&self) -> Vec<TenantUsage> {
+        let g = self.lock();
+        g.tenants
+            .books
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b.usage(i as TenantId))
+            .collect()
     }
 
     /// None: unknown namespace; Some(None): known from records found at
@@ -1147,6 +1241,7 @@ impl Store {
         set_summary(g, r.id, summary);
         g.tiers[DRAM].reserved_bytes -= p.rounded;
         g.tiers[DRAM].used -= p.rounded;
+        unreserve(g, &p);
         add_dram(g, self.granule, r.id, p.addr);
         g.tiers[DRAM].bytes_in += p.len;
         self.metrics.bytes_in[DRAM].increment(p.len);
@@ -1160,16 +1255,28 @@ impl Store {
         self.metrics.abandoned_puts.increment(1);
     }
 
-    /// Takes `len` bytes in DRAM, evicting synchronously if the background
-    /// has not kept up. Never waits on I/O: a victim with an NVMe copy
-    /// loses its DRAM copy, one without is dropped.
-    fn take_dram(&self, g: &mut Inner, len: u64) -> Result<(u64, u64), StoreError> {
+    /// Takes `len` bytes in DRAM for a block of tenant `t`, evicting
+    /// synchronously if the background has not kept up: first the tenant's
+    /// own blocks while it is at its DRAM quota ([`quota_room`]), then for
+    /// the tier's sake blocks of tenants above their share, else the
+    /// tenant's own ([`pick_victim`]). Never waits on I/O: a victim with an
+    /// NVMe copy loses its DRAM copy, one without is dropped.
+    ///
+    /// [`quota_room`]: Store::quota_room
+    fn take_dram(
+        &self,
+        g: &mut Inner,
+        t: TenantId,
+        len: u64,
+        quota: Quota,
+    ) -> Result<(u64, u64), StoreError> {
         let rounded = self.rounded(len);
+        self.quota_room(g, t, rounded, rounded, quota)?;
         let addr = loop {
             if let Some(addr) = self.dram.allocate(rounded) {
                 break addr;
             }
-            if !self.evict_one(g) {
+            if !self.evict_one(g, Some(t)) {
                 let b = &g.tiers[DRAM];
                 return Err(StoreError::NoSpace {
                     tier: "dram",
@@ -1184,6 +1291,59 @@ impl Store {
         Ok((addr, rounded))
     }
 
+    /// Makes room under tenant `t`'s DRAM quota for `rounded` more bytes
+    /// by evicting its own least recently used blocks. `batch` is what the
+    /// whole call will ask for (a zero-copy Reserve is all or nothing):
+    /// with [`Quota::Enforce`] a call that cannot fit even after evicting
+    /// every block the tenant may lose (not pinned, not reserved) is refused
+    /// before anything is evicted; [`Quota::BestEffort`] (a promotion: a
+    /// read must be served) evicts what it can and goes on.
+    fn quota_room(
+        &self,
+        g: &mut Inner,
+        t: TenantId,
+        rounded: u64,
+        batch: u64,
+        mode: Quota,
+    ) -> Result<(), StoreError> {
+        let b = &g.tenants.books[t as usize];
+        let quota = b.quota[DRAM];
+        if quota == 0 || b.used[DRAM] + rounded.max(batch) <= quota {
+            return Ok(());
+        }
+        let evictable = b.used[DRAM].saturating_sub(b.reserved + b.pinned);
+        let excess = (b.used[DRAM] + batch).saturating_sub(quota);
+        if mode == Quota::Enforce && (batch > quota || excess > evictable) {
+            return Err(self.quota_refused(g, t, batch));
+        }
+        while g.tenants.books[t as usize].used[DRAM] + rounded > quota {
+            let Some((_, id)) = g.policy.victim(t) else {
+                break;
+            };
+            self.evict_block(g, id);
+        }
+        if mode == Quota::Enforce && g.tenants.books[t as usize].used[DRAM] + rounded > quota {
+            return Err(self.quota_refused(g, t, rounded));
+        }
+        Ok(())
+    }
+
+    /// Counts and describes a refusal by tenant `t`'s DRAM quota.
+    fn quota_refused(&self, g: &mut Inner, t: TenantId, needed: u64) -> StoreError {
+        let b = &mut g.tenants.books[t as usize];
+        b.refusals[DRAM] += 1;
+        self.metrics.quota_refusals[DRAM].increment(1);
+        StoreError::Quota {
+            tenant: b.name.clone(),
+            tier: "dram",
+            quota: b.quota[DRAM],
+            used: b.used[DRAM],
+            pinned: b.pinned,
+            reserved: b.reserved,
+            needed,
+        }
+    }
+
     fn reserve_space(
         &self,
         g: &mut Inner,
@@ -1192,14 +1352,18 @@ impl Store {
         parent: Option<BlockKey>,
         len: u64,
     ) -> Result<Pending, StoreError> {
-        if g.index.len() >= self.cfg.max_blocks && !self.evict_one(g) {
+        let t = g.ns_table[ns as usize].tenant;
+        if g.index.len() >= self.cfg.max_blocks && !self.evict_one(g, Some(t)) {
             return Err(StoreError::Limit {
                 limit: "store.max_blocks",
                 detail: format!("{} blocks indexed, the limit", g.index.len()),
             });
         }
-        let (addr, rounded) = self.take_dram(g, len)?;
+        let (addr, rounded) = self.take_dram(g, t, len, Quota::Enforce)?;
         g.tiers[DRAM].reserved_bytes += rounded;
+        let book = &mut g.tenants.books[t as usize];
+        book.used[DRAM] += rounded;
+        book.reserved += rounded;
         Ok(Pending {
             ns,
             geom: g.ns_table[ns as usize].geom,
@@ -1248,6 +1412,16 @@ impl Store {
                 ),
             });
         }
+        // All or nothing, the tenant's quota included: a batch that cannot
+        // fit is refused before any of the tenant's blocks is evicted.
+        let batch: u64 = req
+            .blocks
+            .iter()
+            .filter(|b| g.index.find(ns, &b.key).is_none())
+            .map(|b| self.rounded(b.length))
+            .sum();
+        let t = g.ns_table[ns as usize].tenant;
+        self.quota_room(g, t, 0, batch, Quota::Enforce)?;
         let mut out = Vec::with_capacity(req.blocks.len());
         let mut taken: Vec<(u64, Pending)> = Vec::new();
         for b in &req.blocks {
@@ -1505,13 +1679,22 @@ impl Store {
         Ok(res)
     }
 
-    /// Evicts DRAM's next victim at once: a block with an NVMe copy loses
-    /// its DRAM copy, one without is dropped. False if nothing is evictable.
-    fn evict_one(&self, g: &mut Inner) -> bool {
-        let Some(id) = g.policy.victim() else {
+    /// Evicts DRAM's next victim at once ([`pick_victim`]: tenants above
+    /// their share first, else `for_tenant`, the tenant that needs the
+    /// room). False if nothing may be evicted.
+    fn evict_one(&self, g: &mut Inner, for_tenant: Option<TenantId>) -> bool {
+        let Some(id) = pick_victim(g, for_tenant) else {
             return false;
         };
+        self.evict_block(g, id);
+        true
+    }
+
+    /// Evicts a block from DRAM now: one with an NVMe copy loses its DRAM
+    /// copy, one without is dropped.
+    fn evict_block(&self, g: &mut Inner, id: BlockId) {
         let m = *g.index.get(id);
+        count_eviction(g, m.ns);
         if m.on_nvme() {
             drop_dram(g, self.granule, &self.dram, id);
         } else {
@@ -1523,7 +1706,6 @@ impl Store {
         g.tiers[DRAM].evictions += 1;
         self.metrics.evictions[DRAM].increment(1);
         self.metrics.evicted_bytes[DRAM].increment(m.len as u64);
-        true
     }
 
     /// Background eviction without an NVMe tier: while DRAM is above its
@@ -1540,7 +1722,7 @@ impl Store {
         loop {
             let mut g = self.lock();
             for _ in 0..batch {
-                if g.tiers[DRAM].used <= g.tiers[DRAM].low || !self.evict_one(&mut g) {
+                if g.tiers[DRAM].used <= g.tiers[DRAM].low || !self.evict_one(&mut g, None) {
                     return total;
                 }
                 total += 1;
@@ -1566,8 +1748,11 @@ impl Store {
             && g.writes_in_flight < self.cfg.nvme.max_writes_in_flight
             && jobs.len() < max
         {
-            let Some(id) = g.policy.victim() else { break };
+            let Some(id) = pick_victim(g, None) else {
+                break;
+            };
             let m = *g.index.get(id);
+            count_eviction(g, m.ns);
             g.tiers[DRAM].evictions += 1;
             self.metrics.evictions[DRAM].increment(1);
             self.metrics.evicted_bytes[DRAM].increment(m.len as u64);
@@ -1587,6 +1772,11 @@ impl Store {
                 self.metrics.dropped_not_admitted.increment(1);
                 continue;
             }
+            if !self.nvme_quota_room(g, m.ns, m.len as u64) {
+                remove_block(g, self, id);
+                self.metrics.dropped_quota.increment(1);
+                continue;
+            }
             if !g.budget.take(now, m.len as u64) {
                 remove_block(g, self, id);
                 self.metrics.dropped_budget.increment(1);
@@ -1602,7 +1792,9 @@ impl Store {
         let seq = g.seq;
         g.seq += 1;
         g.writes_in_flight += 1;
-        g.writing_bytes += self.rounded(g.index.get(id).len as u64);
+        let (len, ns) = (g.index.get(id).len as u64, g.index.get(id).ns);
+        g.writing_bytes += self.rounded(len);
+        g.tenants.books[g.ns_table[ns as usize].tenant as usize].writing += len;
         let m = g.index.get_mut(id);
         m.flags |= FLAG_WRITING;
         let m = *m;
@@ -1634,7 +1826,25 @@ impl Store {
         if m.on_nvme() || m.busy() || !m.in_dram() || m.is_doomed() {
             return None;
         }
+        if !self.nvme_quota_room(g, m.ns, m.len as u64) {
+            // Kept in DRAM, not durable: as a full disk would leave it.
+            return None;
+        }
         Some(self.start_write(g, r.id, true))
+    }
+
+    /// Whether a block of namespace ordinal `ns` may gain an NVMe copy of
+    /// `len` bytes under its tenant's NVMe quota (writes in flight count);
+    /// a refusal is counted.
+    fn nvme_quota_room(&self, g: &mut Inner, ns: u32, len: u64) -> bool {
+        let b = &mut g.tenants.books[g.ns_table[ns as usize].tenant as usize];
+        let quota = b.quota[NVME];
+        if quota == 0 || b.used[NVME] + b.writing + len <= quota {
+            return true;
+        }
+        b.refusals[NVME] += 1;
+        self.metrics.quota_refusals[NVME].increment(1);
+        false
     }
 
     /// The bytes a write job copies out of DRAM.
@@ -1656,6 +1866,11 @@ impl Store {
         let g = &mut *g;
         g.writes_in_flight -= 1;
         g.writing_bytes -= self.rounded(job.header.len as u64);
+        let t = g
+            .namespaces
+            .get(&job.header.namespace)
+            .map_or(DEFAULT_ID, |&o| g.ns_table[o as usize].tenant);
+        g.tenants.books[t as usize].writing -= job.header.len as u64;
         let Some(m) = g.index.resolve_mut(job.r) else {
             // Cannot happen (busy blocks are not removed); hand the record back.
             if let (Ok(loc), Some(n)) = (result, &self.nvme) {
@@ -1742,7 +1957,11 @@ impl Store {
         let staged = match payload {
             Ok(bytes) => {
                 let mut g = self.lock();
-                let taken = self.take_dram(&mut g, bytes.len() as u64);
+                let t = g
+                    .namespaces
+                    .get(&job.expect.namespace)
+                    .map_or(DEFAULT_ID, |&o| g.ns_table[o as usize].tenant);
+                let taken = self.take_dram(&mut g, t, bytes.len() as u64, Quota::BestEffort);
                 drop(g);
                 match taken {
                     Ok((addr, _)) => {
@@ -1975,11 +2194,25 @@ impl Store {
     /// Events after `cursor` (up to `max`), of the namespaces in `only`
     /// (empty: all); tier-wide events always pass.
     pub fn read_events(&self, cursor: u64, max: usize, only: &[NamespaceId]) -> EventsRead {
+        self.read_events_of(cursor, max, only, None)
+    }
+
+    /// [`read_events`](Self::read_events) of tenant `tenant`'s namespaces
+    /// only (None: every tenant's).
+    pub fn read_events_of(
+        &self,
+        cursor: u64,
+        max: usize,
+        only: &[NamespaceId],
+        tenant: Option<TenantId>,
+    ) -> EventsRead {
         let g = self.lock();
         let ords = ordinals(&g, only);
         let mut raw = Vec::with_capacity(max.min(4096));
         let keep = |e: &events::Event| {
-            e.kind == EventKind::Cleared || ords.as_ref().is_none_or(|o| o.contains(&e.ns))
+            e.kind == EventKind::Cleared
+                || (ords.as_ref().is_none_or(|o| o.contains(&e.ns))
+                    && tenant.is_none_or(|t| g.ns_table[e.ns as usize].tenant == t))
         };
         let r = g.events.read(cursor, max, &keep, &mut raw);
         EventsRead {
@@ -2001,6 +2234,18 @@ impl Store {
         max: usize,
         only: &[NamespaceId],
     ) -> (Vec<EventOut>, Option<u32>) {
+        self.snapshot_events_of(from, max, only, None)
+    }
+
+    /// [`snapshot_events`](Self::snapshot_events) of tenant `tenant`'s
+    /// namespaces only (None: every tenant's).
+    pub fn snapshot_events_of(
+        &self,
+        from: u32,
+        max: usize,
+        only: &[NamespaceId],
+        tenant: Option<TenantId>,
+    ) -> (Vec<EventOut>, Option<u32>) {
         let g = self.lock();
         let ords = ordinals(&g, only);
         let mut out = Vec::new();
@@ -2009,7 +2254,10 @@ impl Store {
         while id < end && out.len() < max {
             if g.index.is_live(id) {
                 let m = g.index.get(id);
-                if !m.is_doomed() && ords.as_ref().is_none_or(|o| o.contains(&m.ns)) {
+                if !m.is_doomed()
+                    && ords.as_ref().is_none_or(|o| o.contains(&m.ns))
+                    && tenant.is_none_or(|t| g.ns_table[m.ns as usize].tenant == t)
+                {
                     let parent = g.index.resolve(m.parent).map(|p| p.key);
                     for (held, medium) in
                         [(m.in_dram(), TierKind::Dram), (m.on_nvme(), TierKind::Nvme)]
@@ -2129,9 +2377,12 @@ impl Store {
                     if let Some(n) = &self.nvme {
                         n.add_live(s.loc, h.len);
                     }
-                    let c = &mut g.ns_table[ns as usize].count;
+                    let e = &mut g.ns_table[ns as usize];
+                    let c = &mut e.count;
                     c.bytes = c.bytes - m.len as u64 + h.len as u64;
                     c.tier_bytes[NVME] = c.tier_bytes[NVME] - m.len as u64 + h.len as u64;
+                    let t = &mut g.tenants.books[e.tenant as usize];
+                    t.used[NVME] = t.used[NVME] - m.len as u64 + h.len as u64;
                     let mm = g.index.get_mut(id);
                     mm.nvme_loc = s.loc.0;
                     mm.seq = h.seq;
@@ -2169,8 +2420,7 @@ impl Store {
                 let c = &mut g.ns_table[ns as usize].count;
                 c.blocks += 1;
                 c.bytes += h.len as u64;
-                c.tier_blocks[NVME] += 1;
-                c.tier_bytes[NVME] += h.len as u64;
+                ns_gain(g, ns, NVME, h.len as u64);
                 if let Some(n) = &self.nvme {
                     n.add_live(s.loc, h.len);
                 }
@@ -2409,6 +2659,49 @@ impl Store {
         for (e, c) in g.ns_table.iter().zip(&counts) {
             assert_eq!(&e.count, c, "counts of namespace {}", e.id);
         }
+        // Tenants' books agree with the index, the open reservations and
+        // the namespaces (tenants.rs, "Accounting").
+        let n = g.tenants.len();
+        let (mut used, mut blocks) = (vec![[0u64; LOCAL_TIERS]; n], vec![[0u64; LOCAL_TIERS]; n]);
+        let (mut pinned, mut writing, mut namespaces) =
+            (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
+        for e in &g.ns_table {
+            namespaces[e.tenant as usize] += 1;
+        }
+        for id in g.index.live_ids() {
+            let m = g.index.get(id);
+            let t = g.ns_table[m.ns as usize].tenant as usize;
+            for (held, tier) in [(m.in_dram(), DRAM), (m.on_nvme(), NVME)] {
+                if held {
+                    used[t][tier] += tenant_bytes(self.granule, tier, m.len as u64);
+                    blocks[t][tier] += 1;
+                }
+            }
+            if m.pins > 0 {
+                pinned[t] += self.rounded(m.len as u64);
+            }
+            if m.flags & FLAG_WRITING != 0 {
+                writing[t] += m.len as u64;
+            }
+        }
+        for (i, b) in g.tenants.books.iter().enumerate() {
+            let mut u = used[i];
+            u[DRAM] += b.reserved;
+            assert_eq!(b.used, u, "bytes of tenant {}", b.name);
+            assert_eq!(b.blocks, blocks[i], "blocks of tenant {}", b.name);
+            assert_eq!(b.pinned, pinned[i], "pinned bytes of tenant {}", b.name);
+            assert_eq!(b.writing, writing[i], "NVMe writes of tenant {}", b.name);
+            assert_eq!(
+                b.namespaces, namespaces[i],
+                "namespaces of tenant {}",
+                b.name
+            );
+        }
+        assert_eq!(
+            g.tenants.books.iter().map(|b| b.reserved).sum::<u64>(),
+            b.reserved_bytes,
+            "tenants' reservations"
+        );
         // Summaries belong to live blocks only, and fill the region exactly.
         let mut summaries = 0u64;
         let mut summary_bytes = 0u64;
@@ -2693,13 +2986,51 @@ impl Drop for ChainPin {
 
 // ---- helpers on the locked state --------------------------------------------
 
+/// Whether a DRAM reservation may be refused by the tenant's quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quota {
+    /// Puts and reservations: refused when the quota cannot be met.
+    Enforce,
+    /// Promotions: the tenant's own blocks make what room they can.
+    BestEffort,
+}
+
+/// The next DRAM victim: the least recently used evictable block among
+/// tenants above their share; if none, the tenant that needs the room
+/// (`for_tenant`) gives up its own; the background (`None`) then stops. So
+/// a tenant within its share never loses a block to another tenant.
+fn pick_victim(g: &Inner, for_tenant: Option<TenantId>) -> Option<BlockId> {
+    let mut best: Option<(u64, BlockId)> = None;
+    for (t, b) in g.tenants.books.iter().enumerate() {
+        if !b.over_share() {
+            continue;
+        }
+        if let Some(v) = g.policy.victim(t as TenantId)
+            && best.is_none_or(|bv| v.0 < bv.0)
+        {
+            best = Some(v);
+        }
+    }
+    best.or_else(|| for_tenant.and_then(|t| g.policy.victim(t)))
+        .map(|(_, id)| id)
+}
+
+/// Counts a DRAM eviction against the tenant of namespace ordinal `ns`.
+fn count_eviction(g: &mut Inner, ns: u32) {
+    let t = g.ns_table[ns as usize].tenant;
+    g.tenants.books[t as usize].evictions[DRAM] += 1;
+}
+
 fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
     let ord = g.ns_table.len() as u32;
     let geom = layout.as_ref().and_then(Geom::of);
+    let tenant = g.tenants.owner_of(layout.as_ref());
+    g.tenants.books[tenant as usize].namespaces += 1;
     g.ns_table.push(NsEntry {
         id,
         layout,
         geom,
+        tenant,
         count: NsCount::default(),
     });
     g.namespaces.insert(id, ord);
@@ -2763,7 +3094,8 @@ fn lease_checked(
 fn refresh(g: &mut Inner, id: BlockId) {
     let m = g.index.get(id);
     let c = (m.in_dram() && !m.is_doomed()).then(|| candidate(m));
-    let tracked = g.policy.update(id, c);
+    let group = g.ns_table[m.ns as usize].tenant;
+    let tracked = g.policy.update(id, group, c);
     let m = g.index.get_mut(id);
     if tracked {
         m.flags |= FLAG_TRACKED;
@@ -2794,9 +3126,12 @@ fn pin(g: &mut Inner, granule: u64, id: BlockId) {
     m.pins += 1;
     if m.pins == 1 {
         let (len, ns) = (m.len as u64, m.ns);
-        g.ns_table[ns as usize].count.pinned += 1;
+        let rounded = len.div_ceil(granule) * granule;
+        let e = &mut g.ns_table[ns as usize];
+        e.count.pinned += 1;
+        g.tenants.books[e.tenant as usize].pinned += rounded;
         g.tiers[DRAM].pinned_blocks += 1;
-        g.tiers[DRAM].pinned_bytes += len.div_ceil(granule) * granule;
+        g.tiers[DRAM].pinned_bytes += rounded;
         refresh(g, id);
     }
 }
@@ -2810,10 +3145,13 @@ fn unpin(g: &mut Inner, s: &Store, r: BlockRef) {
         return;
     }
     let (len, doomed, busy, ns) = (m.len as u64, m.is_doomed(), m.busy(), m.ns);
-    g.ns_table[ns as usize].count.pinned -= 1;
+    let rounded = len.div_ceil(s.granule) * s.granule;
+    let e = &mut g.ns_table[ns as usize];
+    e.count.pinned -= 1;
+    g.tenants.books[e.tenant as usize].pinned -= rounded;
     let b = &mut g.tiers[DRAM];
     b.pinned_blocks -= 1;
-    b.pinned_bytes -= len.div_ceil(s.granule) * s.granule;
+    b.pinned_bytes -= rounded;
     if doomed && !busy {
         remove_block(g, s, r.id);
     } else {
@@ -2826,6 +3164,14 @@ fn free_pending(g: &mut Inner, dram: &DramTier, p: &Pending) {
     let b = &mut g.tiers[DRAM];
     b.used -= p.rounded;
     b.reserved_bytes -= p.rounded;
+    unreserve(g, p);
+}
+
+/// Takes a reservation off its tenant's book (published or freed).
+fn unreserve(g: &mut Inner, p: &Pending) {
+    let t = &mut g.tenants.books[g.ns_table[p.ns as usize].tenant as usize];
+    t.used[DRAM] -= p.rounded;
+    t.reserved -= p.rounded;
 }
 
 /// Gives a block its DRAM copy at `addr` and counts its space in `used`
@@ -2961,7 +3307,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
     if let Some(off) = take_summary(g, id) {
         s.free_summary(g.ns_table[m.ns as usize].geom, Some(off));
     }
-    g.policy.update(id, None);
+    g.policy.update(id, g.ns_table[m.ns as usize].tenant, None);
     g.index.remove(id);
     let c = &mut g.ns_table[m.ns as usize].count;
     c.blocks -= 1;
@@ -2971,17 +3317,79 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
 /// Counts a copy of `len` bytes in `tier` gained by a block of namespace
 /// ordinal `ns`.
 fn ns_gain(g: &mut Inner, ns: u32, tier: usize, len: u64) {
-    let c = &mut g.ns_table[ns as usize].count;
-    c.tier_blocks[tier] += 1;
-    c.tier_bytes[tier] += len;
+    let e = &mut g.ns_table[ns as usize];
+    e.count.tier_blocks[tier] += 1;
+    e.count.tier_bytes[tier] += len;
+    let bytes = tenant_bytes(g.granule, tier, len);
+    let t = &mut g.tenants.books[e.tenant as usize];
+    t.used[tier] += bytes;
+    t.blocks[tier] += 1;
+}
+
+/// What a copy of `len` bytes in `tier` costs its tenant: DRAM in whole
+/// granules (as the allocator gives it), NVMe in payload bytes.
+fn tenant_bytes(granule: u64, tier: usize, len: u64) -> u64 {
+    if tier == DRAM {
+        len.div_ceil(granule) * granule
+    } else {
+        len
+    }
 }
 
 /// Counts a copy of `len` bytes in `tier` lost by a block of namespace
 /// ordinal `ns`.
 fn ns_lose(g: &mut Inner, ns: u32, tier: usize, len: u64) {
-    let c = &mut g.ns_table[ns as usize].count;
-    c.tier_blocks[tier] -= 1;
-    c.tier_bytes[tier] -= len;
+    let e = &mut g.ns_table[ns as usize];
+    e.count.tier_blocks[tier] -= 1;
+    e.count.tier_bytes[tier] -= len;
+    let bytes = tenant_bytes(g.granule, tier, len);
+    let t = &mut g.tenants.books[e.tenant as usize];
+    t.used[tier] -= bytes;
+    t.blocks[tier] -= 1;
+}
+
+/// Moves namespace `ns` (and what its blocks hold) to tenant `to`: a
+/// namespace found on disk whose owner became known. One pass over the
+/// index; the eviction policy forgets the blocks under the old group first.
+fn rehome(g: &mut Inner, ns: u32, to: TenantId) {
+    let from = g.ns_table[ns as usize].tenant;
+    let ids: Vec<BlockId> = g
+        .index
+        .live_ids()
+        .filter(|&id| g.index.get(id).ns == ns)
+        .collect();
+    let granule = g.granule;
+    for &id in &ids {
+        g.policy.update(id, from, None);
+        let m = *g.index.get(id);
+        let len = m.len as u64;
+        let [a, b] = [from, to].map(|t| t as usize);
+        let books = &mut g.tenants.books;
+        for (held, tier) in [(m.in_dram(), DRAM), (m.on_nvme(), NVME)] {
+            if held {
+                let bytes = tenant_bytes(granule, tier, len);
+                books[a].used[tier] -= bytes;
+                books[a].blocks[tier] -= 1;
+                books[b].used[tier] += bytes;
+                books[b].blocks[tier] += 1;
+            }
+        }
+        if m.pins > 0 {
+            let rounded = tenant_bytes(granule, DRAM, len);
+            books[a].pinned -= rounded;
+            books[b].pinned += rounded;
+        }
+        if m.flags & FLAG_WRITING != 0 {
+            books[a].writing -= len;
+            books[b].writing += len;
+        }
+    }
+    g.tenants.books[from as usize].namespaces -= 1;
+    g.tenants.books[to as usize].namespaces += 1;
+    g.ns_table[ns as usize].tenant = to;
+    for &id in &ids {
+        refresh(g, id);
+    }
 }
 
 /// After a transfer ends: a doomed block that nothing pins or moves any
@@ -3026,5 +3434,7 @@ fn take_summary(g: &mut Inner, id: BlockId) -> Option<u64> {
 mod nvme_tests;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod tenant_tests;
 #[cfg(test)]
 mod tests;
