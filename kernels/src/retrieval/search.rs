@@ -277,7 +277,7 @@ impl Scorer<'_> {
         let mut i = 0;
         while i + 4 <= buf.len() {
             let ids = [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
-            let s = simd::dot4::<FMA>(
+            let s = super::dense::dot_rows::<FMA>(
                 self.q,
                 [
                     self.row(ids[0]),
