@@ -11,6 +11,10 @@
 //! * [`attend`]: attention near the data ([`Client::attend`]) and
 //!   [`attend::merge`], which combines the daemon's partial `(o, lse)` with
 //!   the engine's own.
+//! * [`Credentials`]: a bearer token and TLS (a CA to trust, and a client
+//!   certificate for mutual TLS) for daemons that authenticate TCP clients
+//!   ([`Client::connect_with`]). On the Unix socket the daemon identifies
+//!   the process by its uid and gid; nothing to send.
 //! * Admin calls ([`Client::drain`], [`Client::evict_namespace`],
 //!   [`Client::export_namespace`], [`Client::stats_per_namespace`]) and
 //!   [`export`], the self-describing file format of `strata export` and
@@ -29,7 +33,11 @@ use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use strata_proto::pb::strata_client::StrataClient;
 use strata_proto::{BlockKey, Layout, LeaseId, NamespaceId, TierKind, pb};
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity,
+};
 
 pub use local::{LocalClient, LocalPut, SharedArena};
 pub use strata_proto;
@@ -192,10 +200,52 @@ pub struct Deleted {
     pub pinned: Vec<BlockKey>,
 }
 
+/// What a client shows a daemon that authenticates TCP clients.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// Sent as `authorization: Bearer <token>` with every call (the
+    /// daemon's `auth.tcp = "token"`). Use an `https://` endpoint unless the
+    /// daemon is on loopback: a token in clear text is a token given away.
+    pub token: Option<String>,
+    /// TLS for `https://` endpoints.
+    pub tls: Option<TlsCredentials>,
+}
+
+/// TLS settings of an `https://` connection.
+#[derive(Debug, Clone, Default)]
+pub struct TlsCredentials {
+    /// The CA certificate (PEM) that signed the daemon's certificate; none:
+    /// the system's roots are not loaded, so set it.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its key (PEM), for mutual TLS (the
+    /// daemon's `auth.tcp = "mtls"`).
+    pub cert_pem: Option<Vec<u8>>,
+    pub key_pem: Option<Vec<u8>>,
+    /// The name the daemon's certificate must carry, when it is not the
+    /// endpoint's host.
+    pub domain: Option<String>,
+}
+
+/// Adds the bearer token (if any) to every call.
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The generated client with the bearer-token interceptor.
+pub type Rpc = StrataClient<InterceptedService<Channel, BearerToken>>;
+
 /// A gRPC client of one daemon. Cheap to clone (one HTTP/2 connection).
 #[derive(Debug, Clone)]
 pub struct Client {
-    rpc: StrataClient<Channel>,
+    rpc: Rpc,
     endpoint: Endpoint,
 }
 
@@ -224,20 +274,42 @@ fn tier(t: i32) -> Option<TierKind> {
 impl Client {
     /// Connects to `http://host:port` or `unix:/path`.
     pub async fn connect(endpoint: &str) -> Result<Client> {
+        Self::connect_with(endpoint, &Credentials::default()).await
+    }
+
+    /// Connects to `http://host:port`, `https://host:port` (TLS, with
+    /// `creds.tls`) or `unix:/path`, sending `creds.token` with every call.
+    pub async fn connect_with(endpoint: &str, creds: &Credentials) -> Result<Client> {
         let ep: Endpoint = endpoint.parse()?;
+        let token = match &creds.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| Error::Protocol("the token is not printable ASCII".into()))?,
+            ),
+            None => None,
+        };
         let channel = match &ep {
-            Endpoint::Tcp(url) => tune(
-                TonicEndpoint::from_shared(url.clone())
-                    .map_err(|_| Error::Endpoint(url.clone()))?,
-            )
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| Error::Connect {
-                endpoint: ep.to_string(),
-                detail: source_chain(&e),
-            })?,
+            Endpoint::Tcp(url) => {
+                let mut e = tune(
+                    TonicEndpoint::from_shared(url.clone())
+                        .map_err(|_| Error::Endpoint(url.clone()))?,
+                );
+                if let Some(tls) = &creds.tls {
+                    e = e.tls_config(tls_config(tls)?).map_err(|e| Error::Connect {
+                        endpoint: ep.to_string(),
+                        detail: source_chain(&e),
+                    })?;
+                }
+                e.tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| Error::Connect {
+                        endpoint: ep.to_string(),
+                        detail: source_chain(&e),
+                    })?
+            }
             Endpoint::Unix(path) => {
                 let path = path.clone();
                 // The URI is required by the API and ignored by the connector.
@@ -257,7 +329,7 @@ impl Client {
                     })?
             }
         };
-        let rpc = StrataClient::new(channel)
+        let rpc = StrataClient::with_interceptor(channel, BearerToken(token))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Client { rpc, endpoint: ep })
@@ -268,7 +340,7 @@ impl Client {
     }
 
     /// The raw generated client, for calls this wrapper does not cover.
-    pub fn rpc(&mut self) -> &mut StrataClient<Channel> {
+    pub fn rpc(&mut self) -> &mut Rpc {
         &mut self.rpc
     }
 
@@ -640,6 +712,26 @@ impl ExportStream {
 }
 
 /// Block-sized HTTP/2 windows and frames (the daemon uses the same).
+fn tls_config(t: &TlsCredentials) -> Result<ClientTlsConfig> {
+    let mut c = ClientTlsConfig::new();
+    if let Some(ca) = &t.ca_pem {
+        c = c.ca_certificate(Certificate::from_pem(ca));
+    }
+    match (&t.cert_pem, &t.key_pem) {
+        (Some(cert), Some(key)) => c = c.identity(Identity::from_pem(cert, key)),
+        (None, None) => {}
+        _ => {
+            return Err(Error::Protocol(
+                "TLS: a client certificate and its key go together".into(),
+            ));
+        }
+    }
+    if let Some(d) = &t.domain {
+        c = c.domain_name(d.clone());
+    }
+    Ok(c)
+}
+
 fn tune(e: TonicEndpoint) -> TonicEndpoint {
     e.initial_stream_window_size(16 << 20)
         .initial_connection_window_size(64 << 20)

@@ -25,7 +25,7 @@ use super::drain::Gate;
 use super::limits::Limits;
 use crate::attend::exec::{self, AttendCtx, SeqResult};
 use crate::metrics::{MethodMetrics, ServerMetrics};
-use crate::store::{PutResult, Reserve, Store, tiering};
+use crate::store::{PutResult, Reserve, Store, StoreError, tiering};
 use strata_proto::TierKind;
 
 /// Who is calling: from the connection, never from the request body.
@@ -397,7 +397,11 @@ impl pb::strata_server::Strata for StrataService {
             let q = GetReq::try_from(raw)?;
             self.own(&who, q.namespace)?;
             let permit = self.limits.stream()?;
-            let guard = Arc::new(self.store.pin_for_read(&q)?);
+            let guard = Arc::new(
+                self.store
+                    .pin_for_read(&q)
+                    .map_err(|e| self.lease_error(&who, e))?,
+            );
             // Bounded: a slow reader holds at most a few chunks here.
             let (tx, rx) = mpsc::channel(4);
             let chunk = self.chunk;
@@ -472,7 +476,10 @@ impl pb::strata_server::Strata for StrataService {
                 )
                 .into());
             }
-            let n = self.store.release(&q)?;
+            let n = self
+                .store
+                .release(&q)
+                .map_err(|e| self.lease_error(&who, e))?;
             Ok(Response::new(pb::ReleaseResponse { released_blocks: n }))
         })();
         timed(&self.m.release, t, r)
@@ -674,7 +681,10 @@ impl pb::strata_server::Strata for StrataService {
             self.limits.keys("keys", raw.keys.len())?;
             let q = GetSlotsReq::try_from(raw)?;
             self.own(&who, q.namespace)?;
-            let refs = self.store.leased_refs(&q)?;
+            let refs = self
+                .store
+                .leased_refs(&q)
+                .map_err(|e| self.lease_error(&who, e))?;
             // Leased blocks only on NVMe are brought up to DRAM first.
             tiering::promote(&self.store, &refs).await;
             let keyed: Vec<_> = refs.into_iter().zip(q.keys.iter().copied()).collect();
@@ -717,6 +727,18 @@ impl StrataService {
             }
         }
         Ok(())
+    }
+
+    /// A store error, where a lease of another tenant's namespace counts as
+    /// a cross-tenant access (leases are tied to a namespace: the store
+    /// refuses them with PERMISSION_DENIED either way).
+    fn lease_error(&self, who: &Tenant, e: StoreError) -> Status {
+        if let StoreError::LeaseForeign { owner, .. } = &e
+            && self.store.namespace_owner(*owner) != Some(who.id)
+        {
+            return self.auth.deny(Denied::ForeignNamespace, e.into());
+        }
+        e.into()
     }
 
     async fn attend_inner(
