@@ -5,6 +5,8 @@
 - :class:`LocalClient` (``strata.local``): the zero-copy local data plane
   (the daemon's arena mapped, numpy views of slots);
 - :mod:`strata.errors`: typed errors carrying the gRPC status and message;
+- :mod:`strata.auth`: :class:`Credentials` (a bearer token, TLS, a client
+  certificate) for daemons that authenticate TCP clients;
 - :mod:`strata.keys`: chained block keys from token ids;
 - :mod:`strata.merge`: the exact log-sum-exp merge of partial attention
   (``Client.attend`` answers merged with the engine's own part);
@@ -12,10 +14,11 @@
 """
 
 from .aio import AsyncClient
+from .auth import Credentials, credentials_from
 from .client import DEFAULT_ENDPOINT, Client
 from .errors import (AlreadyExists, ArenaChanged, DataLoss, DeadlineExceeded, FailedPrecondition,
                      InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, StrataError,
-                     Unavailable)
+                     Unauthenticated, Unavailable)
 from .local import LocalClient
 from .types import (AttendMode, AttendResult, AttendSequence, Block, DeleteResult, Dtype, KvKind,
                     Layout, Lease, LookupResult, Namespace, PutOutcome, PutResult, StoredBlock, Tier,
@@ -24,9 +27,10 @@ from .types import (AttendMode, AttendResult, AttendSequence, Block, DeleteResul
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "Client", "LocalClient", "DEFAULT_ENDPOINT",
+    "AsyncClient", "Client", "LocalClient", "DEFAULT_ENDPOINT", "Credentials", "credentials_from",
     "StrataError", "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied",
     "FailedPrecondition", "ResourceExhausted", "Unavailable", "DeadlineExceeded", "DataLoss",
+    "Unauthenticated",
     "ArenaChanged",
     "AttendMode", "AttendResult", "AttendSequence", "TierRead",
     "Block", "DeleteResult", "Dtype", "KvKind", "Layout", "Lease", "LookupResult", "Namespace",

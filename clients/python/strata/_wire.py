@@ -36,14 +36,13 @@ def channel_options(endpoint: str) -> list:
 
 
 def target(endpoint: str) -> str:
-    """gRPC target for ``http://host:port``, ``host:port`` or ``unix:/path``."""
+    """gRPC target for ``http://host:port``, ``https://host:port`` (TLS:
+    see :mod:`strata.auth`), ``host:port`` or ``unix:/path``."""
     if endpoint.startswith("unix:"):
         return endpoint
-    for prefix in ("http://", "grpc://"):
+    for prefix in ("http://", "grpc://", "https://"):
         if endpoint.startswith(prefix):
             return endpoint[len(prefix):].rstrip("/")
-    if endpoint.startswith("https://"):
-        raise InvalidArgument(f"endpoint {endpoint!r}: TLS is not supported; use http:// or unix:")
     return endpoint
 
 

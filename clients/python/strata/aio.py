@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 
 from . import _wire
+from .auth import Credentials, aio_channel
 from .errors import Unavailable, from_rpc
 from .types import (AttendResult, Block, DeleteResult, Layout, Lease, LookupResult, Namespace,
                     PutOutcome, StoredBlock)
@@ -20,10 +21,13 @@ from .client import DEFAULT_ENDPOINT
 
 
 class AsyncClient:
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float | None = 30.0):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float | None = 30.0,
+                 credentials: Credentials | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(_wire.target(endpoint), options=_wire.channel_options(endpoint))
+        self.credentials = credentials
+        self._metadata = credentials.metadata() if credentials else ()
+        self._channel = aio_channel(endpoint, credentials)
         self._stub = pb_grpc.StrataStub(self._channel)
 
     async def close(self) -> None:
@@ -37,7 +41,7 @@ class AsyncClient:
 
     async def _call(self, fn, *args, **kw):
         try:
-            return await fn(*args, timeout=self.timeout_s, **kw)
+            return await fn(*args, timeout=self.timeout_s, metadata=self._metadata, **kw)
         except grpc.RpcError as e:
             raise from_rpc(e) from None
 
@@ -67,7 +71,7 @@ class AsyncClient:
                             lease_id=lease.id if lease else 0)
         asm = _wire.GetAssembler()
         try:
-            async for m in self._stub.Get(req, timeout=self.timeout_s):
+            async for m in self._stub.Get(req, timeout=self.timeout_s, metadata=self._metadata):
                 asm.feed(m)
         except grpc.RpcError as e:
             raise from_rpc(e) from None
@@ -84,7 +88,8 @@ class AsyncClient:
     async def subscribe(self, namespaces=None, after_seq: int = 0, snapshot: bool = False,
                         max_batch: int = 0):
         """Async iterator of :class:`~strata.types.EventBatch` es."""
-        call = self._stub.Subscribe(_wire.subscribe_request(namespaces, after_seq, snapshot, max_batch))
+        call = self._stub.Subscribe(_wire.subscribe_request(namespaces, after_seq, snapshot, max_batch),
+                                    metadata=self._metadata)
         try:
             async for b in call:
                 yield _wire.event_batch(b)
@@ -94,8 +99,8 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def stats(self) -> pb.StatsResponse:
-        return await self._call(self._stub.Stats, pb.StatsRequest())
+    async def stats(self, per_namespace: bool = False) -> pb.StatsResponse:
+        return await self._call(self._stub.Stats, pb.StatsRequest(per_namespace=per_namespace))
 
     async def attend(self, ns: "Namespace | int", sequences, layer: int, mode="dense", *,
                      scale: float | None = None, budget_tokens: int | None = None,

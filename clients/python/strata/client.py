@@ -12,6 +12,7 @@ from typing import Iterable
 import grpc
 
 from . import _wire
+from .auth import Credentials, channel
 from .errors import StrataError, from_rpc
 from .types import (AttendResult, Block, DeleteResult, Layout, Lease, LookupResult, Namespace,
                     PutOutcome, StoredBlock)
@@ -22,14 +23,19 @@ DEFAULT_ENDPOINT = "http://127.0.0.1:7470"
 
 
 class Client:
-    """``Client("unix:/run/strata/stratad.sock")`` or
-    ``Client("http://127.0.0.1:7470")``. ``timeout_s`` bounds every call
-    (None: no deadline)."""
+    """``Client("unix:/run/strata/stratad.sock")``,
+    ``Client("http://127.0.0.1:7470")`` or, for a daemon that authenticates
+    TCP clients, ``Client("https://node:7470", credentials=Credentials(...))``
+    (:mod:`strata.auth`: a bearer token, TLS, a client certificate).
+    ``timeout_s`` bounds every call (None: no deadline)."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float | None = 30.0):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float | None = 30.0,
+                 credentials: Credentials | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(_wire.target(endpoint), options=_wire.channel_options(endpoint))
+        self.credentials = credentials
+        self._metadata = credentials.metadata() if credentials else ()
+        self._channel = channel(endpoint, credentials)
         self._stub = pb_grpc.StrataStub(self._channel)
 
     def close(self) -> None:
@@ -43,7 +49,7 @@ class Client:
 
     def _call(self, fn, *args, **kw):
         try:
-            return fn(*args, timeout=self.timeout_s, **kw)
+            return fn(*args, timeout=self.timeout_s, metadata=self._metadata, **kw)
         except grpc.RpcError as e:
             raise from_rpc(e) from None
 
@@ -79,7 +85,7 @@ class Client:
                             lease_id=lease.id if lease else 0)
         asm = _wire.GetAssembler()
         try:
-            for m in self._stub.Get(req, timeout=self.timeout_s):
+            for m in self._stub.Get(req, timeout=self.timeout_s, metadata=self._metadata):
                 asm.feed(m)
         except grpc.RpcError as e:
             raise from_rpc(e) from None
@@ -98,12 +104,15 @@ class Client:
         """KV events as :class:`~strata.types.EventBatch` es, until the
         daemon stops or ``close()`` is called on the returned iterator. See
         :class:`strata.events.EventFeed` for a feed that resyncs itself."""
-        call = self._stub.Subscribe(_wire.subscribe_request(namespaces, after_seq, snapshot, max_batch))
+        call = self._stub.Subscribe(_wire.subscribe_request(namespaces, after_seq, snapshot, max_batch),
+                                    metadata=self._metadata)
         return _Subscription(call)
 
-    def stats(self) -> pb.StatsResponse:
-        """Occupancy and counters per tier (the protobuf message)."""
-        return self._call(self._stub.Stats, pb.StatsRequest())
+    def stats(self, per_namespace: bool = False) -> pb.StatsResponse:
+        """Occupancy and counters per tier, the caller's tenant and its
+        usage and quotas (the protobuf message); ``per_namespace`` adds the
+        caller's namespaces."""
+        return self._call(self._stub.Stats, pb.StatsRequest(per_namespace=per_namespace))
 
     def attend(self, ns: "Namespace | int", sequences, layer: int, mode="dense", *,
                scale: float | None = None, budget_tokens: int | None = None,

@@ -61,6 +61,13 @@ class Unavailable(StrataError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(StrataError):
+    """The daemon wants a credential this client did not send, or does not
+    know the one it sent (the message says which)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class DeadlineExceeded(StrataError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -80,7 +87,7 @@ class ArenaChanged(StrataError):
 
 _BY_CODE = {c.code: c for c in (InvalidArgument, NotFound, AlreadyExists, PermissionDenied,
                                 FailedPrecondition, ResourceExhausted, Unavailable,
-                                DeadlineExceeded, DataLoss)}
+                                DeadlineExceeded, DataLoss, Unauthenticated)}
 
 
 def from_rpc(err: grpc.RpcError) -> StrataError:

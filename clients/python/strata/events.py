@@ -29,8 +29,10 @@ class Reset:
 
 
 class EventFeed:
-    def __init__(self, endpoint: str, namespaces=None, retry_s: float = 0.5, max_batch: int = 0):
+    def __init__(self, endpoint: str, namespaces=None, retry_s: float = 0.5, max_batch: int = 0,
+                 credentials=None):
         self.endpoint = endpoint
+        self.credentials = credentials
         self.namespaces = list(namespaces or [])
         self.retry_s = retry_s
         self.max_batch = max_batch
@@ -48,7 +50,8 @@ class EventFeed:
         while not self._closed.is_set():
             try:
                 if self._client is None:
-                    self._client = Client(self.endpoint, timeout_s=None)
+                    self._client = Client(self.endpoint, timeout_s=None,
+                                          credentials=self.credentials)
                 self._sub = self._client.subscribe(self.namespaces, snapshot=True,
                                                    max_batch=self.max_batch)
                 hello = next(self._sub)

@@ -100,16 +100,22 @@ class Layout:
         n = self.tokens_per_block if tokens is None else tokens
         return (self.num_layers, self.kv_kind.tensors, n, self.num_kv_heads, self.head_dim)
 
-    def namespace_id(self) -> int:
+    def namespace_id(self, tenant: str | None = None) -> int:
         """The namespace id the daemon derives from this layout (same
-        canonical encoding as ``strata_proto::Layout::namespace_id``)."""
+        canonical encoding as ``strata_proto::Layout::namespace_id``).
+        ``tenant``: the tenant that registers it, when the daemon
+        authenticates clients: the daemon puts the tenant's name and a NUL
+        before the salt (``Layout::for_tenant``; "default" is not folded)."""
+        salt = bytes(self.tenant_salt)
+        if tenant is not None and tenant != "default":
+            salt = tenant.encode() + b"\0" + salt
         model = self.model_id.encode()
         buf = bytearray(b"strata.layout.v1\0")
         buf += struct.pack("<I", len(model)) + model
         buf += bytes([int(self.dtype), int(self.kv_kind)])
         buf += struct.pack("<6I", self.num_layers, self.num_kv_heads, self.head_dim,
                            self.tokens_per_block, self.tp_rank, self.tp_size)
-        buf += struct.pack("<I", len(self.tenant_salt)) + bytes(self.tenant_salt)
+        buf += struct.pack("<I", len(salt)) + salt
         return xxhash.xxh3_64_intdigest(bytes(buf))
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
+from ..auth import Credentials
 from ..client import Client
 from ..errors import AlreadyExists, ArenaChanged, DeadlineExceeded, StrataError, Unavailable
 from ..local import LocalClient
@@ -93,7 +94,7 @@ class StoreLink:
 
     def __init__(self, endpoint: str, layout: Layout, *, zero_copy: bool = True,
                  timeout_s: float = 5.0, retry_after_s: float = 1.0, lease_ttl_ms: int = 30_000,
-                 save_part_bytes: int = 32 << 20):
+                 save_part_bytes: int = 32 << 20, credentials: Credentials | None = None):
         self.endpoint = endpoint if "://" in endpoint or endpoint.startswith("unix:") else (
             f"unix:{endpoint}" if endpoint.startswith("/") else f"http://{endpoint}")
         self.layout = layout
@@ -102,6 +103,9 @@ class StoreLink:
         self.retry_after_s = retry_after_s
         self.lease_ttl_ms = lease_ttl_ms
         self.save_part_bytes = save_part_bytes
+        # A bearer token and TLS for daemons that authenticate TCP clients
+        # (strata.auth); nothing is sent on the Unix socket.
+        self.credentials = credentials
         self.stats = LinkStats()
         self._lock = threading.Lock()
         self._client: Client | None = None
@@ -114,7 +118,10 @@ class StoreLink:
 
     @property
     def namespace_id(self) -> int:
-        return self.layout.namespace_id()
+        """The daemon's id of the layout once registered (with
+        authentication it folds in the tenant), else the unfolded one."""
+        ns = self._ns
+        return ns.id if ns is not None else self.layout.namespace_id()
 
     @property
     def is_local(self) -> bool:
@@ -140,13 +147,14 @@ class StoreLink:
                 # with this process (another user, no .shm socket): stream.
                 self._log("arena", f"arena of {self.endpoint} not mapped ({e}); "
                                    "data will go over gRPC if the daemon answers")
-        client = local.client if local else Client(self.endpoint, timeout_s=self.timeout_s)
+        client = local.client if local else Client(self.endpoint, timeout_s=self.timeout_s,
+                                                   credentials=self.credentials)
         try:
             ns = client.register_layout(self.layout)
         except BaseException:
             (local or client).close()
             raise
-        if ns.id != self.layout.namespace_id():
+        if ns.id != self.layout.namespace_id() and ns.id != self._tenant_id(client):
             (local or client).close()
             raise StrataError(f"daemon named the layout namespace {ns.id:#x}, this client "
                               f"derives {self.layout.namespace_id():#x}: versions disagree")
@@ -156,6 +164,14 @@ class StoreLink:
                               f"the engine has {self.layout.block_bytes}")
         self._local, self._client, self._ns = local, client, ns
         return ns
+
+    def _tenant_id(self, client: Client) -> int | None:
+        """The layout's id as the tenant this client is (a daemon with
+        authentication folds the tenant into the namespace)."""
+        try:
+            return self.layout.namespace_id(client.stats().tenant or None)
+        except StrataError:
+            return None
 
     def _reset_locked(self) -> None:
         closing = self._local or self._client

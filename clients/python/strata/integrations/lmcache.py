@@ -120,6 +120,7 @@ import grpc
 import numpy as np
 import xxhash
 
+from ..auth import Credentials, credentials_from
 from ..client import Client
 from ..errors import ArenaChanged, DeadlineExceeded, StrataError, Unavailable
 from ..local import LocalClient
@@ -426,13 +427,18 @@ class StrataL2AdapterConfig(L2AdapterConfigBase):
                             "1 GiB and the daemon's DRAM tier; default 64 MiB)",
         "max_capacity_gb": "capacity declared to LMCache for its own global eviction "
                            "(default 0: the daemon evicts)",
+        "credentials": "for a daemon that authenticates TCP clients (strata.auth.credentials_from): "
+                       "an object with token or token_file, tls_ca_file, tls_cert_file, "
+                       "tls_key_file, tls_server_name (default none)",
     }
 
     def __init__(self, endpoint: str = "unix:/run/strata/stratad.sock", zero_copy: bool = True,
                  num_workers: int = 2, timeout_s: float = 5.0, retry_after_s: float = 1.0,
                  lookup: str = "prefix", lock_ttl_ms: int = 30_000, granule_bytes: int = 4096,
-                 max_object_bytes: int = 64 << 20, max_capacity_gb: float = 0.0):
+                 max_object_bytes: int = 64 << 20, max_capacity_gb: float = 0.0,
+                 credentials: dict | None = None):
         self.endpoint = endpoint
+        self.credentials = credentials
         self.zero_copy = zero_copy
         self.num_workers = num_workers
         self.timeout_s = timeout_s
@@ -474,6 +480,8 @@ class StrataL2AdapterConfig(L2AdapterConfigBase):
             bad("max_object_bytes", f"{m} is above min({_MAX_TOKENS_PER_BLOCK} x granule_bytes, 1 GiB)")
         if not isinstance(self.max_capacity_gb, (int, float)) or self.max_capacity_gb < 0:
             bad("max_capacity_gb", f"must be a non-negative number, got {self.max_capacity_gb!r}")
+        if self.credentials is not None and not isinstance(self.credentials, dict):
+            bad("credentials", f"must be an object, got {self.credentials!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "StrataL2AdapterConfig":
@@ -566,7 +574,7 @@ class _Connection:
     a fresh connection)."""
 
     def __init__(self, endpoint: str, zero_copy: bool, timeout_s: float, retry_after_s: float,
-                 stats: _Stats):
+                 stats: _Stats, credentials: Credentials | None = None):
         if endpoint.startswith("unix:") or "://" in endpoint:
             self.endpoint = endpoint
         elif endpoint.startswith("/"):
@@ -577,6 +585,7 @@ class _Connection:
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.stats = stats
+        self.credentials = credentials
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self._down_until = 0.0
@@ -598,7 +607,8 @@ class _Connection:
                 local = LocalClient(self.endpoint[len("unix:"):], timeout_s=self.timeout_s)
             except (OSError, StrataError) as e:
                 arena_error = e
-        session = _Session(local, local.client if local else Client(self.endpoint, timeout_s=self.timeout_s))
+        session = _Session(local, local.client if local else Client(
+            self.endpoint, timeout_s=self.timeout_s, credentials=self.credentials))
         try:
             # One cheap call proves the daemon answers before the session is used.
             tiers = session.client.stats().tiers
@@ -713,7 +723,8 @@ class StrataL2Adapter(L2AdapterInterface):
         self._layouts: dict[tuple[str, str], Layout] = {}
         self.stats = _Stats()
         self._conn = _Connection(config.endpoint, config.zero_copy, config.timeout_s,
-                                 config.retry_after_s, self.stats)
+                                 config.retry_after_s, self.stats,
+                                 credentials_from(config.credentials))
 
         self._lock = threading.Lock()
         self._task_ids = itertools.count(1)

@@ -17,7 +17,10 @@ Extra-config keys read here (the rest belong to SGLang):
 - ``timeout_s`` (default 5): bound on every daemon call;
 - ``retry_after_s`` (default 1): how long an unreachable daemon is answered
   with misses before the next try;
-- ``model_id``: overrides ``storage_config.model_name`` in the namespace.
+- ``model_id``: overrides ``storage_config.model_name`` in the namespace;
+- ``token`` or ``token_file``, ``tls_ca_file``, ``tls_cert_file``,
+  ``tls_key_file``, ``tls_server_name``: credentials for a daemon that
+  authenticates TCP clients (:func:`strata.auth.credentials_from`).
 
 **Contract with the engine.** SGLang calls the data methods from three
 daemon threads (prefetch, prefetch-IO, backup) that die on any exception or
@@ -86,6 +89,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+from ..auth import credentials_from
 from ..client import DEFAULT_ENDPOINT, Client
 from ..errors import DeadlineExceeded, Unavailable
 from ..types import BlockStored, Dtype, KvKind, Layout
@@ -437,6 +441,8 @@ class StrataHiCacheStorage(HiCacheStorage):
         self.zero_copy = _flag(extra, "zero_copy", True)
         self.timeout_s = _seconds(extra, "timeout_s", 5.0)
         self.retry_after_s = _seconds(extra, "retry_after_s", 1.0)
+        # token / token_file / tls_*_file / tls_server_name (strata.auth).
+        self.credentials = credentials_from(extra)
         self.model_id = extra.get("model_id") or getattr(storage_config, "model_name", None)
         # (geometry, link, writes?) replaced as one, so a call never mixes
         # one registration's pool with another's link.
@@ -468,7 +474,7 @@ class StrataHiCacheStorage(HiCacheStorage):
         replicated = bool(cfg.is_mla_model)
         layout = geom.strata_layout(model_id, 0 if replicated else tp_rank, 1 if replicated else tp_size)
         link = StoreLink(self.endpoint, layout, zero_copy=self.zero_copy, timeout_s=self.timeout_s,
-                         retry_after_s=self.retry_after_s)
+                         retry_after_s=self.retry_after_s, credentials=self.credentials)
         try:
             link.connect()
         except (Unavailable, DeadlineExceeded) as e:
@@ -705,7 +711,7 @@ class StrataHiCacheStorage(HiCacheStorage):
                 return
             ns = link.namespace_id
             keys: set[bytes] = set()
-            with Client(link.endpoint, timeout_s=self.timeout_s) as c:
+            with Client(link.endpoint, timeout_s=self.timeout_s, credentials=self.credentials) as c:
                 sub = c.subscribe([ns], snapshot=True)
                 try:
                     for batch in sub:

@@ -132,7 +132,9 @@ follows. Without vLLM the events are plain dicts of the same shape (with
 5-D cache of exactly 2 blocks), ``timeout_s`` (worker calls, 5),
 ``lookup_timeout_s`` (scheduler calls, 1), ``retry_after_s`` (1),
 ``lease_ttl_ms`` (30000), ``save_chunk_bytes`` (64 MiB: the most one save
-call reserves), ``zero_copy`` (True), ``kv_events``.
+call reserves), ``zero_copy`` (True), ``kv_events``; for a daemon that
+authenticates TCP clients (``strata.auth``): ``token`` or ``token_file``,
+``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``, ``tls_server_name``.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..auth import credentials_from
 from ..errors import DeadlineExceeded, Unavailable
 from ..events import EventFeed, Reset, vllm_event
 from ..types import AllBlocksCleared as StrataAllBlocksCleared
@@ -420,7 +423,9 @@ DEFAULT_ENDPOINT = "unix:/run/strata/stratad.sock"
 EXTRA_CONFIG_KEYS = frozenset({
     "endpoint", "model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size",
     "tp_rank", "tp_size", "kv_cache_layout", "timeout_s", "lookup_timeout_s", "retry_after_s",
-    "lease_ttl_ms", "save_chunk_bytes", "zero_copy", "kv_events"})
+    "lease_ttl_ms", "save_chunk_bytes", "zero_copy", "kv_events",
+    # Credentials (strata.auth.credentials_from), passed through.
+    "token", "token_file", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"})
 
 # ---- keys -------------------------------------------------------------------
 
@@ -782,8 +787,10 @@ class _EventPump:
     view of the GPU tier."""
 
     def __init__(self, endpoint: str, namespace_id: int,
-                 tokens: "OrderedDict[bytes, tuple[int, ...]]", max_pending: int = 1 << 16):
+                 tokens: "OrderedDict[bytes, tuple[int, ...]]", max_pending: int = 1 << 16,
+                 credentials=None):
         self.tokens = tokens
+        self._credentials = credentials
         self.max_pending = max_pending
         self._endpoint, self._ns = endpoint, namespace_id
         self._lock = threading.Lock()
@@ -796,7 +803,7 @@ class _EventPump:
 
     def _run(self) -> None:
         while not self._closed.is_set():
-            feed = EventFeed(self._endpoint, [self._ns])
+            feed = EventFeed(self._endpoint, [self._ns], credentials=self._credentials)
             with self._lock:
                 self._feed = feed
             for item in feed:
@@ -894,6 +901,7 @@ class StrataConnector(KVConnectorBase_V1, SupportsHMA):
                         unknown, sorted(EXTRA_CONFIG_KEYS))
         self._extra = extra
         self._endpoint = str(extra.get("endpoint", DEFAULT_ENDPOINT))
+        self._credentials = credentials_from(extra)
         self._retry_after_s = float(extra.get("retry_after_s", 1.0))
         self._lease_ttl_ms = int(extra.get("lease_ttl_ms", 30_000))
         self._save_chunk_bytes = int(extra.get("save_chunk_bytes", 64 << 20))
@@ -906,7 +914,8 @@ class StrataConnector(KVConnectorBase_V1, SupportsHMA):
             # One link per TP rank (lookups only: no arena mapping).
             self._links = [StoreLink(self._endpoint, dataclasses.replace(self._layout, tp_rank=r),
                                      zero_copy=False, timeout_s=timeout,
-                                     retry_after_s=self._retry_after_s, lease_ttl_ms=self._lease_ttl_ms)
+                                     retry_after_s=self._retry_after_s, lease_ttl_ms=self._lease_ttl_ms,
+                                     credentials=self._credentials)
                            for r in range(self._layout.tp_size)]
             for link in self._links:
                 _connect_at_start(link)
@@ -921,7 +930,7 @@ class StrataConnector(KVConnectorBase_V1, SupportsHMA):
                                                      "enable_kv_cache_events", False))
             self._tokens: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
             self._events = (_EventPump(self._links[0].endpoint, self._links[0].namespace_id,
-                                       self._tokens)
+                                       self._tokens, credentials=self._credentials)
                             if enabled else None)
         else:
             self._tp_rank = _worker_tp_rank(extra)
@@ -1174,7 +1183,8 @@ class StrataConnector(KVConnectorBase_V1, SupportsHMA):
         self._links = [StoreLink(self._endpoint, layout, zero_copy=bool(self._extra.get("zero_copy", True)),
                                  timeout_s=float(self._extra.get("timeout_s", 5.0)),
                                  retry_after_s=self._retry_after_s, lease_ttl_ms=self._lease_ttl_ms,
-                                 save_part_bytes=self._save_chunk_bytes)]
+                                 save_part_bytes=self._save_chunk_bytes,
+                                 credentials=self._credentials)]
         _connect_at_start(self._links[0])
         log.info("strata: %d layers, %s layout, %d blocks, namespace %#x at %s", len(names),
                  self._layers[0].kind, self._layers[0].num_blocks, layout.namespace_id(), self._endpoint)
