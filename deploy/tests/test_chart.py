@@ -47,6 +47,19 @@ SCENARIOS = {
         "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
         "serviceMonitor": {"enabled": False},
     },
+    # TCP on the pod network with mutual TLS, engines' uids mapped to
+    # tenants with quotas; certificates from a Secret.
+    "auth": {
+        "authSecret": "strata-auth",
+        "config": {
+            "server": {"listen": "0.0.0.0:7470"},
+            "auth": {"tcp": "mtls", "uds": "peercred", "tls_cert": "/etc/strata/auth/tls.crt",
+                     "tls_key": "/etc/strata/auth/tls.key", "tls_client_ca": "/etc/strata/auth/ca.crt"},
+            "tenants": [{"name": "team-a", "uids": [1000], "tls_names": ["team-a.engines"],
+                         "zero_copy": True, "dram_bytes": "8GiB", "nvme_bytes": "100GiB"},
+                        {"name": "ops", "tls_names": ["ops.strata"], "admin": True}],
+        },
+    },
 }
 
 
@@ -127,6 +140,7 @@ def test_a_bad_size_fails_the_render_naming_it():
     ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser"),
     ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
     ({"host": {"socketDir": "run/strata"}}, "/host/socketDir"),
+    ({"authSecret": "Not_A_Name"}, "/authSecret"),
 ])
 def test_values_schema_refuses_mistakes(values, error):
     # values.schema.json, enforced by Helm itself on every render.
@@ -259,6 +273,22 @@ def test_daemonset_shape(renders):
     assert c["image"] == f"{values['image']['repository']}:{yaml.safe_load((render.CHART / 'Chart.yaml').read_text())['appVersion']}"
 
 
+def test_the_auth_secret_is_mounted_where_the_config_points(renders):
+    objs = render.objects(renders["auth"])
+    pod = only(objs, "DaemonSet")["spec"]["template"]["spec"]
+    mount = [m for m in _containers(only(objs, "DaemonSet"))[0]["volumeMounts"] if m["name"] == "auth"]
+    assert mount == [{"name": "auth", "mountPath": "/etc/strata/auth", "readOnly": True}]
+    vol = [v for v in pod["volumes"] if v["name"] == "auth"]
+    assert vol[0]["secret"]["secretName"] == "strata-auth"
+    cfg = tomllib.loads(stratad_toml(objs))
+    for k in ("tls_cert", "tls_key", "tls_client_ca"):
+        assert cfg["auth"][k].startswith(mount[0]["mountPath"] + "/")
+    assert cfg["tenants"][0]["dram_bytes"] == "8GiB"
+    # Without a Secret, no volume.
+    objs = render.objects(renders["defaults"])
+    assert not [v for v in only(objs, "DaemonSet")["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth"]
+
+
 def test_scenario_knobs_reach_the_pod(renders):
     objs = render.objects(renders["big-node"])
     pod = only(objs, "DaemonSet")["spec"]["template"]["spec"]
@@ -376,6 +406,9 @@ def test_stratad_accepts_the_rendered_config(renders, scenario, tmp_path):
     ({"config": {"store": {"max_blockz": 10}}}, "max_blockz"),
     ({"config": {"tiers": {"nvme": {"engine": "spdk"}}}}, "tiers.nvme.engine"),
     ({"config": {"tiers": {"dram": {"high_watermark": 0.5, "low_watermark": 0.9}}}}, "watermark"),
+    # TCP on the pod network without authentication.
+    ({"config": {"server": {"listen": "0.0.0.0:7470"}}}, "auth.tcp"),
+    ({"config": {"auth": {"tcp": "mtls"}}}, "auth.tls_client_ca"),
 ])
 def test_stratad_refuses_a_bad_rendered_config(tmp_path, values, error):
     r = check_config(stratad_toml(render.objects(render.render(values))), tmp_path)
