@@ -1,0 +1,119 @@
+//! Boundary 3 for authentication: real `stratad` processes. What a process
+//! adds over the in-process tests: the refusal at start (exit status and
+//! message), the start-up log line, and re-reading the tokens file on
+//! SIGHUP.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use strata_client::{Client, Credentials};
+use strata_tests::{Daemon, bin, free_port, signal};
+
+const OLD: &str = "alice-old-token-0123456789";
+const NEW: &str = "alice-new-token-0123456789";
+
+/// The tenant the daemon sees for `token`, or the error's text.
+async fn tenant_of(d: &Daemon, token: &str) -> Result<String, String> {
+    let mut c = Client::connect_with(
+        &d.endpoint(),
+        &Credentials {
+            token: Some(token.into()),
+            tls: None,
+        },
+    )
+    .await
+    .unwrap();
+    c.stats().await.map(|s| s.tenant).map_err(|e| e.to_string())
+}
+
+fn wait_for_log(d: &Daemon, needle: &str, count: usize) {
+    let t = Instant::now();
+    while d.log_text().matches(needle).count() < count {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{needle:?} not logged:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tcp_beyond_loopback_without_auth_stops_the_daemon_with_what_to_configure() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("stratad"))
+        .args(["--listen", &format!("0.0.0.0:{}", free_port())])
+        .args(["--metrics-listen", "off", "--data-dir"])
+        .arg(dir.path())
+        .args(["--nvme-bytes", "0", "--dram-bytes", "8MiB"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["server.listen", "auth.tcp = \"mtls\"", "allow_insecure_tcp"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
+
+#[test]
+fn the_default_daemon_says_auth_is_off_and_why_that_is_safe() {
+    let mut d = Daemon::spawn(&["--nvme-bytes", "0", "--dram-bytes", "8MiB"]);
+    let log = d.log_text();
+    assert!(
+        log.contains("authentication is off") && log.contains("loopback"),
+        "{log}"
+    );
+    assert!(d.terminate().success());
+}
+
+#[tokio::test]
+async fn sighup_rereads_the_tokens_file() {
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let tokens = cfg_dir.path().join("tokens");
+    std::fs::write(&tokens, format!("alice {OLD}\n")).unwrap();
+    let cfg = cfg_dir.path().join("stratad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\ntcp = \"token\"\ntokens_file = \"{}\"\n[[tenants]]\nname = \"alice\"\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let mut d = Daemon::spawn(&[
+        "--config",
+        &cfg,
+        "--nvme-bytes",
+        "0",
+        "--dram-bytes",
+        "8MiB",
+    ]);
+    assert!(d.log_text().contains("authentication is on"));
+    assert_eq!(tenant_of(&d, OLD).await.unwrap(), "alice");
+    assert!(
+        tenant_of(&d, NEW)
+            .await
+            .unwrap_err()
+            .starts_with("UNAUTHENTICATED")
+    );
+    // Rotate: the new token in, the old one out, then SIGHUP.
+    std::fs::write(&tokens, format!("alice {NEW}\n")).unwrap();
+    signal(d.pid(), "HUP");
+    wait_for_log(&d, "tokens file re-read", 1);
+    assert_eq!(tenant_of(&d, NEW).await.unwrap(), "alice");
+    assert!(
+        tenant_of(&d, OLD)
+            .await
+            .unwrap_err()
+            .starts_with("UNAUTHENTICATED")
+    );
+    // A broken file is refused and the tokens in use stay.
+    std::fs::write(&tokens, "alice short\n").unwrap();
+    signal(d.pid(), "HUP");
+    wait_for_log(&d, "the tokens in use stay", 1);
+    assert_eq!(tenant_of(&d, NEW).await.unwrap(), "alice");
+    assert!(d.terminate().success());
+}
