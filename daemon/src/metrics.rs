@@ -416,11 +416,32 @@ pub struct StateGauges {
     pub abstract_bytes: Gauge,
     pub abstract_capacity_bytes: Gauge,
     pub abstract_blocks: Gauge,
+    /// 1 while `/readyz` answers 200.
+    pub ready: Gauge,
+    /// 1 from the start of a drain (Drain or SIGTERM) to the exit.
+    pub draining: Gauge,
 }
 
 impl StateGauges {
     pub fn new(r: &Registry) -> Self {
+        // Which build serves, for rollouts (the value is always 1).
+        r.gauge(
+            "strata_build_info",
+            "The stratad build (version label); always 1",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
         StateGauges {
+            ready: r.gauge(
+                "strata_ready",
+                "1 while the daemon is ready (/readyz 200, gRPC health SERVING)",
+                &[],
+            ),
+            draining: r.gauge(
+                "strata_draining",
+                "1 while the daemon drains (new puts refused) before it exits",
+                &[],
+            ),
             fenced: per_tier(|t| {
                 r.gauge(
                     "strata_tier_fenced",

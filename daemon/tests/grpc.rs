@@ -590,6 +590,13 @@ async fn metrics_health_and_readiness() {
         "strata_store_leases 0",
         "strata_server_streams_active 0",
         "# TYPE strata_server_request_duration_seconds histogram",
+        "strata_ready 1",
+        "strata_draining 0",
+        concat!(
+            "strata_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\"} 1"
+        ),
     ] {
         assert!(body.contains(needle), "missing {needle}\n{body}");
     }

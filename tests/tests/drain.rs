@@ -245,6 +245,11 @@ fn strata_drain_under_load_loses_no_acknowledged_block() {
         }
         assert_eq!(ready.0, 503, "{}", ready.1);
         assert!(ready.1.contains("draining"), "{}", ready.1);
+        let (_, m) = http_get(d.metrics_port, "/metrics").unwrap();
+        assert!(
+            m.contains("strata_draining 1") && m.contains("strata_ready 0"),
+            "the drain shows in the metrics"
+        );
         // The reservation holds the drain: new puts are refused meanwhile.
         let e = c
             .put(

@@ -303,6 +303,7 @@ pub async fn run(
         phase: DrainPhase::Settling,
         ..Default::default()
     };
+    health.set_draining();
     let say = |st: &mut DrainStatus, detail: String| {
         health.set(false, format!("draining: {detail}"));
         st.detail = detail;

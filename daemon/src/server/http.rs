@@ -23,10 +23,20 @@ use crate::store::Store;
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    draining: AtomicBool,
     detail: Mutex<String>,
 }
 
 impl Health {
+    /// From now on the daemon is draining (never cleared: it exits).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     pub fn set(&self, ready: bool, detail: impl Into<String>) {
         *self.detail.lock().expect("health poisoned") = detail.into();
         self.ready.store(ready, Ordering::SeqCst);
@@ -84,6 +94,12 @@ pub async fn serve(
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    s.gauges
+        .ready
+        .set(if s.health.is_ready() { 1.0 } else { 0.0 });
+    s.gauges
+        .draining
+        .set(if s.health.is_draining() { 1.0 } else { 0.0 });
     if let Some(store) = s.store.get() {
         let st = store.stats();
         let g = &s.gauges;
