@@ -242,6 +242,11 @@ impl Auth {
         self.multi
     }
 
+    /// Whether Unix-socket peers are identified by their credentials.
+    pub fn local_peers_authenticated(&self) -> bool {
+        self.uds == UdsAuth::PeerCred
+    }
+
     /// The tenant "default".
     pub fn default_tenant(&self) -> &Arc<Tenant> {
         &self.tenants[0]

@@ -4,8 +4,10 @@
 //! A client is identified by the kernel's peer credentials of its Unix
 //! socket connection (`SO_PEERCRED`), never by anything it says. It receives
 //! the descriptor only if both agree: its uid is in the allowed list
-//! (`server.shm_allowed_uids`) and, with authentication on the Unix socket,
-//! its uid or gid maps to a tenant with `zero_copy = true`. Everyone else
+//! (`server.shm_allowed_uids`; empty: the daemon's uid and root, or, with
+//! authentication on the Unix socket, any uid) and, with authentication on
+//! the Unix socket, its uid or gid maps to a tenant with `zero_copy =
+//! true`. Everyone else
 //! gets a refusal with the reason, and the refusal is counted. The memfd
 //! is never linked into a file system: the descriptor passed here is the
 //! only way to map it.
@@ -41,20 +43,19 @@ pub struct ShmPolicy {
 
 impl ShmPolicy {
     /// The configured list, where an empty list means the daemon's own uid
-    /// and root.
+    /// and root; or, when the Unix socket authenticates (`auth.uds =
+    /// "peercred"`), that the tenants' `zero_copy` flags decide alone.
     pub fn from_config(allowed: Option<Vec<u32>>, auth: Arc<Auth>) -> Self {
-        let allowed_uids = allowed.map(|v| {
-            if v.is_empty() {
-                vec![rustix::process::getuid().as_raw(), 0]
-            } else {
-                v
-            }
-        });
+        let allowed_uids = match allowed {
+            Some(v) if v.is_empty() && auth.local_peers_authenticated() => None,
+            Some(v) if v.is_empty() => Some(vec![rustix::process::getuid().as_raw(), 0]),
+            other => other,
+        };
         ShmPolicy { allowed_uids, auth }
     }
 
     /// Why a local peer may not map the arena (None: it may).
-    fn refusal(&self, uid: u32, gid: u32) -> Option<String> {
+    pub fn refusal(&self, uid: u32, gid: u32) -> Option<String> {
         if !self.allowed_uids.as_ref().is_none_or(|v| v.contains(&uid)) {
             return Some(format!(
                 "uid {uid} may not map the arena; add it to server.shm_allowed_uids or use Put/Get over gRPC"
@@ -157,4 +158,51 @@ async fn hand_off(
     metrics.shm_clients.increment(1);
     tracing::debug!(uid = cred.uid(), pid = ?cred.pid(), "handed the arena to a local client");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Registry;
+
+    fn policy(toml: &str) -> ShmPolicy {
+        let r = Config::from_toml(toml).unwrap().resolve().unwrap();
+        let names: Vec<String> = r.auth.tenants.iter().map(|t| t.name.clone()).collect();
+        let auth = Auth::new(
+            &r.auth,
+            |n| names.iter().position(|x| x == n).map(|i| i as u32),
+            &Registry::new(),
+        )
+        .unwrap();
+        ShmPolicy::from_config(r.shm_allowed_uids, Arc::new(auth))
+    }
+
+    #[test]
+    fn who_may_map_the_arena() {
+        let me = rustix::process::getuid().as_raw();
+        let other = me.wrapping_add(1000);
+        // No authentication: the daemon's uid and root, or the list.
+        let p = policy("");
+        assert!(p.refusal(me, 0).is_none() && p.refusal(0, 0).is_none());
+        assert!(p.refusal(other, 0).unwrap().contains("shm_allowed_uids"));
+        let p = policy(&format!("[server]\nshm_allowed_uids = [\"{other}\"]\n"));
+        assert!(p.refusal(other, 0).is_none() && p.refusal(me, 0).is_some());
+        // Peer credentials: the tenants decide (a mapped uid with
+        // zero_copy), unless a list narrows it further.
+        let peer = format!(
+            "[auth]\nuds = \"peercred\"\n[[tenants]]\nname = \"a\"\nuids = [{other}]\nzero_copy = true\n\
+             [[tenants]]\nname = \"b\"\ngids = [77]\n"
+        );
+        let p = policy(&peer);
+        assert!(p.refusal(other, 5).is_none());
+        assert!(p.refusal(me, 5).unwrap().contains("not mapped to a tenant"));
+        assert!(
+            p.refusal(me.wrapping_add(2000), 77)
+                .unwrap()
+                .contains("zero_copy = false")
+        );
+        let p = policy(&format!("[server]\nshm_allowed_uids = [\"{me}\"]\n{peer}"));
+        assert!(p.refusal(other, 5).unwrap().contains("shm_allowed_uids"));
+    }
 }
