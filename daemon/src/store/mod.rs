@@ -2107,6 +2107,10 @@ impl Store {
         } else {
             remove_block(g, self, id);
         }
+        // A cold record reclaim gives up is the NVMe tier's eviction.
+        g.tiers[NVME].evictions += 1;
+        self.metrics.evictions[NVME].increment(1);
+        self.metrics.evicted_bytes[NVME].increment(m.len as u64);
         self.metrics.dropped_reclaim.increment(1);
         ReclaimAction::Dropped
     }

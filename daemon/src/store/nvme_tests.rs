@@ -420,6 +420,19 @@ async fn reclaim_keeps_disk_within_the_cap_and_hot_blocks() {
             payload(&hot),
             "{e:?}: hot block lost"
         );
+        // What reclaim gave up counts as the NVMe tier's evictions.
+        let nvme = f
+            .store
+            .stats()
+            .tiers
+            .into_iter()
+            .find(|t| t.tier == Some(TierKind::Nvme))
+            .unwrap();
+        assert!(
+            nvme.evictions >= 100,
+            "{e:?}: {} NVMe evictions",
+            nvme.evictions
+        );
         f.store.check_invariants();
     }
 }
