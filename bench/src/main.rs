@@ -15,6 +15,10 @@
 //! * `attend`: Attend (dense, sparse, SparF) on synthetic heads: mass and
 //!   relerr vs exact attention and the oracle, read%, dense scan rate ÷
 //!   single-thread memory read, wire bytes ÷ the head's K+V.
+//! * `retrieval`: the RetrievalAttention index (pure compute): recall@100
+//!   vs scan%, search latency vs the exact scan, output relerr beside the
+//!   exact top-100; writes the data for the faiss baselines
+//!   (`bench/retrieval/run` runs them and plots).
 //!
 //! Run with `bench/run` (release build, installs redis-server if missing).
 
@@ -23,6 +27,7 @@ mod attend;
 mod attend_io;
 mod nvme;
 mod redis;
+mod retrieval;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -47,7 +52,10 @@ struct Args {
     /// Smaller working sets (for a smoke run); figures are less stable.
     #[arg(long)]
     quick: bool,
-    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme, attend (default: all).
+    /// Also the long sizes (retrieval: 128K tokens).
+    #[arg(long)]
+    long: bool,
+    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme, attend, retrieval (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Block sizes in KiB.
@@ -416,6 +424,9 @@ fn main() -> Result<()> {
         rt.block_on(attend::attend(&mut rep, args.quick))?;
         rt.block_on(attend_io::nvme_steps(&mut rep, args.quick))?;
         rt.block_on(attend_io::near_vs_ship(&mut rep, args.quick))?;
+    }
+    if want("retrieval") {
+        retrieval::retrieval(&mut rep, &args.out, args.quick, args.long)?;
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("core.md");
