@@ -6,26 +6,35 @@
 //! key geometry alone must scan a large share of the keys. This one adds
 //! what the prefill's queries retrieved together:
 //!
-//! * a key-kNN **backbone** (L2, occlusion-pruned, about 24 neighbours)
-//!   that keeps every key reachable;
+//! * a key-kNN **backbone** (L2, occlusion-pruned, at most 24 neighbours)
+//!   that connects keys no training query retrieved;
 //! * **co-retrieval edges**: keys that the same training queries have in
-//!   their exact top-100 are linked, the most frequent first (about 48 per
-//!   key), so a search that reaches one key a query wants finds the others
-//!   one hop away;
+//!   their exact top-100 are linked, the most frequent first once
+//!   discounted by popularity (at most 48 per key), so a search that
+//!   reaches one key a query wants finds the others one hop away;
 //! * a **routing table**: k-means centres of the training queries, each
-//!   with its exact top keys as entry points;
+//!   with its exact top keys as entry points; a repair pass links any key
+//!   the search could not reach from them;
 //! * **beam search** by `q.k` from the entries of the best centres, with a
 //!   candidate list of `ef`, counting every inner product it computes
-//!   (centres and keys) as *scanned*.
+//!   (centres and keys) as *scanned*;
+//! * **tuning** on held-out training queries: whether searches follow the
+//!   backbone edges of keys that have co-retrieval edges ([`Expand`]; they
+//!   pay on heads whose key geometry follows relevance, cost scans where it
+//!   does not), and the default `ef`.
 //!
-//! See [`build`] for how each part is made and why, [`search`] for the
-//! search, [`insert`] for incremental inserts.
+//! See `build.rs` for how each part is made and why, `search.rs` for the
+//! search, `insert.rs` for incremental inserts. Measured figures and the
+//! faiss baselines: bench/README.md ("Retrieval").
 //!
 //! Invariants:
 //! * ids are row numbers of the keys given to [`RetrievalIndex::build`],
 //!   then of [`RetrievalIndex::insert`] in order (`0..len()`);
 //! * every adjacency entry is a valid id or [`NONE`]; a key never lists
 //!   itself;
+//! * after a build every key is reachable from the routing entries along
+//!   the edges searches follow; inserts keep this except where an insert
+//!   slot is reused (rare; the next build restores it);
 //! * a build is a function of the keys, the training queries and the
 //!   [`IndexConfig`] (seed included), whatever the thread count; a search
 //!   is a function of the index, the query and the [`SearchParams`]. (The
