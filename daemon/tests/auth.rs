@@ -338,6 +338,37 @@ async fn quota_exhaustion_is_resource_exhausted_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn nvme_writes_over_the_nvme_quota_are_skipped_not_failed() {
+    // Write-through: every put is written to NVMe before its ack, unless
+    // the tenant is at its NVMe quota (2 blocks): then it stays in DRAM and
+    // the put says it is not durable.
+    let d = token_daemon(|c| {
+        c.tiers.nvme.write_through = true;
+        c.tenants[0].nvme_bytes = ByteSize(8 << 10);
+    })
+    .await;
+    let mut alice = with_token(&d, ALICE).await;
+    let a = alice.register_layout(&layout(16)).await.unwrap().namespace;
+    let blocks = chain(1, 4);
+    let r = alice.put_durable(a, &blocks).await.unwrap();
+    let durable: Vec<bool> = r.iter().map(|x| x.1).collect();
+    assert_eq!(durable, [true, true, false, false]);
+    assert_eq!(alice.lookup(a, &keys(&blocks), 0).await.unwrap().hits, 4);
+    let nvme = alice.stats().await.unwrap().tenant_stats[0].tiers[1];
+    assert_eq!(nvme.tier, pb::Tier::Nvme as i32);
+    assert_eq!(
+        (nvme.used_bytes, nvme.quota_bytes, nvme.blocks, nvme.quota_refusals),
+        (8 << 10, 8 << 10, 2, 2)
+    );
+    // Bob has no NVMe quota.
+    let mut bob = with_token(&d, BOB).await;
+    let b = bob.register_layout(&layout(16)).await.unwrap().namespace;
+    let r = bob.put_durable(b, &chain(2, 4)).await.unwrap();
+    assert!(r.iter().all(|x| x.1));
+    d.stop().await;
+}
+
+#[tokio::test]
 async fn a_tenant_filling_the_tier_never_evicts_another_within_its_share() {
     // 1 MiB of DRAM (256 blocks). Bob's quota and share: 32 blocks. Alice
     // has no quota: her share is 0, so she gives way first.
