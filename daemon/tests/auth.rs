@@ -357,7 +357,12 @@ async fn nvme_writes_over_the_nvme_quota_are_skipped_not_failed() {
     let nvme = alice.stats().await.unwrap().tenant_stats[0].tiers[1];
     assert_eq!(nvme.tier, pb::Tier::Nvme as i32);
     assert_eq!(
-        (nvme.used_bytes, nvme.quota_bytes, nvme.blocks, nvme.quota_refusals),
+        (
+            nvme.used_bytes,
+            nvme.quota_bytes,
+            nvme.blocks,
+            nvme.quota_refusals
+        ),
         (8 << 10, 8 << 10, 2, 2)
     );
     // Bob has no NVMe quota.
