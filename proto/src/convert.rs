@@ -463,6 +463,7 @@ pub enum AttendMode {
     Dense,
     Sparse,
     Sparf,
+    Retrieval,
 }
 
 /// The budget of a sparse Attend.
@@ -498,6 +499,8 @@ pub struct AttendReq {
     pub budget: Budget,
     pub sparf_channels: Option<u32>,
     pub sparf_tokens: Option<u32>,
+    /// RETRIEVAL: top-k per query head and candidate list.
+    pub retrieval: RetrievalParams,
 }
 
 impl TryFrom<pb::AttendRequest> for AttendReq {
@@ -508,10 +511,11 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             Ok(pb::AttendMode::Dense) => AttendMode::Dense,
             Ok(pb::AttendMode::Sparse) => AttendMode::Sparse,
             Ok(pb::AttendMode::Sparf) => AttendMode::Sparf,
+            Ok(pb::AttendMode::Retrieval) => AttendMode::Retrieval,
             Ok(pb::AttendMode::Unspecified) => {
                 return Err(FieldError::new(
                     "mode",
-                    "is unspecified; DENSE, SPARSE or SPARF",
+                    "is unspecified; DENSE, SPARSE, SPARF or RETRIEVAL",
                 ));
             }
             Err(_) => {
@@ -562,6 +566,18 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
                 }
             }
         }
+        if mode != AttendMode::Retrieval {
+            for (f, v) in [
+                ("retrieval_k", r.retrieval_k),
+                ("retrieval_ef", r.retrieval_ef),
+            ] {
+                if v != 0 {
+                    return Err(FieldError::new(f, "only RETRIEVAL takes this parameter"));
+                }
+            }
+        }
+        let retrieval =
+            RetrievalParams::new("retrieval_k", r.retrieval_k, "retrieval_ef", r.retrieval_ef)?;
         let mut sequences = Vec::with_capacity(r.sequences.len());
         for (i, s) in r.sequences.into_iter().enumerate() {
             let keys = keys(&format!("sequences[{i}].keys"), &s.keys)?;
@@ -592,6 +608,167 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             budget,
             sparf_channels: (r.sparf_channels != 0).then_some(r.sparf_channels),
             sparf_tokens: (r.sparf_tokens != 0).then_some(r.sparf_tokens),
+            retrieval,
+        })
+    }
+}
+
+// ---- retrieval ------------------------------------------------------------
+
+/// Largest `k` of a retrieval (the index's limit).
+pub const RETRIEVAL_K_MAX: u32 = 1024;
+/// Largest candidate list of a retrieval.
+pub const RETRIEVAL_EF_MAX: u32 = 4096;
+/// Default `k` (COMPUTE.md §5: top-100).
+pub const RETRIEVAL_K_DEFAULT: u32 = 100;
+
+/// Top-k and candidate list of a retrieval, checked (`ef`: None = the
+/// index's tuned default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrievalParams {
+    pub k: u32,
+    pub ef: Option<u32>,
+}
+
+impl Default for RetrievalParams {
+    fn default() -> Self {
+        RetrievalParams {
+            k: RETRIEVAL_K_DEFAULT,
+            ef: None,
+        }
+    }
+}
+
+impl RetrievalParams {
+    /// `k` (0 = 100) and `ef` (0 = tuned default), named as the caller's
+    /// fields.
+    pub fn new(k_field: &str, k: u32, ef_field: &str, ef: u32) -> Result<Self, FieldError> {
+        let k = if k == 0 { RETRIEVAL_K_DEFAULT } else { k };
+        if k > RETRIEVAL_K_MAX {
+            return Err(FieldError::new(
+                k_field,
+                format!("{k} is above {RETRIEVAL_K_MAX}"),
+            ));
+        }
+        if ef != 0 && (ef < k || ef > RETRIEVAL_EF_MAX) {
+            return Err(FieldError::new(
+                ef_field,
+                format!("{ef} is outside k ({k}) to {RETRIEVAL_EF_MAX} (0 = the index's default)"),
+            ));
+        }
+        Ok(RetrievalParams {
+            k,
+            ef: (ef != 0).then_some(ef),
+        })
+    }
+}
+
+/// Finite f32 values, or the field of the first that is not.
+fn finite(field: &str, v: &[f32]) -> Result<(), FieldError> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(j) => Err(FieldError::new(
+            format!("{field}[{j}]"),
+            format!("{} is not a finite number", v[j]),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Training queries of one layer: `[m][heads][d]` f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingQueries {
+    pub layer: u32,
+    pub heads: u32,
+    pub queries: Vec<f32>,
+}
+
+/// A BuildIndex call, checked as far as it can be without the layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildIndexReq {
+    pub namespace: NamespaceId,
+    pub keys: Vec<BlockKey>,
+    /// Empty: every layer.
+    pub layers: Vec<u32>,
+    /// Per layer given (shapes checked with the layout).
+    pub training: Vec<TrainingQueries>,
+    pub wait: bool,
+}
+
+impl TryFrom<pb::BuildIndexRequest> for BuildIndexReq {
+    type Error = FieldError;
+    fn try_from(r: pb::BuildIndexRequest) -> Result<Self, FieldError> {
+        let namespace = namespace(r.namespace_id)?;
+        let keys = keys("keys", &r.keys)?;
+        for (i, l) in r.layers.iter().enumerate() {
+            if r.layers[..i].contains(l) {
+                return Err(FieldError::new(
+                    format!("layers[{i}]"),
+                    format!("layer {l} is listed twice"),
+                ));
+            }
+        }
+        let mut training: Vec<TrainingQueries> = Vec::with_capacity(r.training_queries.len());
+        for (i, t) in r.training_queries.into_iter().enumerate() {
+            let f = format!("training_queries[{i}]");
+            if training.iter().any(|x| x.layer == t.layer) {
+                return Err(FieldError::new(
+                    format!("{f}.layer"),
+                    format!("layer {} has training queries twice", t.layer),
+                ));
+            }
+            if !r.layers.is_empty() && !r.layers.contains(&t.layer) {
+                return Err(FieldError::new(
+                    format!("{f}.layer"),
+                    format!("layer {} is not among the layers to index", t.layer),
+                ));
+            }
+            finite(&format!("{f}.queries"), &t.queries)?;
+            training.push(TrainingQueries {
+                layer: t.layer,
+                heads: t.num_q_heads,
+                queries: t.queries,
+            });
+        }
+        Ok(BuildIndexReq {
+            namespace,
+            keys,
+            layers: r.layers,
+            training,
+            wait: r.wait,
+        })
+    }
+}
+
+/// A Retrieve call, checked as far as it can be without the layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrieveReq {
+    pub namespace: NamespaceId,
+    pub keys: Vec<BlockKey>,
+    pub layer: u32,
+    /// `[heads][d]` f32.
+    pub queries: Vec<f32>,
+    pub params: RetrievalParams,
+}
+
+impl TryFrom<pb::RetrieveRequest> for RetrieveReq {
+    type Error = FieldError;
+    fn try_from(r: pb::RetrieveRequest) -> Result<Self, FieldError> {
+        let namespace = namespace(r.namespace_id)?;
+        let keys = keys("keys", &r.keys)?;
+        if r.queries.is_empty() {
+            return Err(FieldError::new(
+                "queries",
+                "is empty; [num_q_heads][head_dim] f32 values are required",
+            ));
+        }
+        finite("queries", &r.queries)?;
+        let params = RetrievalParams::new("k", r.k, "ef", r.ef)?;
+        Ok(RetrieveReq {
+            namespace,
+            keys,
+            layer: r.layer,
+            queries: r.queries,
+            params,
         })
     }
 }
@@ -741,5 +918,123 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Layout::try_from(l).unwrap_err().field, "layout.dtype");
+    }
+
+    #[test]
+    fn retrieval_requests_are_checked_field_by_field() {
+        let good = || pb::RetrieveRequest {
+            namespace_id: 1,
+            keys: vec![vec![1u8].into()],
+            layer: 0,
+            queries: vec![0.5; 4],
+            k: 0,
+            ef: 0,
+        };
+        let r = RetrieveReq::try_from(good()).unwrap();
+        assert_eq!(r.params, RetrievalParams { k: 100, ef: None });
+        let field = |r: pb::RetrieveRequest| RetrieveReq::try_from(r).unwrap_err().field;
+        assert_eq!(field(pb::RetrieveRequest { k: 1025, ..good() }), "k");
+        assert_eq!(field(pb::RetrieveRequest { ef: 99, ..good() }), "ef");
+        assert_eq!(field(pb::RetrieveRequest { ef: 4097, ..good() }), "ef");
+        assert_eq!(
+            field(pb::RetrieveRequest {
+                keys: vec![],
+                ..good()
+            }),
+            "keys"
+        );
+        assert_eq!(
+            field(pb::RetrieveRequest {
+                queries: vec![],
+                ..good()
+            }),
+            "queries"
+        );
+        assert_eq!(
+            field(pb::RetrieveRequest {
+                queries: vec![0.0, f32::NAN],
+                ..good()
+            }),
+            "queries[1]"
+        );
+        assert_eq!(
+            field(pb::RetrieveRequest {
+                namespace_id: 0,
+                ..good()
+            }),
+            "namespace_id"
+        );
+        let r = RetrieveReq::try_from(pb::RetrieveRequest {
+            k: 10,
+            ef: 10,
+            ..good()
+        })
+        .unwrap();
+        assert_eq!(
+            r.params,
+            RetrievalParams {
+                k: 10,
+                ef: Some(10)
+            }
+        );
+
+        let build = || pb::BuildIndexRequest {
+            namespace_id: 1,
+            keys: vec![vec![1u8].into()],
+            layers: vec![0, 1],
+            training_queries: vec![pb::LayerQueries {
+                layer: 1,
+                queries: vec![0.5; 4],
+                num_q_heads: 1,
+            }],
+            wait: true,
+        };
+        let b = BuildIndexReq::try_from(build()).unwrap();
+        assert_eq!(b.training[0].layer, 1);
+        let field = |r: pb::BuildIndexRequest| BuildIndexReq::try_from(r).unwrap_err().field;
+        assert_eq!(
+            field(pb::BuildIndexRequest {
+                layers: vec![1, 1],
+                ..build()
+            }),
+            "layers[1]"
+        );
+        let mut twice = build();
+        twice
+            .training_queries
+            .push(twice.training_queries[0].clone());
+        assert_eq!(field(twice), "training_queries[1].layer");
+        assert_eq!(
+            field(pb::BuildIndexRequest {
+                layers: vec![0],
+                ..build()
+            }),
+            "training_queries[0].layer"
+        );
+        let mut nan = build();
+        nan.training_queries[0].queries[2] = f32::INFINITY;
+        assert_eq!(field(nan), "training_queries[0].queries[2]");
+
+        // Attend: RETRIEVAL's parameters belong to RETRIEVAL.
+        let attend = |mode: pb::AttendMode, k: u32| pb::AttendRequest {
+            namespace_id: 1,
+            mode: mode as i32,
+            sequences: vec![pb::AttendSequence {
+                keys: vec![vec![1u8].into()],
+                last_block_tokens: 0,
+                queries: vec![0.5; 4],
+            }],
+            retrieval_k: k,
+            ..Default::default()
+        };
+        let field = |r: pb::AttendRequest| AttendReq::try_from(r).unwrap_err().field;
+        assert_eq!(field(attend(pb::AttendMode::Sparf, 5)), "retrieval_k");
+        assert_eq!(
+            field(attend(pb::AttendMode::Retrieval, 5000)),
+            "retrieval_k"
+        );
+        let r = AttendReq::try_from(attend(pb::AttendMode::Retrieval, 7)).unwrap();
+        assert_eq!(r.mode, AttendMode::Retrieval);
+        assert_eq!(r.retrieval, RetrievalParams { k: 7, ef: None });
     }
 }
