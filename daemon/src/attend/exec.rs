@@ -74,7 +74,7 @@ impl AttendCtx {
     }
 
     /// Runs `f` on the blocking pool, at most `compute.threads` at once.
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -359,6 +359,36 @@ async fn run_seq(
     idx: usize,
     pin: ChainPin,
 ) -> Result<SeqResult, StoreError> {
+    let seq = seq_of(req.clone(), idx, pin);
+    match req.mode {
+        AttendMode::Dense => {
+            let all: Vec<usize> = (0..seq.present()).collect();
+            let seq = attend_blocks(ctx, seq, all.clone()).await?;
+            Ok(finish_blocks(seq, &all, 0))
+        }
+        AttendMode::Sparse => {
+            let budget_fraction = ctx.cfg.sparse_budget_fraction;
+            let (seq, chosen, abstract_bytes) = ctx
+                .blocking(move || {
+                    let (chosen, ab) = select_blocks(&seq, budget_fraction);
+                    (seq, chosen, ab)
+                })
+                .await?;
+            let seq = attend_blocks(ctx, seq, chosen.clone()).await?;
+            Ok(finish_blocks(seq, &chosen, abstract_bytes))
+        }
+        AttendMode::Sparf => sparf(ctx, seq).await,
+        // The service asks the retrieval registry for the tokens first and
+        // attends them through `ChainReader::attend`.
+        AttendMode::Retrieval => Err(StoreError::Internal(
+            "RETRIEVAL sequences go through ChainReader".into(),
+        )),
+    }
+}
+
+/// A sequence's state before any read: tokens and start of each pinned
+/// block (a block not of whole tokens ends the prefix).
+fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin) -> Seq {
     let geom = req.geom;
     let s = &req.seqs[idx];
     let n = pin.blocks.len();
@@ -407,24 +437,151 @@ async fn run_seq(
     if let Some(c) = cut {
         seq.pin.truncate(c);
     }
-    match req.mode {
-        AttendMode::Dense => {
-            let all: Vec<usize> = (0..seq.present()).collect();
-            let seq = attend_blocks(ctx, seq, all.clone()).await?;
-            Ok(finish_blocks(seq, &all, 0))
+    seq
+}
+
+/// One pinned chain read for the retrieval indexes (`crate::retrieval`):
+/// one layer's keys of a range of its blocks, verified like every Attend
+/// read, and exact attention over chosen tokens per KV head.
+pub(crate) struct ChainReader {
+    seq: Seq,
+}
+
+impl ChainReader {
+    /// `q`: `[heads][d]` queries (may be empty when only keys are read;
+    /// `heads` is then the KV heads).
+    pub(crate) fn new(
+        namespace: NamespaceId,
+        geom: Geom,
+        layer: u32,
+        scale: f32,
+        q: Vec<f32>,
+        pin: ChainPin,
+    ) -> Self {
+        let d = geom.head_dim as usize;
+        let heads = if q.is_empty() {
+            geom.kv_heads as usize
+        } else {
+            q.len() / d
+        };
+        let req = Arc::new(Checked {
+            namespace,
+            geom,
+            layer,
+            mode: AttendMode::Retrieval,
+            scale,
+            budget: Budget::Default,
+            sparf_channels: None,
+            sparf_tokens: None,
+            seqs: vec![SeqIn {
+                keys: Vec::new(),
+                last_block_tokens: None,
+                q: if q.is_empty() {
+                    vec![0.0; heads * d]
+                } else {
+                    q
+                },
+                heads,
+            }],
+        });
+        ChainReader {
+            seq: seq_of(req, 0, pin),
         }
-        AttendMode::Sparse => {
-            let budget_fraction = ctx.cfg.sparse_budget_fraction;
-            let (seq, chosen, abstract_bytes) = ctx
+    }
+
+    /// Blocks readable so far (a block that failed a read or a check ends
+    /// the prefix), and their pinned records.
+    pub(crate) fn present(&self) -> usize {
+        self.seq.present()
+    }
+
+    pub(crate) fn blocks(&self) -> &[crate::store::ChainBlock] {
+        &self.seq.pin.blocks[..self.seq.present()]
+    }
+
+    /// Tokens of each present block.
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.seq.tokens[..self.seq.present()]
+    }
+
+    /// The layer's keys of blocks `range` as f32, `[kv_head][tokens][d]`,
+    /// read in waves (NVMe: only the layer's K range) and verified against
+    /// the summaries' per-layer checksums (whole block without one). A
+    /// block that cannot be read or fails its check ends the prefix there:
+    /// the keys returned stop before it (see [`ChainReader::present`]).
+    pub(crate) async fn read_k(
+        mut self,
+        ctx: &AttendCtx,
+        range: Range<usize>,
+    ) -> Result<(Self, Vec<Vec<f32>>), StoreError> {
+        let geom = self.seq.req.geom;
+        let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+        let end = range.end.min(self.seq.present());
+        let blocks: Vec<usize> = (range.start..end).collect();
+        let total: usize = blocks.iter().map(|&i| self.seq.tokens[i] as usize).sum();
+        let mut out: Vec<Vec<f32>> = (0..kv).map(|_| Vec::with_capacity(total * d)).collect();
+        for wave in waves(&self.seq, &blocks, Want::K, ctx.cfg.read_wave_bytes) {
+            if self.seq.cut.is_some_and(|c| wave[0] >= c) {
+                break;
+            }
+            let got = read_wave(&mut self.seq, &wave, Want::K).await;
+            let mut seq = self.seq;
+            (seq, out) = ctx
                 .blocking(move || {
-                    let (chosen, ab) = select_blocks(&seq, budget_fraction);
-                    (seq, chosen, ab)
+                    for (j, &i) in wave.iter().enumerate() {
+                        if seq.cut.is_some_and(|c| i >= c) {
+                            break;
+                        }
+                        let Some((k, _)) = take_layer(&mut seq, i, Want::K, got[j].as_ref()) else {
+                            break;
+                        };
+                        // SAFETY: as in `sparf`: the bytes are the pinned
+                        // DRAM copy or this wave's buffers, alive here.
+                        let k = unsafe { slice_of(k) };
+                        let n = seq.tokens[i] as usize;
+                        match geom.dtype {
+                            Dtype::F32 => widen_k::<f32>(k, n, kv, d, &mut out),
+                            Dtype::F16 => widen_k::<f16>(k, n, kv, d, &mut out),
+                            Dtype::Bf16 => widen_k::<bf16>(k, n, kv, d, &mut out),
+                            Dtype::Fp8E4m3 => unreachable!("checked: retrieval refuses fp8"),
+                        }
+                    }
+                    (seq, out)
                 })
                 .await?;
-            let seq = attend_blocks(ctx, seq, chosen.clone()).await?;
-            Ok(finish_blocks(seq, &chosen, abstract_bytes))
+            self.seq = seq;
         }
-        AttendMode::Sparf => sparf(ctx, seq).await,
+        Ok((self, out))
+    }
+
+    /// Exact `(o, lse)` of every query head over `chosen[h]` for its KV
+    /// head `h` (token positions from the chain's first token, sorted;
+    /// those past the present prefix are ignored).
+    pub(crate) async fn attend(
+        self,
+        ctx: &AttendCtx,
+        chosen: Vec<Vec<u32>>,
+    ) -> Result<SeqResult, StoreError> {
+        let mut seq = self.seq;
+        let d = seq.req.geom.head_dim as usize;
+        let heads = seq.input().heads;
+        seq.acc = Acc {
+            o: vec![0.0; heads * d],
+            lse: vec![f32::NEG_INFINITY; heads],
+        };
+        finish_chosen(ctx, seq, chosen).await
+    }
+}
+
+/// Appends a block's K rows (`[n][kv][d]` stored) to `out[h]` as f32.
+fn widen_k<E: KvElem>(k: &[u8], n: usize, kv: usize, d: usize, out: &mut [Vec<f32>]) {
+    let k = elems::<E>(k);
+    let mut row = vec![0.0f32; d];
+    for t in 0..n {
+        for (h, o) in out.iter_mut().enumerate() {
+            E::slice_to_f32(&k[(t * kv + h) * d..(t * kv + h + 1) * d], &mut row);
+            o.extend_from_slice(&row);
+        }
     }
 }
 
@@ -1223,6 +1380,17 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
             (seq, chosen)
         })
         .await?;
+    finish_chosen(ctx, seq, chosen).await
+}
+
+/// Attends, per KV head, exactly the token positions `chosen[h]` (sorted,
+/// counted from the chain's first token): phase 2 of SparF, and RETRIEVAL.
+/// Reads K and V of the blocks holding a chosen token, in waves.
+async fn finish_chosen(
+    ctx: &AttendCtx,
+    seq: Seq,
+    chosen: Vec<Vec<u32>>,
+) -> Result<SeqResult, StoreError> {
     let chosen = Arc::new(chosen);
     // Blocks holding a chosen token of any head.
     let present = seq.present();
