@@ -98,6 +98,32 @@ pub struct Config {
     pub auth: AuthSection,
     /// `[[tenants]]`: who may connect as which tenant, and its quotas.
     pub tenants: Vec<TenantSection>,
+    pub retrieval: RetrievalSection,
+}
+
+/// `[retrieval]`: RetrievalAttention indexes (BuildIndex, Retrieve).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrievalSection {
+    /// DRAM all indexes may hold together; a build beyond it is refused.
+    pub max_bytes: ByteSize,
+    /// Threads of one index build (0 = compute.threads).
+    pub build_threads: u32,
+    /// Training query rows per (layer, KV head) one BuildIndex may send.
+    pub max_train_queries: u32,
+    /// How often indexes whose blocks are gone are dropped.
+    pub sweep_ms: u64,
+}
+
+impl Default for RetrievalSection {
+    fn default() -> Self {
+        RetrievalSection {
+            max_bytes: ByteSize(1 << 30),
+            build_threads: 0,
+            max_train_queries: 32768,
+            sweep_ms: 1000,
+        }
+    }
 }
 
 /// `[auth]`: how clients prove who they are, per transport.
@@ -301,6 +327,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: AuthSection::default(),
             tenants: Vec::new(),
+            retrieval: RetrievalSection::default(),
         }
     }
 }
@@ -405,6 +432,7 @@ pub struct Resolved {
     pub compute: AttendConfig,
     pub drain: DrainConfig,
     pub auth: AuthConfig,
+    pub retrieval: crate::retrieval::RetrievalConfig,
 }
 
 /// How TCP clients authenticate (`auth.tcp`).
@@ -803,6 +831,37 @@ impl Config {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
+        let rt = &self.retrieval;
+        if rt.max_bytes.0 < 1 << 20 {
+            return bad(
+                "retrieval.max_bytes",
+                format!("{} must be at least 1MiB", rt.max_bytes),
+            );
+        }
+        if rt.build_threads > 256 {
+            return bad(
+                "retrieval.build_threads",
+                format!("{} is above 256", rt.build_threads),
+            );
+        }
+        if rt.max_train_queries == 0 {
+            return bad("retrieval.max_train_queries", "must be at least 1");
+        }
+        if rt.sweep_ms == 0 || rt.sweep_ms > 3_600_000 {
+            return bad(
+                "retrieval.sweep_ms",
+                format!("{} must be between 1 and 3600000", rt.sweep_ms),
+            );
+        }
+        let retrieval = crate::retrieval::RetrievalConfig {
+            max_bytes: rt.max_bytes.0,
+            build_threads: match rt.build_threads {
+                0 => threads,
+                n => n as usize,
+            },
+            max_train_queries: rt.max_train_queries as usize,
+            sweep_interval: Duration::from_millis(rt.sweep_ms),
+        };
         if s.drain_timeout_ms > 3_600_000 {
             return bad(
                 "server.drain_timeout_ms",
@@ -875,6 +934,7 @@ impl Config {
             },
             drain,
             auth,
+            retrieval,
         })
     }
 

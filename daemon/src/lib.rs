@@ -5,6 +5,7 @@
 pub mod attend;
 pub mod config;
 pub mod metrics;
+pub mod retrieval;
 pub mod server;
 pub mod store;
 pub mod tier;

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod events;
 pub mod http;
 pub mod limits;
+pub mod retrieval;
 pub mod service;
 pub mod shm;
 pub mod status;
@@ -122,6 +123,8 @@ pub struct Running {
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
     pub auth: Arc<auth::Auth>,
+    /// The retrieval indexes (BuildIndex, Retrieve).
+    pub retrieval: Arc<crate::retrieval::Registry>,
     stop: CancellationToken,
     /// Background work (tiering, expiry, metrics endpoint).
     tasks: JoinSet<()>,
@@ -404,17 +407,42 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         r.compute.clone(),
         crate::metrics::AttendMetrics::new(&registry),
     ));
-    let gate = drain::Gate::new(r.drain.write_down);
-    let svc = StrataServer::new(StrataService::new(
+    let retrieval = Arc::new(crate::retrieval::Registry::new(
+        r.retrieval.clone(),
+        attend.clone(),
         store.clone(),
-        limits,
-        attend,
-        s.stream_chunk_bytes.0 as usize,
+        crate::retrieval::RetrievalMetrics::new(&registry),
+    ));
+    {
+        let (retrieval, stop) = (retrieval.clone(), stop.clone());
+        let every = r.retrieval.sweep_interval;
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => { retrieval.sweep().await; }
+                }
+            }
+        });
+    }
+    let retrieval_rpc = Arc::new(retrieval::RetrievalRpc::new(
+        retrieval.clone(),
         &server_metrics,
-        stop.clone(),
-        gate.clone(),
-        auth.clone(),
-    ))
+    ));
+    let gate = drain::Gate::new(r.drain.write_down);
+    let svc = StrataServer::new(
+        StrataService::new(
+            store.clone(),
+            limits,
+            attend,
+            s.stream_chunk_bytes.0 as usize,
+            &server_metrics,
+            stop.clone(),
+            gate.clone(),
+            auth.clone(),
+        )
+        .with_retrieval(retrieval_rpc),
+    )
     // tonic's own check stays as a second line, above ours.
     .max_decoding_message_size(max_msg + (64 << 10))
     .max_encoding_message_size(max_msg + (64 << 10));
@@ -518,6 +546,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         registry,
         health,
         auth,
+        retrieval,
         stop,
         tasks,
         servers,

@@ -86,9 +86,11 @@ struct Methods {
 }
 
 pub struct StrataService {
+    /// BuildIndex, Retrieve and Attend RETRIEVAL (`retrieval.rs`).
+    pub(super) retrieval: Option<Arc<super::retrieval::RetrievalRpc>>,
     pub(super) store: Arc<Store>,
     pub(super) limits: Limits,
-    attend: Arc<AttendCtx>,
+    pub(super) attend: Arc<AttendCtx>,
     pub(super) chunk: usize,
     m: Arc<Methods>,
     /// Ends subscriptions when the daemon drains.
@@ -130,6 +132,7 @@ impl StrataService {
             export_namespace: metrics.method("ExportNamespace"),
         };
         StrataService {
+            retrieval: None,
             store,
             limits,
             attend,
@@ -197,7 +200,7 @@ fn ranges(r: &[std::ops::Range<u64>]) -> Vec<pb::TokenRange> {
         .collect()
 }
 
-fn attend_result(r: SeqResult) -> pb::AttendResult {
+pub(super) fn attend_result(r: SeqResult) -> pb::AttendResult {
     let mut reads = Vec::new();
     for (tier, t) in [(pb::Tier::Dram, r.dram), (pb::Tier::Nvme, r.nvme)] {
         if t.blocks > 0 || t.bytes > 0 {
@@ -229,6 +232,8 @@ fn attend_result(r: SeqResult) -> pb::AttendResult {
         recent_included: r.recent_included,
         tokens_attended: r.tokens_attended,
         abstract_bytes: r.abstract_bytes,
+        retrieval_source: Vec::new(),
+        retrieval_scanned: Vec::new(),
     }
 }
 
@@ -581,6 +586,8 @@ impl pb::strata_server::Strata for StrataService {
             draining: self.gate.is_draining(),
             tenant: who.name.to_string(),
             tenant_stats,
+            retrieval_indexes: self.retrieval.as_ref().map_or(0, |r| r.registry.indexes()),
+            retrieval_index_bytes: self.retrieval.as_ref().map_or(0, |r| r.registry.bytes()),
         }));
         timed(&self.m.stats, t, r)
     }
@@ -704,6 +711,22 @@ impl pb::strata_server::Strata for StrataService {
         .await;
         timed(&self.m.get_slots, t, r)
     }
+
+    // ---- retrieval (`retrieval.rs`) ----
+
+    async fn build_index(
+        &self,
+        req: Request<pb::BuildIndexRequest>,
+    ) -> Result<Response<pb::BuildIndexResponse>, Status> {
+        self.build_index_rpc(req).await
+    }
+
+    async fn retrieve(
+        &self,
+        req: Request<pb::RetrieveRequest>,
+    ) -> Result<Response<pb::RetrieveResponse>, Status> {
+        self.retrieve_rpc(req).await
+    }
 }
 
 impl StrataService {
@@ -759,8 +782,12 @@ impl StrataService {
             }
             Some(Some(l)) => l,
         };
+        let retrieval = q.retrieval;
         let checked = exec::check(q, &layout, &self.attend.cfg)?;
         let _admitted = self.attend.admit()?;
+        if checked.mode == strata_proto::convert::AttendMode::Retrieval {
+            return self.attend_retrieval(checked, &layout, retrieval).await;
+        }
         let results = exec::run(&self.attend, &self.store, checked).await?;
         Ok(Response::new(pb::AttendResponse {
             results: results.into_iter().map(attend_result).collect(),
