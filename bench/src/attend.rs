@@ -145,6 +145,7 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
         AttendMode::Sparse(SparseBudget::Tokens(t)) => (pb::AttendMode::Sparse, t),
         AttendMode::Sparse(_) => (pb::AttendMode::Sparse, 0),
         AttendMode::Sparf { .. } => (pb::AttendMode::Sparf, 0),
+        AttendMode::Retrieval { .. } => (pb::AttendMode::Retrieval, 0),
     };
     let pbreq = pb::AttendRequest {
         namespace_id: req.namespace.0,
@@ -164,6 +165,8 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
         budget_bytes: 0,
         sparf_channels: 0,
         sparf_tokens: 0,
+        retrieval_k: 0,
+        retrieval_ef: 0,
     };
     let ranges = |r: &[Range<u64>]| -> Vec<pb::TokenRange> {
         r.iter()
@@ -213,6 +216,8 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
             recent_included: out.recent_included,
             tokens_attended: out.tokens_attended,
             abstract_bytes: out.abstract_bytes,
+            retrieval_source: Vec::new(),
+            retrieval_scanned: Vec::new(),
         }],
     };
     (pbreq.encoded_len() + 5, pbresp.encoded_len() + 5)

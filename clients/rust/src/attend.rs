@@ -29,6 +29,11 @@ pub enum AttendMode {
         channels: Option<u32>,
         tokens: Option<u32>,
     },
+    /// RetrievalAttention: per KV head, the union of its query heads' top
+    /// `k` (default 100) from the chain's retrieval index (candidate list
+    /// `ef`, default the index's tuned one), or an exact scan while none is
+    /// ready; attended exactly. Merge with the engine's static window.
+    Retrieval { k: Option<u32>, ef: Option<u32> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +97,10 @@ pub struct AttendOutput {
     pub recent_included: bool,
     pub tokens_attended: u64,
     pub abstract_bytes: u64,
+    /// RETRIEVAL: per KV head, where its tokens came from.
+    pub retrieval_source: Vec<crate::retrieval::RetrieveSource>,
+    /// RETRIEVAL: keys scanned per query head.
+    pub retrieval_scanned: Vec<u32>,
 }
 
 impl AttendOutput {
@@ -182,6 +191,11 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
             channels.unwrap_or(0),
             tokens.unwrap_or(0),
         ),
+        AttendMode::Retrieval { .. } => (pb::AttendMode::Retrieval, 0, 0, 0, 0),
+    };
+    let (retrieval_k, retrieval_ef) = match r.mode {
+        AttendMode::Retrieval { k, ef } => (k.unwrap_or(0), ef.unwrap_or(0)),
+        _ => (0, 0),
     };
     pb::AttendRequest {
         namespace_id: r.namespace.0,
@@ -205,6 +219,8 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         budget_bytes,
         sparf_channels,
         sparf_tokens,
+        retrieval_k,
+        retrieval_ef,
     }
 }
 
@@ -241,6 +257,12 @@ pub(crate) fn output(r: pb::AttendResult) -> Result<AttendOutput, String> {
         recent_included: r.recent_included,
         tokens_attended: r.tokens_attended,
         abstract_bytes: r.abstract_bytes,
+        retrieval_source: r
+            .retrieval_source
+            .iter()
+            .map(|&v| crate::retrieval::RetrieveSource::of(v))
+            .collect::<Result<_, _>>()?,
+        retrieval_scanned: r.retrieval_scanned,
         o: r.o,
         lse: r.lse,
     })

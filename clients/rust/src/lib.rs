@@ -24,6 +24,7 @@ pub mod attend;
 pub mod export;
 pub mod keys;
 mod local;
+pub mod retrieval;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -586,6 +587,34 @@ impl Client {
     /// Attention near the data: per sequence, the daemon's partial
     /// `(o, lse)` over the present prefix of its chain, for one layer.
     /// Merge it with the engine's own part with [`attend::merge`].
+    /// Starts (or reports) the retrieval indexes of a chain's present
+    /// prefix; with `wait`, once each is ready or failed.
+    pub async fn build_index(
+        &mut self,
+        req: &retrieval::BuildIndexRequest,
+    ) -> Result<retrieval::BuildIndexOutput> {
+        let r = self
+            .rpc
+            .build_index(retrieval::build_pb(req))
+            .await?
+            .into_inner();
+        retrieval::build_output(r).map_err(Error::Protocol)
+    }
+
+    /// The top-k token positions per query head (from the chain's index
+    /// when ready, else an exact scan; each head says which).
+    pub async fn retrieve(
+        &mut self,
+        req: &retrieval::RetrieveRequest,
+    ) -> Result<retrieval::RetrieveOutput> {
+        let r = self
+            .rpc
+            .retrieve(retrieval::retrieve_pb(req))
+            .await?
+            .into_inner();
+        retrieval::retrieve_output(r).map_err(Error::Protocol)
+    }
+
     pub async fn attend(
         &mut self,
         req: &attend::AttendRequest,
