@@ -1,0 +1,683 @@
+//! Boundary 2 for the retrieval indexes (COMPUTE.md §5): BuildIndex,
+//! Retrieve and Attend RETRIEVAL through the Rust client against the gRPC
+//! service in process, on the needle-regime data of `strata-testdata`
+//! (seeded; the index's own recall targets at 16K are asserted by the
+//! kernel's test, `kernels/tests/retrieval.rs`). No test depends on timing:
+//! "building" is held on purpose (`Registry::hold_builds`), waits are
+//! BuildIndex's `wait`, and the sweep is polled with a generous deadline.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use strata_client::attend::{AttendMode, AttendRequest, AttendSequence};
+use strata_client::retrieval::{
+    BuildIndexRequest, IndexState, LayerQueries, RetrieveRequest, RetrieveSource,
+};
+use strata_client::{Client, PutBlock};
+use strata_kernels::retrieval::{Hits, exact_search};
+use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, pb};
+use strata_testdata::metrics::{Exact, attend_subset, recall_at_k, relerr, relerr_f64};
+use strata_testdata::{Config, Generator, HeadData, Regime};
+use stratad::config::ByteSize;
+use tonic::Code;
+
+/// Tokens of the sequence; the engine keeps the first `SINK` and the last
+/// `RECENT` itself (its static window), the daemon indexes the rest.
+const N: usize = 8192;
+const SINK: usize = 128;
+const RECENT: usize = 512;
+const D: usize = 128;
+const TPB: usize = 16;
+/// Query heads sharing the one KV head (GQA).
+const HEADS: usize = 2;
+const K: usize = 100;
+/// Decode steps evaluated.
+const STEPS: usize = 16;
+/// Training (prefill) query steps sent to BuildIndex.
+const TRAIN: usize = 4096;
+
+fn data() -> &'static HeadData {
+    static DATA: OnceLock<HeadData> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let mut c = Config::new(Regime::Needle, N, 7);
+        c.query_heads = HEADS;
+        c.decode_steps = STEPS;
+        c.train_queries = TRAIN;
+        Generator::new(c).unwrap().generate().data
+    })
+}
+
+fn layout() -> Layout {
+    Layout {
+        model_id: "retrieval/test".into(),
+        dtype: Dtype::F32,
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: D as u32,
+        tokens_per_block: TPB as u32,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+fn key(b: usize) -> BlockKey {
+    let mut k = [0u8; 16];
+    k[0] = 0x52;
+    k[12..].copy_from_slice(&(b as u32).to_be_bytes());
+    BlockKey::new(&k).unwrap()
+}
+
+/// Blocks `blocks` of the sequence as keys.
+fn chain(blocks: std::ops::Range<usize>) -> Vec<BlockKey> {
+    blocks.map(key).collect()
+}
+
+/// The blocks the daemon indexes: between the sink and the recent window.
+const MID: std::ops::Range<usize> = SINK / TPB..(N - RECENT) / TPB;
+
+async fn put_all(c: &mut Client, ns: NamespaceId) {
+    let x = data();
+    let blocks: Vec<PutBlock> = (0..N / TPB)
+        .map(|b| {
+            let mut out = Vec::with_capacity(2 * TPB * D * 4);
+            for src in [&x.keys, &x.values] {
+                for v in &src[b * TPB * D..(b + 1) * TPB * D] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            PutBlock {
+                key: key(b),
+                parent: (b > 0).then(|| key(b - 1)),
+                data: Bytes::from(out),
+            }
+        })
+        .collect();
+    for part in blocks.chunks(64) {
+        c.put(ns, part).await.unwrap();
+    }
+}
+
+/// Keys and values of the indexed part, `[tokens][d]`.
+fn mid_kv(blocks: std::ops::Range<usize>) -> (&'static [f32], &'static [f32]) {
+    let x = data();
+    let r = blocks.start * TPB * D..blocks.end * TPB * D;
+    (&x.keys[r.clone()], &x.values[r])
+}
+
+fn training() -> Vec<LayerQueries> {
+    vec![LayerQueries {
+        layer: 0,
+        num_q_heads: HEADS as u32,
+        queries: data().train_queries.clone(),
+    }]
+}
+
+fn build_req(ns: NamespaceId, keys: Vec<BlockKey>, wait: bool) -> BuildIndexRequest {
+    BuildIndexRequest {
+        namespace: ns,
+        keys,
+        layers: vec![],
+        training: training(),
+        wait,
+    }
+}
+
+fn retrieve_req(ns: NamespaceId, keys: Vec<BlockKey>, step: usize) -> RetrieveRequest {
+    RetrieveRequest {
+        namespace: ns,
+        keys,
+        layer: 0,
+        queries: data().decode_group(step).to_vec(),
+        k: None,
+        ef: None,
+    }
+}
+
+async fn start_daemon(tweak: impl FnOnce(&mut stratad::config::Config)) -> TestDaemon {
+    start(|c| {
+        c.tiers.dram.bytes = ByteSize(64 << 20);
+        c.server.max_message_bytes = ByteSize(64 << 20);
+        tweak(c);
+    })
+    .await
+}
+
+async fn stats(c: &mut Client) -> (u64, u64) {
+    let s = c.stats().await.unwrap();
+    (s.retrieval_indexes, s.retrieval_index_bytes)
+}
+
+/// Mean recall@100 (against the exact top-100 by f64 `q.k`) and scan% over
+/// the decode steps, per query head, of the chain `blocks`.
+async fn recall_and_scan(
+    c: &mut Client,
+    ns: NamespaceId,
+    blocks: std::ops::Range<usize>,
+    want: RetrieveSource,
+    ef: Option<u32>,
+) -> (f64, f64) {
+    let x = data();
+    let (keys, values) = mid_kv(blocks.clone());
+    let n = keys.len() / D;
+    let (mut recall, mut scan, mut count) = (0.0, 0.0, 0.0);
+    for step in 0..STEPS {
+        let mut req = retrieve_req(ns, chain(blocks.clone()), step);
+        req.ef = ef;
+        let out = c.retrieve(&req).await.unwrap();
+        assert_eq!(out.tokens_present as usize, n);
+        assert_eq!(out.heads.len(), HEADS);
+        for (h, hits) in out.heads.iter().enumerate() {
+            assert_eq!(hits.source, want, "step {step} head {h}");
+            assert_eq!(hits.positions.len(), K);
+            assert!(hits.scores.windows(2).all(|w| w[0] >= w[1]), "best first");
+            let exact = Exact::new(x.decode_query(step, h), keys, values, x.scale).top_k(K);
+            let got: Vec<u32> = hits.positions.iter().map(|&p| p as u32).collect();
+            recall += recall_at_k(&got, &exact);
+            scan += 100.0 * hits.scanned as f64 / n as f64;
+            count += 1.0;
+        }
+    }
+    (recall / count, scan / count)
+}
+
+/// The whole life of one index: building (the fallback says so and equals
+/// the exact scan), ready (recall@100 at a small scan, Attend RETRIEVAL
+/// merged with the engine's static window vs f64), new blocks inserted
+/// (recall kept), a covered block deleted (the index dropped on use, the
+/// call falls back and says why, Stats back to zero).
+#[tokio::test]
+async fn index_lifecycle_on_needle_data() {
+    // The sweep is far off: this test drops the index on use.
+    let d = start_daemon(|c| c.retrieval.sweep_ms = 3_600_000).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put_all(&mut c, ns).await;
+    let x = data();
+    let reg = d.running.as_ref().unwrap().retrieval.clone();
+
+    // No index: exact, and it says so.
+    let out = c.retrieve(&retrieve_req(ns, chain(MID), 0)).await.unwrap();
+    assert!(
+        out.heads
+            .iter()
+            .all(|h| h.source == RetrieveSource::ExactNoIndex)
+    );
+
+    // Building (held): the fallback equals the exact scan of the same keys.
+    let hold = reg.hold_builds().await;
+    let b = c
+        .build_index(&build_req(ns, chain(MID), false))
+        .await
+        .unwrap();
+    assert_eq!(b.keys_covered as usize, MID.len());
+    assert_eq!(b.tokens_covered as usize, MID.len() * TPB);
+    assert_eq!(b.indexes.len(), 1);
+    assert_eq!(b.indexes[0].state, IndexState::Building);
+    let (idx, bytes) = stats(&mut c).await;
+    assert_eq!(idx, 1);
+    assert!(bytes > 0, "the estimate is counted while building");
+    let (keys, _) = mid_kv(MID);
+    for step in [0, 5] {
+        let out = c
+            .retrieve(&retrieve_req(ns, chain(MID), step))
+            .await
+            .unwrap();
+        let mut hits = Hits::new();
+        exact_search(keys, D, x.decode_group(step), K, &mut hits);
+        for (h, got) in out.heads.iter().enumerate() {
+            assert_eq!(got.source, RetrieveSource::ExactBuilding);
+            let want: Vec<u64> = hits.ids(h).iter().map(|&t| t as u64).collect();
+            assert_eq!(got.positions, want, "step {step} head {h}");
+            assert_eq!(got.scores, hits.scores(h));
+            assert_eq!(got.scanned as usize, keys.len() / D);
+        }
+    }
+    drop(hold);
+    let b = c
+        .build_index(&build_req(ns, chain(MID), true))
+        .await
+        .unwrap();
+    assert!(b.ready(), "{:?}", b.indexes);
+    let st = &b.indexes[0];
+    assert_eq!(st.tokens as usize, MID.len() * TPB);
+    assert!(st.memory_bytes > 0 && st.default_ef > 0);
+    let (idx, bytes) = stats(&mut c).await;
+    assert_eq!(idx, 1);
+    assert!(bytes >= st.memory_bytes, "{bytes} < {}", st.memory_bytes);
+
+    // Ready: recall@100 against the exact top-100 at a small scan.
+    for ef in [None, Some(100), Some(128), Some(160)] {
+        let (recall, scan) = recall_and_scan(&mut c, ns, MID, RetrieveSource::Index, ef).await;
+        println!(
+            "needle {} tokens ef {ef:?}: recall@100 {recall:.3} at scan {scan:.2}%",
+            MID.len() * TPB
+        );
+    }
+    let (recall, scan) = recall_and_scan(&mut c, ns, MID, RetrieveSource::Index, None).await;
+    // COMPUTE.md §5 asks recall >= 0.9 at <= 6% of 16K keys (the kernel's
+    // test). The search scans about the same number of keys whatever N (the
+    // candidate list and the graph's degree set it): ~990 of 7.5K here
+    // (13%, measured), i.e. ~6% of 16K.
+    assert!(recall >= 0.9, "recall {recall:.3}");
+    assert!(scan <= 15.0, "scan {scan:.2}%");
+
+    // Attend RETRIEVAL merged with the engine's static window vs f64, and
+    // against static + exact top-100 (the kernel test's tolerance: +0.02).
+    let static_tokens: Vec<u32> = (0..SINK as u32)
+        .chain((N - RECENT) as u32..N as u32)
+        .collect();
+    let (mid_k, mid_v) = mid_kv(MID);
+    let (mut err, mut err_oracle) = (0.0, 0.0);
+    for step in 0..STEPS {
+        let q = x.decode_group(step).to_vec();
+        let mut out = c
+            .attend(&AttendRequest {
+                namespace: ns,
+                layer: 0,
+                mode: AttendMode::Retrieval { k: None, ef: None },
+                scale: Some(x.scale),
+                sequences: vec![AttendSequence {
+                    keys: chain(MID),
+                    last_block_tokens: None,
+                    queries: q.clone(),
+                }],
+            })
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(out.retrieval_source, vec![RetrieveSource::Index]);
+        assert_eq!(out.retrieval_scanned.len(), HEADS);
+        assert_eq!(out.head_covered.len(), 1);
+        assert!(!out.exact);
+        assert!(out.tokens_attended >= K as u64);
+        // The engine's part: its static window, in f64 then f32.
+        let (mut o_c, mut lse_c) = (Vec::new(), Vec::new());
+        for h in 0..HEADS {
+            let full = Exact::new(x.decode_query(step, h), &x.keys, &x.values, x.scale);
+            let m = static_tokens
+                .iter()
+                .map(|&t| full.logits[t as usize])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let l: f64 = static_tokens
+                .iter()
+                .map(|&t| (full.logits[t as usize] - m).exp())
+                .sum();
+            o_c.extend(
+                attend_subset(&full, &static_tokens, &x.values)
+                    .iter()
+                    .map(|&v| v as f32),
+            );
+            lse_c.push((m + l.ln()) as f32);
+        }
+        out.merge_with(&o_c, &lse_c).unwrap();
+        for h in 0..HEADS {
+            let q = x.decode_query(step, h);
+            let full = Exact::new(q, &x.keys, &x.values, x.scale);
+            err += relerr(&out.o[h * D..(h + 1) * D], &full.o);
+            let top = Exact::new(q, mid_k, mid_v, x.scale).top_k(K);
+            let mut oracle = static_tokens.clone();
+            oracle.extend(top.iter().map(|&t| t + SINK as u32));
+            err_oracle += relerr_f64(&attend_subset(&full, &oracle, &x.values), &full.o);
+        }
+    }
+    let (err, err_oracle) = (
+        err / (STEPS * HEADS) as f64,
+        err_oracle / (STEPS * HEADS) as f64,
+    );
+    println!("attend RETRIEVAL + static: relerr {err:.4}; static + exact top-{K}: {err_oracle:.4}");
+    assert!(err <= err_oracle + 0.02, "{err} vs {err_oracle}");
+
+    // New whole blocks past the indexed chain are inserted on use.
+    let shorter = MID.start..MID.end - 64;
+    let b = c
+        .build_index(&build_req(ns, chain(shorter.clone()), true))
+        .await
+        .unwrap();
+    assert!(b.ready());
+    assert_eq!(stats(&mut c).await.0, 2);
+    let out = c.retrieve(&retrieve_req(ns, chain(MID), 0)).await.unwrap();
+    // The longest covered prefix is the whole chain's own index: nothing new.
+    assert_eq!(out.inserted_tokens, 0);
+    // A chain one block past the shorter one, and two blocks more: only the
+    // shorter index covers a prefix of it.
+    let ext = shorter.start..shorter.end + 2;
+    let out = c
+        .retrieve(&retrieve_req(ns, chain(ext.clone()), 0))
+        .await
+        .unwrap();
+    assert_eq!(out.inserted_tokens as usize, 2 * TPB);
+    assert!(out.heads.iter().all(|h| h.source == RetrieveSource::Index));
+    let out = c
+        .retrieve(&retrieve_req(ns, chain(ext.clone()), 1))
+        .await
+        .unwrap();
+    assert_eq!(out.inserted_tokens, 0, "inserted once");
+    let more = shorter.start..shorter.end + 62;
+    let (recall, scan) =
+        recall_and_scan(&mut c, ns, more.clone(), RetrieveSource::Index, None).await;
+    println!(
+        "after inserting {} tokens: recall@100 {recall:.3} at scan {scan:.2}%",
+        62 * TPB
+    );
+    assert!(recall >= 0.88, "recall after inserts {recall:.3}");
+    let b = c
+        .build_index(&build_req(ns, chain(more.clone()), false))
+        .await
+        .unwrap();
+    assert_eq!(b.indexes[0].tokens as usize, (more.end - more.start) * TPB);
+    assert_eq!(b.indexes[0].inserted_tokens as usize, 62 * TPB);
+
+    // A covered block deleted: the next call finds the chain broken, drops
+    // the index and scans exactly (stale).
+    let gone = key(MID.start + 100);
+    let r = c.delete(ns, &[gone]).await.unwrap();
+    assert_eq!(r.deleted, 1);
+    let before = stats(&mut c).await.0;
+    let out = c.retrieve(&retrieve_req(ns, chain(MID), 0)).await.unwrap();
+    assert!(
+        out.heads
+            .iter()
+            .all(|h| h.source == RetrieveSource::ExactStale),
+        "{:?}",
+        out.heads.iter().map(|h| h.source).collect::<Vec<_>>()
+    );
+    assert_eq!(out.keys_present, 100, "the chain ends at the deleted block");
+    assert_eq!(stats(&mut c).await.0, before - 1);
+    let out = c.retrieve(&retrieve_req(ns, chain(more), 0)).await.unwrap();
+    assert!(
+        out.heads
+            .iter()
+            .all(|h| h.source == RetrieveSource::ExactStale),
+        "the extended index covered it too"
+    );
+    assert_eq!(stats(&mut c).await, (0, 0));
+    d.stop().await;
+}
+
+/// Keys and values of random data for the small tests (f32).
+async fn put_random(c: &mut Client, ns: NamespaceId, blocks: usize) {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32
+    };
+    let parts: Vec<PutBlock> = (0..blocks)
+        .map(|b| {
+            let data: Vec<u8> = (0..2 * TPB * D)
+                .flat_map(|_| next().to_le_bytes())
+                .collect();
+            PutBlock {
+                key: key(b),
+                parent: (b > 0).then(|| key(b - 1)),
+                data: Bytes::from(data),
+            }
+        })
+        .collect();
+    for part in parts.chunks(64) {
+        c.put(ns, part).await.unwrap();
+    }
+}
+
+/// The periodic sweep drops an index whose blocks were evicted (namespace
+/// eviction here), without any call touching it.
+#[tokio::test]
+async fn the_sweep_drops_indexes_of_evicted_blocks() {
+    let d = start_daemon(|c| c.retrieval.sweep_ms = 20).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put_random(&mut c, ns, 64).await;
+    let mut req = build_req(ns, chain(0..64), true);
+    req.training.clear();
+    let b = c.build_index(&req).await.unwrap();
+    assert!(b.ready(), "{:?}", b.indexes);
+    assert_eq!(stats(&mut c).await.0, 1);
+    c.evict_namespace(ns).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stats(&mut c).await != (0, 0) {
+        assert!(std::time::Instant::now() < deadline, "the sweep never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = c
+        .retrieve(&retrieve_req(ns, chain(0..64), 0))
+        .await
+        .unwrap();
+    assert_eq!(out.keys_present, 0);
+    assert!(out.heads.iter().all(|h| h.positions.is_empty()));
+    d.stop().await;
+}
+
+/// `retrieval.max_bytes` refuses a build that would pass it, and bad input
+/// is refused with the field named.
+#[tokio::test]
+async fn limits_and_bad_inputs() {
+    let d = start_daemon(|c| c.retrieval.max_bytes = ByteSize(1 << 20)).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put_random(&mut c, ns, 256).await;
+    let mut req = build_req(ns, chain(0..256), true);
+    req.training.clear();
+    let s = match c.build_index(&req).await.unwrap_err() {
+        strata_client::Error::Status(s) => s,
+        e => panic!("{e}"),
+    };
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("retrieval.max_bytes"), "{s:?}");
+    assert_eq!(stats(&mut c).await, (0, 0));
+
+    let rpc = c.rpc().clone();
+    let kb = |b: usize| Bytes::copy_from_slice(key(b).as_bytes());
+    let good_build = || pb::BuildIndexRequest {
+        namespace_id: ns.0,
+        keys: vec![kb(0), kb(1)],
+        layers: vec![],
+        training_queries: vec![],
+        wait: false,
+    };
+    let build_field = |r: pb::BuildIndexRequest| {
+        let mut rpc = rpc.clone();
+        async move {
+            let s = rpc.build_index(r).await.unwrap_err();
+            assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+            s.message().split(':').next().unwrap().to_string()
+        }
+    };
+    assert_eq!(
+        build_field(pb::BuildIndexRequest {
+            keys: vec![],
+            ..good_build()
+        })
+        .await,
+        "keys"
+    );
+    assert_eq!(
+        build_field(pb::BuildIndexRequest {
+            layers: vec![3],
+            ..good_build()
+        })
+        .await,
+        "layers[0]"
+    );
+    assert_eq!(
+        build_field(pb::BuildIndexRequest {
+            layers: vec![0, 0],
+            ..good_build()
+        })
+        .await,
+        "layers[1]"
+    );
+    let tq = |layer, heads, n: usize| pb::LayerQueries {
+        layer,
+        num_q_heads: heads,
+        queries: vec![0.5; n],
+    };
+    for (t, field) in [
+        (tq(0, 0, D), "training_queries[0].num_q_heads"),
+        (tq(0, 2, D), "training_queries[0].queries"),
+        (tq(1, 1, D), "training_queries[0].layer"),
+    ] {
+        assert_eq!(
+            build_field(pb::BuildIndexRequest {
+                training_queries: vec![t],
+                ..good_build()
+            })
+            .await,
+            field
+        );
+    }
+    let mut nan = tq(0, 1, D);
+    nan.queries[7] = f32::NAN;
+    assert_eq!(
+        build_field(pb::BuildIndexRequest {
+            training_queries: vec![nan],
+            ..good_build()
+        })
+        .await,
+        "training_queries[0].queries[7]"
+    );
+    assert_eq!(
+        build_field(pb::BuildIndexRequest {
+            keys: vec![kb(9999)],
+            ..good_build()
+        })
+        .await,
+        "keys"
+    );
+
+    let good_ret = || pb::RetrieveRequest {
+        namespace_id: ns.0,
+        keys: vec![kb(0), kb(1)],
+        layer: 0,
+        queries: vec![0.5; 2 * D],
+        k: 0,
+        ef: 0,
+    };
+    let ret_field = |r: pb::RetrieveRequest| {
+        let mut rpc = rpc.clone();
+        async move {
+            let s = rpc.retrieve(r).await.unwrap_err();
+            assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+            s.message().split(':').next().unwrap().to_string()
+        }
+    };
+    let cases: Vec<(pb::RetrieveRequest, &str)> = vec![
+        (
+            pb::RetrieveRequest {
+                k: 1025,
+                ..good_ret()
+            },
+            "k",
+        ),
+        (
+            pb::RetrieveRequest {
+                k: 50,
+                ef: 10,
+                ..good_ret()
+            },
+            "ef",
+        ),
+        (
+            pb::RetrieveRequest {
+                ef: 5000,
+                ..good_ret()
+            },
+            "ef",
+        ),
+        (
+            pb::RetrieveRequest {
+                layer: 1,
+                ..good_ret()
+            },
+            "layer",
+        ),
+        (
+            pb::RetrieveRequest {
+                queries: vec![0.5; D + 1],
+                ..good_ret()
+            },
+            "queries",
+        ),
+        (
+            pb::RetrieveRequest {
+                queries: vec![],
+                ..good_ret()
+            },
+            "queries",
+        ),
+        (
+            pb::RetrieveRequest {
+                queries: vec![f32::INFINITY; D],
+                ..good_ret()
+            },
+            "queries[0]",
+        ),
+        (
+            pb::RetrieveRequest {
+                keys: vec![],
+                ..good_ret()
+            },
+            "keys",
+        ),
+        (
+            pb::RetrieveRequest {
+                keys: vec![Bytes::from_static(b"")],
+                ..good_ret()
+            },
+            "keys[0]",
+        ),
+        (
+            pb::RetrieveRequest {
+                namespace_id: 0,
+                ..good_ret()
+            },
+            "namespace_id",
+        ),
+    ];
+    for (r, field) in cases {
+        assert_eq!(ret_field(r).await, field);
+    }
+    // Attend: RETRIEVAL's parameters only with RETRIEVAL, and checked.
+    let attend = |mode: pb::AttendMode, k: u32, ef: u32| pb::AttendRequest {
+        namespace_id: ns.0,
+        layer: 0,
+        mode: mode as i32,
+        sequences: vec![pb::AttendSequence {
+            keys: vec![kb(0)],
+            last_block_tokens: 0,
+            queries: vec![0.5; D],
+        }],
+        retrieval_k: k,
+        retrieval_ef: ef,
+        ..Default::default()
+    };
+    for (r, field) in [
+        (attend(pb::AttendMode::Dense, 5, 0), "retrieval_k"),
+        (attend(pb::AttendMode::Retrieval, 2000, 0), "retrieval_k"),
+        (attend(pb::AttendMode::Retrieval, 100, 99), "retrieval_ef"),
+    ] {
+        let s = rpc.clone().attend(r).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_eq!(s.message().split(':').next().unwrap(), field);
+    }
+    // Unknown namespace.
+    let s = rpc
+        .clone()
+        .retrieve(pb::RetrieveRequest {
+            namespace_id: 12345,
+            ..good_ret()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    d.stop().await;
+}
