@@ -20,9 +20,10 @@ from .errors import (AlreadyExists, ArenaChanged, DataLoss, DeadlineExceeded, Fa
                      InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, StrataError,
                      Unauthenticated, Unavailable)
 from .local import LocalClient
-from .types import (AttendMode, AttendResult, AttendSequence, Block, DeleteResult, Dtype, KvKind,
-                    Layout, Lease, LookupResult, Namespace, PutOutcome, PutResult, StoredBlock, Tier,
-                    TierRead, checksum)
+from .types import (AttendMode, AttendResult, AttendSequence, Block, BuildIndexResult,
+                    DeleteResult, Dtype, HeadHits, IndexState, IndexStatus, KvKind, Layout, Lease,
+                    LookupResult, Namespace, PutOutcome, PutResult, RetrieveResult, RetrieveSource,
+                    StoredBlock, Tier, TierRead, checksum)
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "Unauthenticated",
     "ArenaChanged",
     "AttendMode", "AttendResult", "AttendSequence", "TierRead",
+    "BuildIndexResult", "HeadHits", "IndexState", "IndexStatus", "RetrieveResult", "RetrieveSource",
     "Block", "DeleteResult", "Dtype", "KvKind", "Layout", "Lease", "LookupResult", "Namespace",
     "PutOutcome", "PutResult", "StoredBlock", "Tier", "checksum",
 ]

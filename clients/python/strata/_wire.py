@@ -11,7 +11,9 @@ import numpy as np
 
 from .types import (AllBlocksCleared, AttendMode, AttendResult, AttendSequence, Block, BlockRemoved,
                     BlockStored, DeleteResult, EventBatch, Layout, Lease, LookupResult, Namespace,
-                    PutOutcome, PutResult, StoredBlock, Tier, TierRead, as_bytes_view, checksum)
+                    PutOutcome, PutResult, StoredBlock, Tier, TierRead, as_bytes_view, checksum,
+                    BuildIndexResult, HeadHits, IndexState, IndexStatus, RetrieveResult,
+                    RetrieveSource)
 from .v1 import strata_pb2 as pb
 
 # One gRPC message carries at most this much block data (the daemon's
@@ -158,7 +160,8 @@ def event_batch(b: pb.KvEventBatch) -> EventBatch:
 
 
 def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget_bytes,
-                   sparf_channels, sparf_tokens) -> pb.AttendRequest:
+                   sparf_channels, sparf_tokens, retrieval_k=None,
+                   retrieval_ef=None) -> pb.AttendRequest:
     """The Attend request. ``sequences``: :class:`AttendSequence` s or
     ``(keys, queries[, last_block_tokens])`` tuples."""
     seqs = []
@@ -172,7 +175,8 @@ def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget
         namespace_id=ns_id(ns), layer=int(layer), mode=int(AttendMode.parse(mode)),
         scale=float(scale or 0.0), sequences=seqs, budget_tokens=int(budget_tokens or 0),
         budget_bytes=int(budget_bytes or 0), sparf_channels=int(sparf_channels or 0),
-        sparf_tokens=int(sparf_tokens or 0))
+        sparf_tokens=int(sparf_tokens or 0), retrieval_k=int(retrieval_k or 0),
+        retrieval_ef=int(retrieval_ef or 0))
 
 
 def _ranges(rs) -> list[tuple[int, int]]:
@@ -195,5 +199,51 @@ def attend_results(r: pb.AttendResponse, asked: int) -> list[AttendResult]:
             head_covered=[_ranges(h.ranges) for h in x.head_covered],
             reads={Tier(t.tier): TierRead(Tier(t.tier), t.blocks, t.bytes) for t in x.reads},
             exact=x.exact, sink_included=x.sink_included, recent_included=x.recent_included,
-            tokens_attended=x.tokens_attended, abstract_bytes=x.abstract_bytes))
+            tokens_attended=x.tokens_attended, abstract_bytes=x.abstract_bytes,
+            retrieval_source=[RetrieveSource(v) for v in x.retrieval_source],
+            retrieval_scanned=list(x.retrieval_scanned)))
     return out
+
+
+# ---- retrieval indexes --------------------------------------------------------
+
+def build_index_request(ns, keys, layers, training, wait: bool) -> pb.BuildIndexRequest:
+    """``training``: ``{layer: queries}`` with queries ``(m, num_q_heads,
+    head_dim)`` float32."""
+    tq = []
+    for layer, q in (training or {}).items():
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.ndim != 3:
+            raise InvalidArgument(f"training[{layer}]: queries must be (m, num_q_heads, head_dim)")
+        tq.append(pb.LayerQueries(layer=int(layer), num_q_heads=q.shape[1],
+                                  queries=q.reshape(-1).tolist()))
+    return pb.BuildIndexRequest(namespace_id=ns_id(ns), keys=keys_list(keys),
+                                layers=[int(x) for x in (layers or [])], training_queries=tq,
+                                wait=bool(wait))
+
+
+def build_index_result(r: pb.BuildIndexResponse) -> BuildIndexResult:
+    return BuildIndexResult(
+        keys_covered=r.keys_covered, tokens_covered=r.tokens_covered,
+        indexes=[IndexStatus(layer=i.layer, kv_head=i.kv_head, state=IndexState(i.state),
+                             progress=i.progress, tokens=i.tokens,
+                             inserted_tokens=i.inserted_tokens, memory_bytes=i.memory_bytes,
+                             default_ef=i.default_ef, error=i.error) for i in r.indexes])
+
+
+def retrieve_request(ns, keys, layer: int, queries, k, ef) -> pb.RetrieveRequest:
+    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1)
+    return pb.RetrieveRequest(namespace_id=ns_id(ns), keys=keys_list(keys), layer=int(layer),
+                              queries=q.tolist(), k=int(k or 0), ef=int(ef or 0))
+
+
+def retrieve_result(r: pb.RetrieveResponse) -> RetrieveResult:
+    heads = []
+    for h in r.heads:
+        if len(h.positions) != len(h.scores):
+            raise DataLoss(f"Retrieve: {len(h.positions)} positions with {len(h.scores)} scores")
+        heads.append(HeadHits(positions=np.asarray(h.positions, dtype=np.int64),
+                              scores=np.asarray(h.scores, dtype=np.float32),
+                              scanned=h.scanned, source=RetrieveSource(h.source)))
+    return RetrieveResult(heads=heads, keys_present=r.keys_present,
+                          tokens_present=r.tokens_present, inserted_tokens=r.inserted_tokens)

@@ -105,9 +105,10 @@ class AsyncClient:
     async def attend(self, ns: "Namespace | int", sequences, layer: int, mode="dense", *,
                      scale: float | None = None, budget_tokens: int | None = None,
                      budget_bytes: int | None = None, sparf_channels: int | None = None,
-                     sparf_tokens: int | None = None) -> list[AttendResult]:
+                     sparf_tokens: int | None = None, retrieval_k: int | None = None,
+                     retrieval_ef: int | None = None) -> list[AttendResult]:
         """See :meth:`strata.Client.attend`."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
-                                   sparf_channels, sparf_tokens)
+                                   sparf_channels, sparf_tokens, retrieval_k, retrieval_ef)
         return _wire.attend_results(await self._call(self._stub.Attend, req), len(seqs))

@@ -14,8 +14,8 @@ import grpc
 from . import _wire
 from .auth import Credentials, channel
 from .errors import StrataError, from_rpc
-from .types import (AttendResult, Block, DeleteResult, Layout, Lease, LookupResult, Namespace,
-                    PutOutcome, StoredBlock)
+from .types import (AttendResult, Block, BuildIndexResult, DeleteResult, Layout, Lease,
+                    LookupResult, Namespace, PutOutcome, RetrieveResult, StoredBlock)
 from .v1 import strata_pb2 as pb
 from .v1 import strata_pb2_grpc as pb_grpc
 
@@ -117,19 +117,40 @@ class Client:
     def attend(self, ns: "Namespace | int", sequences, layer: int, mode="dense", *,
                scale: float | None = None, budget_tokens: int | None = None,
                budget_bytes: int | None = None, sparf_channels: int | None = None,
-               sparf_tokens: int | None = None) -> list[AttendResult]:
+               sparf_tokens: int | None = None, retrieval_k: int | None = None,
+               retrieval_ef: int | None = None) -> list[AttendResult]:
         """Attention near the data: for one ``layer`` and each sequence (an
         :class:`~strata.types.AttendSequence`, or ``(keys, queries[,
         last_block_tokens])`` with queries ``(heads, head_dim)``), the
         daemon's partial ``(o, lse)`` over the present prefix of its chain.
         ``mode``: ``"dense"`` (exact), ``"sparse"`` (``budget_tokens`` or
-        ``budget_bytes``, default 5% of the tokens) or ``"sparf"``
-        (``sparf_channels`` r, ``sparf_tokens`` k). Merge each answer with
-        the engine's own part with :func:`strata.merge.merge`."""
+        ``budget_bytes``, default 5% of the tokens), ``"sparf"``
+        (``sparf_channels`` r, ``sparf_tokens`` k) or ``"retrieval"`` (the
+        chain's retrieval index: ``retrieval_k`` per query head, default
+        100, candidate list ``retrieval_ef``). Merge each answer with the
+        engine's own part with :func:`strata.merge.merge`."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
-                                   sparf_channels, sparf_tokens)
+                                   sparf_channels, sparf_tokens, retrieval_k, retrieval_ef)
         return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs))
+
+    def build_index(self, ns: "Namespace | int", keys: Iterable[bytes], layers=None, *,
+                    training=None, wait: bool = False) -> BuildIndexResult:
+        """Starts (or reports) the retrieval indexes of the present prefix of
+        the chain ``keys`` for ``layers`` (None: all). ``training``:
+        ``{layer: queries (m, num_q_heads, head_dim)}``, the prefill's
+        queries. ``wait``: answer once each index is ready or failed."""
+        req = _wire.build_index_request(ns, keys, layers, training, wait)
+        return _wire.build_index_result(self._call(self._stub.BuildIndex, req))
+
+    def retrieve(self, ns: "Namespace | int", keys: Iterable[bytes], layer: int, queries, *,
+                 k: int | None = None, ef: int | None = None) -> RetrieveResult:
+        """Top-``k`` (default 100) token positions per query head by raw
+        q.k over the chain's present prefix, from its index when ready, else
+        an exact scan (each head's ``source`` says which and why).
+        ``queries``: ``(num_q_heads, head_dim)``."""
+        req = _wire.retrieve_request(ns, keys, layer, queries, k, ef)
+        return _wire.retrieve_result(self._call(self._stub.Retrieve, req))
 
 
 class _Subscription:

@@ -216,6 +216,10 @@ class AttendMode(enum.IntEnum):
     #: SparF: the top-r channels of |q| score every token; the top-k tokens
     #: are attended exactly (per KV head).
     SPARF = 3
+    #: RetrievalAttention: per KV head, the union of its query heads' top-k
+    #: from the chain's retrieval index (an exact scan while none is ready),
+    #: attended exactly; merge with the engine's static window.
+    RETRIEVAL = 4
 
     @classmethod
     def parse(cls, mode: "str | AttendMode") -> "AttendMode":
@@ -224,7 +228,7 @@ class AttendMode(enum.IntEnum):
         try:
             return cls[str(mode).upper()]
         except KeyError:
-            raise ValueError(f"attend mode {mode!r}: expected dense, sparse or sparf") from None
+            raise ValueError(f"attend mode {mode!r}: expected dense, sparse, sparf or retrieval") from None
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,10 @@ class AttendResult:
     recent_included: bool
     tokens_attended: int
     abstract_bytes: int
+    #: RETRIEVAL: per KV head, where its tokens came from (RetrieveSource),
+    #: and keys scanned per query head.
+    retrieval_source: list = field(default_factory=list)
+    retrieval_scanned: list = field(default_factory=list)
 
     def read_bytes(self, tier: Tier) -> int:
         r = self.reads.get(Tier(tier))
@@ -284,6 +292,74 @@ class AttendResult:
         """This answer merged with a partial over a disjoint token set."""
         from .merge import merge
         return merge(self.o, self.lse, o, lse)
+
+
+# ---- retrieval indexes (BuildIndex, Retrieve) ---------------------------------
+
+class IndexState(enum.IntEnum):
+    """State of one (layer, KV head) retrieval index."""
+
+    BUILDING = 1
+    READY = 2
+    FAILED = 3
+
+
+class RetrieveSource(enum.IntEnum):
+    """Where a query head's top-k came from."""
+
+    #: The chain's index.
+    INDEX = 1
+    #: Exact scan: no index covers the chain and layer.
+    EXACT_NO_INDEX = 2
+    #: Exact scan: the index is still building (or failed).
+    EXACT_BUILDING = 3
+    #: Exact scan: a covered block changed or is gone; the index was dropped.
+    EXACT_STALE = 4
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    layer: int
+    kv_head: int
+    state: IndexState
+    progress: float
+    tokens: int
+    inserted_tokens: int
+    memory_bytes: int
+    default_ef: int
+    error: str
+
+
+@dataclass(frozen=True)
+class BuildIndexResult:
+    """Leading keys of the chain indexed, their tokens, and each index."""
+
+    keys_covered: int
+    tokens_covered: int
+    indexes: list
+
+    @property
+    def ready(self) -> bool:
+        return all(i.state == IndexState.READY for i in self.indexes)
+
+
+@dataclass(frozen=True)
+class HeadHits:
+    """One query head's top-k: token positions from the chain's first token
+    (best first, int64) and their raw q.k (float32)."""
+
+    positions: "np.ndarray"
+    scores: "np.ndarray"
+    scanned: int
+    source: RetrieveSource
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    heads: list
+    keys_present: int
+    tokens_present: int
+    inserted_tokens: int
 
 
 # ---- KV events (Subscribe) --------------------------------------------------
