@@ -681,3 +681,73 @@ async fn limits_and_bad_inputs() {
     assert_eq!(s.code(), Code::NotFound, "{s:?}");
     d.stop().await;
 }
+
+/// BuildIndex and Retrieve check that the caller's tenant owns the
+/// namespace (PERMISSION_DENIED otherwise), and change nothing when refused.
+#[tokio::test]
+async fn retrieval_calls_are_refused_on_another_tenants_namespace() {
+    const ALICE: &str = "alice-token-0123456789abcdef";
+    const BOB: &str = "bob-token-0123456789abcdef00";
+    let d = start_daemon(|c| {
+        let path = c.data_dir.join("tokens");
+        std::fs::create_dir_all(&c.data_dir).unwrap();
+        std::fs::write(&path, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+        c.auth.tcp = "token".into();
+        c.auth.tokens_file = path.display().to_string();
+        let tenant = |name: &str| stratad::config::TenantSection {
+            name: name.into(),
+            uids: vec![],
+            gids: vec![],
+            tls_names: vec![],
+            admin: false,
+            zero_copy: false,
+            dram_bytes: ByteSize(0),
+            nvme_bytes: ByteSize(0),
+        };
+        c.tenants = vec![tenant("alice"), tenant("bob")];
+    })
+    .await;
+    let connect = |token: &'static str| {
+        let tcp = d.tcp.clone();
+        async move {
+            Client::connect_with(
+                &tcp,
+                &strata_client::Credentials {
+                    token: Some(token.into()),
+                    tls: None,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (mut alice, mut bob) = (connect(ALICE).await, connect(BOB).await);
+    let ns = alice.register_layout(&layout()).await.unwrap().namespace;
+    put_random(&mut alice, ns, 64).await;
+    let mut req = build_req(ns, chain(0..64), true);
+    req.training.clear();
+    let status = |e: strata_client::Error| match e {
+        strata_client::Error::Status(s) => s.code(),
+        e => panic!("{e}"),
+    };
+    assert_eq!(
+        status(bob.build_index(&req).await.unwrap_err()),
+        Code::PermissionDenied
+    );
+    assert_eq!(stats(&mut alice).await.0, 0, "nothing was built");
+    assert!(alice.build_index(&req).await.unwrap().ready());
+    assert_eq!(
+        status(
+            bob.retrieve(&retrieve_req(ns, chain(0..64), 0))
+                .await
+                .unwrap_err()
+        ),
+        Code::PermissionDenied
+    );
+    let out = alice
+        .retrieve(&retrieve_req(ns, chain(0..64), 0))
+        .await
+        .unwrap();
+    assert!(out.heads.iter().all(|h| h.source == RetrieveSource::Index));
+    d.stop().await;
+}
