@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use strata_client::{Client, Credentials};
-use strata_tests::{Daemon, bin, free_port, signal};
+use strata_tests::{Daemon, bin, free_port, signal, strata};
 
 const OLD: &str = "alice-old-token-0123456789";
 const NEW: &str = "alice-new-token-0123456789";
@@ -115,5 +115,80 @@ async fn sighup_rereads_the_tokens_file() {
     signal(d.pid(), "HUP");
     wait_for_log(&d, "the tokens in use stay", 1);
     assert_eq!(tenant_of(&d, NEW).await.unwrap(), "alice");
+    assert!(d.terminate().success());
+}
+
+/// The CLI against a daemon with tokens: refused without one (with the
+/// hint), served with --token-file or STRATA_TOKEN, and bad flag
+/// combinations refused before connecting.
+#[test]
+fn the_cli_passes_a_token() {
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let tokens = cfg_dir.path().join("tokens");
+    std::fs::write(&tokens, format!("ops {OLD}\n")).unwrap();
+    let cfg = cfg_dir.path().join("stratad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\ntcp = \"token\"\ntokens_file = \"{}\"\n[[tenants]]\nname = \"ops\"\nadmin = true\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let mut d = Daemon::spawn(&[
+        "--config",
+        &cfg,
+        "--nvme-bytes",
+        "0",
+        "--dram-bytes",
+        "8MiB",
+    ]);
+    let ep = d.endpoint();
+    let out = strata(&ep, &["stats"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("--token-file"),
+        "{err}"
+    );
+
+    let token_file = cfg_dir.path().join("ops.token");
+    std::fs::write(&token_file, format!("{OLD}\n")).unwrap();
+    let tf = token_file.display().to_string();
+    let out = strata(&ep, &["--token-file", &tf, "stats"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tier"));
+
+    let out = Command::new(bin("strata"))
+        .args(["--endpoint", &ep, "stats"])
+        .env("STRATA_TOKEN", OLD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for (args, want) in [
+        (vec!["--tls-cert", "x.pem", "stats"], "go together"),
+        (vec!["--tls-ca", "ca.pem", "stats"], "https://"),
+        (
+            vec!["--token-file", "/nonexistent/token", "stats"],
+            "cannot read --token-file",
+        ),
+    ] {
+        let out = strata(&ep, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
     assert!(d.terminate().success());
 }

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use strata_client::export::{ExportReader, ExportWriter};
 use strata_client::strata_proto::pb;
-use strata_client::{Client, DEFAULT_ENDPOINT, Error, ExportItem, PutBlock, PutResult};
+use strata_client::{
+    Client, Credentials, DEFAULT_ENDPOINT, Error, ExportItem, PutBlock, PutResult, TlsCredentials,
+};
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind};
 
 #[derive(Parser, Debug)]
@@ -27,11 +29,80 @@ use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind};
     about = "Command-line client of stratad, the Strata KV-cache daemon"
 )]
 struct Cli {
-    /// Daemon endpoint: http://host:port or unix:/path/to/stratad.sock.
+    /// Daemon endpoint: http://host:port, https://host:port (TLS) or
+    /// unix:/path/to/stratad.sock.
     #[arg(long, global = true, default_value = DEFAULT_ENDPOINT)]
     endpoint: String,
+    /// File holding the bearer token of a tenant (daemon auth.tcp =
+    /// "token"); the STRATA_TOKEN environment variable is read when this
+    /// is not given. (Not a flag with the token itself: command lines are
+    /// visible to every user of the machine.)
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the daemon's certificate
+    /// (https:// endpoints).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS (auth.tcp = "mtls");
+    /// needs --tls-key.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); needs --tls-cert.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name the daemon's certificate carries, when it is not the
+    /// endpoint's host.
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The credentials the flags (and STRATA_TOKEN) describe; errors say which
+/// flag is wrong and what to do.
+fn credentials(cli: &Cli) -> anyhow::Result<Credentials> {
+    let read = |p: &Option<PathBuf>, flag: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        p.as_ref()
+            .map(|p| {
+                std::fs::read(p).with_context(|| format!("cannot read {flag} {}", p.display()))
+            })
+            .transpose()
+    };
+    let token = match &cli.token_file {
+        Some(_) => {
+            let raw = read(&cli.token_file, "--token-file")?.unwrap_or_default();
+            let t = String::from_utf8(raw)
+                .context("--token-file: the token is not UTF-8 text")?
+                .trim()
+                .to_string();
+            if t.is_empty() {
+                bail!("--token-file: the file is empty; put the tenant's token in it");
+            }
+            Some(t)
+        }
+        None => std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    if cli.tls_cert.is_some() != cli.tls_key.is_some() {
+        bail!("--tls-cert and --tls-key go together (the client certificate and its key)");
+    }
+    let any_tls = cli.tls_ca.is_some() || cli.tls_cert.is_some() || cli.tls_domain.is_some();
+    if any_tls && !cli.endpoint.starts_with("https://") {
+        bail!(
+            "--tls-* need an https:// endpoint (got --endpoint {}); the daemon serves TLS on its TCP address when [auth] tls is set",
+            cli.endpoint
+        );
+    }
+    let tls = any_tls
+        .then(|| -> anyhow::Result<TlsCredentials> {
+            Ok(TlsCredentials {
+                ca_pem: read(&cli.tls_ca, "--tls-ca")?,
+                cert_pem: read(&cli.tls_cert, "--tls-cert")?,
+                key_pem: read(&cli.tls_key, "--tls-key")?,
+                domain: cli.tls_domain.clone(),
+            })
+        })
+        .transpose()?;
+    Ok(Credentials { token, tls })
 }
 
 #[derive(Subcommand, Debug)]
@@ -251,6 +322,12 @@ fn advice(e: &Error) -> Option<&'static str> {
         Some(tonic::Code::NotFound) => {
             Some("the block is not cached (absent or evicted); recompute it")
         }
+        Some(tonic::Code::Unauthenticated) => Some(
+            "pass the tenant's credentials: --token-file FILE (or STRATA_TOKEN), or --tls-cert/--tls-key with an https:// endpoint",
+        ),
+        Some(tonic::Code::PermissionDenied) => Some(
+            "this tenant may not do that: another tenant's namespace, or an admin call for a tenant without admin = true",
+        ),
         Some(tonic::Code::ResourceExhausted) => {
             Some("the daemon is at a configured limit; retry later or raise it")
         }
@@ -315,7 +392,8 @@ fn precheck(cmd: &Cmd) -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     precheck(&cli.cmd)?;
-    let mut c = Client::connect(&cli.endpoint).await?;
+    let creds = credentials(&cli)?;
+    let mut c = Client::connect_with(&cli.endpoint, &creds).await?;
     match cli.cmd {
         Cmd::Layout {
             cmd:
