@@ -13,8 +13,8 @@ import grpc.aio
 from . import _wire
 from .auth import Credentials, aio_channel
 from .errors import Unavailable, from_rpc
-from .types import (AttendResult, Block, DeleteResult, Layout, Lease, LookupResult, Namespace,
-                    PutOutcome, StoredBlock)
+from .types import (AttendResult, Block, BuildIndexResult, DeleteResult, Layout, Lease,
+                    LookupResult, Namespace, PutOutcome, RetrieveResult, StoredBlock)
 from .v1 import strata_pb2 as pb
 from .v1 import strata_pb2_grpc as pb_grpc
 from .client import DEFAULT_ENDPOINT
@@ -112,3 +112,15 @@ class AsyncClient:
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
                                    sparf_channels, sparf_tokens, retrieval_k, retrieval_ef)
         return _wire.attend_results(await self._call(self._stub.Attend, req), len(seqs))
+
+    async def build_index(self, ns: "Namespace | int", keys, layers=None, *, training=None,
+                          wait: bool = False) -> BuildIndexResult:
+        """See :meth:`strata.Client.build_index`."""
+        req = _wire.build_index_request(ns, keys, layers, training, wait)
+        return _wire.build_index_result(await self._call(self._stub.BuildIndex, req))
+
+    async def retrieve(self, ns: "Namespace | int", keys, layer: int, queries, *,
+                       k: int | None = None, ef: int | None = None) -> RetrieveResult:
+        """See :meth:`strata.Client.retrieve`."""
+        req = _wire.retrieve_request(ns, keys, layer, queries, k, ef)
+        return _wire.retrieve_result(await self._call(self._stub.Retrieve, req))

@@ -107,6 +107,24 @@ def test_attend_retrieval_is_exact_over_what_it_covered(daemon, stored):
             assert abs(res.lse[h] - (s.max() + np.log(w.sum()))) < 1e-3
 
 
+def test_async_client(daemon, stored):
+    import asyncio
+
+    ns, k, v, train, centres = stored
+    keys = [key(b) for b in range(BLOCKS)]
+
+    async def go():
+        async with strata.AsyncClient(daemon.endpoint) as c:
+            b = await c.build_index(ns, keys, training={0: train}, wait=True)
+            assert b.ready
+            q = queries(centres, 30)
+            r = await c.retrieve(ns, keys, 0, q, k=10)
+            assert [h.source for h in r.heads] == [RetrieveSource.INDEX] * HEADS
+            assert all(len(h.positions) == 10 for h in r.heads)
+
+    asyncio.run(go())
+
+
 def test_bad_input_names_the_field(daemon, stored):
     ns = stored[0]
     keys = [key(b) for b in range(4)]

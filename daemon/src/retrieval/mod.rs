@@ -400,9 +400,11 @@ impl Registry {
         }
         let mut st = g.state.lock().await;
         self.account(&mut st, 0);
-        let n = st.heads.len() as u64;
         st.heads.clear();
-        self.indexes.fetch_sub(n, Ordering::Relaxed);
+        // Counted per KV head at creation (the heads may be out of the
+        // state while an insert runs, so their number is not used here).
+        self.indexes
+            .fetch_sub(g.geom.kv_heads as u64, Ordering::Relaxed);
         self.metrics.indexes.set(self.indexes() as f64);
         let _ = g.done.send(true);
     }
