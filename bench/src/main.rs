@@ -55,6 +55,9 @@ struct Args {
     /// Also the long sizes (retrieval: 128K tokens).
     #[arg(long)]
     long: bool,
+    /// Retrieval: also real captured Q/K/V from this directory (testbed/capture).
+    #[arg(long)]
+    retrieval_real: Option<PathBuf>,
     /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme, attend, retrieval (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -427,6 +430,9 @@ fn main() -> Result<()> {
     }
     if want("retrieval") {
         retrieval::retrieval(&mut rep, &args.out, args.quick, args.long)?;
+        if let Some(dir) = &args.retrieval_real {
+            retrieval::retrieval_real(&mut rep, dir)?;
+        }
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("core.md");

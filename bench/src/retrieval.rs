@@ -33,6 +33,8 @@ use strata_kernels::attention::{AttnParams, AttnScratch, Tokens, merge_into, par
 use strata_kernels::retrieval::{
     Hits, IndexConfig, RetrievalIndex, SearchParams, SearchScratch, exact_search,
 };
+use strata_testdata::capture::{Capture, RealOptions};
+use strata_testdata::ivf::{Ivf, IvfConfig, scan_for_recall};
 use strata_testdata::metrics::{Exact, recall_at_k, relerr_f64};
 use strata_testdata::npy;
 use strata_testdata::{Config, Generator, HeadData, Regime};
@@ -239,6 +241,97 @@ pub fn retrieval(rep: &mut Report, out: &Path, quick: bool, long: bool) -> Resul
     rep.note(&format!(
         "Data for the baselines and the plot: {} (`bench/retrieval/run` adds faiss HNSW/IVF).",
         dir.display()
+    ));
+    Ok(())
+}
+
+/// Real captured heads (`testbed/capture`, `meta.json` + `.npy` per
+/// layer): per layer and KV head, an index over the keys before the decode
+/// tail (the last quarter of the positions) with the prefill queries of
+/// its GQA group as training queries; the tail's queries (every head) as
+/// decode queries, judged against the exact top-100 over the indexed keys
+/// (the tail's own keys would sit in the engine's recent window). Beside
+/// it the scan the testdata IVF (query-agnostic, inner product) needs for
+/// recall 0.9.
+pub fn retrieval_real(rep: &mut Report, dir: &Path) -> Result<()> {
+    let cap = Capture::open(dir).with_context(|| format!("capture {}", dir.display()))?;
+    let m = &cap.meta;
+    let split = m.n_tokens - m.n_tokens.div_ceil(4);
+    let ladder = [100, 128, 200, 400];
+    let mut header = vec!["layer".to_string(), "KV head".into(), "tuned".into()];
+    header.extend(ladder.iter().map(|ef| format!("ef {ef}: recall, scan %")));
+    header.push("IVF scan % at recall 0.9".into());
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    rep.section(
+        &format!(
+            "Retrieval on real heads: {} ({} tokens, d {}, {} KV heads x {} query heads), {split} keys indexed",
+            m.model,
+            m.n_tokens,
+            m.head_dim,
+            m.num_kv_heads,
+            m.group()
+        ),
+        &header,
+    );
+    let (mut recalls, mut scans, mut ivf_scans) = (Vec::new(), Vec::new(), Vec::new());
+    for &layer in &m.layers {
+        for (g, h) in cap
+            .layer(layer, &RealOptions::default())?
+            .iter()
+            .enumerate()
+        {
+            let d = h.d;
+            let keys = &h.keys[..split * d];
+            let index = RetrievalIndex::build(keys, d, &h.train_queries, &IndexConfig::default())?;
+            let q = &h.decode_queries;
+            let nq = q.len() / d;
+            let mut exact = Hits::new();
+            exact_search(keys, d, q, K, &mut exact);
+            let mut row = vec![
+                layer.to_string(),
+                g.to_string(),
+                format!("{:?}, {}", index.tuning().expand, index.tuning().ef),
+            ];
+            let mut hits = Hits::new();
+            let mut scratch = SearchScratch::new();
+            for ef in ladder {
+                index.search(q, &SearchParams::new(K, ef)?, &mut scratch, &mut hits);
+                let r = (0..nq)
+                    .map(|i| recall_at_k(hits.ids(i), exact.ids(i)))
+                    .sum::<f64>()
+                    / nq as f64;
+                let s = hits.scanned.iter().map(|&x| f64::from(x)).sum::<f64>()
+                    / nq as f64
+                    / split as f64
+                    * 100.0;
+                if ef == ladder[0] {
+                    recalls.push(r);
+                    scans.push(s);
+                }
+                row.push(format!("{r:.3}, {s:.1}"));
+            }
+            let ivf = Ivf::build(keys, d, &IvfConfig::default());
+            let at = scan_for_recall(
+                &ivf,
+                keys,
+                (0..nq).map(|i| (&q[i * d..(i + 1) * d], split)),
+                K,
+                0.9,
+            );
+            ivf_scans.push(at.scan_pct);
+            row.push(format!("{:.1}", at.scan_pct));
+            rep.row(&row);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    rep.note(&format!(
+        "Medians over the heads: ef 100 recall {:.3} at {:.1}% scan; IVF {:.1}% for recall 0.9.",
+        median(&mut recalls),
+        median(&mut scans),
+        median(&mut ivf_scans)
     ));
     Ok(())
 }
