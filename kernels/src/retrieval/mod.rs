@@ -396,6 +396,9 @@ impl Graph {
     }
 
     /// Adds `x` to `t`'s insert slots, replacing the oldest when full.
+    /// A key pushed out keeps one edge if it can: it moves to a free insert
+    /// slot of its nearest backbone neighbour (never evicting there, so
+    /// nothing cascades).
     fn push_insert(&mut self, t: usize, x: u32) {
         if self.r == 0 {
             return;
@@ -406,8 +409,25 @@ impl Graph {
             return;
         }
         let i = self.ring[t] as usize % self.r;
-        slots[i] = x;
+        let evicted = std::mem::replace(&mut slots[i], x);
         self.ring[t] = ((i + 1) % self.r) as u8;
+        if evicted == NONE || self.b == 0 {
+            return;
+        }
+        let home = self
+            .backbone(evicted as usize)
+            .iter()
+            .copied()
+            .find(|&z| z != NONE && z as usize != t);
+        if let Some(z) = home {
+            let zb = z as usize * self.stride + self.b + self.c;
+            let zs = &mut self.adj[zb..zb + self.r];
+            if !zs.contains(&evicted)
+                && let Some(free) = zs.iter().position(|&v| v == NONE)
+            {
+                zs[free] = evicted;
+            }
+        }
     }
 
     fn memory_bytes(&self) -> usize {
