@@ -802,13 +802,14 @@ type KvBytes<'a> = (&'a [u8], &'a [u8]);
 
 /// The layer's K (and V) of block `i`, verified: from DRAM in place, or
 /// from what a wave read. `Err(tier)`: the bytes failed verification there
-/// (the caller drops that copy); `Ok(None)`: not readable now.
+/// (the caller drops that copy); `Ok(None)`: not readable now. `read`
+/// gets the DRAM bytes verified (NVMe bytes are counted by the wave).
 fn layer_bytes<'a>(
     seq: &'a Seq,
     i: usize,
     want: Want,
     got: Option<&'a Result<Got, NvmeError>>,
-    read: &mut Vec<(TierKind, u64)>,
+    read: &mut Option<(TierKind, u64)>,
 ) -> Result<Option<KvBytes<'a>>, TierKind> {
     let geom = seq.req.geom;
     let layer = seq.req.layer;
@@ -831,7 +832,7 @@ fn layer_bytes<'a>(
                     Want::Kv => seq.pin.dram_bytes(i, vr.clone()).expect("DRAM copy"),
                     Want::K => &[][..],
                 };
-                read.push((TierKind::Dram, (k.len() + v.len()) as u64));
+                *read = Some((TierKind::Dram, (k.len() + v.len()) as u64));
                 if verify(k, v, s) {
                     Ok(Some((k, v)))
                 } else {
@@ -840,7 +841,7 @@ fn layer_bytes<'a>(
             }
             None => {
                 let all = seq.pin.dram_bytes(i, 0..b.len as usize).expect("DRAM copy");
-                read.push((TierKind::Dram, b.len));
+                *read = Some((TierKind::Dram, b.len));
                 if strata_proto::checksum(all) == b.checksum {
                     Ok(Some((&all[kr], &all[vr])))
                 } else {
@@ -885,10 +886,10 @@ fn take_layer(
     want: Want,
     got: Option<&Result<Got, NvmeError>>,
 ) -> Option<(Range<*const u8>, Range<*const u8>)> {
-    let mut read = Vec::new();
+    let mut read = None;
     let r = layer_bytes(seq, i, want, got, &mut read)
         .map(|o| o.map(|(k, v)| (k.as_ptr_range(), v.as_ptr_range())));
-    for (t, n) in read {
+    if let Some((t, n)) = read {
         seq.count(i, t, n);
     }
     match r {
@@ -1157,14 +1158,13 @@ fn compute_part(
         reads: Vec::with_capacity(blocks.len() * 2),
         cut: None,
     };
-    let mut read = Vec::with_capacity(2);
     for (j, &i) in blocks.iter().enumerate() {
         if let Some(&next) = blocks.get(j + 1) {
             prefetch_dram(seq, next);
         }
-        read.clear();
+        let mut read = None;
         let r = layer_bytes(seq, i, Want::Kv, got[j].as_ref(), &mut read);
-        part.reads.extend(read.iter().map(|&(t, n)| (i, t, n)));
+        part.reads.extend(read.map(|(t, n)| (i, t, n)));
         match r {
             Ok(Some((k, v))) => {
                 dispatch_rows(seq, &mut states, k, v, &mut w, &|h, rows| {
