@@ -68,22 +68,23 @@ fn the_default_daemon_says_auth_is_off_and_why_that_is_safe() {
     assert!(d.terminate().success());
 }
 
-#[tokio::test]
-async fn sighup_rereads_the_tokens_file() {
+/// A daemon with `auth.tcp = "token"` and one tenant whose token is
+/// [`OLD`]; the directory holding its config and tokens file, and that file.
+fn token_daemon(tenant: &str, admin: bool) -> (tempfile::TempDir, std::path::PathBuf, Daemon) {
     let cfg_dir = tempfile::tempdir().unwrap();
     let tokens = cfg_dir.path().join("tokens");
-    std::fs::write(&tokens, format!("alice {OLD}\n")).unwrap();
+    std::fs::write(&tokens, format!("{tenant} {OLD}\n")).unwrap();
     let cfg = cfg_dir.path().join("stratad.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[auth]\ntcp = \"token\"\ntokens_file = \"{}\"\n[[tenants]]\nname = \"alice\"\n",
+            "[auth]\ntcp = \"token\"\ntokens_file = \"{}\"\n[[tenants]]\nname = \"{tenant}\"\nadmin = {admin}\n",
             tokens.display()
         ),
     )
     .unwrap();
     let cfg = cfg.display().to_string();
-    let mut d = Daemon::spawn(&[
+    let d = Daemon::spawn(&[
         "--config",
         &cfg,
         "--nvme-bytes",
@@ -91,6 +92,12 @@ async fn sighup_rereads_the_tokens_file() {
         "--dram-bytes",
         "8MiB",
     ]);
+    (cfg_dir, tokens, d)
+}
+
+#[tokio::test]
+async fn sighup_rereads_the_tokens_file() {
+    let (_cfg_dir, tokens, mut d) = token_daemon("alice", false);
     assert!(d.log_text().contains("authentication is on"));
     assert_eq!(tenant_of(&d, OLD).await.unwrap(), "alice");
     assert!(
@@ -123,27 +130,7 @@ async fn sighup_rereads_the_tokens_file() {
 /// combinations refused before connecting.
 #[test]
 fn the_cli_passes_a_token() {
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let tokens = cfg_dir.path().join("tokens");
-    std::fs::write(&tokens, format!("ops {OLD}\n")).unwrap();
-    let cfg = cfg_dir.path().join("stratad.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[auth]\ntcp = \"token\"\ntokens_file = \"{}\"\n[[tenants]]\nname = \"ops\"\nadmin = true\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let cfg = cfg.display().to_string();
-    let mut d = Daemon::spawn(&[
-        "--config",
-        &cfg,
-        "--nvme-bytes",
-        "0",
-        "--dram-bytes",
-        "8MiB",
-    ]);
+    let (cfg_dir, _tokens, mut d) = token_daemon("ops", true);
     let ep = d.endpoint();
     let out = strata(&ep, &["stats"]);
     let err = String::from_utf8_lossy(&out.stderr);
