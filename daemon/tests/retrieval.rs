@@ -127,6 +127,7 @@ fn build_req(ns: NamespaceId, keys: Vec<BlockKey>, wait: bool) -> BuildIndexRequ
         layers: vec![],
         training: training(),
         wait,
+        kv_heads: vec![],
     }
 }
 
@@ -483,6 +484,7 @@ async fn limits_and_bad_inputs() {
         layers: vec![],
         training_queries: vec![],
         wait: false,
+        kv_heads: vec![],
     };
     let build_field = |r: pb::BuildIndexRequest| {
         let mut rpc = rpc.clone();
@@ -516,6 +518,30 @@ async fn limits_and_bad_inputs() {
         .await,
         "layers[1]"
     );
+    // KV heads: out of range (the layout has one), or twice.
+    let s = rpc
+        .clone()
+        .build_index(pb::BuildIndexRequest {
+            kv_heads: vec![0, 1],
+            ..good_build()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message()
+            .starts_with("kv_heads[1]: 1 is out of range (the layout has 1 KV heads)"),
+        "{s:?}"
+    );
+    assert_eq!(
+        build_field(pb::BuildIndexRequest {
+            kv_heads: vec![0, 0],
+            ..good_build()
+        })
+        .await,
+        "kv_heads[1]"
+    );
+    assert_eq!(stats(&mut c).await, (0, 0), "nothing was built");
     let tq = |layer, heads, n: usize| pb::LayerQueries {
         layer,
         num_q_heads: heads,
@@ -679,6 +705,28 @@ async fn limits_and_bad_inputs() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound, "{s:?}");
+
+    // A replacement the cap refuses (a key-only index gaining training
+    // queries) keeps the group it would have replaced.
+    let mut small = build_req(ns, chain(0..64), true);
+    small.training.clear();
+    assert!(c.build_index(&small).await.unwrap().ready());
+    let held = stats(&mut c).await;
+    assert_eq!(held.0, 1);
+    match c
+        .build_index(&build_req(ns, chain(0..64), true))
+        .await
+        .unwrap_err()
+    {
+        strata_client::Error::Status(s) => assert_eq!(s.code(), Code::ResourceExhausted),
+        e => panic!("{e}"),
+    }
+    assert_eq!(stats(&mut c).await, held);
+    let out = c
+        .retrieve(&retrieve_req(ns, chain(0..64), 0))
+        .await
+        .unwrap();
+    assert!(out.heads.iter().all(|h| h.source == RetrieveSource::Index));
     d.stop().await;
 }
 
@@ -749,5 +797,320 @@ async fn retrieval_calls_are_refused_on_another_tenants_namespace() {
         .await
         .unwrap();
     assert!(out.heads.iter().all(|h| h.source == RetrieveSource::Index));
+    d.stop().await;
+}
+
+// ---- KV-head selection (two KV heads, small heads) ----
+
+/// Head dimension, KV heads, query heads and layers of `layout2`.
+const D2: usize = 32;
+const KV2: usize = 2;
+const Q2: usize = 4;
+const L2: usize = 2;
+
+fn layout2() -> Layout {
+    Layout {
+        model_id: "retrieval/kv2".into(),
+        dtype: Dtype::F32,
+        num_layers: L2 as u32,
+        num_kv_heads: KV2 as u32,
+        head_dim: D2 as u32,
+        tokens_per_block: TPB as u32,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+fn ckey(chain: u8, b: usize) -> BlockKey {
+    let mut k = [0u8; 8];
+    k[0] = chain;
+    k[4..].copy_from_slice(&(b as u32).to_be_bytes());
+    BlockKey::new(&k).unwrap()
+}
+
+fn ckeys(chain: u8, blocks: std::ops::Range<usize>) -> Vec<BlockKey> {
+    blocks.map(|b| ckey(chain, b)).collect()
+}
+
+/// A block's values, `(layers, K/V, tokens, kv_heads, d)`, seeded by its key.
+fn block_f32(k: &BlockKey) -> Vec<f32> {
+    let mut s = strata_proto::checksum(k.as_bytes()) | 1;
+    (0..L2 * 2 * TPB * KV2 * D2)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32
+        })
+        .collect()
+}
+
+/// The keys of `layer` and `head` over `keys`, `[n][d]`.
+fn head_keys(keys: &[BlockKey], layer: usize, head: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for k in keys {
+        let b = block_f32(k);
+        for t in 0..TPB {
+            let at = (((layer * 2) * TPB + t) * KV2 + head) * D2;
+            out.extend_from_slice(&b[at..at + D2]);
+        }
+    }
+    out
+}
+
+/// Stores `keys` as one chain whose first block's parent is `parent`.
+async fn put_chain(c: &mut Client, ns: NamespaceId, keys: &[BlockKey], parent: Option<BlockKey>) {
+    let blocks: Vec<PutBlock> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| PutBlock {
+            key: *k,
+            parent: if i == 0 { parent } else { Some(keys[i - 1]) },
+            data: Bytes::from(
+                block_f32(k)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        })
+        .collect();
+    c.put(ns, &blocks).await.unwrap();
+}
+
+/// `[Q2][D2]` queries, seeded.
+fn q2(seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..Q2 * D2)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32
+        })
+        .collect()
+}
+
+fn build2(
+    ns: NamespaceId,
+    keys: Vec<BlockKey>,
+    layer: u32,
+    kv_heads: Vec<u32>,
+) -> BuildIndexRequest {
+    BuildIndexRequest {
+        namespace: ns,
+        keys,
+        layers: vec![layer],
+        training: vec![],
+        wait: true,
+        kv_heads,
+    }
+}
+
+async fn retrieve2(
+    c: &mut Client,
+    ns: NamespaceId,
+    keys: &[BlockKey],
+    layer: u32,
+    seed: u64,
+) -> strata_client::retrieval::RetrieveOutput {
+    c.retrieve(&RetrieveRequest {
+        namespace: ns,
+        keys: keys.to_vec(),
+        layer,
+        queries: q2(seed),
+        k: Some(20),
+        ef: None,
+    })
+    .await
+    .unwrap()
+}
+
+fn sources(out: &strata_client::retrieval::RetrieveOutput) -> Vec<RetrieveSource> {
+    out.heads.iter().map(|h| h.source).collect()
+}
+
+/// Query heads 0 and 1 answered exactly over KV head 0's keys: the exact
+/// top-k of `exact_search` on the same keys.
+fn assert_exact_on_head0(
+    out: &strata_client::retrieval::RetrieveOutput,
+    keys: &[BlockKey],
+    layer: usize,
+    seed: u64,
+) {
+    let k0 = head_keys(keys, layer, 0);
+    let q = q2(seed);
+    let mut hits = Hits::new();
+    exact_search(&k0, D2, &q[..2 * D2], 20, &mut hits);
+    for h in 0..2 {
+        let want: Vec<u64> = hits.ids(h).iter().map(|&t| t as u64).collect();
+        assert_eq!(out.heads[h].positions, want, "query head {h}");
+        assert_eq!(out.heads[h].scanned as usize, keys.len() * TPB);
+    }
+}
+
+/// The value of a metric line (`name` with its labels), 0 if absent.
+async fn metric(d: &TestDaemon, name: &str) -> f64 {
+    let (_, body) = http_get(d.metrics, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// BuildIndex's `kv_heads`: only the chosen heads are indexed (estimate,
+/// count, status), the others are answered exactly and say so (Retrieve
+/// and Attend), inserts follow the selection, and asking later for another
+/// head rebuilds the group for the union (the replaced group gives back
+/// exactly its own count).
+#[tokio::test]
+async fn kv_heads_choose_what_is_indexed() {
+    let d = start_daemon(|c| c.retrieval.sweep_ms = 3_600_000).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout2()).await.unwrap().namespace;
+    let a = ckeys(b'A', 0..56);
+    let b = ckeys(b'B', 0..48);
+    put_chain(&mut c, ns, &a[..48], None).await;
+    put_chain(&mut c, ns, &b, None).await;
+    let reg = d.running.as_ref().unwrap().retrieval.clone();
+
+    // While building (held): one head of A, both of B; the estimate is
+    // per head (same length: B's is twice A's).
+    let hold = reg.hold_builds().await;
+    let mut req = build2(ns, a[..48].to_vec(), 0, vec![1]);
+    req.wait = false;
+    let out = c.build_index(&req).await.unwrap();
+    let st: Vec<_> = out
+        .indexes
+        .iter()
+        .map(|i| (i.layer, i.kv_head, i.state))
+        .collect();
+    assert_eq!(st, [(0, 1, IndexState::Building)]);
+    let (n1, e1) = stats(&mut c).await;
+    assert_eq!(n1, 1);
+    assert!(e1 > 0);
+    let mut req = build2(ns, b.clone(), 0, vec![]);
+    req.wait = false;
+    let out = c.build_index(&req).await.unwrap();
+    let heads: Vec<_> = out.indexes.iter().map(|i| i.kv_head).collect();
+    assert_eq!(heads, [0, 1]);
+    assert_eq!(stats(&mut c).await, (3, 3 * e1));
+    drop(hold);
+    assert!(
+        c.build_index(&build2(ns, a[..48].to_vec(), 0, vec![1]))
+            .await
+            .unwrap()
+            .ready()
+    );
+    assert!(
+        c.build_index(&build2(ns, b.clone(), 0, vec![]))
+            .await
+            .unwrap()
+            .ready()
+    );
+
+    // Retrieve: KV head 0's query heads by exact scan, KV head 1's by the
+    // index; another layer has no index at all.
+    let out = retrieve2(&mut c, ns, &a[..48], 0, 1).await;
+    use RetrieveSource::{ExactNoIndex, Index};
+    assert_eq!(sources(&out), [ExactNoIndex, ExactNoIndex, Index, Index]);
+    assert_exact_on_head0(&out, &a[..48], 0, 1);
+    assert!(out.heads[2].scanned < (48 * TPB) as u32 || out.heads[2].positions.len() == 20);
+    let out = retrieve2(&mut c, ns, &a[..48], 1, 1).await;
+    assert_eq!(sources(&out), [ExactNoIndex; 4]);
+
+    // New blocks are inserted into the indexed head only; the exact heads
+    // scan the whole longer chain.
+    put_chain(&mut c, ns, &a[48..], Some(a[47])).await;
+    let out = retrieve2(&mut c, ns, &a, 0, 2).await;
+    assert_eq!(out.inserted_tokens as usize, 8 * TPB);
+    assert_eq!(out.tokens_present as usize, 56 * TPB);
+    assert_eq!(sources(&out), [ExactNoIndex, ExactNoIndex, Index, Index]);
+    assert_exact_on_head0(&out, &a, 0, 2);
+    let mut req = build2(ns, a.clone(), 0, vec![1]);
+    req.wait = false;
+    let out = c.build_index(&req).await.unwrap();
+    assert_eq!(out.indexes.len(), 1);
+    assert_eq!(out.indexes[0].kv_head, 1);
+    assert_eq!(out.indexes[0].tokens as usize, 56 * TPB);
+    assert_eq!(out.indexes[0].inserted_tokens as usize, 8 * TPB);
+    assert_eq!(stats(&mut c).await.0, 3, "reported, not rebuilt");
+
+    // Attend RETRIEVAL says the same per KV head.
+    let out = c
+        .attend(&AttendRequest {
+            namespace: ns,
+            layer: 0,
+            mode: AttendMode::Retrieval {
+                k: Some(20),
+                ef: None,
+            },
+            scale: None,
+            sequences: vec![AttendSequence {
+                keys: a.clone(),
+                last_block_tokens: None,
+                queries: q2(3),
+            }],
+        })
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(out.retrieval_source, [ExactNoIndex, Index]);
+    assert_eq!(out.retrieval_scanned.len(), Q2);
+    assert_eq!(out.retrieval_scanned[0] as usize, 56 * TPB);
+
+    // KV head 0 asked for later: the group is replaced by one for both
+    // heads (the status lists the head asked for), and the replaced
+    // group's single index is given back.
+    let out = c
+        .build_index(&build2(ns, a.clone(), 0, vec![0]))
+        .await
+        .unwrap();
+    let st: Vec<_> = out.indexes.iter().map(|i| (i.kv_head, i.state)).collect();
+    assert_eq!(st, [(0, IndexState::Ready)]);
+    assert_eq!(out.indexes[0].tokens as usize, 56 * TPB);
+    assert_eq!(stats(&mut c).await.0, 4);
+    let out = retrieve2(&mut c, ns, &a, 0, 4).await;
+    assert_eq!(sources(&out), [Index; 4]);
+    assert_eq!(out.inserted_tokens, 0);
+
+    // Dropping groups gives back what each counted.
+    c.delete(ns, &[b[10]]).await.unwrap();
+    let out = retrieve2(&mut c, ns, &b, 0, 5).await;
+    assert_eq!(sources(&out), [RetrieveSource::ExactStale; 4]);
+    assert_eq!(stats(&mut c).await.0, 2);
+    c.delete(ns, &[a[3]]).await.unwrap();
+    let out = retrieve2(&mut c, ns, &a, 0, 5).await;
+    assert_eq!(sources(&out), [RetrieveSource::ExactStale; 4]);
+    assert_eq!(stats(&mut c).await, (0, 0));
+    d.stop().await;
+}
+
+/// A key-only group is rebuilt when BuildIndex brings training queries for
+/// it (once: a group built with queries is reused as it is).
+#[tokio::test]
+async fn a_key_only_index_is_rebuilt_with_training_queries() {
+    let d = start_daemon(|c| c.retrieval.sweep_ms = 3_600_000).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put_random(&mut c, ns, 64).await;
+    let builds = "strata_retrieval_builds_total";
+    let mut req = build_req(ns, chain(0..64), true);
+    req.training.clear();
+    assert!(c.build_index(&req).await.unwrap().ready());
+    let (_, key_only) = stats(&mut c).await;
+    assert_eq!(metric(&d, builds).await, 1.0);
+    assert!(c.build_index(&req).await.unwrap().ready());
+    assert_eq!(metric(&d, builds).await, 1.0, "the same call reuses it");
+    let req = build_req(ns, chain(0..64), true);
+    assert!(c.build_index(&req).await.unwrap().ready());
+    assert_eq!(metric(&d, builds).await, 2.0, "rebuilt with the queries");
+    let (n, with) = stats(&mut c).await;
+    assert_eq!(n, 1, "replaced, not added");
+    let kept = (TRAIN * HEADS * D * 4) as u64;
+    assert!(with >= kept && key_only < kept, "{key_only} -> {with}");
+    assert!(c.build_index(&req).await.unwrap().ready());
+    assert_eq!(metric(&d, builds).await, 2.0, "reused once it has queries");
     d.stop().await;
 }

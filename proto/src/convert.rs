@@ -692,6 +692,9 @@ pub struct BuildIndexReq {
     /// Per layer given (shapes checked with the layout).
     pub training: Vec<TrainingQueries>,
     pub wait: bool,
+    /// KV heads to index, each once (range checked with the layout).
+    /// Empty: every KV head.
+    pub kv_heads: Vec<u32>,
 }
 
 impl TryFrom<pb::BuildIndexRequest> for BuildIndexReq {
@@ -704,6 +707,14 @@ impl TryFrom<pb::BuildIndexRequest> for BuildIndexReq {
                 return Err(FieldError::new(
                     format!("layers[{i}]"),
                     format!("layer {l} is listed twice"),
+                ));
+            }
+        }
+        for (i, h) in r.kv_heads.iter().enumerate() {
+            if r.kv_heads[..i].contains(h) {
+                return Err(FieldError::new(
+                    format!("kv_heads[{i}]"),
+                    format!("KV head {h} is listed twice"),
                 ));
             }
         }
@@ -735,6 +746,7 @@ impl TryFrom<pb::BuildIndexRequest> for BuildIndexReq {
             layers: r.layers,
             training,
             wait: r.wait,
+            kv_heads: r.kv_heads,
         })
     }
 }
@@ -988,9 +1000,11 @@ mod tests {
                 num_q_heads: 1,
             }],
             wait: true,
+            kv_heads: vec![2, 0],
         };
         let b = BuildIndexReq::try_from(build()).unwrap();
         assert_eq!(b.training[0].layer, 1);
+        assert_eq!(b.kv_heads, [2, 0]);
         let field = |r: pb::BuildIndexRequest| BuildIndexReq::try_from(r).unwrap_err().field;
         assert_eq!(
             field(pb::BuildIndexRequest {
@@ -998,6 +1012,13 @@ mod tests {
                 ..build()
             }),
             "layers[1]"
+        );
+        assert_eq!(
+            field(pb::BuildIndexRequest {
+                kv_heads: vec![1, 0, 1],
+                ..build()
+            }),
+            "kv_heads[2]"
         );
         let mut twice = build();
         twice

@@ -207,9 +207,11 @@ def attend_results(r: pb.AttendResponse, asked: int) -> list[AttendResult]:
 
 # ---- retrieval indexes --------------------------------------------------------
 
-def build_index_request(ns, keys, layers, training, wait: bool) -> pb.BuildIndexRequest:
+def build_index_request(ns, keys, layers, training, wait: bool,
+                        kv_heads=None) -> pb.BuildIndexRequest:
     """``training``: ``{layer: queries}`` with queries ``(m, num_q_heads,
-    head_dim)`` float32."""
+    head_dim)`` float32. ``kv_heads``: the KV heads to index (None or
+    empty: all)."""
     tq = []
     for layer, q in (training or {}).items():
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -219,7 +221,7 @@ def build_index_request(ns, keys, layers, training, wait: bool) -> pb.BuildIndex
                                   queries=q.reshape(-1).tolist()))
     return pb.BuildIndexRequest(namespace_id=ns_id(ns), keys=keys_list(keys),
                                 layers=[int(x) for x in (layers or [])], training_queries=tq,
-                                wait=bool(wait))
+                                wait=bool(wait), kv_heads=[int(x) for x in (kv_heads or [])])
 
 
 def build_index_result(r: pb.BuildIndexResponse) -> BuildIndexResult:

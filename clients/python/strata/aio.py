@@ -114,9 +114,9 @@ class AsyncClient:
         return _wire.attend_results(await self._call(self._stub.Attend, req), len(seqs))
 
     async def build_index(self, ns: "Namespace | int", keys, layers=None, *, training=None,
-                          wait: bool = False) -> BuildIndexResult:
+                          wait: bool = False, kv_heads=None) -> BuildIndexResult:
         """See :meth:`strata.Client.build_index`."""
-        req = _wire.build_index_request(ns, keys, layers, training, wait)
+        req = _wire.build_index_request(ns, keys, layers, training, wait, kv_heads)
         return _wire.build_index_result(await self._call(self._stub.BuildIndex, req))
 
     async def retrieve(self, ns: "Namespace | int", keys, layer: int, queries, *,

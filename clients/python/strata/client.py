@@ -135,12 +135,14 @@ class Client:
         return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs))
 
     def build_index(self, ns: "Namespace | int", keys: Iterable[bytes], layers=None, *,
-                    training=None, wait: bool = False) -> BuildIndexResult:
+                    training=None, wait: bool = False, kv_heads=None) -> BuildIndexResult:
         """Starts (or reports) the retrieval indexes of the present prefix of
         the chain ``keys`` for ``layers`` (None: all). ``training``:
         ``{layer: queries (m, num_q_heads, head_dim)}``, the prefill's
-        queries. ``wait``: answer once each index is ready or failed."""
-        req = _wire.build_index_request(ns, keys, layers, training, wait)
+        queries. ``wait``: answer once each index is ready or failed.
+        ``kv_heads``: the KV heads to index (None: all); query heads of the
+        others are answered by an exact scan (``EXACT_NO_INDEX``)."""
+        req = _wire.build_index_request(ns, keys, layers, training, wait, kv_heads)
         return _wire.build_index_result(self._call(self._stub.BuildIndex, req))
 
     def retrieve(self, ns: "Namespace | int", keys: Iterable[bytes], layer: int, queries, *,

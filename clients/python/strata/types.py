@@ -309,7 +309,8 @@ class RetrieveSource(enum.IntEnum):
 
     #: The chain's index.
     INDEX = 1
-    #: Exact scan: no index covers the chain and layer.
+    #: Exact scan: no index covers the chain and layer, or its index does
+    #: not hold this query head's KV head.
     EXACT_NO_INDEX = 2
     #: Exact scan: the index is still building (or failed).
     EXACT_BUILDING = 3

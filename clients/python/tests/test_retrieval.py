@@ -135,3 +135,37 @@ def test_bad_input_names_the_field(daemon, stored):
             c.retrieve(ns, keys, 0, np.zeros(D + 1, np.float32))
         with pytest.raises(strata.InvalidArgument, match=r"INVALID_ARGUMENT: layers\[0\]: "):
             c.build_index(ns, keys, layers=[5])
+
+
+def test_kv_heads_selects_what_is_indexed(daemon):
+    # Two KV heads, four query heads; only KV head 1 indexed at first.
+    lay = Layout(model_id="test/retrieval-kv2", dtype="f32", num_layers=1, num_kv_heads=2,
+                 head_dim=D, tokens_per_block=TPB)
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((N, 2, D)).astype(np.float32)
+    v = rng.standard_normal((N, 2, D)).astype(np.float32)
+    keys = [b"Q" + b.to_bytes(8, "big") for b in range(BLOCKS)]
+    q = rng.standard_normal((4, D)).astype(np.float32)
+    with Client(daemon.endpoint) as c:
+        ns = c.register_layout(lay)
+        blocks = []
+        for b in range(BLOCKS):
+            t = slice(b * TPB, (b + 1) * TPB)
+            payload = np.stack([k[t], v[t]])[None]  # (layers, K/V, tokens, kv_heads, head_dim)
+            blocks.append(Block(keys[b], np.ascontiguousarray(payload), keys[b - 1] if b else None))
+        c.put(ns, blocks)
+        b = c.build_index(ns, keys, kv_heads=[1], wait=True)
+        assert b.ready and [(i.layer, i.kv_head) for i in b.indexes] == [(0, 1)]
+        r = c.retrieve(ns, keys, 0, q, k=20)
+        assert [h.source for h in r.heads] == [RetrieveSource.EXACT_NO_INDEX] * 2 \
+            + [RetrieveSource.INDEX] * 2
+        for h in (0, 1):
+            assert r.heads[h].scanned == N
+            assert len(set(r.heads[h].positions.tolist()) & exact_top(k[:, 0], q[h], 20)) >= 19
+        with pytest.raises(strata.InvalidArgument, match=r"INVALID_ARGUMENT: kv_heads\[1\]: "):
+            c.build_index(ns, keys, kv_heads=[0, 2])
+        # Every head (kv_heads=None): the missing one is built too.
+        b = c.build_index(ns, keys, wait=True)
+        assert b.ready and [i.kv_head for i in b.indexes] == [0, 1]
+        r = c.retrieve(ns, keys, 0, q, k=20)
+        assert [h.source for h in r.heads] == [RetrieveSource.INDEX] * 4

@@ -22,6 +22,10 @@ pub struct BuildIndexRequest {
     pub training: Vec<LayerQueries>,
     /// Answer once every index is ready or failed.
     pub wait: bool,
+    /// KV heads to index, each once. Empty: every KV head. Query heads of
+    /// other KV heads are answered by an exact scan
+    /// ([`RetrieveSource::ExactNoIndex`]).
+    pub kv_heads: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +67,8 @@ impl BuildIndexOutput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetrieveSource {
     Index,
-    /// Exact scan: no index covers the chain and layer.
+    /// Exact scan: no index covers the chain and layer, or its index does
+    /// not hold this query head's KV head.
     ExactNoIndex,
     /// Exact scan: the index is still building (or failed).
     ExactBuilding,
@@ -141,6 +146,7 @@ pub(crate) fn build_pb(r: &BuildIndexRequest) -> pb::BuildIndexRequest {
             })
             .collect(),
         wait: r.wait,
+        kv_heads: r.kv_heads.clone(),
     }
 }
 

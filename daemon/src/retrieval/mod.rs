@@ -2,13 +2,18 @@
 //! `Retrieve` RPCs and Attend's RETRIEVAL mode).
 //!
 //! A [`Group`] is the index of one (namespace, layer, chain of blocks): one
-//! [`RetrievalIndex`] per KV head, built in the background from the keys
-//! the store holds (read and verified by [`ChainReader`], as Attend reads
-//! them) and the training queries of the KV head's query heads. Groups are
-//! found by (namespace, layer, first key) and chosen by the longest covered
-//! chain that is a prefix of the caller's chain.
+//! [`RetrievalIndex`] per chosen KV head (BuildIndex's `kv_heads`; all by
+//! default), built in the background from the keys the store holds (read
+//! and verified by [`ChainReader`], as Attend reads them) and the training
+//! queries of the KV head's query heads. Groups are found by (namespace,
+//! layer, first key) and chosen by the longest covered chain that is a
+//! prefix of the caller's chain. Query heads whose KV head the group does
+//! not hold are answered by an exact scan (`EXACT_NO_INDEX`).
 //!
 //! Invariants:
+//! * a group's KV heads never change: asking for more heads replaces the
+//!   group by one for the union; `indexes` counts each group's heads once,
+//!   added at creation and subtracted at the drop;
 //! * a group is tied to the exact blocks it covers: it keeps each block's
 //!   key and checksum and every use compares them with the pinned chain; a
 //!   mismatch or a missing block drops the group (the call scans exactly
@@ -223,10 +228,12 @@ enum Head {
 
 struct GroupState {
     blocks: Vec<Covered>,
+    /// Per indexed KV head (`Group::kv`).
     heads: Vec<Head>,
     /// Bytes this group has counted in the registry's total.
     bytes: u64,
-    /// Per KV head, `[m][d]` training queries (kept for rebuilds).
+    /// Per indexed KV head, `[m][d]` training queries (kept for rebuilds;
+    /// empty: key-only).
     train: Vec<Arc<Vec<f32>>>,
     rebuilding: bool,
     /// What a head still building counts (its share of the estimate).
@@ -238,6 +245,9 @@ pub struct Group {
     ns: NamespaceId,
     layer: u32,
     geom: Geom,
+    /// The KV heads indexed, ascending; `state.heads[i]` and
+    /// `state.train[i]` are KV head `kv[i]`'s. Fixed for the group's life.
+    kv: Vec<u32>,
     state: tokio::sync::Mutex<GroupState>,
     /// The covered keys (a copy of `state.blocks`' keys, readable without
     /// waiting for a call that holds the state).
@@ -401,10 +411,9 @@ impl Registry {
         let mut st = g.state.lock().await;
         self.account(&mut st, 0);
         st.heads.clear();
-        // Counted per KV head at creation (the heads may be out of the
-        // state while an insert runs, so their number is not used here).
-        self.indexes
-            .fetch_sub(g.geom.kv_heads as u64, Ordering::Relaxed);
+        // Counted per indexed KV head at creation (the heads may be out of
+        // the state while an insert runs, so their number is not used here).
+        self.indexes.fetch_sub(g.kv.len() as u64, Ordering::Relaxed);
         self.metrics.indexes.set(self.indexes() as f64);
         let _ = g.done.send(true);
     }
@@ -426,8 +435,14 @@ impl Registry {
     }
 
     /// Starts the indexes of `keys`' present prefix for `layers` (empty:
-    /// all), or reports those that exist; with `wait`, answers once each is
-    /// ready or failed.
+    /// all) and `kv_heads` (empty: all), or reports those that exist; with
+    /// `wait`, answers once each is ready or failed.
+    ///
+    /// A group over exactly the same blocks is reused as it is, unless it
+    /// failed, lacks a KV head asked for, or is key-only while the call
+    /// brings training queries for its layer: then it is replaced by a new
+    /// group over the union of its KV heads and those asked for (training
+    /// queries: the call's, else the old group's, per KV head).
     pub async fn build(
         self: &Arc<Self>,
         req: strata_proto::convert::BuildIndexReq,
@@ -444,6 +459,29 @@ impl Registry {
         }
         let geom = geom.ok_or_else(|| FieldError::new("layers", "the layout has no layers"))?;
         let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+        for (i, &h) in req.kv_heads.iter().enumerate() {
+            if h as usize >= kv {
+                return Err(FieldError::new(
+                    format!("kv_heads[{i}]"),
+                    format!("{h} is out of range (the layout has {kv} KV heads)"),
+                )
+                .into());
+            }
+            if req.kv_heads[..i].contains(&h) {
+                return Err(FieldError::new(
+                    format!("kv_heads[{i}]"),
+                    format!("KV head {h} is listed twice"),
+                )
+                .into());
+            }
+        }
+        let asked: Vec<u32> = if req.kv_heads.is_empty() {
+            (0..kv as u32).collect()
+        } else {
+            let mut v = req.kv_heads.clone();
+            v.sort_unstable();
+            v
+        };
         // Training queries per layer, split per KV head.
         let mut train: HashMap<u32, Vec<Arc<Vec<f32>>>> = HashMap::new();
         for (i, t) in req.training.iter().enumerate() {
@@ -522,53 +560,80 @@ impl Registry {
             }
             let n: usize = blocks.iter().map(|c| c.tokens as usize).sum();
             covered = (blocks.len() as u32, n as u64);
+            // The KV heads to build, and the training queries each had.
+            let mut heads = asked.clone();
+            let mut old_train: HashMap<u32, Arc<Vec<f32>>> = HashMap::new();
+            // The group this one replaces, and the bytes it holds.
+            let mut replace: Option<(Arc<Group>, u64)> = None;
+            let given = train.get(&layer);
             if let Some(g) = self.find(req.namespace, layer, &req.keys) {
                 let st = g.state.lock().await;
                 let same = st.blocks == blocks;
                 let failed = st.heads.iter().any(|h| matches!(h, Head::Failed(_)));
+                let lacks = asked.iter().any(|h| !g.kv.contains(h));
+                let key_only = st.train.iter().all(|t| t.is_empty());
+                let held = st.bytes;
+                if same {
+                    old_train = g.kv.iter().copied().zip(st.train.iter().cloned()).collect();
+                }
                 drop(st);
-                if same && !failed {
+                let gains_queries = key_only && given.is_some();
+                if same && !failed && !lacks && !gains_queries {
                     groups.push(g);
                     continue;
                 }
                 if same {
-                    // Failed before: build again.
-                    self.drop_group(&g).await;
+                    // Failed before, lacks a head, or gains training
+                    // queries: build again, for every head either wants
+                    // (the old group goes once the new one is reserved).
+                    heads.extend(g.kv.iter().copied());
+                    heads.sort_unstable();
+                    heads.dedup();
+                    replace = Some((g, held));
                 }
             }
-            let t = train
-                .get(&layer)
-                .cloned()
-                .unwrap_or_else(|| (0..kv).map(|_| Arc::new(Vec::new())).collect());
+            let t: Vec<Arc<Vec<f32>>> = heads
+                .iter()
+                .map(|&h| match given {
+                    Some(all) => all[h as usize].clone(),
+                    None => old_train
+                        .get(&h)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Vec::new())),
+                })
+                .collect();
+            let nh = heads.len();
             let est: u64 = t.iter().map(|q| estimate(n, q.len() / d, d)).sum();
             // Reserve under the map lock so that two builds cannot both
             // pass the cap.
             let g = {
                 let mut map = self.groups.lock().expect("retrieval registry lock");
                 let now = self.bytes();
-                if now + est > self.cfg.max_bytes {
+                let freed = replace.as_ref().map_or(0, |(_, b)| *b);
+                if now.saturating_sub(freed) + est > self.cfg.max_bytes {
                     self.metrics.refused.increment(1);
                     return Err(StoreError::Limit {
                         limit: "retrieval.max_bytes",
                         detail: format!(
-                            "indexing layer {layer} ({n} tokens, {kv} KV heads) needs about {est} bytes; {now} of {} are held",
+                            "indexing layer {layer} ({n} tokens, {nh} KV heads) needs about {est} bytes; {now} of {} are held",
                             self.cfg.max_bytes
                         ),
                     });
                 }
                 self.bytes.fetch_add(est, Ordering::Relaxed);
-                self.indexes.fetch_add(kv as u64, Ordering::Relaxed);
+                self.indexes.fetch_add(nh as u64, Ordering::Relaxed);
                 self.metrics.index_bytes.set(self.bytes() as f64);
                 self.metrics.indexes.set(self.indexes() as f64);
                 let g = Arc::new(Group {
                     ns: req.namespace,
                     layer,
                     geom,
+                    kv: heads,
                     chain: Mutex::new(blocks.iter().map(|c| c.key).collect()),
                     state: tokio::sync::Mutex::new(GroupState {
-                        est_per_head: est / kv as u64,
+                        est_per_head: est / nh as u64,
                         blocks,
-                        heads: (0..kv).map(|_| Head::Building { progress: 0.0 }).collect(),
+                        heads: (0..nh).map(|_| Head::Building { progress: 0.0 }).collect(),
                         bytes: est,
                         train: t,
                         rebuilding: false,
@@ -581,6 +646,9 @@ impl Registry {
                     .push(g.clone());
                 g
             };
+            if let Some((old, _)) = replace {
+                self.drop_group(&old).await;
+            }
             let (this, g2) = (self.clone(), g.clone());
             tokio::spawn(async move { this.run_build(g2, reader).await });
             groups.push(g);
@@ -593,7 +661,7 @@ impl Registry {
         }
         let mut heads = Vec::new();
         for g in &groups {
-            heads.extend(status(g).await);
+            heads.extend(status(g, &asked).await);
         }
         Ok(BuildAnswer {
             keys_covered: covered.0,
@@ -602,8 +670,8 @@ impl Registry {
         })
     }
 
-    /// Reads the layer's keys and builds every KV head's index, one build
-    /// at a time in the daemon.
+    /// Reads the layer's keys and builds the index of each of the group's
+    /// KV heads, one build at a time in the daemon.
     async fn run_build(self: Arc<Self>, g: Arc<Group>, reader: ChainReader) {
         let _permit = self.builds.clone().acquire_owned().await;
         let _hold = self.hold.clone().read_owned().await;
@@ -612,7 +680,7 @@ impl Registry {
         }
         let want = { g.state.lock().await.blocks.len() };
         let r = reader.read_k(&self.attend, 0..want).await;
-        let keys = match r {
+        let mut keys = match r {
             Ok((reader, k)) if reader.present() >= want => {
                 drop(reader);
                 k
@@ -641,7 +709,14 @@ impl Registry {
             threads: self.cfg.build_threads,
             ..IndexConfig::default()
         };
-        for (h, k) in keys.into_iter().enumerate() {
+        // Keys of heads not indexed are not kept while the others build.
+        for (h, k) in keys.iter_mut().enumerate() {
+            if !g.kv.contains(&(h as u32)) {
+                *k = Vec::new();
+            }
+        }
+        for (h, &kv_head) in g.kv.iter().enumerate() {
+            let k = std::mem::take(&mut keys[kv_head as usize]);
             let t = { g.state.lock().await.train[h].clone() };
             let cfg = cfg.clone();
             let built =
@@ -791,7 +866,121 @@ impl Registry {
         })
     }
 
-    /// The shared part of Retrieve and Attend RETRIEVAL.
+    /// Compares `g`'s covered blocks with the pinned chain and, when every
+    /// head is ready, inserts the whole new blocks present past its
+    /// coverage into each head's index and appends them to the covered
+    /// chain (a background rebuild starts once a quarter of an index is
+    /// new). `st` is held throughout and handed back when the group is
+    /// usable; a mismatch or a failed insert drops the group.
+    async fn catch_up<'a>(
+        self: &Arc<Self>,
+        g: &'a Arc<Group>,
+        mut st: tokio::sync::MutexGuard<'a, GroupState>,
+        reader: ChainReader,
+    ) -> Result<(ChainReader, CatchUp<'a>), StoreError> {
+        if g.dropped.load(Ordering::Acquire) {
+            return Ok((reader, CatchUp::Stale));
+        }
+        let n = st.blocks.len();
+        let pinned = reader.blocks();
+        let matches = pinned.len() >= n
+            && st
+                .blocks
+                .iter()
+                .zip(pinned)
+                .all(|(c, b)| c.key == b.key && c.checksum == b.checksum);
+        if !matches {
+            drop(st);
+            self.metrics.dropped_stale.increment(1);
+            self.drop_group(g).await;
+            return Ok((reader, CatchUp::Stale));
+        }
+        if !st.heads.iter().all(|h| matches!(h, Head::Ready { .. })) {
+            return Ok((reader, CatchUp::NotReady));
+        }
+        let mut reader = reader;
+        let mut inserted = 0u64;
+        if reader.present() > n {
+            let present = reader.present();
+            let (r2, new_keys) = reader.read_k(&self.attend, n..present).await?;
+            reader = r2;
+            let got = reader.present().saturating_sub(n);
+            let add: Vec<Covered> = reader.blocks()[n..n + got]
+                .iter()
+                .zip(&reader.tokens()[n..n + got])
+                .map(|(b, &t)| Covered {
+                    key: b.key,
+                    checksum: b.checksum,
+                    tokens: t,
+                })
+                .collect();
+            let tokens: usize = add.iter().map(|c| c.tokens as usize).sum();
+            if tokens > 0 {
+                let d = g.geom.head_dim as usize;
+                let kvs = g.kv.clone();
+                let mut idx: Vec<Arc<RetrievalIndex>> = st
+                    .heads
+                    .iter()
+                    .map(|h| match h {
+                        Head::Ready { index } => index.clone(),
+                        _ => unreachable!("all ready"),
+                    })
+                    .collect();
+                st.heads.clear();
+                let r = self
+                    .attend
+                    .blocking(move || {
+                        let mut err = None;
+                        for (ix, &h) in idx.iter_mut().zip(&kvs) {
+                            let ix = Arc::make_mut(ix);
+                            if let Err(e) = ix.insert(&new_keys[h as usize][..tokens * d]) {
+                                err = Some(e.to_string());
+                            }
+                        }
+                        (idx, err)
+                    })
+                    .await;
+                let (idx, err) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        drop(st);
+                        self.drop_group(g).await;
+                        return Err(e);
+                    }
+                };
+                if let Some(e) = err {
+                    drop(st);
+                    self.drop_group(g).await;
+                    return Err(StoreError::Internal(format!(
+                        "retrieval insert failed: {e}"
+                    )));
+                }
+                let rebuild = idx.iter().any(|i| i.needs_rebuild());
+                st.heads = idx.into_iter().map(|index| Head::Ready { index }).collect();
+                g.chain
+                    .lock()
+                    .expect("retrieval chain lock")
+                    .extend(add.iter().map(|c| c.key));
+                st.blocks.extend(add);
+                inserted = tokens as u64;
+                self.metrics
+                    .inserted_tokens
+                    .increment(inserted * st.heads.len() as u64);
+                let bytes = measured(&st);
+                self.account(&mut st, bytes);
+                if rebuild && !st.rebuilding {
+                    st.rebuilding = true;
+                    let (this, g2) = (self.clone(), g.clone());
+                    tokio::spawn(async move { this.rebuild(g2).await });
+                }
+            }
+        }
+        Ok((reader, CatchUp::Ready { st, inserted }))
+    }
+
+    /// The shared part of Retrieve and Attend RETRIEVAL: per KV head, the
+    /// chain's index when its group holds that head and is ready, else an
+    /// exact scan (with the reason).
     #[allow(clippy::too_many_arguments)]
     async fn select(
         self: &Arc<Self>,
@@ -803,135 +992,83 @@ impl Registry {
         params: RetrievalParams,
         reader: ChainReader,
     ) -> Result<(ChainReader, Selection), StoreError> {
-        let group = self.find(ns, layer, keys);
-        let mut reason = Source::NoIndex;
+        let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+        let heads = q.len() / d;
+        let per_kv = (heads / kv) as u64;
+        // Why each KV head is scanned exactly, when it is.
+        let mut reason = vec![Source::NoIndex; kv];
         let mut reader = reader;
-        if let Some(g) = group {
-            let mut st = g.state.lock().await;
-            let pinned = reader.blocks();
-            let n = st.blocks.len();
-            let matches = pinned.len() >= n
-                && st
-                    .blocks
-                    .iter()
-                    .zip(pinned)
-                    .all(|(c, b)| c.key == b.key && c.checksum == b.checksum);
-            if g.dropped.load(Ordering::Acquire) {
-                reason = Source::Stale;
-            } else if !matches {
-                drop(st);
-                self.metrics.dropped_stale.increment(1);
-                self.drop_group(&g).await;
-                reason = Source::Stale;
-            } else if st.heads.iter().all(|h| matches!(h, Head::Ready { .. })) {
-                // New whole blocks past the covered chain: insert them.
-                let mut inserted = 0u64;
-                if reader.present() > n {
-                    let present = reader.present();
-                    let (r2, new_keys) = reader.read_k(&self.attend, n..present).await?;
-                    reader = r2;
-                    let got = reader.present().saturating_sub(n);
-                    let add: Vec<Covered> = reader.blocks()[n..n + got]
-                        .iter()
-                        .zip(&reader.tokens()[n..n + got])
-                        .map(|(b, &t)| Covered {
-                            key: b.key,
-                            checksum: b.checksum,
-                            tokens: t,
-                        })
-                        .collect();
-                    let tokens: usize = add.iter().map(|c| c.tokens as usize).sum();
-                    if tokens > 0 {
-                        let d = g.geom.head_dim as usize;
-                        let mut idx: Vec<Arc<RetrievalIndex>> = st
-                            .heads
-                            .iter()
-                            .map(|h| match h {
-                                Head::Ready { index } => index.clone(),
+        if let Some(g) = self.find(ns, layer, keys) {
+            let st = g.state.lock().await;
+            let (r, used) = self.catch_up(&g, st, reader).await?;
+            reader = r;
+            match used {
+                CatchUp::Stale => reason = vec![Source::Stale; kv],
+                CatchUp::NotReady => {
+                    for &h in &g.kv {
+                        reason[h as usize] = Source::Building;
+                    }
+                }
+                CatchUp::Ready { st, inserted } => {
+                    let covered = st.blocks.len();
+                    let idx: Vec<(u32, Arc<RetrievalIndex>)> =
+                        g.kv.iter()
+                            .zip(&st.heads)
+                            .map(|(&h, head)| match head {
+                                Head::Ready { index } => (h, index.clone()),
                                 _ => unreachable!("all ready"),
                             })
                             .collect();
-                        st.heads.clear();
-                        let r = self
-                            .attend
-                            .blocking(move || {
-                                let mut err = None;
-                                for (ix, k) in idx.iter_mut().zip(&new_keys) {
-                                    let ix = Arc::make_mut(ix);
-                                    if let Err(e) = ix.insert(&k[..tokens * d]) {
-                                        err = Some(e.to_string());
-                                    }
-                                }
-                                (idx, err)
-                            })
-                            .await;
-                        let (idx, err) = match r {
-                            Ok(x) => x,
-                            Err(e) => {
-                                drop(st);
-                                self.drop_group(&g).await;
-                                return Err(e);
-                            }
-                        };
-                        if let Some(e) = err {
-                            drop(st);
-                            self.drop_group(&g).await;
-                            return Err(StoreError::Internal(format!(
-                                "retrieval insert failed: {e}"
-                            )));
-                        }
-                        let rebuild = idx.iter().any(|i| i.needs_rebuild());
-                        st.heads = idx.into_iter().map(|index| Head::Ready { index }).collect();
-                        g.chain
-                            .lock()
-                            .expect("retrieval chain lock")
-                            .extend(add.iter().map(|c| c.key));
-                        st.blocks.extend(add);
-                        inserted = tokens as u64;
+                    drop(st);
+                    // Only the covered prefix is searched: blocks past it
+                    // that could not be read stay out (and out of `present`).
+                    let sel = Selection::new(heads, kv, Source::NoIndex);
+                    let mut sel = self.search(sel, idx, q, params, geom).await?;
+                    sel.inserted = inserted;
+                    sel.keys_present = covered as u32;
+                    sel.tokens_present = reader.tokens()[..covered].iter().map(|&t| t as u64).sum();
+                    self.metrics
+                        .searches_index
+                        .increment(g.kv.len() as u64 * per_kv);
+                    let rest: Vec<usize> =
+                        (0..kv).filter(|&h| !g.kv.contains(&(h as u32))).collect();
+                    if !rest.is_empty() {
+                        // KV heads the group does not hold: exact over the
+                        // same covered prefix (shorter if a block no longer
+                        // reads; then the answer says so).
+                        let (r, k) = reader.read_k(&self.attend, 0..covered).await?;
+                        reader = r;
                         self.metrics
-                            .inserted_tokens
-                            .increment(inserted * st.heads.len() as u64);
-                        let bytes = measured(&st);
-                        self.account(&mut st, bytes);
-                        if rebuild && !st.rebuilding {
-                            st.rebuilding = true;
-                            let (this, g2) = (self.clone(), g.clone());
-                            tokio::spawn(async move { this.rebuild(g2).await });
+                            .searches_exact
+                            .increment(rest.len() as u64 * per_kv);
+                        sel = self.exact(sel, k, rest, q, params, geom).await?;
+                        if reader.present() < covered {
+                            sel.keys_present = reader.present() as u32;
+                            sel.tokens_present = reader.tokens().iter().map(|&t| t as u64).sum();
                         }
                     }
+                    return Ok((reader, sel));
                 }
-                let covered = st.blocks.len();
-                let idx: Vec<Arc<RetrievalIndex>> = st
-                    .heads
-                    .iter()
-                    .map(|h| match h {
-                        Head::Ready { index } => index.clone(),
-                        _ => unreachable!("all ready"),
-                    })
-                    .collect();
-                drop(st);
-                // Only the covered prefix is searched: blocks past it that
-                // could not be read stay out (and out of `present`).
-                let mut sel = self.search(idx, q, params, g.geom).await?;
-                sel.inserted = inserted;
-                sel.keys_present = covered as u32;
-                sel.tokens_present = reader.tokens()[..covered].iter().map(|&t| t as u64).sum();
-                self.metrics.searches_index.increment(sel.ids.len() as u64);
-                return Ok((reader, sel));
-            } else {
-                reason = Source::Building;
             }
         }
         let present = reader.present();
         let (reader, k) = reader.read_k(&self.attend, 0..present).await?;
-        let sel = self.exact(k, q, params, geom, reason, &reader).await?;
-        self.metrics.searches_exact.increment(sel.ids.len() as u64);
+        let mut sel = Selection::new(heads, kv, Source::NoIndex);
+        sel.source = reason;
+        let mut sel = self
+            .exact(sel, k, (0..kv).collect(), q, params, geom)
+            .await?;
+        sel.keys_present = reader.present() as u32;
+        sel.tokens_present = reader.tokens().iter().map(|&t| t as u64).sum();
+        self.metrics.searches_exact.increment(heads as u64);
         Ok((reader, sel))
     }
 
+    /// Fills `sel` for the KV heads of `idx` from their indexes.
     async fn search(
         &self,
-        idx: Vec<Arc<RetrievalIndex>>,
+        sel: Selection,
+        idx: Vec<(u32, Arc<RetrievalIndex>)>,
         q: &[f32],
         params: RetrievalParams,
         geom: Geom,
@@ -942,10 +1079,11 @@ impl Registry {
         let q = q.to_vec();
         self.attend
             .blocking(move || {
-                let mut sel = Selection::new(heads, kv, Source::Index);
+                let mut sel = sel;
                 let mut scratch = SearchScratch::new();
                 let mut hits = Hits::new();
-                for (h, ix) in idx.iter().enumerate() {
+                for (h, ix) in &idx {
+                    let h = *h as usize;
                     let ef = params
                         .ef
                         .map_or(ix.default_params().ef(), |e| e as usize)
@@ -958,33 +1096,35 @@ impl Registry {
                         sel.scores[h * g + i] = hits.scores(i).to_vec();
                         sel.scanned[h * g + i] = hits.scanned[i];
                     }
+                    sel.source[h] = Source::Index;
                 }
                 Ok(sel)
             })
             .await?
     }
 
+    /// Fills `sel` for the KV heads `scan` by an exact scan of `k`
+    /// (`[kv_head][n][d]`); their sources stay as `sel` says.
     async fn exact(
         &self,
+        sel: Selection,
         k: Vec<Vec<f32>>,
+        scan: Vec<usize>,
         q: &[f32],
         params: RetrievalParams,
         geom: Geom,
-        reason: Source,
-        reader: &ChainReader,
     ) -> Result<Selection, StoreError> {
         let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
         let heads = q.len() / d;
         let g = heads / kv;
         let q = q.to_vec();
-        let mut sel = self
-            .attend
+        self.attend
             .blocking(move || {
-                let mut sel = Selection::new(heads, kv, reason);
+                let mut sel = sel;
                 let mut hits = Hits::new();
-                for (h, keys) in k.iter().enumerate() {
+                for h in scan {
                     exact_search(
-                        keys,
+                        &k[h],
                         d,
                         &q[h * g * d..(h + 1) * g * d],
                         params.k as usize,
@@ -998,25 +1138,22 @@ impl Registry {
                 }
                 sel
             })
-            .await?;
-        sel.keys_present = reader.present() as u32;
-        sel.tokens_present = reader.tokens().iter().map(|&t| t as u64).sum();
-        Ok(sel)
+            .await
     }
 
-    /// Rebuilds every head of `g` from its keys (inserted ones included)
+    /// Rebuilds every index of `g` from its keys (inserted ones included)
     /// and training queries, in the background; keys inserted meanwhile are
     /// inserted into the new index before it replaces the old one.
     async fn rebuild(self: Arc<Self>, g: Arc<Group>) {
         let _permit = self.builds.clone().acquire_owned().await;
         let _hold = self.hold.clone().read_owned().await;
         let d = g.geom.head_dim as usize;
-        let kv = g.geom.kv_heads as usize;
         let cfg = IndexConfig {
             threads: self.cfg.build_threads,
             ..IndexConfig::default()
         };
-        for h in 0..kv {
+        // Each indexed KV head (`heads[h]` is KV head `g.kv[h]`'s).
+        for h in 0..g.kv.len() {
             let (keys, t) = {
                 let st = g.state.lock().await;
                 match st.heads.get(h) {
@@ -1051,6 +1188,20 @@ impl Registry {
         }
         g.state.lock().await.rebuilding = false;
     }
+}
+
+/// What [`Registry::catch_up`] found.
+enum CatchUp<'a> {
+    /// Every head is ready and covers the chain's present prefix (or as
+    /// much of it as could be read); the state is still held.
+    Ready {
+        st: tokio::sync::MutexGuard<'a, GroupState>,
+        inserted: u64,
+    },
+    /// A head is building or failed.
+    NotReady,
+    /// A covered block changed or is gone: the group was dropped.
+    Stale,
 }
 
 /// What a search or scan found, per query head.
@@ -1113,17 +1264,17 @@ fn measured(st: &GroupState) -> u64 {
     heads + train
 }
 
-/// The status of each KV head of `g`.
-async fn status(g: &Arc<Group>) -> Vec<HeadStatus> {
+/// The status of each KV head of `g` among `asked`.
+async fn status(g: &Arc<Group>, asked: &[u32]) -> Vec<HeadStatus> {
     let st = g.state.lock().await;
     let tokens: u64 = st.blocks.iter().map(|c| c.tokens as u64).sum();
-    st.heads
-        .iter()
-        .enumerate()
-        .map(|(h, head)| {
+    g.kv.iter()
+        .zip(&st.heads)
+        .filter(|(h, _)| asked.contains(h))
+        .map(|(&h, head)| {
             let mut s = HeadStatus {
                 layer: g.layer,
-                kv_head: h as u32,
+                kv_head: h,
                 state: State::Building,
                 progress: 0.0,
                 tokens,
