@@ -113,6 +113,20 @@ pub struct RetrievalSection {
     pub max_train_queries: u32,
     /// How often indexes whose blocks are gone are dropped.
     pub sweep_ms: u64,
+    /// Build key-only indexes of chains by themselves, once stored.
+    pub auto_build: bool,
+    /// Layers auto_build indexes (empty = every layer of the layout).
+    pub auto_layers: Vec<u32>,
+    /// KV heads auto_build indexes (empty = every KV head; heads a layout
+    /// does not have are ignored).
+    pub auto_kv_heads: Vec<u32>,
+    /// Shortest chain (tokens) auto_build indexes.
+    pub auto_min_tokens: u64,
+    /// How long a chain must have had no new block before auto_build
+    /// indexes it.
+    pub auto_quiet_ms: u64,
+    /// Chain tails auto_build waits on at most (the oldest is forgotten).
+    pub auto_max_pending: u32,
 }
 
 impl Default for RetrievalSection {
@@ -122,6 +136,12 @@ impl Default for RetrievalSection {
             build_threads: 0,
             max_train_queries: 32768,
             sweep_ms: 1000,
+            auto_build: false,
+            auto_layers: Vec::new(),
+            auto_kv_heads: Vec::new(),
+            auto_min_tokens: 4096,
+            auto_quiet_ms: 500,
+            auto_max_pending: 4096,
         }
     }
 }
@@ -853,6 +873,45 @@ impl Config {
                 format!("{} must be between 1 and 3600000", rt.sweep_ms),
             );
         }
+        for (field, list) in [
+            ("retrieval.auto_layers", &rt.auto_layers),
+            ("retrieval.auto_kv_heads", &rt.auto_kv_heads),
+        ] {
+            for (i, v) in list.iter().enumerate() {
+                if list[..i].contains(v) {
+                    return bad(field, format!("{v} is listed twice"));
+                }
+                if *v >= 65536 {
+                    return bad(field, format!("{v} is above 65535"));
+                }
+            }
+        }
+        if rt.auto_min_tokens == 0 || rt.auto_min_tokens > 1 << 32 {
+            return bad(
+                "retrieval.auto_min_tokens",
+                format!("{} must be between 1 and 4294967296", rt.auto_min_tokens),
+            );
+        }
+        if rt.auto_quiet_ms == 0 || rt.auto_quiet_ms > 3_600_000 {
+            return bad(
+                "retrieval.auto_quiet_ms",
+                format!("{} must be between 1 and 3600000", rt.auto_quiet_ms),
+            );
+        }
+        if rt.auto_max_pending == 0 || rt.auto_max_pending > 1 << 20 {
+            return bad(
+                "retrieval.auto_max_pending",
+                format!("{} must be between 1 and 1048576", rt.auto_max_pending),
+            );
+        }
+        let auto = rt.auto_build.then(|| crate::retrieval::AutoConfig {
+            layers: rt.auto_layers.clone(),
+            kv_heads: rt.auto_kv_heads.clone(),
+            min_tokens: rt.auto_min_tokens,
+            quiet: Duration::from_millis(rt.auto_quiet_ms),
+            max_pending: rt.auto_max_pending as usize,
+            max_blocks: s.max_keys_per_call as usize,
+        });
         let retrieval = crate::retrieval::RetrievalConfig {
             max_bytes: rt.max_bytes.0,
             build_threads: match rt.build_threads {
@@ -861,6 +920,7 @@ impl Config {
             },
             max_train_queries: rt.max_train_queries as usize,
             sweep_interval: Duration::from_millis(rt.sweep_ms),
+            auto,
         };
         if s.drain_timeout_ms > 3_600_000 {
             return bad(
@@ -1270,6 +1330,62 @@ mod tests {
         assert!(!r.auth.tenants[1].zero_copy, "zero_copy is opt-in");
         assert_eq!(r.store.tenants.tenants[1].dram_bytes, 8 << 20);
         assert!(r.store.tenants.multi);
+    }
+
+    #[test]
+    fn retrieval_auto_build_is_checked() {
+        assert_eq!(Config::default().resolve().unwrap().retrieval.auto, None);
+        let r = Config::from_toml(
+            "[server]\nmax_keys_per_call = 512\n[retrieval]\nauto_build = true\nauto_layers = [1, 0]\nauto_kv_heads = [3]\nauto_min_tokens = 64\nauto_quiet_ms = 20\n",
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        let a = r.retrieval.auto.unwrap();
+        assert_eq!(a.layers, [1, 0]);
+        assert_eq!(a.kv_heads, [3]);
+        assert_eq!(a.min_tokens, 64);
+        assert_eq!(a.quiet, Duration::from_millis(20));
+        assert_eq!(a.max_pending, 4096);
+        assert_eq!(a.max_blocks, 512, "server.max_keys_per_call");
+        let err = |t: &str| {
+            Config::from_toml(&format!("[retrieval]\nauto_build = true\n{t}\n"))
+                .unwrap()
+                .resolve()
+                .unwrap_err()
+        };
+        for (t, field, why) in [
+            (
+                "auto_layers = [2, 2]",
+                "retrieval.auto_layers",
+                "2 is listed twice",
+            ),
+            (
+                "auto_kv_heads = [0, 1, 0]",
+                "retrieval.auto_kv_heads",
+                "0 is listed twice",
+            ),
+            (
+                "auto_kv_heads = [70000]",
+                "retrieval.auto_kv_heads",
+                "above 65535",
+            ),
+            (
+                "auto_min_tokens = 0",
+                "retrieval.auto_min_tokens",
+                "between 1",
+            ),
+            ("auto_quiet_ms = 0", "retrieval.auto_quiet_ms", "between 1"),
+            (
+                "auto_max_pending = 0",
+                "retrieval.auto_max_pending",
+                "between 1",
+            ),
+        ] {
+            let e = err(t);
+            assert_eq!(e.field, field, "{t}");
+            assert!(e.reason.contains(why), "{t}: {e}");
+        }
     }
 
     #[test]

@@ -800,7 +800,7 @@ async fn retrieval_calls_are_refused_on_another_tenants_namespace() {
     d.stop().await;
 }
 
-// ---- KV-head selection (two KV heads, small heads) ----
+// ---- KV-head selection and automatic builds (two KV heads, small heads) ----
 
 /// Head dimension, KV heads, query heads and layers of `layout2`.
 const D2: usize = 32;
@@ -1112,5 +1112,164 @@ async fn a_key_only_index_is_rebuilt_with_training_queries() {
     assert!(with >= kept && key_only < kept, "{key_only} -> {with}");
     assert!(c.build_index(&req).await.unwrap().ready());
     assert_eq!(metric(&d, builds).await, 2.0, "reused once it has queries");
+    d.stop().await;
+}
+
+/// Polls `f` every 20 ms until it is true (at most 60 s).
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Retrieve on `keys` every 20 ms until query head 0 is answered by an
+/// index (at most 60 s); that answer.
+async fn until_indexed(
+    c: &mut Client,
+    ns: NamespaceId,
+    keys: &[BlockKey],
+    layer: u32,
+) -> strata_client::retrieval::RetrieveOutput {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = retrieve2(c, ns, keys, layer, 1).await;
+        if out.heads[0].source == RetrieveSource::Index {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never indexed: {:?}",
+            sources(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `retrieval.auto_build`: a chain stored and then quiet is indexed
+/// without any BuildIndex call (configured layer and KV head only; a chain
+/// below auto_min_tokens is not); a chain that grows has its new blocks
+/// inserted by the same trigger; a fork is indexed as a chain of its own;
+/// BuildIndex with training queries rebuilds the key-only group.
+#[tokio::test]
+async fn auto_build_indexes_quiet_chains() {
+    let d = start_daemon(|c| {
+        c.retrieval.sweep_ms = 3_600_000;
+        c.retrieval.auto_build = true;
+        c.retrieval.auto_layers = vec![1];
+        // Head 7 does not exist in this layout: ignored.
+        c.retrieval.auto_kv_heads = vec![0, 7];
+        c.retrieval.auto_min_tokens = 512;
+        c.retrieval.auto_quiet_ms = 200;
+    })
+    .await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout2()).await.unwrap().namespace;
+    let short = ckeys(b'S', 0..16);
+    let a = ckeys(b'A', 0..56);
+    put_chain(&mut c, ns, &short, None).await;
+    put_chain(&mut c, ns, &a[..40], None).await;
+    use RetrieveSource::{ExactNoIndex, Index};
+    let out = until_indexed(&mut c, ns, &a[..40], 1).await;
+    assert_eq!(sources(&out), [Index, Index, ExactNoIndex, ExactNoIndex]);
+    assert_eq!(out.tokens_present as usize, 40 * TPB);
+    assert_eq!(out.inserted_tokens, 0);
+    // Only layer 1; the short chain (256 tokens) was not indexed (it was
+    // quiet before A, and builds run one at a time in order).
+    let out = retrieve2(&mut c, ns, &a[..40], 0, 1).await;
+    assert_eq!(sources(&out), [ExactNoIndex; 4]);
+    let out = retrieve2(&mut c, ns, &short, 1, 1).await;
+    assert_eq!(sources(&out), [ExactNoIndex; 4]);
+    assert_eq!(
+        metric(&d, "strata_retrieval_auto_skipped_total{reason=\"short\"}").await,
+        1.0
+    );
+    assert_eq!(metric(&d, "strata_retrieval_auto_builds_total").await, 1.0);
+    assert_eq!(stats(&mut c).await.0, 1);
+
+    // A grows: the quiet trigger inserts the new blocks (no call does).
+    let ext = metric(&d, "strata_retrieval_auto_extended_total").await;
+    put_chain(&mut c, ns, &a[40..], Some(a[39])).await;
+    eventually("A's new blocks inserted", || async {
+        metric(&d, "strata_retrieval_auto_extended_total").await > ext
+    })
+    .await;
+    let out = retrieve2(&mut c, ns, &a, 1, 2).await;
+    assert_eq!(out.inserted_tokens, 0, "inserted before this call");
+    assert_eq!(out.tokens_present as usize, 56 * TPB);
+    assert_eq!(sources(&out), [Index, Index, ExactNoIndex, ExactNoIndex]);
+
+    // A fork off block 19 of A: a chain of its own, indexed whole.
+    let fork: Vec<BlockKey> = a[..20].iter().copied().chain(ckeys(b'F', 0..30)).collect();
+    put_chain(&mut c, ns, &fork[20..], Some(a[19])).await;
+    let out = until_indexed(&mut c, ns, &fork, 1).await;
+    assert_eq!(out.inserted_tokens, 0);
+    assert_eq!(out.tokens_present as usize, 50 * TPB);
+    assert_eq!(stats(&mut c).await.0, 2);
+    assert_eq!(metric(&d, "strata_retrieval_auto_builds_total").await, 2.0);
+    let out = retrieve2(&mut c, ns, &a, 1, 2).await;
+    assert_eq!(sources(&out)[..2], [Index, Index], "A's group is A's still");
+
+    // BuildIndex with training queries replaces the key-only group.
+    let builds = metric(&d, "strata_retrieval_builds_total").await;
+    let mut req = build2(ns, a.clone(), 1, vec![0]);
+    req.training = vec![LayerQueries {
+        layer: 1,
+        num_q_heads: Q2 as u32,
+        queries: (0..64).flat_map(q2).collect(),
+    }];
+    assert!(c.build_index(&req).await.unwrap().ready());
+    assert_eq!(
+        metric(&d, "strata_retrieval_builds_total").await,
+        builds + 1.0
+    );
+    assert!(c.build_index(&req).await.unwrap().ready());
+    assert_eq!(
+        metric(&d, "strata_retrieval_builds_total").await,
+        builds + 1.0
+    );
+    assert_eq!(stats(&mut c).await.0, 2);
+    d.stop().await;
+}
+
+/// An automatic build that `retrieval.max_bytes` refuses is counted; the
+/// Put succeeded and nothing is held.
+#[tokio::test]
+async fn auto_build_refused_by_max_bytes_is_counted() {
+    let d = start_daemon(|c| {
+        c.retrieval.max_bytes = ByteSize(1 << 20);
+        c.retrieval.auto_build = true;
+        c.retrieval.auto_min_tokens = 16;
+        // The whole chain arrives well within it (one Put stream).
+        c.retrieval.auto_quiet_ms = 1000;
+    })
+    .await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    // 256 blocks of 16 tokens, d = 128: about 3.4 MB of index.
+    let blocks: Vec<PutBlock> = (0..256)
+        .map(|b| PutBlock {
+            key: key(b),
+            parent: (b > 0).then(|| key(b - 1)),
+            data: Bytes::from(vec![0x3c; 2 * TPB * D * 4]),
+        })
+        .collect();
+    c.put(ns, &blocks).await.unwrap();
+    eventually("the refusal counted", || async {
+        metric(
+            &d,
+            "strata_retrieval_auto_skipped_total{reason=\"max_bytes\"}",
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(metric(&d, "strata_retrieval_auto_builds_total").await, 0.0);
+    assert_eq!(stats(&mut c).await, (0, 0));
     d.stop().await;
 }

@@ -10,6 +10,12 @@
 //! prefix of the caller's chain. Query heads whose KV head the group does
 //! not hold are answered by an exact scan (`EXACT_NO_INDEX`).
 //!
+//! With `retrieval.auto_build`, stored blocks are noted as chain tails
+//! ([`auto::Tails`]); a chain quiet for `auto_quiet_ms` with at least
+//! `auto_min_tokens` tokens gets key-only indexes through [`Registry::build`]
+//! ([`Registry::auto_tick`]), or, when a group already covers a prefix of
+//! it, the new blocks inserted into that group.
+//!
 //! Invariants:
 //! * a group's KV heads never change: asking for more heads replaces the
 //!   group by one for the union; `indexes` counts each group's heads once,
@@ -50,8 +56,40 @@ use crate::attend::exec::{AttendCtx, ChainReader, SeqResult};
 use crate::metrics::Registry as MetricsRegistry;
 use crate::store::{Store, StoreError};
 
+pub mod auto;
 #[cfg(test)]
 mod tests;
+
+/// `retrieval.auto_*`: automatic key-only builds of quiet chains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoConfig {
+    /// Layers to index (empty: all of the layout's).
+    pub layers: Vec<u32>,
+    /// KV heads to index (empty: all; heads a layout lacks are ignored).
+    pub kv_heads: Vec<u32>,
+    /// A chain shorter than this is not indexed.
+    pub min_tokens: u64,
+    /// How long a chain must have had no new block.
+    pub quiet: Duration,
+    /// Pending chain tails kept (the oldest is dropped beyond).
+    pub max_pending: usize,
+    /// Longest chain walked back from its tail (`server.max_keys_per_call`:
+    /// no call could use a longer one).
+    pub max_blocks: usize,
+}
+
+impl Default for AutoConfig {
+    fn default() -> Self {
+        AutoConfig {
+            layers: Vec::new(),
+            kv_heads: Vec::new(),
+            min_tokens: 4096,
+            quiet: Duration::from_millis(500),
+            max_pending: 4096,
+            max_blocks: 4096,
+        }
+    }
+}
 
 /// The `[retrieval]` section, resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +102,8 @@ pub struct RetrievalConfig {
     pub max_train_queries: usize,
     /// How often groups whose blocks are gone are looked for.
     pub sweep_interval: Duration,
+    /// Automatic builds on publish (None: off).
+    pub auto: Option<AutoConfig>,
 }
 
 impl Default for RetrievalConfig {
@@ -73,6 +113,7 @@ impl Default for RetrievalConfig {
             build_threads: 1,
             max_train_queries: 32768,
             sweep_interval: Duration::from_secs(1),
+            auto: None,
         }
     }
 }
@@ -89,6 +130,15 @@ pub struct RetrievalMetrics {
     pub refused: Counter,
     pub searches_index: Counter,
     pub searches_exact: Counter,
+    pub auto_builds: Counter,
+    pub auto_extended: Counter,
+    pub auto_skipped_short: Counter,
+    pub auto_skipped_broken: Counter,
+    pub auto_skipped_layout: Counter,
+    pub auto_refused: Counter,
+    pub auto_failed: Counter,
+    pub auto_pending: Gauge,
+    pub auto_pending_dropped: Counter,
 }
 
 impl RetrievalMetrics {
@@ -98,6 +148,13 @@ impl RetrievalMetrics {
                 "strata_retrieval_searches_total",
                 "Query heads answered by Retrieve or Attend RETRIEVAL, by source",
                 &[("source", source)],
+            )
+        };
+        let skipped = |reason| {
+            r.counter(
+                "strata_retrieval_auto_skipped_total",
+                "Quiet chains auto_build did not index, by reason",
+                &[("reason", reason)],
             )
         };
         RetrievalMetrics {
@@ -143,6 +200,31 @@ impl RetrievalMetrics {
             ),
             searches_index: searches("index"),
             searches_exact: searches("exact"),
+            auto_builds: r.counter(
+                "strata_retrieval_auto_builds_total",
+                "Retrieval index groups (one chain, one layer) built by auto_build",
+                &[],
+            ),
+            auto_extended: r.counter(
+                "strata_retrieval_auto_extended_total",
+                "Groups auto_build found covering a prefix of a quiet chain and brought up to its end",
+                &[],
+            ),
+            auto_skipped_short: skipped("short"),
+            auto_skipped_broken: skipped("broken"),
+            auto_skipped_layout: skipped("layout"),
+            auto_refused: skipped("max_bytes"),
+            auto_failed: skipped("error"),
+            auto_pending: r.gauge(
+                "strata_retrieval_auto_pending",
+                "Chain tails auto_build is waiting on (quiet period not over)",
+                &[],
+            ),
+            auto_pending_dropped: r.counter(
+                "strata_retrieval_auto_pending_dropped_total",
+                "Chain tails auto_build forgot because too many were pending (the oldest goes)",
+                &[],
+            ),
         }
     }
 }
@@ -271,6 +353,8 @@ pub struct Registry {
     /// Builds wait for a read guard (tests hold the write guard to keep
     /// indexes building).
     hold: Arc<tokio::sync::RwLock<()>>,
+    /// Chain tails noted for `auto_build` (None: off).
+    tails: Option<Arc<auto::Tails>>,
     metrics: RetrievalMetrics,
 }
 
@@ -343,6 +427,13 @@ impl Registry {
         store: Arc<Store>,
         metrics: RetrievalMetrics,
     ) -> Self {
+        let tails = cfg.auto.as_ref().map(|a| {
+            Arc::new(auto::Tails::new(
+                a.max_pending,
+                metrics.auto_pending_dropped.clone(),
+                metrics.auto_pending.clone(),
+            ))
+        });
         Registry {
             cfg,
             attend,
@@ -352,8 +443,15 @@ impl Registry {
             indexes: AtomicU64::new(0),
             builds: Arc::new(Semaphore::new(1)),
             hold: Arc::new(tokio::sync::RwLock::new(())),
+            tails,
             metrics,
         }
+    }
+
+    /// The tails `auto_build` notes (to install as the store's publish
+    /// hook); None when it is off.
+    pub fn auto_tails(&self) -> Option<Arc<auto::Tails>> {
+        self.tails.clone()
     }
 
     pub fn config(&self) -> &RetrievalConfig {

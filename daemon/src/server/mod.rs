@@ -425,6 +425,24 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             }
         });
     }
+    if let (Some(tails), Some(auto)) = (retrieval.auto_tails(), r.retrieval.auto.as_ref()) {
+        // Every stored block is noted; quiet chains are indexed here.
+        store.set_publish_hook(tails);
+        let (retrieval, stop) = (retrieval.clone(), stop.clone());
+        let every = (auto.quiet / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = retrieval.auto_tick() => {}
+                }
+            }
+        });
+    }
     let retrieval_rpc = Arc::new(retrieval::RetrievalRpc::new(
         retrieval.clone(),
         &server_metrics,

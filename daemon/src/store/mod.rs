@@ -55,7 +55,7 @@ pub mod tiering;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use strata_proto::convert::{
@@ -492,6 +492,13 @@ fn candidate(m: &Meta) -> Candidate {
     }
 }
 
+/// Told of every block a put or a commit stores (not of one already
+/// present, nor of blocks recovered or promoted), after the store's lock is
+/// released, on the publishing thread: it must be cheap and never block.
+pub trait PublishHook: Send + Sync {
+    fn stored(&self, ns: NamespaceId, key: &BlockKey, parent: Option<&BlockKey>);
+}
+
 pub struct Store {
     cfg: StoreConfig,
     dram: DramTier,
@@ -507,6 +514,8 @@ pub struct Store {
     pub evict_wanted: tokio::sync::Notify,
     /// Woken when a promotion ends (waiters re-check).
     promoted: tokio::sync::Notify,
+    /// Set once, at start (the retrieval indexes' automatic builds).
+    publish_hook: OnceLock<Arc<dyn PublishHook>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -643,7 +652,14 @@ impl Store {
             inner: Mutex::new(inner),
             evict_wanted: tokio::sync::Notify::new(),
             promoted: tokio::sync::Notify::new(),
+            publish_hook: OnceLock::new(),
         }
+    }
+
+    /// Installs the hook told of every stored block; false if one was
+    /// installed already (it stays).
+    pub fn set_publish_hook(&self, hook: Arc<dyn PublishHook>) -> bool {
+        self.publish_hook.set(hook).is_ok()
     }
 
     pub fn dram(&self) -> &DramTier {
@@ -906,6 +922,36 @@ impl Store {
             store: self.clone(),
             blocks,
         })
+    }
+
+    /// The chain that ends at `tail`, root first: each block's key and
+    /// length, following the parent links resolved at publish. None when
+    /// `tail` is not stored (or doomed), when a link no longer resolves or
+    /// reaches a doomed block (the chain is broken: its head is gone), or
+    /// when the chain is longer than `max_blocks` (the walk holds the lock:
+    /// bounded). Touches nothing.
+    pub fn chain_to(
+        &self,
+        ns: NamespaceId,
+        tail: &BlockKey,
+        max_blocks: usize,
+    ) -> Option<Vec<(BlockKey, u64)>> {
+        let g = self.lock();
+        let o = ns_ord(&g, ns).ok()?;
+        let mut m = g.index.get(g.index.find(o, tail)?);
+        let mut out = Vec::new();
+        loop {
+            if m.is_doomed() || out.len() >= max_blocks {
+                return None;
+            }
+            out.push((m.key, m.len as u64));
+            if m.parent == NO_PARENT {
+                break;
+            }
+            m = g.index.resolve(m.parent)?;
+        }
+        out.reverse();
+        Some(out)
     }
 
     /// A pinned block's copy failed verification during an Attend read:
@@ -1177,9 +1223,13 @@ impl Store {
         let mut g = self.lock();
         let r = self.publish_locked(&mut g, p, checksum, field, summary);
         let over = g.tiers[DRAM].used > g.tiers[DRAM].high;
+        let ns = g.ns_table[p.ns as usize].id;
         drop(g);
         if over {
             self.evict_wanted.notify_one();
+        }
+        if let (Ok((PutResult::Stored, _)), Some(h)) = (&r, self.publish_hook.get()) {
+            h.stored(ns, &p.key, p.parent.as_ref());
         }
         r
     }

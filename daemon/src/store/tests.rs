@@ -582,6 +582,92 @@ fn delete_reports_absent_and_pinned() {
     f.store.check_invariants();
 }
 
+/// The publish hook hears of every block a put or a commit stores, and of
+/// nothing else; `chain_to` walks parent links back to the root and says
+/// None for a broken or too long chain.
+#[test]
+fn publish_hook_and_chain_walk() {
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<(NamespaceId, BlockKey, Option<BlockKey>)>>);
+    impl PublishHook for Heard {
+        fn stored(&self, ns: NamespaceId, key: &BlockKey, parent: Option<&BlockKey>) {
+            self.0.lock().unwrap().push((ns, *key, parent.copied()));
+        }
+    }
+    let f = fixture(16, 1, StoreConfig::default());
+    let heard = Arc::new(Heard::default());
+    assert!(f.store.set_publish_hook(heard.clone()));
+    assert!(!f.store.set_publish_hook(heard.clone()), "set once");
+    f.put(key(1, 0), None).unwrap();
+    f.put(key(1, 1), Some(key(1, 0))).unwrap();
+    f.put(key(1, 2), Some(key(1, 1))).unwrap();
+    // Already present, and a failed checksum: not stored, not heard.
+    assert_eq!(
+        f.put(key(1, 2), Some(key(1, 1))).unwrap(),
+        PutResult::AlreadyPresent
+    );
+    let data = payload(&key(1, 3), f.block);
+    assert!(f.put_bytes(key(1, 3), Some(key(1, 2)), &data, 7).is_err());
+    // A zero-copy commit is heard too.
+    let rs = f
+        .store
+        .reserve_shared(&ReserveReq {
+            namespace: f.ns,
+            blocks: vec![ReserveBlock {
+                key: key(2, 0),
+                parent: Some(key(1, 0)),
+                length: f.block,
+            }],
+            ttl_ms: 0,
+        })
+        .unwrap();
+    let data = payload(&key(2, 0), f.block);
+    unsafe { f.store.dram().slice_mut(rs[0].offset, rs[0].len) }.copy_from_slice(&data);
+    f.store
+        .commit(&CommitReq {
+            blocks: vec![(rs[0].id.unwrap(), strata_proto::checksum(&data))],
+        })
+        .unwrap();
+    let got = heard.0.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        vec![
+            (f.ns, key(1, 0), None),
+            (f.ns, key(1, 1), Some(key(1, 0))),
+            (f.ns, key(1, 2), Some(key(1, 1))),
+            (f.ns, key(2, 0), Some(key(1, 0))),
+        ]
+    );
+
+    let keys = |c: Option<Vec<(BlockKey, u64)>>| {
+        c.map(|v| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        keys(f.store.chain_to(f.ns, &key(1, 2), 8)),
+        Some(vec![key(1, 0), key(1, 1), key(1, 2)])
+    );
+    assert_eq!(f.store.chain_to(f.ns, &key(1, 2), 8).unwrap()[0].1, f.block);
+    // A fork shares the root.
+    assert_eq!(
+        keys(f.store.chain_to(f.ns, &key(2, 0), 8)),
+        Some(vec![key(1, 0), key(2, 0)])
+    );
+    assert_eq!(f.store.chain_to(f.ns, &key(1, 2), 2), None, "too long");
+    assert_eq!(f.store.chain_to(f.ns, &key(9, 9), 8), None, "not stored");
+    f.store
+        .delete(&DeleteReq {
+            namespace: f.ns,
+            keys: vec![key(1, 1)],
+        })
+        .unwrap();
+    assert_eq!(f.store.chain_to(f.ns, &key(1, 2), 8), None, "broken");
+    assert_eq!(
+        keys(f.store.chain_to(f.ns, &key(2, 0), 8)),
+        Some(vec![key(1, 0), key(2, 0)])
+    );
+    f.store.check_invariants();
+}
+
 // ---- property test against a reference model --------------------------------
 
 #[derive(Debug, Clone)]
