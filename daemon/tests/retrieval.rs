@@ -1185,10 +1185,9 @@ async fn auto_build_indexes_quiet_chains() {
     assert_eq!(sources(&out), [ExactNoIndex; 4]);
     let out = retrieve2(&mut c, ns, &short, 1, 1).await;
     assert_eq!(sources(&out), [ExactNoIndex; 4]);
-    assert_eq!(
-        metric(&d, "strata_retrieval_auto_skipped_total{reason=\"short\"}").await,
-        1.0
-    );
+    // At least S (a stall of auto_quiet_ms inside A's Put stream would
+    // make a short prefix of A quiet too).
+    assert!(metric(&d, "strata_retrieval_auto_skipped_total{reason=\"short\"}").await >= 1.0);
     assert_eq!(metric(&d, "strata_retrieval_auto_builds_total").await, 1.0);
     assert_eq!(stats(&mut c).await.0, 1);
 
