@@ -205,12 +205,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--layout", default="flash_attn", choices=["flash_attn", "flashinfer"])
     ap.add_argument("--stats", action="store_true", help="print the gate statistics (stats.py) afterwards")
+    ap.add_argument(
+        "--append",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="text files inserted, in order, between prompt.txt's body and its question "
+        "(for prompts longer than prompt.txt, e.g. /usr/share/common-licenses/*)",
+    )
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     model = te.load_model()
     layers = parse_layers(args.layers, model.config.num_layers)
-    ids = build_prompt(model.tokenizer, args.tokens)
+    text = None
+    if args.append:
+        base = PROMPT_FILE.read_text(encoding="utf-8")
+        cut = base.index(QUESTION_MARK)
+        extra = [Path(f).read_text(encoding="utf-8", errors="replace").strip() for f in args.append]
+        text = "\n\n".join([base[:cut].rstrip(), *extra]) + "\n" + base[cut:]
+    ids = build_prompt(model.tokenizer, args.tokens, text)
     t1 = time.perf_counter()
     cap = run_capture(model, ids, layers, layout=args.layout)
     t2 = time.perf_counter()
