@@ -167,6 +167,7 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
         sparf_tokens: 0,
         retrieval_k: 0,
         retrieval_ef: 0,
+        sparf_by_token: false,
     };
     let ranges = |r: &[Range<u64>]| -> Vec<pb::TokenRange> {
         r.iter()
@@ -246,6 +247,7 @@ struct Acc {
     oracle_relerr: f64,
     tokens_pct: f64,
     read_pct: f64,
+    summary_pct: f64,
 }
 
 impl Acc {
@@ -261,6 +263,7 @@ impl Acc {
             format!("{:.2e}", m(self.relerr)),
             format!("{:.2e}", m(self.oracle_relerr)),
             format!("{:.1}", m(self.read_pct)),
+            format!("{:.2}", m(self.summary_pct)),
         ]
     }
 }
@@ -283,7 +286,9 @@ fn memread_rate(buf: &[u8], reps: usize) -> f64 {
 }
 
 pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
-    let d = Daemon::start("1GiB")?;
+    // Key sketches on, so that SPARF scores from them (DENSE and SPARSE
+    // do not use them).
+    let d = Daemon::start_with("1GiB", "[compute]\nkey_sketch = true\n")?;
     let mut c = Client::connect(&d.endpoint()).await?;
     let ns = c.register_layout(&layout()).await?.namespace;
     let sizes: &[usize] = if quick {
@@ -303,6 +308,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
             "relerr",
             "oracle relerr",
             "read %",
+            "summary read %",
         ],
     );
     let mut wire = vec![];
@@ -315,10 +321,19 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                 ("dense", AttendMode::Dense),
                 ("sparse 5%", AttendMode::Sparse(SparseBudget::Default)),
                 (
-                    "sparf r=d/8 k=N/16",
+                    "sparf r=d/8 k=N/16, blocks",
                     AttendMode::Sparf {
                         channels: None,
                         tokens: None,
+                        by_token: false,
+                    },
+                ),
+                (
+                    "sparf r=d/8 k=N/16, tokens",
+                    AttendMode::Sparf {
+                        channels: None,
+                        tokens: None,
+                        by_token: true,
                     },
                 ),
             ];
@@ -349,8 +364,10 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         acc.oracle_relerr += or.relerr;
                         acc.tokens_pct += 100.0 * sel.len() as f64 / n as f64;
                         acc.read_pct += read_pct(read_bytes(&out), n, D, 2);
+                        acc.summary_pct += read_pct(out.abstract_bytes, n, D, 2);
                     }
-                    if s == 0 && ri == 0 && *name != "sparse 5%" {
+                    if s == 0 && ri == 0 && !name.starts_with("sparse") && !name.ends_with("tokens")
+                    {
                         let (a, b) = wire_bytes(&req, &out);
                         wire.push((n, *name, a, b, full));
                     }
@@ -362,7 +379,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         }
     }
     rep.note(&format!(
-        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's read counters ÷ the head's fp16 K+V (SPARF reads all of K to score, then K and V of the blocks holding a chosen token)."
+        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens)."
     ));
 
     // Dense scan rate at 32K, DRAM-resident.

@@ -127,7 +127,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     let blocks = n / TPB as u32;
     let block_bytes = TPB * layers as usize * 2 * kv as usize * D * 2;
     let total = blocks as u64 * block_bytes as u64;
-    let cfg = "[tiers.nvme]\nwrite_through = true\n";
+    let cfg = "[tiers.nvme]\nwrite_through = true\n[compute]\nkey_sketch = true\n";
     let mut d = Daemon::start_with("1GiB", cfg)?;
     let lay = layout("bench/attend-nvme", layers, kv);
     let mut c = Client::connect(&d.endpoint()).await?;
@@ -164,6 +164,14 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     let mut dense_med = Duration::ZERO;
     for (name, mode) in [
         ("sparse 5%", AttendMode::Sparse(SparseBudget::Default)),
+        (
+            "SparF r=d/8 k=N/16",
+            AttendMode::Sparf {
+                channels: None,
+                tokens: None,
+                by_token: false,
+            },
+        ),
         ("dense", AttendMode::Dense),
     ] {
         let mut lat = Vec::with_capacity(steps);
@@ -197,7 +205,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
         let m = median(lat);
         if name == "dense" {
             dense_med = m;
-        } else {
+        } else if name.starts_with("sparse") {
             sparse_med = m;
         }
         rows.push((name, m, nvme_bytes / steps as u64));
@@ -254,7 +262,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
         "1.00".into(),
     ]);
     rep.note(&format!(
-        "Blocks written through to NVMe, then the daemon restarted so that only the NVMe copies remain (Attend does not promote: compute.promote = false; the step's DRAM bytes are checked to be 0). One step = {layers} Attend calls (one per layer, in order, {heads} query heads, fresh queries each), median of {steps}; SPARSE reads the chosen blocks' layer ranges (4 KiB-aligned) after ranking every block by the abstracts kept in DRAM. Full load: Get of every block in calls of 256 keys after a fresh restart, best of 2; the attention math the engine would then run is not counted. Sparse ÷ dense: {:.2}×.",
+        "Blocks written through to NVMe, then the daemon restarted so that only the NVMe copies remain (Attend does not promote: compute.promote = false; the step's DRAM bytes are checked to be 0). One step = {layers} Attend calls (one per layer, in order, {heads} query heads, fresh queries each), median of {steps}; SPARSE reads the chosen blocks' layer ranges (4 KiB-aligned) after ranking every block by the abstracts kept in DRAM; SPARF (compute.key_sketch on, sketches rebuilt at the restart's recovery) scores every token from the key sketches in DRAM and reads the chosen blocks' layer ranges. Full load: Get of every block in calls of 256 keys after a fresh restart, best of 2; the attention math the engine would then run is not counted. Sparse ÷ dense: {:.2}×.",
         dense_med.as_secs_f64() / sparse_med.as_secs_f64()
     ));
     Ok(())
@@ -349,7 +357,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
     let blocks = n / TPB as u32;
     let block_bytes = TPB * 2 * D * 2;
     let total = batch as u64 * blocks as u64 * block_bytes as u64;
-    let cfg = "[server]\nmax_keys_per_call = 65536\n";
+    let cfg = "[server]\nmax_keys_per_call = 65536\n[compute]\nkey_sketch = true\n";
     let d = Daemon::start_with("1GiB", cfg)?;
     let lay = layout("bench/attend-link", 1, 1);
     let mut c = Client::connect(&d.endpoint()).await?;
@@ -367,10 +375,19 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
     for (name, mode) in [
         ("dense", AttendMode::Dense),
         (
-            "SparF r=d/8 k=N/16",
+            "SparF r=d/8 k=N/16, blocks",
             AttendMode::Sparf {
                 channels: None,
                 tokens: None,
+                by_token: false,
+            },
+        ),
+        (
+            "SparF r=d/8 k=N/16, tokens",
+            AttendMode::Sparf {
+                channels: None,
+                tokens: None,
+                by_token: true,
             },
         ),
     ] {
@@ -470,7 +487,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
         ]);
     }
     rep.note(&format!(
-        "Both sides talk to the same daemon through a TCP proxy in the bench that paces each direction at 2 GB/s; shipping achieved {:.2} GB/s over the link ({} MiB in {} ms; the pure transfer at 2 GB/s would take {:.0} ms): on 2 cores the stream Get, the proxy and the client's checks, not the link, bound the measured reference, so the last column divides the ideal (K+V bytes at exactly 2 GB/s, the client's math free) instead, and the goals are judged on it. Ship: Get of every block (1024 keys per call, verified by the client), the client's attention (strata-kernels, one thread) over sequence s overlapping the transfer of s + 1. Near: one Attend call with all {batch} sequences. Median of {reps}.",
+        "Both sides talk to the same daemon through a TCP proxy in the bench that paces each direction at 2 GB/s; shipping achieved {:.2} GB/s over the link ({} MiB in {} ms; the pure transfer at 2 GB/s would take {:.0} ms): on 2 cores the stream Get, the proxy and the client's checks, not the link, bound the measured reference, so the last column divides the ideal (K+V bytes at exactly 2 GB/s, the client's math free) instead, and the goals are judged on it. Ship: Get of every block (1024 keys per call, verified by the client), the client's attention (strata-kernels, one thread) over sequence s overlapping the transfer of s + 1. Near: one Attend call with all {batch} sequences (compute.key_sketch on: SPARF scores from the sketches, then reads K and V of whole blocks best-first, or of every block holding a top-k token). Median of {reps}.",
         link_rate / 1e9,
         moved >> 20,
         ms(ship),

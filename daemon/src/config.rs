@@ -207,6 +207,7 @@ pub struct TenantSection {
 pub struct ComputeSection {
     pub abstracts: bool,
     pub abstracts_bytes: ByteSize,
+    pub key_sketch: bool,
     pub threads: u32,
     pub max_inflight: u32,
     pub max_sequences: u32,
@@ -221,6 +222,7 @@ impl Default for ComputeSection {
         ComputeSection {
             abstracts: true,
             abstracts_bytes: ByteSize(0),
+            key_sketch: false,
             threads: 0,
             max_inflight: 64,
             max_sequences: 256,
@@ -837,7 +839,14 @@ impl Config {
             );
         }
         let nvme_bytes = nvme.as_ref().map_or(0, |n| n.capacity_bytes);
+        if cp.key_sketch && !cp.abstracts {
+            return bad(
+                "compute.key_sketch",
+                "needs compute.abstracts = true (a sketch is coded between the abstracts' bounds)",
+            );
+        }
         let abstracts_bytes = match cp.abstracts_bytes.0 {
+            0 if cp.key_sketch => ((d.bytes.0 + nvme_bytes) / 16 * 5).max(1 << 20),
             0 => ((d.bytes.0 + nvme_bytes) / 16).max(1 << 20),
             b => b,
         };
@@ -964,6 +973,7 @@ impl Config {
                 summaries: SummaryConfig {
                     enabled: cp.abstracts,
                     bytes: abstracts_bytes,
+                    sketch: cp.key_sketch,
                 },
                 nvme: NvmePolicy {
                     admission,

@@ -469,10 +469,19 @@ async fn sparse_attend_selects_by_abstract_bound() {
 }
 
 /// SparF with k = N and r = d is dense; with its defaults (r = d/8,
-/// k = N/16) each KV head attends its own N/16 tokens and keeps the mass.
+/// k = N/16) each KV head attends its own N/16 tokens (whole blocks, or
+/// single tokens with `by_token`) and keeps the mass. With key sketches
+/// (`compute.key_sketch`) the scoring reads no K: only the chosen blocks'
+/// K and V are read, and the sketch bytes are reported.
 #[tokio::test]
 async fn sparf_attend() {
-    let d = start(|_| {}).await;
+    for sketch in [false, true] {
+        sparf_case(sketch).await;
+    }
+}
+
+async fn sparf_case(sketch: bool) {
+    let d = start(|c| c.compute.key_sketch = sketch).await;
     let mut c = d.tcp_client().await;
     let ns = c.register_layout(&layout()).await.unwrap().namespace;
     let n = 2048;
@@ -485,57 +494,91 @@ async fn sparf_attend() {
     }
     put(&mut c, ns, &kv, 1, 0..blocks, None).await;
     let keys = chain(1, blocks);
+    let sparf = |channels, tokens, by_token| AttendMode::Sparf {
+        channels,
+        tokens,
+        by_token,
+    };
     let dense = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
-    let full = attend1(
-        &mut c,
-        &request(
-            ns,
-            0,
-            AttendMode::Sparf {
-                channels: Some(D as u32),
-                tokens: Some(n as u32),
-            },
-            keys.clone(),
-            &q,
-        ),
-    )
-    .await;
-    assert_eq!(full.o, dense.o, "SparF over every token is dense");
-    assert_eq!(full.lse, dense.lse);
-    assert!(full.exact);
+    for by_token in [false, true] {
+        let full = attend1(
+            &mut c,
+            &request(
+                ns,
+                0,
+                sparf(Some(D as u32), Some(n as u32), by_token),
+                keys.clone(),
+                &q,
+            ),
+        )
+        .await;
+        assert_eq!(full.o, dense.o, "SparF over every token is dense");
+        assert_eq!(full.lse, dense.lse);
+        assert!(full.exact);
+    }
     let sp = attend1(
         &mut c,
-        &request(
-            ns,
-            0,
-            AttendMode::Sparf {
-                channels: None,
-                tokens: None,
-            },
-            keys.clone(),
-            &q,
-        ),
+        &request(ns, 0, sparf(None, None, false), keys.clone(), &q),
     )
     .await;
-    assert!(!sp.exact);
-    assert_eq!(sp.head_covered.len(), KV);
-    for hc in &sp.head_covered {
-        let count: u64 = hc.iter().map(|r| r.end - r.start).sum();
-        assert_eq!(count as usize, n / 16);
+    let tok = attend1(
+        &mut c,
+        &request(ns, 0, sparf(None, None, true), keys.clone(), &q),
+    )
+    .await;
+    for (what, out) in [("blocks", &sp), ("tokens", &tok)] {
+        assert!(!out.exact);
+        assert_eq!(out.head_covered.len(), KV);
+        for hc in &out.head_covered {
+            let count: u64 = hc.iter().map(|r| r.end - r.start).sum();
+            // n/16 is whole blocks here, so both choose exactly k tokens.
+            assert_eq!(count as usize, n / 16, "{what}");
+            if what == "blocks" {
+                assert!(
+                    hc.iter()
+                        .all(|r| r.start % TPB as u64 == 0 && r.end % TPB as u64 == 0),
+                    "whole blocks: {hc:?}"
+                );
+            }
+        }
+        assert_eq!(out.tokens_attended as usize, n / 16);
+        for (j, &t) in [100u64, 555, 1200, 2000].iter().enumerate() {
+            assert!(
+                out.head_covered[j / 2].iter().any(|r| r.contains(&t)),
+                "{what}: strong key {t}"
+            );
+        }
+        let mass = masses(out, &dense);
+        println!("sketch {sketch} sparf {what} mass {mass:?}");
+        assert!(mass.iter().all(|&m| m >= 0.9), "{what} {mass:?}");
     }
-    assert_eq!(sp.tokens_attended as usize, n / 16);
-    for (j, &t) in [100u64, 555, 1200, 2000].iter().enumerate() {
-        assert!(
-            sp.head_covered[j / 2].iter().any(|r| r.contains(&t)),
-            "strong key {t}"
+    // Whole blocks: K and V of at most k/16 blocks per KV head.
+    let chosen_blocks: std::collections::BTreeSet<u64> = sp
+        .head_covered
+        .iter()
+        .flatten()
+        .flat_map(|r| r.start / TPB as u64..r.end / TPB as u64)
+        .collect();
+    assert!(chosen_blocks.len() <= KV * n / 16 / TPB);
+    if sketch {
+        // Scoring read r code rows of every block and KV head from the
+        // summaries, and no K; phase 2 read K and V of the chosen blocks.
+        let r = D / 8;
+        assert_eq!(sp.abstract_bytes as usize, blocks * KV * (r * TPB + 4 * r));
+        assert_eq!(sp.read_blocks(TierKind::Dram) as usize, chosen_blocks.len());
+        assert_eq!(
+            sp.read_bytes(TierKind::Dram),
+            chosen_blocks.len() as u64 * LAYER_BYTES
+        );
+    } else {
+        // K of every block for scoring, K and V of the blocks chosen.
+        assert_eq!(sp.abstract_bytes, 0);
+        assert_eq!(sp.read_blocks(TierKind::Dram) as usize, blocks);
+        assert_eq!(
+            sp.read_bytes(TierKind::Dram),
+            blocks as u64 * LAYER_BYTES / 2 + chosen_blocks.len() as u64 * LAYER_BYTES
         );
     }
-    let mass = masses(&sp, &dense);
-    println!("sparf default mass {mass:?}");
-    assert!(mass.iter().all(|&m| m >= 0.9), "{mass:?}");
-    // K of every block for scoring, K and V of the blocks chosen from.
-    assert_eq!(sp.read_blocks(TierKind::Dram) as usize, blocks);
-    assert!(sp.read_bytes(TierKind::Dram) > blocks as u64 * LAYER_BYTES / 2);
     d.stop().await;
 }
 
@@ -559,6 +602,7 @@ async fn a_missing_block_ends_the_covered_prefix() {
         AttendMode::Sparf {
             channels: Some(D as u32),
             tokens: Some(n as u32),
+            by_token: false,
         },
     ] {
         let out = attend1(&mut c, &request(ns, 1, mode, chain(1, blocks), &q)).await;
@@ -957,6 +1001,7 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
         AttendMode::Sparf {
             channels: None,
             tokens: None,
+            by_token: false,
         },
     ] {
         let out = attend1(&mut c, &request(ns, 1, mode, keys.clone(), &q)).await;

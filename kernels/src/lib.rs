@@ -33,6 +33,7 @@ pub mod gpu;
 pub mod quant;
 pub mod retrieval;
 mod simd;
+pub mod sketch;
 pub mod sparf;
 #[cfg(test)]
 mod testing;

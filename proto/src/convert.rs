@@ -499,6 +499,8 @@ pub struct AttendReq {
     pub budget: Budget,
     pub sparf_channels: Option<u32>,
     pub sparf_tokens: Option<u32>,
+    /// SPARF: top-k single tokens instead of whole blocks.
+    pub sparf_by_token: bool,
     /// RETRIEVAL: top-k per query head and candidate list.
     pub retrieval: RetrievalParams,
 }
@@ -565,6 +567,12 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
                     return Err(FieldError::new(f, "only SPARF takes this parameter"));
                 }
             }
+            if r.sparf_by_token {
+                return Err(FieldError::new(
+                    "sparf_by_token",
+                    "only SPARF takes this parameter",
+                ));
+            }
         }
         if mode != AttendMode::Retrieval {
             for (f, v) in [
@@ -608,6 +616,7 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             budget,
             sparf_channels: (r.sparf_channels != 0).then_some(r.sparf_channels),
             sparf_tokens: (r.sparf_tokens != 0).then_some(r.sparf_tokens),
+            sparf_by_token: r.sparf_by_token,
             retrieval,
         })
     }

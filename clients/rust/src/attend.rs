@@ -23,11 +23,14 @@ pub enum AttendMode {
     /// Blocks best-first by the upper bound of `q.k` from their abstracts,
     /// within a budget; first (sink) and last (recent) blocks always in.
     Sparse(SparseBudget),
-    /// SparF: `channels` (r, default head_dim/8) score every token, the
-    /// top `tokens` (k, default covered/16) are attended exactly.
+    /// SparF: `channels` (r, default head_dim/8) score every token; whole
+    /// blocks best-first by their tokens' estimated weight until `tokens`
+    /// (k, default covered/16) are in, or with `by_token` the top k single
+    /// tokens, are attended exactly.
     Sparf {
         channels: Option<u32>,
         tokens: Option<u32>,
+        by_token: bool,
     },
     /// RetrievalAttention: per KV head, the union of its query heads' top
     /// `k` (default 100) from the chain's retrieval index (candidate list
@@ -184,7 +187,9 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
             };
             (pb::AttendMode::Sparse, t, by, 0, 0)
         }
-        AttendMode::Sparf { channels, tokens } => (
+        AttendMode::Sparf {
+            channels, tokens, ..
+        } => (
             pb::AttendMode::Sparf,
             0,
             0,
@@ -193,6 +198,7 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         ),
         AttendMode::Retrieval { .. } => (pb::AttendMode::Retrieval, 0, 0, 0, 0),
     };
+    let sparf_by_token = matches!(r.mode, AttendMode::Sparf { by_token: true, .. });
     let (retrieval_k, retrieval_ef) = match r.mode {
         AttendMode::Retrieval { k, ef } => (k.unwrap_or(0), ef.unwrap_or(0)),
         _ => (0, 0),
@@ -221,6 +227,7 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         sparf_tokens,
         retrieval_k,
         retrieval_ef,
+        sparf_by_token,
     }
 }
 

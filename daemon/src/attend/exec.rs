@@ -16,6 +16,7 @@ use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
+use strata_kernels::sketch::{Sketch, sketch_scores};
 use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channels};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
@@ -111,6 +112,7 @@ pub struct Checked {
     pub budget: Budget,
     pub sparf_channels: Option<u32>,
     pub sparf_tokens: Option<u32>,
+    pub sparf_by_token: bool,
     pub seqs: Vec<SeqIn>,
 }
 
@@ -214,6 +216,7 @@ pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Chec
         budget: req.budget,
         sparf_channels: req.sparf_channels,
         sparf_tokens: req.sparf_tokens,
+        sparf_by_token: req.sparf_by_token,
         seqs,
     })
 }
@@ -473,6 +476,7 @@ impl ChainReader {
             budget: Budget::Default,
             sparf_channels: None,
             sparf_tokens: None,
+            sparf_by_token: false,
             seqs: vec![SeqIn {
                 keys: Vec::new(),
                 last_block_tokens: None,
@@ -1237,10 +1241,15 @@ unsafe fn slice_of<'a>(r: Range<*const u8>) -> &'a [u8] {
 }
 
 /// SparF (InstInfer): per KV head, the top-r channels of the group's
-/// queries score every token from a dim-major copy of the block's keys
-/// (built here from the token-major payload); the top-k tokens are then
-/// attended exactly. Phase 1 reads K of every block; phase 2 reads K and V
-/// of the blocks that hold a chosen token.
+/// queries score every token; then whole blocks are chosen best-first by
+/// the log-sum-exp of their tokens' scores until k tokens are in (top-k
+/// grouped by page; `sparf_by_token`: the top-k single tokens) and attended
+/// exactly from the stored, verified K and V.
+///
+/// Phase 1 scores a block from its key sketch when the summary has one
+/// (`compute.key_sketch`: r rows of 8-bit codes per KV head, no K read);
+/// other blocks are scored from their token-major K, read and verified in
+/// waves. Phase 2 reads K and V of the chosen blocks.
 async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
     let mut seq = seq;
     let geom = seq.req.geom;
@@ -1260,8 +1269,9 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .iter()
         .map(|&t| t as usize)
         .sum();
-    // Channels per KV head, and scores per KV head over all tokens.
-    let (mut seq, channels) = ctx
+    // Channels per KV head; scores per KV head over all tokens, first of
+    // the blocks with a sketch (`need`: those without).
+    let (mut seq, channels, mut scores, need, sketch_bytes) = ctx
         .blocking(move || {
             let mut sc = SparfScratch::new(g, d, 0);
             let s = &seq.req.seqs[seq.idx];
@@ -1275,12 +1285,13 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                     &mut channels[h * r..(h + 1) * r],
                 );
             }
-            (seq, channels)
+            let mut scores = vec![f32::NEG_INFINITY; kv * total];
+            let (need, bytes) = score_sketches(&seq, &channels, r, total, &mut scores);
+            (seq, channels, scores, need, bytes)
         })
         .await?;
     let channels = Arc::new(channels);
-    let mut scores = vec![f32::NEG_INFINITY; kv * total];
-    for wave in waves(&seq, &all, Want::K, ctx.cfg.read_wave_bytes) {
+    for wave in waves(&seq, &need, Want::K, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0] >= c) {
             break;
         }
@@ -1301,86 +1312,164 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                     let k = unsafe { slice_of(k) };
                     let (start, n) = (seq.starts[i] as usize, seq.tokens[i] as usize);
                     let s = &seq.req.seqs[seq.idx];
-                    match geom.dtype {
-                        Dtype::F32 => score_block::<f32>(
-                            k,
-                            s,
-                            &channels,
-                            r,
-                            seq.req.scale,
-                            n,
-                            start,
-                            total,
-                            kv,
-                            d,
-                            &mut sc,
-                            &mut scores,
-                        ),
-                        Dtype::F16 => score_block::<f16>(
-                            k,
-                            s,
-                            &channels,
-                            r,
-                            seq.req.scale,
-                            n,
-                            start,
-                            total,
-                            kv,
-                            d,
-                            &mut sc,
-                            &mut scores,
-                        ),
-                        Dtype::Bf16 => score_block::<bf16>(
-                            k,
-                            s,
-                            &channels,
-                            r,
-                            seq.req.scale,
-                            n,
-                            start,
-                            total,
-                            kv,
-                            d,
-                            &mut sc,
-                            &mut scores,
-                        ),
+                    let score = match geom.dtype {
+                        Dtype::F32 => score_block::<f32>,
+                        Dtype::F16 => score_block::<f16>,
+                        Dtype::Bf16 => score_block::<bf16>,
                         Dtype::Fp8E4m3 => unreachable!("checked"),
-                    }
+                    };
+                    score(
+                        k,
+                        s,
+                        &channels,
+                        r,
+                        seq.req.scale,
+                        n,
+                        start,
+                        total,
+                        kv,
+                        d,
+                        &mut sc,
+                        &mut scores,
+                    );
                 }
                 (seq, scores)
             })
             .await?;
     }
-    // Top-k per KV head over the tokens of the blocks scored.
-    let scored: usize = seq.tokens[..seq.present()]
-        .iter()
-        .map(|&t| t as usize)
-        .sum();
+    // The blocks scored (a cut ends them) and their token spans.
+    let present = seq.present();
+    let spans: Vec<(usize, usize)> = (0..present)
+        .map(|i| (seq.starts[i] as usize, seq.tokens[i] as usize))
+        .collect();
+    let scored: usize = spans.iter().map(|&(_, n)| n).sum();
     let k_tokens = seq
         .req
         .sparf_tokens
         .map_or(scored.div_ceil(16).max(1), |k| k as usize)
         .min(scored);
+    let by_token = seq.req.sparf_by_token;
     let (seq, chosen) = ctx
         .blocking(move || {
             let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(kv);
             let mut idx = vec![0u32; k_tokens];
             let mut val = vec![0f32; k_tokens];
             for h in 0..kv {
-                let got = top_k(
-                    &scores[h * total..h * total + scored],
-                    k_tokens,
-                    &mut idx,
-                    &mut val,
-                );
-                let mut c = idx[..got].to_vec();
+                let sc = &scores[h * total..h * total + scored];
+                let mut c = if by_token {
+                    let got = top_k(sc, k_tokens, &mut idx, &mut val);
+                    idx[..got].to_vec()
+                } else {
+                    best_blocks(sc, &spans, k_tokens)
+                };
                 c.sort_unstable();
                 chosen.push(c);
             }
             (seq, chosen)
         })
         .await?;
-    finish_chosen(ctx, seq, chosen).await
+    let mut out = finish_chosen(ctx, seq, chosen).await?;
+    out.abstract_bytes = sketch_bytes;
+    Ok(out)
+}
+
+/// Phase 1 of SparF from the key sketches: scores of every block whose
+/// summary has one, into `scores[h][start..start + n]`. Returns the blocks
+/// left to score from their keys (no sketch, or a chosen channel's box is
+/// not finite) and the sketch bytes read (the r code rows and their
+/// bounds, per KV head).
+fn score_sketches(
+    seq: &Seq,
+    channels: &[u32],
+    r: usize,
+    total: usize,
+    scores: &mut [f32],
+) -> (Vec<usize>, u64) {
+    let geom = seq.req.geom;
+    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+    let layer = seq.req.layer;
+    let s = &seq.req.seqs[seq.idx];
+    let g = s.heads / kv;
+    let (mut lo16, mut hi16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    let (mut lo, mut hi) = (vec![0f32; d], vec![0f32; d]);
+    let mut acc = Vec::new();
+    let (mut need, mut bytes) = (Vec::new(), 0u64);
+    for i in 0..seq.present() {
+        let (start, n) = (seq.starts[i] as usize, seq.tokens[i] as usize);
+        let Some(view) = seq.pin.summary(i, geom) else {
+            need.push(i);
+            continue;
+        };
+        let mut ok = true;
+        for h in 0..kv {
+            let Some(codes) = view.sketch(layer, h as u32) else {
+                ok = false;
+                break;
+            };
+            view.bounds(layer, h as u32, &mut lo16, &mut hi16);
+            let ch = &channels[h * r..(h + 1) * r];
+            for &c in ch {
+                lo[c as usize] = lo16[c as usize].to_f32();
+                hi[c as usize] = hi16[c as usize].to_f32();
+            }
+            let sk = Sketch {
+                codes,
+                stride: geom.tokens_per_block as usize,
+                n,
+                lo: &lo,
+                hi: &hi,
+            };
+            if !sketch_scores(
+                &s.q[h * g * d..(h + 1) * g * d],
+                g,
+                d,
+                &sk,
+                ch,
+                seq.req.scale,
+                &mut acc,
+                &mut scores[h * total + start..h * total + start + n],
+            ) {
+                ok = false;
+                break;
+            }
+            bytes += (r * n + 4 * r) as u64;
+        }
+        if !ok {
+            need.push(i);
+        }
+    }
+    (need, bytes)
+}
+
+/// Whole blocks best-first by the log-sum-exp of their tokens' scores
+/// (`scores` over the blocks' `spans` (start, tokens), in order) until at
+/// least `k` tokens are in; their token positions (unsorted). Ties go to
+/// the earlier block.
+fn best_blocks(scores: &[f32], spans: &[(usize, usize)], k: usize) -> Vec<u32> {
+    let mut w: Vec<(f32, usize)> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, &(start, n))| {
+            let s = &scores[start..start + n];
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = if m == f32::NEG_INFINITY {
+                m
+            } else {
+                m + s.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
+            };
+            (lse, i)
+        })
+        .collect();
+    w.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut out = Vec::with_capacity(k + spans.first().map_or(0, |s| s.1));
+    for (_, i) in w {
+        if out.len() >= k {
+            break;
+        }
+        let (start, n) = spans[i];
+        out.extend(start as u32..(start + n) as u32);
+    }
+    out
 }
 
 /// Attends, per KV head, exactly the token positions `chosen[h]` (sorted,

@@ -41,8 +41,11 @@ pub use summary::{Geom, SummaryRegion, SummaryView};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SummaryConfig {
     pub enabled: bool,
-    /// Size of the region; 0 = a sixteenth of the DRAM and NVMe capacities.
+    /// Size of the region; 0 = a sixteenth of the DRAM and NVMe capacities
+    /// (five sixteenths with sketches).
     pub bytes: u64,
+    /// Entries also hold key sketches for SparF (`compute.key_sketch`).
+    pub sketch: bool,
 }
 
 impl Default for SummaryConfig {
@@ -50,6 +53,7 @@ impl Default for SummaryConfig {
         SummaryConfig {
             enabled: true,
             bytes: 0,
+            sketch: false,
         }
     }
 }

@@ -8,7 +8,18 @@
 //! sums [layers][2]            u64   XXH3-64 of layer l's K (0) and V (1) over the stored tokens
 //! min  [layers][kv_heads][d]  f16   per-channel minimum of the head's keys, rounded toward -inf
 //! max  [layers][kv_heads][d]  f16   per-channel maximum, rounded toward +inf
+//! sketch [layers][kv_heads][d][tokens_per_block] u8   (only with `compute.key_sketch`)
 //! ```
+//!
+//! The sketch is the layer's K of each KV head dim-major as 8-bit codes
+//! between that head's min and max (`strata_kernels::sketch`): SparF
+//! scores tokens from the r channel rows it needs (a 32nd of K at r = d/8)
+//! instead of reading and verifying the whole K. It is derived data for
+//! ranking only (SparF attends the chosen tokens from the stored, verified
+//! K and V), so it is not checksummed. It is half the size of f16 K: with
+//! it, an entry is about 31% of the block's KV instead of 6.25%, which is
+//! why it is off by default. Whether a region keeps sketches is fixed at
+//! start ([`SummaryRegion::entry_bytes`]); a view knows from its length.
 //!
 //! The leaf chunk is the whole block (`tokens_per_block` tokens; a partial
 //! block's chunk is shorter); the bounds are those of
@@ -105,9 +116,15 @@ impl Geom {
         self.block(tokens).tensor_range(layer, tensor)
     }
 
-    /// Bytes of one summary entry.
+    /// Bytes of one summary entry without a sketch.
     pub fn summary_bytes(&self) -> usize {
         self.layers as usize * 16 + 2 * self.abstract_elems() * 2
+    }
+
+    /// Bytes of a key sketch (every layer and KV head, `tokens_per_block`
+    /// slots per channel).
+    pub fn sketch_bytes(&self) -> usize {
+        self.abstract_elems() * self.tokens_per_block as usize
     }
 
     /// f16 values in each of the min and max arrays.
@@ -129,9 +146,27 @@ pub struct SummaryView<'a> {
 }
 
 impl<'a> SummaryView<'a> {
+    /// A view of an entry with or without a sketch (told by its length).
     pub fn new(g: Geom, bytes: &'a [u8]) -> Self {
-        assert_eq!(bytes.len(), g.summary_bytes(), "summary entry size");
+        assert!(
+            bytes.len() == g.summary_bytes() || bytes.len() == g.summary_bytes() + g.sketch_bytes(),
+            "summary entry size"
+        );
         SummaryView { g, bytes }
+    }
+
+    /// The key sketch of `head` in `layer`: `[d][tokens_per_block]` codes
+    /// (the block's tokens first in each row), between the head's
+    /// [`bounds`](Self::bounds). None when the region keeps no sketches.
+    pub fn sketch(&self, layer: u32, head: u32) -> Option<&'a [u8]> {
+        let g = &self.g;
+        let base = g.summary_bytes();
+        if self.bytes.len() == base {
+            return None;
+        }
+        let row = g.head_dim as usize * g.tokens_per_block as usize;
+        let at = base + (layer as usize * g.kv_heads as usize + head as usize) * row;
+        Some(&self.bytes[at..at + row])
     }
 
     /// The checksum of `tensor` (0 = K, 1 = V) of `layer`.
@@ -171,6 +206,13 @@ pub struct SummaryScratch {
     hi16: Vec<u16>,
     lo32: Vec<f32>,
     hi32: Vec<f32>,
+    /// The sketch's box of one head (the stored f16 bounds, as f32), and
+    /// one key row.
+    lo_f: Vec<f32>,
+    hi_f: Vec<f32>,
+    row_f: Vec<f32>,
+    /// One layer's K when the payload is not aligned to its element type.
+    copy: Vec<u32>,
 }
 
 impl SummaryScratch {
@@ -182,6 +224,10 @@ impl SummaryScratch {
             hi16: vec![0; w],
             lo32: vec![0.0; w],
             hi32: vec![0.0; w],
+            lo_f: vec![0.0; g.head_dim as usize],
+            hi_f: vec![0.0; g.head_dim as usize],
+            row_f: vec![0.0; g.head_dim as usize],
+            copy: Vec::new(),
         }
     }
 }
@@ -235,7 +281,9 @@ fn minmax32(k: &[u8], w: usize, lo: &mut [f32], hi: &mut [f32]) {
 }
 
 /// Computes the summary of a payload of `tokens` tokens into `out` (one
-/// entry, [`Geom::summary_bytes`] long). Pure compute, no locks.
+/// entry, [`Geom::summary_bytes`] long, or that plus
+/// [`Geom::sketch_bytes`] for an entry with a key sketch). Pure compute,
+/// no locks.
 ///
 /// Per layer: the checksum of K and of V, and per KV head and channel the
 /// minimum and maximum key as f16. f16 keys are their own bounds (exact);
@@ -246,7 +294,11 @@ fn minmax32(k: &[u8], w: usize, lo: &mut [f32], hi: &mut [f32]) {
 /// puts several times slower). NaN keys are not expected in KV; they would
 /// widen the box, never narrow it.
 pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, out: &mut [u8]) {
-    assert_eq!(out.len(), g.summary_bytes(), "summary entry size");
+    let sketch = out.len() == g.summary_bytes() + g.sketch_bytes();
+    assert!(
+        sketch || out.len() == g.summary_bytes(),
+        "summary entry size"
+    );
     assert_eq!(
         payload.len() as u64,
         g.token_bytes() * tokens as u64,
@@ -299,7 +351,83 @@ pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, 
             }
             Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
         }
+        if sketch {
+            sketch_layer(g, k, tokens, layer, s, out);
+        }
     }
+}
+
+/// Writes the key sketch of every KV head of `layer` (its K `k`) into the
+/// entry `out`, against the bounds already written there.
+fn sketch_layer(
+    g: &Geom,
+    k: &[u8],
+    tokens: u32,
+    layer: u32,
+    s: &mut SummaryScratch,
+    out: &mut [u8],
+) {
+    let (kv, d, tpb) = (
+        g.kv_heads as usize,
+        g.head_dim as usize,
+        g.tokens_per_block as usize,
+    );
+    debug_assert_eq!(k.len(), tokens as usize * kv * d * g.elem_bytes());
+    let base = g.summary_bytes();
+    for head in 0..kv {
+        // The head's box, from the f16 bounds just written.
+        let lo_at = g.layers as usize * 16 + (layer as usize * kv + head) * d * 2;
+        let hi_at = lo_at + g.abstract_elems() * 2;
+        let f = |at: usize| f16::from_bits(u16::from_le_bytes([out[at], out[at + 1]])).to_f32();
+        for i in 0..d {
+            s.lo_f[i] = f(lo_at + 2 * i);
+            s.hi_f[i] = f(hi_at + 2 * i);
+        }
+        let row = d * tpb;
+        let at = base + (layer as usize * kv + head) * row;
+        let dst = &mut out[at..at + row];
+        match g.dtype {
+            Dtype::F16 => encode_as::<f16>(k, kv, head, d, tpb, s, dst),
+            Dtype::Bf16 => encode_as::<half::bf16>(k, kv, head, d, tpb, s, dst),
+            Dtype::F32 => encode_as::<f32>(k, kv, head, d, tpb, s, dst),
+            Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
+        }
+    }
+}
+
+/// [`strata_kernels::sketch::encode`] of the little-endian bytes `k`, read
+/// in place when aligned (arena extents and I/O buffers are), else from a
+/// copy in the scratch.
+fn encode_as<E: strata_kernels::KvElem>(
+    k: &[u8],
+    kv: usize,
+    head: usize,
+    d: usize,
+    tpb: usize,
+    s: &mut SummaryScratch,
+    dst: &mut [u8],
+) {
+    // SAFETY: E is f32, f16 or bf16 (sealed): every bit pattern is a value.
+    let (pre, mid, post) = unsafe { k.align_to::<E>() };
+    let elems: &[E] = if pre.is_empty() && post.is_empty() {
+        mid
+    } else {
+        s.copy.clear();
+        s.copy.resize(k.len().div_ceil(4), 0);
+        // SAFETY: u32 storage reinterpreted as bytes, then as E (u32's
+        // alignment covers every E; every bit pattern is a value).
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(s.copy.as_mut_ptr().cast::<u8>(), k.len()) };
+        bytes.copy_from_slice(k);
+        // SAFETY: as above; the length is whole elements of E.
+        unsafe {
+            std::slice::from_raw_parts(
+                s.copy.as_ptr().cast::<E>(),
+                k.len() / std::mem::size_of::<E>(),
+            )
+        }
+    };
+    strata_kernels::sketch::encode(elems, kv, head, d, &s.lo_f, &s.hi_f, tpb, &mut s.row_f, dst);
 }
 
 /// The region summaries live in: one anonymous mapping reserved at start
@@ -307,6 +435,8 @@ pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, 
 pub struct SummaryRegion {
     map: MmapRaw,
     len: u64,
+    /// Entries hold key sketches (`compute.key_sketch`).
+    sketch: bool,
     alloc: Mutex<ExtentAllocator>,
 }
 
@@ -319,12 +449,13 @@ impl std::fmt::Debug for SummaryRegion {
 }
 
 impl SummaryRegion {
-    pub fn new(bytes: u64) -> std::io::Result<Self> {
+    pub fn new(bytes: u64, sketch: bool) -> std::io::Result<Self> {
         let len = bytes / SUMMARY_GRANULE * SUMMARY_GRANULE;
         let map = MmapOptions::new().len(len.max(1) as usize).map_anon()?;
         Ok(SummaryRegion {
             map: MmapRaw::from(map),
             len,
+            sketch,
             alloc: Mutex::new(ExtentAllocator::new(len, SUMMARY_GRANULE)),
         })
     }
@@ -337,6 +468,16 @@ impl SummaryRegion {
 
     pub fn capacity_bytes(&self) -> u64 {
         self.len
+    }
+
+    /// Whether entries hold key sketches.
+    pub fn sketches(&self) -> bool {
+        self.sketch
+    }
+
+    /// Bytes of one entry of geometry `g` in this region.
+    pub fn entry_bytes(&self, g: &Geom) -> usize {
+        g.summary_bytes() + if self.sketch { g.sketch_bytes() } else { 0 }
     }
 
     /// Bytes taken by entries (rounded to granules).
@@ -460,9 +601,78 @@ mod tests {
         }
     }
 
+    /// With a sketch, the entry's abstracts are those of an entry without
+    /// one, and every sketched key decodes within half a step of the key,
+    /// for each dtype and a partial block.
+    #[test]
+    fn sketched_entries_decode_within_half_a_step() {
+        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            let g = Geom {
+                layers: 2,
+                kv_heads: 2,
+                head_dim: 8,
+                tokens_per_block: 4,
+                dtype,
+            };
+            let tokens = 3u32;
+            let n = g.token_bytes() as usize * tokens as usize / g.elem_bytes();
+            let vals: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 251) as f32 / 251.0 - 0.4) * (1 + i % 5) as f32)
+                .collect();
+            let mut payload = Vec::new();
+            for &v in &vals {
+                match dtype {
+                    Dtype::F16 => payload.extend(f16::from_f32(v).to_bits().to_le_bytes()),
+                    Dtype::Bf16 => payload.extend(half::bf16::from_f32(v).to_bits().to_le_bytes()),
+                    _ => payload.extend(v.to_le_bytes()),
+                }
+            }
+            // As stored (rounded to the dtype).
+            let stored = |i: usize| -> f32 {
+                let w = g.elem_bytes();
+                let b = &payload[i * w..(i + 1) * w];
+                match dtype {
+                    Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                    Dtype::Bf16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
+                    _ => f32::from_le_bytes(b.try_into().unwrap()),
+                }
+            };
+            let mut plain = vec![0u8; g.summary_bytes()];
+            let mut with = vec![0u8; g.summary_bytes() + g.sketch_bytes()];
+            let mut sc = SummaryScratch::new(&g);
+            summarize(&g, &payload, tokens, &mut sc, &mut plain);
+            summarize(&g, &payload, tokens, &mut sc, &mut with);
+            assert_eq!(&with[..plain.len()], &plain[..], "{dtype:?}");
+            let v = SummaryView::new(g, &with);
+            assert!(SummaryView::new(g, &plain).sketch(0, 0).is_none());
+            let (mut mn, mut mx) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
+            for layer in 0..2u32 {
+                let kr = g.tensor_range(tokens, layer, 0);
+                let k0 = kr.start / g.elem_bytes();
+                for head in 0..2u32 {
+                    v.bounds(layer, head, &mut mn, &mut mx);
+                    let codes = v.sketch(layer, head).unwrap();
+                    assert_eq!(codes.len(), 8 * 4);
+                    for t in 0..tokens as usize {
+                        for i in 0..8 {
+                            let x = stored(k0 + (t * 2 + head as usize) * 8 + i);
+                            let (lo, hi) = (mn[i].to_f32(), mx[i].to_f32());
+                            let step = strata_kernels::sketch::step(lo, hi);
+                            let dec = lo + step * codes[i * 4 + t] as f32;
+                            assert!(
+                                (dec - x).abs() <= step * 0.5001 + 1e-6,
+                                "{dtype:?} layer {layer} head {head} t {t} i {i}: {dec} vs {x}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn region_allocates_and_frees() {
-        let r = SummaryRegion::new(4096).unwrap();
+        let r = SummaryRegion::new(4096, false).unwrap();
         let a = r.allocate(100).unwrap();
         assert_eq!(r.used_bytes(), 128);
         unsafe { r.slice_mut(a, 100) }.fill(3);

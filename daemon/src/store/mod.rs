@@ -631,11 +631,15 @@ impl Store {
             summary_blocks: 0,
         };
         let summaries = cfg.summaries.enabled.then(|| {
+            // 0: a sixteenth of the tiers (a summary is 1/16 of a block of
+            // 16 f16 tokens), and a quarter more with sketches (half of K).
+            let sketch = cfg.summaries.sketch;
             let bytes = match cfg.summaries.bytes {
+                0 if sketch => ((cap + nvme_cap) / 16 * 5).max(1 << 20),
                 0 => ((cap + nvme_cap) / 16).max(1 << 20),
                 b => b,
             };
-            SummaryRegion::new(bytes)
+            SummaryRegion::new(bytes, sketch)
                 .map_err(|e| {
                     tracing::error!(bytes, error = %e, "cannot reserve the block-summary region; Attend runs without abstracts");
                 })
@@ -815,7 +819,7 @@ impl Store {
         let region = self.summaries.as_ref()?;
         let geom = geom?;
         let tokens = geom.tokens_of(payload.len() as u64)?;
-        let len = geom.summary_bytes();
+        let len = region.entry_bytes(&geom);
         let Some(off) = region.allocate(len) else {
             self.metrics.summaries_skipped_full.increment(1);
             return None;
@@ -836,7 +840,7 @@ impl Store {
 
     fn free_summary(&self, geom: Option<Geom>, summary: Option<u64>) {
         if let (Some(off), Some(geom), Some(region)) = (summary, geom, &self.summaries) {
-            region.free(off, geom.summary_bytes());
+            region.free(off, region.entry_bytes(&geom));
         }
     }
 
@@ -863,7 +867,7 @@ impl Store {
         let geom = g.ns_table[o as usize].geom?;
         let region = self.summaries.as_ref()?;
         // SAFETY: the entry cannot be freed while the lock is held.
-        let bytes = unsafe { region.slice(off, geom.summary_bytes()) }.to_vec();
+        let bytes = unsafe { region.slice(off, region.entry_bytes(&geom)) }.to_vec();
         Some((geom, bytes))
     }
 
@@ -2768,8 +2772,8 @@ impl Store {
                 .geom
                 .expect("a summary implies a geometry");
             summaries += 1;
-            summary_bytes +=
-                (geom.summary_bytes() as u64).div_ceil(SUMMARY_GRANULE) * SUMMARY_GRANULE;
+            let len = self.summaries.as_ref().map_or(0, |r| r.entry_bytes(&geom));
+            summary_bytes += (len as u64).div_ceil(SUMMARY_GRANULE) * SUMMARY_GRANULE;
         }
         assert_eq!(summaries, g.summary_blocks, "summary count");
         if let Some(r) = &self.summaries {
@@ -3001,7 +3005,7 @@ impl ChainPin {
         let region = self.store.summaries.as_ref()?;
         // SAFETY: pinned blocks keep their summaries (freed only with the
         // block, which a pin prevents).
-        let bytes = unsafe { region.slice(off, geom.summary_bytes()) };
+        let bytes = unsafe { region.slice(off, region.entry_bytes(&geom)) };
         Some(SummaryView::new(geom, bytes))
     }
 
