@@ -14,7 +14,9 @@
 //!   tier size.
 //! * `attend`: Attend (dense, sparse, SparF) on synthetic heads: mass and
 //!   relerr vs exact attention and the oracle, read%, dense scan rate ÷
-//!   single-thread memory read, wire bytes ÷ the head's K+V.
+//!   single-thread memory read, wire bytes ÷ the head's K+V
+//!   (`attend-quality`), a decode step from NVMe (`attend-nvme`), near the
+//!   data vs shipping K+V over a 2 GB/s link (`attend-link`).
 //! * `retrieval`: the RetrievalAttention index (pure compute): recall@100
 //!   vs scan%, search latency vs the exact scan, output relerr beside the
 //!   exact top-100; writes the data for the faiss baselines
@@ -423,9 +425,14 @@ fn main() -> Result<()> {
             engine,
         ))?;
     }
-    if want("attend") {
+    // `attend` runs its three parts; each can be picked alone.
+    if want("attend") || want("attend-quality") {
         rt.block_on(attend::attend(&mut rep, args.quick))?;
+    }
+    if want("attend") || want("attend-nvme") {
         rt.block_on(attend_io::nvme_steps(&mut rep, args.quick))?;
+    }
+    if want("attend") || want("attend-link") {
         rt.block_on(attend_io::near_vs_ship(&mut rep, args.quick))?;
     }
     if want("retrieval") {

@@ -96,16 +96,39 @@ pub struct Sketch<'a> {
     pub stride: usize,
     /// Tokens held (`<= stride`).
     pub n: usize,
-    /// The box, `[d]` each.
+    /// The box of each **chosen** channel (`lo[j]`, `hi[j]` for
+    /// `channels[j]`), so that a caller converts only the bounds it uses.
     pub lo: &'a [f32],
     pub hi: &'a [f32],
 }
 
+/// Scratch for [`sketch_scores`], reused across blocks.
+#[derive(Debug, Clone, Default)]
+pub struct SketchScratch {
+    /// `[r][heads]` weights `q_h,c * step_c`, and `[heads]` bases.
+    w: Vec<f32>,
+    base: Vec<f32>,
+    /// One channel row as f32, and `[heads][TILE]` sums.
+    x: Vec<f32>,
+    acc: Vec<f32>,
+    /// `[heads]` sums of a block of exactly [`FIXED`] tokens.
+    acc16: Vec<[f32; FIXED]>,
+}
+
+/// Tokens of the unrolled path (the common 16-token block).
+const FIXED: usize = 16;
+
+impl SketchScratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
 /// Approximate group scores of the sketch's `n` tokens on `channels`:
-/// `out[t] = scale * max_h sum_{i in channels} q_h,i * k~[t][i]` with `k~`
-/// the decoded keys. `acc` is scratch of at least `heads * min(n, 256)`.
-/// Returns false (and writes nothing) when a chosen channel's box is not
-/// finite: the caller scores that block from its keys.
+/// `out[t] = scale * max_h sum_j q_h,channels[j] * k~[t][channels[j]]` with
+/// `k~` the decoded keys. Returns false (and writes nothing) when a chosen
+/// channel's box is not finite: the caller scores that block from its
+/// keys.
 #[allow(clippy::too_many_arguments)]
 pub fn sketch_scores(
     q: &[f32],
@@ -114,48 +137,125 @@ pub fn sketch_scores(
     s: &Sketch<'_>,
     channels: &[u32],
     scale: f32,
-    acc: &mut Vec<f32>,
+    scratch: &mut SketchScratch,
     out: &mut [f32],
 ) -> bool {
+    let r = channels.len();
     assert_eq!(q.len(), heads * d, "sketch: q is not [heads][d]");
     assert!(s.n <= s.stride && s.codes.len() >= d * s.stride);
-    assert!(s.lo.len() >= d && s.hi.len() >= d);
+    assert!(
+        s.lo.len() >= r && s.hi.len() >= r,
+        "sketch: a box per channel"
+    );
+    assert!(channels.iter().all(|&c| (c as usize) < d));
     assert_eq!(out.len(), s.n, "sketch: out is not [n]");
-    if channels
-        .iter()
-        .any(|&c| !(s.lo[c as usize].is_finite() && s.hi[c as usize].is_finite()))
-    {
+    if !s.lo[..r].iter().chain(&s.hi[..r]).all(|x| x.is_finite()) {
         return false;
     }
+    let sc = scratch;
+    sc.w.resize(heads * r, 0.0);
+    sc.base.resize(heads, 0.0);
     let tile = TILE.min(s.n.max(1));
-    if acc.len() < heads * tile {
-        acc.resize(heads * tile, 0.0);
+    sc.x.resize(tile, 0.0);
+    sc.acc.resize(heads * tile, 0.0);
+    sc.acc16.resize(heads, [0.0; FIXED]);
+    for h in 0..heads {
+        let qh = &q[h * d..(h + 1) * d];
+        let mut base = 0.0;
+        for (j, &c) in channels.iter().enumerate() {
+            let qc = qh[c as usize];
+            base += qc * s.lo[j];
+            sc.w[j * heads + h] = qc * step(s.lo[j], s.hi[j]);
+        }
+        sc.base[h] = base;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { scores_avx2(heads, s, channels, scale, tile, sc, out) };
+        return true;
+    }
+    scores_impl::<false>(heads, s, channels, scale, tile, sc, out);
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(
+    heads: usize,
+    s: &Sketch<'_>,
+    channels: &[u32],
+    scale: f32,
+    tile: usize,
+    sc: &mut SketchScratch,
+    out: &mut [f32],
+) {
+    scores_impl::<true>(heads, s, channels, scale, tile, sc, out);
+}
+
+/// The sums, one channel row converted once and added to every head's
+/// tile (plain loops over slices that LLVM vectorises); a block of exactly
+/// [`FIXED`] tokens takes an unrolled path (fixed-size rows in registers).
+#[inline(always)]
+fn scores_impl<const FMA: bool>(
+    heads: usize,
+    s: &Sketch<'_>,
+    channels: &[u32],
+    scale: f32,
+    tile: usize,
+    sc: &mut SketchScratch,
+    out: &mut [f32],
+) {
+    if s.n == FIXED {
+        let acc = &mut sc.acc16[..heads];
+        for (a, &b) in acc.iter_mut().zip(&sc.base) {
+            *a = [b; FIXED];
+        }
+        for (j, &c) in channels.iter().enumerate() {
+            let at = c as usize * s.stride;
+            let row: &[u8; FIXED] = s.codes[at..at + FIXED].try_into().expect("FIXED codes");
+            let x: [f32; FIXED] = std::array::from_fn(|t| row[t] as f32);
+            for (a, &w) in acc.iter_mut().zip(&sc.w[j * heads..(j + 1) * heads]) {
+                for t in 0..FIXED {
+                    a[t] = simd::fmadd::<FMA>(w, x[t], a[t]);
+                }
+            }
+        }
+        let mut m = acc[0];
+        for a in &acc[1..] {
+            for t in 0..FIXED {
+                m[t] = if a[t] > m[t] { a[t] } else { m[t] };
+            }
+        }
+        for (o, v) in out.iter_mut().zip(m) {
+            *o = v * scale;
+        }
+        return;
     }
     let mut start = 0;
     while start < s.n {
         let len = tile.min(s.n - start);
         for h in 0..heads {
-            let qh = &q[h * d..(h + 1) * d];
-            let base: f32 = channels
-                .iter()
-                .map(|&c| qh[c as usize] * s.lo[c as usize])
-                .sum();
-            let a = &mut acc[h * tile..h * tile + len];
-            a.fill(base);
-            for &c in channels {
-                let c = c as usize;
-                let w = qh[c] * step(s.lo[c], s.hi[c]);
-                let codes = &s.codes[c * s.stride + start..c * s.stride + start + len];
-                for (x, &b) in a.iter_mut().zip(codes) {
-                    *x += w * b as f32;
+            sc.acc[h * tile..h * tile + len].fill(sc.base[h]);
+        }
+        for (j, &c) in channels.iter().enumerate() {
+            let row = &s.codes[c as usize * s.stride + start..][..len];
+            let x = &mut sc.x[..len];
+            for (xv, &b) in x.iter_mut().zip(row) {
+                *xv = b as f32;
+            }
+            for h in 0..heads {
+                let w = sc.w[j * heads + h];
+                for (a, &xv) in sc.acc[h * tile..h * tile + len].iter_mut().zip(x.iter()) {
+                    *a += w * xv;
                 }
             }
         }
         let o = &mut out[start..start + len];
-        o.copy_from_slice(&acc[..len]);
+        o.copy_from_slice(&sc.acc[..len]);
         for h in 1..heads {
-            for (x, &y) in o.iter_mut().zip(&acc[h * tile..h * tile + len]) {
-                *x = x.max(y);
+            for (x, &y) in o.iter_mut().zip(&sc.acc[h * tile..h * tile + len]) {
+                *x = if y > *x { y } else { *x };
             }
         }
         for x in o.iter_mut() {
@@ -163,7 +263,43 @@ pub fn sketch_scores(
         }
         start += len;
     }
-    true
+}
+
+/// The log-sum-exp of each span `(start, len)` of `scores` into `out`
+/// (-inf for an empty span or one of -inf scores): the estimated
+/// attention weight of a block of tokens, for choosing whole blocks.
+pub fn span_lse(scores: &[f32], spans: &[(usize, usize)], out: &mut [f32]) {
+    assert_eq!(out.len(), spans.len(), "span_lse: out is not [spans]");
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { span_lse_avx2(scores, spans, out) };
+        return;
+    }
+    span_lse_impl(scores, spans, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn span_lse_avx2(scores: &[f32], spans: &[(usize, usize)], out: &mut [f32]) {
+    span_lse_impl(scores, spans, out);
+}
+
+#[inline(always)]
+fn span_lse_impl(scores: &[f32], spans: &[(usize, usize)], out: &mut [f32]) {
+    for (o, &(start, n)) in out.iter_mut().zip(spans) {
+        let x = &scores[start..start + n];
+        let m = simd::max(x);
+        *o = if m == f32::NEG_INFINITY {
+            m
+        } else {
+            let mut sum = 0.0f32;
+            for &v in x {
+                sum += simd::exp_approx(v - m);
+            }
+            m + sum.ln()
+        };
+    }
 }
 
 #[cfg(test)]
@@ -192,7 +328,14 @@ mod tests {
     /// are within the bound that implies of the exact channel scores.
     #[test]
     fn scores_are_within_half_a_step_of_the_exact_ones() {
-        let (heads, kv, d, n, stride) = (4, 2, 64, 13, 16);
+        // 13 tokens: the general path; 16: the unrolled one.
+        for n in [13, 16] {
+            within_half_a_step(n);
+        }
+    }
+
+    fn within_half_a_step(n: usize) {
+        let (heads, kv, d, stride) = (4, 2, 64, 16);
         let mut rng = Rng::new(7);
         let k: Vec<f16> = rng.normal_kv(n * kv * d, 2.0);
         let q = rng.normal_vec(heads * d, 1.0);
@@ -220,14 +363,16 @@ mod tests {
                 &q, heads, d, &k, kv, head, &channels, scale, &mut sc, &mut exact,
             );
             let mut got = vec![0f32; n];
+            let clo: Vec<f32> = channels.iter().map(|&c| lo[c as usize]).collect();
+            let chi: Vec<f32> = channels.iter().map(|&c| hi[c as usize]).collect();
             let s = Sketch {
                 codes: &codes,
                 stride,
                 n,
-                lo: &lo,
-                hi: &hi,
+                lo: &clo,
+                hi: &chi,
             };
-            let mut acc = Vec::new();
+            let mut acc = SketchScratch::new();
             assert!(sketch_scores(
                 &q, heads, d, &s, &channels, scale, &mut acc, &mut got
             ));
@@ -259,8 +404,8 @@ mod tests {
                 codes: &codes,
                 stride,
                 n,
-                lo: &lo,
-                hi: &hi,
+                lo: &clo,
+                hi: &chi,
             };
             let mut moved = vec![0f32; n];
             sketch_scores(&q, heads, d, &s, &channels, scale, &mut acc, &mut moved);
@@ -295,36 +440,61 @@ mod tests {
             &s,
             &[0, 1, 2, 3],
             1.0,
-            &mut Vec::new(),
+            &mut SketchScratch::new(),
             &mut out
         ));
         assert!(
             (out[0] - 5.0).abs() < 1e-5 && (out[1] - 7.0).abs() < 1e-5,
             "{out:?}"
         );
-        let inf = vec![1.0, f32::INFINITY, 3.0, -1.0];
-        let s = Sketch { hi: &inf, ..s };
-        assert!(!sketch_scores(
-            &q,
-            1,
-            d,
-            &s,
-            &[1],
-            1.0,
-            &mut Vec::new(),
-            &mut out
-        ));
-        // Unchosen channels do not matter.
+        // The box of a chosen channel is not finite: refused.
+        let s1 = Sketch {
+            lo: &[2.0],
+            hi: &[f32::INFINITY],
+            ..s
+        };
+        let mut sc = SketchScratch::new();
+        assert!(!sketch_scores(&q, 1, d, &s1, &[1], 1.0, &mut sc, &mut out));
+        // Flat channels decode to their value.
+        let s2 = Sketch {
+            lo: &[1.0, 3.0],
+            hi: &[1.0, 3.0],
+            ..s
+        };
         assert!(sketch_scores(
             &q,
             1,
             d,
-            &s,
+            &s2,
             &[0, 2],
             1.0,
-            &mut Vec::new(),
+            &mut sc,
             &mut out
         ));
         assert_eq!(out, vec![4.0, 4.0]);
+    }
+
+    /// span_lse against f64, with an empty span and a span of -inf.
+    #[test]
+    fn span_lse_matches_f64() {
+        let mut rng = Rng::new(3);
+        let mut x = rng.normal_vec(100, 4.0);
+        x[90..95].fill(f32::NEG_INFINITY);
+        let spans = [(0, 16), (16, 1), (17, 40), (57, 0), (90, 5), (80, 15)];
+        let mut out = vec![0f32; spans.len()];
+        span_lse(&x, &spans, &mut out);
+        for (o, &(a, n)) in out.iter().zip(&spans) {
+            let v: Vec<f64> = x[a..a + n].iter().map(|&y| y as f64).collect();
+            let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            if m == f64::NEG_INFINITY {
+                assert_eq!(*o, f32::NEG_INFINITY);
+                continue;
+            }
+            let want = m + v.iter().map(|y| (y - m).exp()).sum::<f64>().ln();
+            assert!(
+                (*o as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{o} vs {want}"
+            );
+        }
     }
 }

@@ -16,8 +16,8 @@ use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
-use strata_kernels::sketch::{Sketch, sketch_scores};
-use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channels};
+use strata_kernels::sketch::{Sketch, SketchScratch, sketch_scores, span_lse};
+use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channel_groups, top_channels};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
@@ -1247,7 +1247,8 @@ unsafe fn slice_of<'a>(r: Range<*const u8>) -> &'a [u8] {
 /// exactly from the stored, verified K and V.
 ///
 /// Phase 1 scores a block from its key sketch when the summary has one
-/// (`compute.key_sketch`: r rows of 8-bit codes per KV head, no K read);
+/// (`compute.key_sketch`: r rows of 8-bit codes per KV head, no K read;
+/// the channels then come in groups that share a cache line of codes);
 /// other blocks are scored from their token-major K, read and verified in
 /// waves. Phase 2 reads K and V of the chosen blocks.
 async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
@@ -1271,19 +1272,38 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .sum();
     // Channels per KV head; scores per KV head over all tokens, first of
     // the blocks with a sketch (`need`: those without).
+    // With key sketches, channels are taken in aligned groups that share a
+    // cache line of a sketch (16-byte rows of 16-token blocks: groups of
+    // 4), so a block's scoring touches r / group lines of codes; without,
+    // one by one.
+    let sketches = seq
+        .pin
+        .store()
+        .summary_region()
+        .is_some_and(|s| s.sketches());
+    let mut group = if sketches {
+        (64 / geom.tokens_per_block as usize).clamp(1, 8)
+    } else {
+        1
+    };
+    while group > 1 && !(d.is_multiple_of(group) && r.is_multiple_of(group)) {
+        group /= 2;
+    }
     let (mut seq, channels, mut scores, need, sketch_bytes) = ctx
         .blocking(move || {
             let mut sc = SparfScratch::new(g, d, 0);
             let s = &seq.req.seqs[seq.idx];
             let mut channels = vec![0u32; kv * r];
             for h in 0..kv {
-                top_channels(
+                let (q, out) = (
                     &s.q[h * g * d..(h + 1) * g * d],
-                    g,
-                    d,
-                    &mut sc,
                     &mut channels[h * r..(h + 1) * r],
                 );
+                if group > 1 {
+                    top_channel_groups(q, g, d, group, &mut sc, out);
+                } else {
+                    top_channels(q, g, d, &mut sc, out);
+                }
             }
             let mut scores = vec![f32::NEG_INFINITY; kv * total];
             let (need, bytes) = score_sketches(&seq, &channels, r, total, &mut scores);
@@ -1390,11 +1410,21 @@ fn score_sketches(
     let layer = seq.req.layer;
     let s = &seq.req.seqs[seq.idx];
     let g = s.heads / kv;
-    let (mut lo16, mut hi16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
-    let (mut lo, mut hi) = (vec![0f32; d], vec![0f32; d]);
-    let mut acc = Vec::new();
+    let (mut lo, mut hi) = (vec![0f32; r], vec![0f32; r]);
+    let mut acc = SketchScratch::new();
     let (mut need, mut bytes) = (Vec::new(), 0u64);
-    for i in 0..seq.present() {
+    let present = seq.present();
+    // The rows a block needs are scattered over its entry (and entries over
+    // the region): ask for them a few blocks ahead, so that the misses
+    // overlap instead of stalling one after another.
+    const AHEAD: usize = 4;
+    for i in 0..AHEAD.min(present) {
+        prefetch_sketch(seq, i, channels, r);
+    }
+    for i in 0..present {
+        if i + AHEAD < present {
+            prefetch_sketch(seq, i + AHEAD, channels, r);
+        }
         let (start, n) = (seq.starts[i] as usize, seq.tokens[i] as usize);
         let Some(view) = seq.pin.summary(i, geom) else {
             need.push(i);
@@ -1406,11 +1436,11 @@ fn score_sketches(
                 ok = false;
                 break;
             };
-            view.bounds(layer, h as u32, &mut lo16, &mut hi16);
             let ch = &channels[h * r..(h + 1) * r];
-            for &c in ch {
-                lo[c as usize] = lo16[c as usize].to_f32();
-                hi[c as usize] = hi16[c as usize].to_f32();
+            for (j, &c) in ch.iter().enumerate() {
+                let (a, b) = view.bound(layer, h as u32, c as usize);
+                // The const conversion inlines (to_f32 calls a dispatcher).
+                (lo[j], hi[j]) = (a.to_f32_const(), b.to_f32_const());
             }
             let sk = Sketch {
                 codes,
@@ -1441,25 +1471,53 @@ fn score_sketches(
     (need, bytes)
 }
 
+/// Starts loading the sketch rows and bounds of the chosen channels of
+/// block `i` into L1. A hint only: never faults, changes nothing.
+fn prefetch_sketch(seq: &Seq, i: usize, channels: &[u32], r: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let geom = seq.req.geom;
+        let Some(view) = seq.pin.summary(i, geom) else {
+            return;
+        };
+        let fetch = |p: *const u8| {
+            // SAFETY: a prefetch of a mapped address; SSE is baseline on
+            // x86-64.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p as *const i8,
+                )
+            }
+        };
+        let tpb = geom.tokens_per_block as usize;
+        for h in 0..geom.kv_heads {
+            let Some(codes) = view.sketch(seq.req.layer, h) else {
+                return;
+            };
+            for &c in &channels[h as usize * r..(h as usize + 1) * r] {
+                fetch(codes[c as usize * tpb..].as_ptr());
+            }
+            let (lo, hi) = view.bound_ptrs(seq.req.layer, h);
+            for p in [lo, hi] {
+                // The head's bounds span 2 * head_dim bytes each.
+                for off in (0..2 * geom.head_dim as usize).step_by(64) {
+                    fetch(p.wrapping_add(off));
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (seq, i, channels, r);
+}
+
 /// Whole blocks best-first by the log-sum-exp of their tokens' scores
 /// (`scores` over the blocks' `spans` (start, tokens), in order) until at
 /// least `k` tokens are in; their token positions (unsorted). Ties go to
 /// the earlier block.
 fn best_blocks(scores: &[f32], spans: &[(usize, usize)], k: usize) -> Vec<u32> {
-    let mut w: Vec<(f32, usize)> = spans
-        .iter()
-        .enumerate()
-        .map(|(i, &(start, n))| {
-            let s = &scores[start..start + n];
-            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = if m == f32::NEG_INFINITY {
-                m
-            } else {
-                m + s.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
-            };
-            (lse, i)
-        })
-        .collect();
+    let mut lse = vec![0f32; spans.len()];
+    span_lse(scores, spans, &mut lse);
+    let mut w: Vec<(f32, usize)> = lse.into_iter().zip(0..).collect();
     w.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut out = Vec::with_capacity(k + spans.first().map_or(0, |s| s.1));
     for (_, i) in w {

@@ -188,6 +188,31 @@ impl<'a> SummaryView<'a> {
         }
     }
 
+    /// The minimum and maximum of channel `c` of `head`'s keys in `layer`.
+    #[inline]
+    pub fn bound(&self, layer: u32, head: u32, c: usize) -> (f16, f16) {
+        let g = &self.g;
+        let at = g.layers as usize * 16
+            + ((layer as usize * g.kv_heads as usize + head as usize) * g.head_dim as usize + c)
+                * 2;
+        let hi_at = at + g.abstract_elems() * 2;
+        let b = self.bytes;
+        (
+            f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])),
+            f16::from_bits(u16::from_le_bytes([b[hi_at], b[hi_at + 1]])),
+        )
+    }
+
+    /// Where the minimum and maximum rows of `head` in `layer` start (for
+    /// prefetching).
+    pub fn bound_ptrs(&self, layer: u32, head: u32) -> (*const u8, *const u8) {
+        let g = &self.g;
+        let at = g.layers as usize * 16
+            + (layer as usize * g.kv_heads as usize + head as usize) * g.head_dim as usize * 2;
+        let hi_at = at + g.abstract_elems() * 2;
+        (self.bytes[at..].as_ptr(), self.bytes[hi_at..].as_ptr())
+    }
+
     /// The per-channel minimum and maximum of `head`'s keys in `layer`
     /// (into `min`, `max`, each `head_dim` long).
     pub fn bounds(&self, layer: u32, head: u32, min: &mut [f16], max: &mut [f16]) {
