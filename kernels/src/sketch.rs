@@ -36,7 +36,7 @@ const TILE: usize = 256;
 pub fn step(lo: f32, hi: f32) -> f32 {
     let w = hi - lo;
     if w.is_finite() && w > 0.0 {
-        w / LEVELS
+        w * (1.0 / LEVELS)
     } else {
         0.0
     }
@@ -108,6 +108,8 @@ pub struct SketchScratch {
     /// `[r][heads]` weights `q_h,c * step_c`, and `[heads]` bases.
     w: Vec<f32>,
     base: Vec<f32>,
+    /// `[r]` steps of the chosen channels.
+    step: Vec<f32>,
     /// One channel row as f32, and `[heads][TILE]` sums.
     x: Vec<f32>,
     acc: Vec<f32>,
@@ -159,13 +161,20 @@ pub fn sketch_scores(
     sc.x.resize(tile, 0.0);
     sc.acc.resize(heads * tile, 0.0);
     sc.acc16.resize(heads, [0.0; FIXED]);
+    sc.step.clear();
+    sc.step.extend(
+        s.lo[..r]
+            .iter()
+            .zip(&s.hi[..r])
+            .map(|(&lo, &hi)| step(lo, hi)),
+    );
     for h in 0..heads {
         let qh = &q[h * d..(h + 1) * d];
         let mut base = 0.0;
         for (j, &c) in channels.iter().enumerate() {
             let qc = qh[c as usize];
             base += qc * s.lo[j];
-            sc.w[j * heads + h] = qc * step(s.lo[j], s.hi[j]);
+            sc.w[j * heads + h] = qc * sc.step[j];
         }
         sc.base[h] = base;
     }

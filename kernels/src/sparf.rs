@@ -113,55 +113,6 @@ pub fn top_channels(
     assert_eq!(got, r, "sparf: NaN in q");
 }
 
-/// [`top_channels`] by aligned groups of `group` channels: the
-/// `channels.len() / group` groups with the largest `sum_h |q_h,i|` over
-/// their channels (best first, ties to the lower group), each written as
-/// its `group` channels in order. For a dim-major store whose rows are
-/// shorter than a cache line (a key sketch of 16 tokens: 16-byte rows),
-/// a group of `64 / row bytes` channels is one line, so scoring touches
-/// `r / group` lines per block instead of `r`.
-pub fn top_channel_groups(
-    q: &[f32],
-    heads: usize,
-    d: usize,
-    group: usize,
-    scratch: &mut SparfScratch,
-    channels: &mut [u32],
-) {
-    let r = channels.len();
-    assert!(
-        group > 0 && d.is_multiple_of(group) && r.is_multiple_of(group) && r <= d,
-        "sparf: r {r} and d {d} must be multiples of the group {group}, r <= d"
-    );
-    assert!(d <= scratch.d_max, "sparf: d too large");
-    assert_eq!(q.len(), heads * d, "sparf: q is not [heads][d]");
-    let groups = d / group;
-    let w = &mut scratch.weight[..d];
-    w.fill(0.0);
-    for qh in q.chunks_exact(d) {
-        for (a, b) in w.iter_mut().zip(qh) {
-            *a += b.abs();
-        }
-    }
-    for gi in 0..groups {
-        w[gi] = w[gi * group..(gi + 1) * group].iter().sum();
-    }
-    let picked = r / group;
-    let best = &mut scratch.channels[..picked];
-    let got = topk::top_k(
-        &w[..groups],
-        picked,
-        best,
-        &mut scratch.weight_top[..picked],
-    );
-    assert_eq!(got, picked, "sparf: NaN in q");
-    for (j, &gi) in best.iter().enumerate() {
-        for c in 0..group {
-            channels[j * group + c] = gi * group as u32 + c as u32;
-        }
-    }
-}
-
 /// Where the scored keys are.
 #[derive(Clone, Copy)]
 enum Src<'a, E> {
@@ -459,34 +410,6 @@ mod tests {
         w.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite").then(a.1.cmp(&b.1)));
         let want: Vec<u32> = w[..8].iter().map(|x| x.1).collect();
         assert_eq!(ch, want);
-    }
-
-    #[test]
-    fn channel_groups_are_the_largest_group_sums() {
-        let c = case(4, 64, 1, 3);
-        let mut s = SparfScratch::new(4, 64, 1);
-        let mut ch = vec![0u32; 8];
-        top_channel_groups(&c.q, 4, 64, 4, &mut s, &mut ch);
-        let mut w: Vec<(f64, u32)> = (0..16)
-            .map(|g| {
-                let sum = (0..4)
-                    .flat_map(|h| (0..4).map(move |i| (h, g * 4 + i)))
-                    .map(|(h, i)| c.q[h * 64 + i].abs() as f64)
-                    .sum();
-                (sum, g as u32)
-            })
-            .collect();
-        w.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite").then(a.1.cmp(&b.1)));
-        let want: Vec<u32> = w[..2]
-            .iter()
-            .flat_map(|&(_, g)| (0..4).map(move |i| g * 4 + i))
-            .collect();
-        assert_eq!(ch, want);
-        // A group of one is top_channels.
-        let mut one = vec![0u32; 8];
-        top_channel_groups(&c.q, 4, 64, 1, &mut s, &mut one);
-        top_channels(&c.q, 4, 64, &mut s, &mut ch);
-        assert_eq!(one, ch);
     }
 
     /// Scores against f64 on the same channels: max error <= 1e-5 of the

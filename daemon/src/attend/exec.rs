@@ -17,7 +17,7 @@ use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
 use strata_kernels::sketch::{Sketch, SketchScratch, sketch_scores, span_lse};
-use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channel_groups, top_channels};
+use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channels};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
@@ -1248,7 +1248,7 @@ unsafe fn slice_of<'a>(r: Range<*const u8>) -> &'a [u8] {
 ///
 /// Phase 1 scores a block from its key sketch when the summary has one
 /// (`compute.key_sketch`: r rows of 8-bit codes per KV head, no K read;
-/// the channels then come in groups that share a cache line of codes);
+/// the rows of the next blocks are prefetched, since they are scattered);
 /// other blocks are scored from their token-major K, read and verified in
 /// waves. Phase 2 reads K and V of the chosen blocks.
 async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
@@ -1272,38 +1272,19 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .sum();
     // Channels per KV head; scores per KV head over all tokens, first of
     // the blocks with a sketch (`need`: those without).
-    // With key sketches, channels are taken in aligned groups that share a
-    // cache line of a sketch (16-byte rows of 16-token blocks: groups of
-    // 4), so a block's scoring touches r / group lines of codes; without,
-    // one by one.
-    let sketches = seq
-        .pin
-        .store()
-        .summary_region()
-        .is_some_and(|s| s.sketches());
-    let mut group = if sketches {
-        (64 / geom.tokens_per_block as usize).clamp(1, 8)
-    } else {
-        1
-    };
-    while group > 1 && !(d.is_multiple_of(group) && r.is_multiple_of(group)) {
-        group /= 2;
-    }
     let (mut seq, channels, mut scores, need, sketch_bytes) = ctx
         .blocking(move || {
             let mut sc = SparfScratch::new(g, d, 0);
             let s = &seq.req.seqs[seq.idx];
             let mut channels = vec![0u32; kv * r];
             for h in 0..kv {
-                let (q, out) = (
+                top_channels(
                     &s.q[h * g * d..(h + 1) * g * d],
+                    g,
+                    d,
+                    &mut sc,
                     &mut channels[h * r..(h + 1) * r],
                 );
-                if group > 1 {
-                    top_channel_groups(q, g, d, group, &mut sc, out);
-                } else {
-                    top_channels(q, g, d, &mut sc, out);
-                }
             }
             let mut scores = vec![f32::NEG_INFINITY; kv * total];
             let (need, bytes) = score_sketches(&seq, &channels, r, total, &mut scores);
