@@ -22,6 +22,7 @@
 
 use crate::elem::KvElem;
 use crate::simd;
+use crate::sparf::HeadScores;
 
 /// Codes per channel step (8-bit codes).
 pub const LEVELS: f32 = 255.0;
@@ -88,6 +89,41 @@ pub fn encode<E: KvElem>(
     }
 }
 
+/// Adds every row of `x` (`[n][w]`, `w = acc.len()`) to `acc`, in row
+/// order, in f32: the per-channel sums of a block's V kept beside its key
+/// sketch, from which the mean value of SparQ's correction comes without
+/// reading V. `row` is scratch of at least `w` values.
+pub fn add_rows<E: KvElem>(x: &[E], acc: &mut [f32], row: &mut [f32]) {
+    let w = acc.len();
+    assert!(
+        w > 0 && x.len().is_multiple_of(w) && row.len() >= w,
+        "add_rows: x is not [n][{w}]"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        unsafe { add_rows_avx2(x, acc, row) };
+        return;
+    }
+    add_rows_impl::<E, false>(x, acc, row);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_rows_avx2<E: KvElem>(x: &[E], acc: &mut [f32], row: &mut [f32]) {
+    add_rows_impl::<E, true>(x, acc, row);
+}
+
+#[inline(always)]
+fn add_rows_impl<E: KvElem, const FAST: bool>(x: &[E], acc: &mut [f32], row: &mut [f32]) {
+    for r in x.chunks_exact(acc.len()) {
+        let v = simd::as_f32::<E, FAST>(r, row);
+        for (a, &b) in acc.iter_mut().zip(v) {
+            *a += b;
+        }
+    }
+}
+
 /// One block's sketch of one KV head, as [`sketch_scores`] reads it.
 #[derive(Debug, Clone, Copy)]
 pub struct Sketch<'a> {
@@ -142,6 +178,39 @@ pub fn sketch_scores(
     scratch: &mut SketchScratch,
     out: &mut [f32],
 ) -> bool {
+    scores_checked(q, heads, d, s, channels, scale, scratch, out, None)
+}
+
+/// [`sketch_scores`], and each query head's own score (before the max
+/// over the group) into `each` (SparQ's mean-value correction needs every
+/// head's estimated softmax, [`crate::sparf::chosen_mass`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sketch_scores_with_heads(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    s: &Sketch<'_>,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SketchScratch,
+    out: &mut [f32],
+    each: HeadScores<'_>,
+) -> bool {
+    scores_checked(q, heads, d, s, channels, scale, scratch, out, Some(each))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scores_checked(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    s: &Sketch<'_>,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SketchScratch,
+    out: &mut [f32],
+    mut each: Option<HeadScores<'_>>,
+) -> bool {
     let r = channels.len();
     assert_eq!(q.len(), heads * d, "sketch: q is not [heads][d]");
     assert!(s.n <= s.stride && s.codes.len() >= d * s.stride);
@@ -151,6 +220,9 @@ pub fn sketch_scores(
     );
     assert!(channels.iter().all(|&c| (c as usize) < d));
     assert_eq!(out.len(), s.n, "sketch: out is not [n]");
+    if let Some(e) = &each {
+        e.check(heads, s.n);
+    }
     if !s.lo[..r].iter().chain(&s.hi[..r]).all(|x| x.is_finite()) {
         return false;
     }
@@ -181,15 +253,16 @@ pub fn sketch_scores(
     #[cfg(target_arch = "x86_64")]
     if simd::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { scores_avx2(heads, s, channels, scale, tile, sc, out) };
+        unsafe { scores_avx2(heads, s, channels, scale, tile, sc, out, each.as_mut()) };
         return true;
     }
-    scores_impl::<false>(heads, s, channels, scale, tile, sc, out);
+    scores_impl::<false>(heads, s, channels, scale, tile, sc, out, each.as_mut());
     true
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn scores_avx2(
     heads: usize,
     s: &Sketch<'_>,
@@ -198,14 +271,16 @@ unsafe fn scores_avx2(
     tile: usize,
     sc: &mut SketchScratch,
     out: &mut [f32],
+    each: Option<&mut HeadScores<'_>>,
 ) {
-    scores_impl::<true>(heads, s, channels, scale, tile, sc, out);
+    scores_impl::<true>(heads, s, channels, scale, tile, sc, out, each);
 }
 
 /// The sums, one channel row converted once and added to every head's
 /// tile (plain loops over slices that LLVM vectorises); a block of exactly
 /// [`FIXED`] tokens takes an unrolled path (fixed-size rows in registers).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn scores_impl<const FMA: bool>(
     heads: usize,
     s: &Sketch<'_>,
@@ -214,6 +289,7 @@ fn scores_impl<const FMA: bool>(
     tile: usize,
     sc: &mut SketchScratch,
     out: &mut [f32],
+    mut each: Option<&mut HeadScores<'_>>,
 ) {
     if s.n == FIXED {
         let acc = &mut sc.acc16[..heads];
@@ -227,6 +303,13 @@ fn scores_impl<const FMA: bool>(
             for (a, &w) in acc.iter_mut().zip(&sc.w[j * heads..(j + 1) * heads]) {
                 for t in 0..FIXED {
                     a[t] = simd::fmadd::<FMA>(w, x[t], a[t]);
+                }
+            }
+        }
+        if let Some(e) = each.as_deref_mut() {
+            for (h, a) in acc.iter().enumerate() {
+                for (o, &v) in e.row(h, 0, FIXED).iter_mut().zip(a) {
+                    *o = v * scale;
                 }
             }
         }
@@ -257,6 +340,17 @@ fn scores_impl<const FMA: bool>(
                 let w = sc.w[j * heads + h];
                 for (a, &xv) in sc.acc[h * tile..h * tile + len].iter_mut().zip(x.iter()) {
                     *a += w * xv;
+                }
+            }
+        }
+        if let Some(e) = each.as_deref_mut() {
+            for h in 0..heads {
+                for (o, &v) in e
+                    .row(h, start, len)
+                    .iter_mut()
+                    .zip(&sc.acc[h * tile..h * tile + len])
+                {
+                    *o = v * scale;
                 }
             }
         }
@@ -314,7 +408,9 @@ fn span_lse_impl(scores: &[f32], spans: &[(usize, usize)], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sparf::{SparfScratch, sparf_scores_head, top_channels};
+    use crate::sparf::{
+        SparfScratch, sparf_scores_head, sparf_scores_head_with_heads, top_channels,
+    };
     use crate::testing::Rng;
     use half::f16;
 
@@ -407,6 +503,61 @@ mod tests {
                     exact[t]
                 );
             }
+            // Each head's own scores: within that head's bound of its exact
+            // channel scores, and their max is the group score, bit for bit.
+            let (mut each, mut exact_each) = (vec![0f32; heads * n], vec![0f32; heads * n]);
+            let mut again = vec![0f32; n];
+            assert!(sketch_scores_with_heads(
+                &q,
+                heads,
+                d,
+                &s,
+                &channels,
+                scale,
+                &mut acc,
+                &mut again,
+                HeadScores {
+                    out: &mut each,
+                    pitch: n,
+                },
+            ));
+            assert_eq!(again, got);
+            sparf_scores_head_with_heads(
+                &q,
+                heads,
+                d,
+                &k,
+                kv,
+                head,
+                &channels,
+                scale,
+                &mut sc,
+                &mut exact,
+                HeadScores {
+                    out: &mut exact_each,
+                    pitch: n,
+                },
+            );
+            for h in 0..heads {
+                let bound_h = channels
+                    .iter()
+                    .map(|&c| {
+                        q[h * d + c as usize].abs() * step(lo[c as usize], hi[c as usize]) * 0.5
+                    })
+                    .sum::<f32>()
+                    * scale;
+                for t in 0..n {
+                    let (a, b) = (each[h * n + t], exact_each[h * n + t]);
+                    assert!(
+                        (a - b).abs() <= bound_h * 1.001 + 1e-5,
+                        "head {h} t {t}: {a} vs {b}"
+                    );
+                }
+            }
+            for t in 0..n {
+                let m = (0..heads).map(|h| each[h * n + t]).fold(f32::MIN, f32::max);
+                assert_eq!(m, got[t], "t {t}");
+            }
             // A wrong code moves the score: the test can fail.
             codes[channels[0] as usize * stride] ^= 0x80;
             let s = Sketch {
@@ -481,6 +632,28 @@ mod tests {
             &mut out
         ));
         assert_eq!(out, vec![4.0, 4.0]);
+    }
+
+    /// add_rows: per-channel sums of the rows, in order, for each type.
+    #[test]
+    fn add_rows_sums_each_channel() {
+        let mut rng = Rng::new(5);
+        let (n, w) = (13, 40);
+        let x: Vec<f16> = rng.normal_kv(n * w, 3.0);
+        let mut acc = vec![1.0f32; w];
+        let mut row = vec![0f32; w];
+        add_rows(&x, &mut acc, &mut row);
+        for c in 0..w {
+            let mut want = 1.0f32;
+            for t in 0..n {
+                want += x[t * w + c].to_f32();
+            }
+            assert_eq!(acc[c], want, "channel {c}");
+        }
+        let y: Vec<f32> = (0..2 * w).map(|i| i as f32).collect();
+        let mut acc = vec![0f32; w];
+        add_rows(&y, &mut acc, &mut row);
+        assert!((0..w).all(|c| acc[c] == (2 * c + w) as f32));
     }
 
     /// span_lse against f64, with an empty span and a span of -inf.

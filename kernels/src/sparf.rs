@@ -19,8 +19,16 @@
 //!    is an ordinary mergeable `(o, lse)`. [`sparf_attention`] chains the
 //!    three.
 //!
-//! COMPUTE.md defaults: `r = d/8`, `k = n/16`. The optional mean-value
-//! correction (not mergeable) is not here.
+//! COMPUTE.md defaults: `r = d/8`, `k = n/16`.
+//!
+//! SparQ's optional mean-value correction ("reallocation to the mean
+//! value") estimates, per query head, the softmax mass `alpha` of the
+//! chosen tokens from the r-channel scores at a corrected temperature
+//! ([`score_temperature`], [`chosen_mass`]) and gives the rest of the mass
+//! to the mean value: `o = alpha * o_chosen + (1 - alpha) * mean(V)`
+//! ([`mean_correct`]). The result estimates attention over *every* token;
+//! it is no longer a partial over the chosen set, so it cannot be merged
+//! exactly with anything.
 
 use crate::attention::{AttnParams, AttnScratch, Tokens, partial_attention};
 use crate::elem::KvElem;
@@ -113,6 +121,36 @@ pub fn top_channels(
     assert_eq!(got, r, "sparf: NaN in q");
 }
 
+/// Where a scorer also writes each query head's own scores (before the max
+/// over the group): head `h`'s score of token `t` of the call at
+/// `out[h * pitch + t]`. A caller keeping `[heads][total]` scores of a
+/// sequence passes its rows from the block's first token with `pitch =
+/// total`.
+#[derive(Debug)]
+pub struct HeadScores<'a> {
+    pub out: &'a mut [f32],
+    pub pitch: usize,
+}
+
+impl HeadScores<'_> {
+    /// Panics unless `heads` rows of `n` scores fit.
+    pub(crate) fn check(&self, heads: usize, n: usize) {
+        assert!(
+            n <= self.pitch && (heads == 0 || (heads - 1) * self.pitch + n <= self.out.len()),
+            "head scores: {heads} rows of {n} at pitch {} do not fit in {}",
+            self.pitch,
+            self.out.len()
+        );
+    }
+
+    /// Head `h`'s scores of tokens `start..start + len`.
+    #[inline(always)]
+    pub(crate) fn row(&mut self, h: usize, start: usize, len: usize) -> &mut [f32] {
+        let at = h * self.pitch + start;
+        &mut self.out[at..at + len]
+    }
+}
+
 /// Where the scored keys are.
 #[derive(Clone, Copy)]
 enum Src<'a, E> {
@@ -153,6 +191,7 @@ pub fn sparf_scores<E: KvElem>(
         scale,
         scratch,
         out,
+        None,
     );
 }
 
@@ -188,7 +227,52 @@ pub fn sparf_scores_head<E: KvElem>(
         pitch,
         off: head * d,
     };
-    scores_checked(q, heads, d, n, src, channels, scale, scratch, out);
+    scores_checked(q, heads, d, n, src, channels, scale, scratch, out, None);
+}
+
+/// [`sparf_scores_head`], and each query head's own score (before the max
+/// over the group) into `each` (for [`chosen_mass`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sparf_scores_head_with_heads<E: KvElem>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    k: &[E],
+    kv_heads: usize,
+    head: usize,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+    each: HeadScores<'_>,
+) {
+    assert!(
+        kv_heads > 0 && head < kv_heads,
+        "sparf: head {head} of {kv_heads}"
+    );
+    let pitch = kv_heads * d;
+    assert!(
+        d > 0 && k.len().is_multiple_of(pitch),
+        "sparf: K is not [n][kv_heads][d]"
+    );
+    let n = k.len() / pitch;
+    let src = Src::Rows {
+        k,
+        pitch,
+        off: head * d,
+    };
+    scores_checked(
+        q,
+        heads,
+        d,
+        n,
+        src,
+        channels,
+        scale,
+        scratch,
+        out,
+        Some(each),
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -202,10 +286,14 @@ fn scores_checked<E: KvElem>(
     scale: f32,
     scratch: &mut SparfScratch,
     out: &mut [f32],
+    mut each: Option<HeadScores<'_>>,
 ) {
     assert!(heads > 0 && heads <= scratch.heads_max, "sparf: bad heads");
     assert_eq!(q.len(), heads * d, "sparf: q is not [heads][d]");
     assert_eq!(out.len(), n, "sparf: out is not [n]");
+    if let Some(e) = &each {
+        e.check(heads, n);
+    }
     assert!(
         channels.iter().all(|&c| (c as usize) < d),
         "sparf: channel out of range"
@@ -219,10 +307,34 @@ fn scores_checked<E: KvElem>(
     #[cfg(target_arch = "x86_64")]
     if simd::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { scores_avx2(q, heads, d, n, src, channels, scale, scratch, out) };
+        unsafe {
+            scores_avx2(
+                q,
+                heads,
+                d,
+                n,
+                src,
+                channels,
+                scale,
+                scratch,
+                out,
+                each.as_mut(),
+            )
+        };
         return;
     }
-    scores_impl::<E, false>(q, heads, d, n, src, channels, scale, scratch, out);
+    scores_impl::<E, false>(
+        q,
+        heads,
+        d,
+        n,
+        src,
+        channels,
+        scale,
+        scratch,
+        out,
+        each.as_mut(),
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -238,8 +350,9 @@ unsafe fn scores_avx2<E: KvElem>(
     scale: f32,
     scratch: &mut SparfScratch,
     out: &mut [f32],
+    each: Option<&mut HeadScores<'_>>,
 ) {
-    scores_impl::<E, true>(q, heads, d, n, src, channels, scale, scratch, out);
+    scores_impl::<E, true>(q, heads, d, n, src, channels, scale, scratch, out, each);
 }
 
 #[inline(always)]
@@ -254,6 +367,7 @@ fn scores_impl<E: KvElem, const FMA: bool>(
     scale: f32,
     scratch: &mut SparfScratch,
     out: &mut [f32],
+    mut each: Option<&mut HeadScores<'_>>,
 ) {
     let (row, acc) = (&mut scratch.row, &mut scratch.acc);
     // SAFETY: E is f32, f16 or bf16 (sealed): every bit pattern is a value,
@@ -285,6 +399,13 @@ fn scores_impl<E: KvElem, const FMA: bool>(
             let x = simd::as_f32::<E, FMA>(xs, row);
             for h in 0..heads {
                 simd::axpy::<FMA>(&mut acc[h * BLOCK..h * BLOCK + len], q[h * d + c], x);
+            }
+        }
+        if let Some(e) = each.as_deref_mut() {
+            for h in 0..heads {
+                let dst = e.row(h, start, len);
+                dst.copy_from_slice(&acc[h * BLOCK..h * BLOCK + len]);
+                simd::scale(dst, scale);
             }
         }
         let o = &mut out[start..start + len];
@@ -353,6 +474,65 @@ pub fn sparf_attention<E: KvElem>(
         lse,
     );
     count
+}
+
+/// SparQ's temperature for one query head's r-channel scores: the factor
+/// `sqrt(|q|_1 / |q_R|_1)` (`q` is the head's `[d]` query, `R` the
+/// `channels` scored) by which its `scale`-scaled scores are multiplied
+/// before the softmax that estimates its attention. At `scale = 1/sqrt(d)`
+/// the logits are then `q_R . k_R / sqrt(d * |q_R|_1 / |q|_1)`, as in
+/// SparQ's algorithm: the r channels carry the fraction `|q_R|_1 / |q|_1`
+/// of the query's L1 mass, and the scores' spread is taken to shrink with
+/// it. 1 when either norm is 0 (the scores are then all equal anyway).
+pub fn score_temperature(q: &[f32], channels: &[u32]) -> f32 {
+    let all: f64 = q.iter().map(|x| x.abs() as f64).sum();
+    let part: f64 = channels.iter().map(|&c| q[c as usize].abs() as f64).sum();
+    if all > 0.0 && part > 0.0 {
+        (all / part).sqrt() as f32
+    } else {
+        1.0
+    }
+}
+
+/// SparQ's `alpha` for one query head: the estimated softmax mass of the
+/// tokens `chosen` (indices into `scores`, each at most once) among all of
+/// `scores` (the head's r-channel scores, `scale` applied), at temperature
+/// factor `t` ([`score_temperature`]):
+/// `sum_{c in chosen} exp(t s_c) / sum_i exp(t s_i)`, in [0, 1]. Scores of
+/// `-inf` weigh nothing; 0 when nothing weighs anything. Exponentials in
+/// f32 (within 3 ulp, after subtracting the maximum), sums in f64.
+pub fn chosen_mass(scores: &[f32], chosen: &[u32], t: f32) -> f32 {
+    assert!(t.is_finite() && t > 0.0, "chosen_mass: temperature {t}");
+    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !m.is_finite() {
+        return 0.0;
+    }
+    let w = |x: f32| simd::exp_approx((x - m) * t) as f64;
+    let all: f64 = scores.iter().map(|&x| w(x)).sum();
+    let part: f64 = chosen.iter().map(|&c| w(scores[c as usize])).sum();
+    (part / all).clamp(0.0, 1.0) as f32
+}
+
+/// SparQ's reallocation to the mean value, for one query head:
+/// `o <- alpha * o + (1 - alpha) * v_mean` (`o` the exact attention over
+/// the chosen tokens, `v_mean` the mean of V over every token) and
+/// `lse <- lse - ln(alpha)`: the log-sum-exp over every token that the
+/// same estimate implies (the chosen tokens' exact sum divided by their
+/// estimated share). With `alpha = 0` (no estimated weight on the chosen tokens) `o`
+/// is the mean value and `lse` is left as it was; with `alpha = 1` nothing
+/// changes.
+pub fn mean_correct(o: &mut [f32], lse: &mut f32, alpha: f32, v_mean: &[f32]) {
+    assert_eq!(o.len(), v_mean.len(), "mean_correct: o and v_mean differ");
+    assert!((0.0..=1.0).contains(&alpha), "mean_correct: alpha {alpha}");
+    if alpha == 1.0 {
+        return;
+    }
+    for (x, &v) in o.iter_mut().zip(v_mean) {
+        *x = alpha * *x + (1.0 - alpha) * v;
+    }
+    if alpha > 0.0 && *lse != f32::NEG_INFINITY {
+        *lse -= alpha.ln();
+    }
 }
 
 /// Writes `k` (`[n][d]`) dim-major into `kt` (`[d][n]`), in 32x32 blocks.
@@ -575,6 +755,149 @@ mod tests {
                 assert_eq!(a, b, "kv{kv} h{h} d{d}");
             }
         }
+    }
+
+    /// SparQ's mean-value correction from the kernels (per-head scores
+    /// from token-major K, temperature, alpha, reallocation) against SparQ's
+    /// algorithm in f64 on the same channels and chosen tokens: per query
+    /// head, ŝ = softmax(q_R K_R^T / sqrt(d |q_R|_1 / |q|_1)), alpha = the sum
+    /// of ŝ over the chosen tokens, o = alpha softmax(q K_C^T / sqrt(d)) V_C
+    /// + (1 - alpha) mean(V), lse = lse_C - ln alpha.
+    #[test]
+    fn mean_correction_matches_sparq_in_f64() {
+        let (heads, kv, d, n, r, top) = (4, 2, 64, 777, 8, 48);
+        let mut rng = Rng::new(11);
+        let q = rng.normal_vec(heads * d, 1.0);
+        // [n][kv][d]: a broad background, and a few tokens aligned with
+        // each head's query (strong, scattered keys).
+        let mut kf = rng.normal_vec(n * kv * d, 0.5);
+        let g = heads / kv;
+        for (j, &t) in [40usize, 300, 301, 650].iter().enumerate() {
+            let h = j / g;
+            for i in 0..d {
+                kf[(t * kv + h) * d + i] = q[j * d + i] * 0.6;
+            }
+        }
+        let k: Vec<f16> = kf.iter().map(|&x| f16::from_f32(x)).collect();
+        let v: Vec<f16> = rng.normal_kv(n * kv * d, 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let wide = |x: &[f16]| x.iter().map(|a| a.to_f32()).collect::<Vec<_>>();
+        let (kw, vw) = (wide(&k), wide(&v));
+        for h in 0..kv {
+            let qg = &q[h * g * d..(h + 1) * g * d];
+            let mut sc = SparfScratch::new(g, d, n);
+            let mut channels = vec![0u32; r];
+            top_channels(qg, g, d, &mut sc, &mut channels);
+            let mut group = vec![0f32; n];
+            let mut each = vec![f32::NAN; g * n];
+            sparf_scores_head_with_heads(
+                qg,
+                g,
+                d,
+                &k,
+                kv,
+                h,
+                &channels,
+                scale,
+                &mut sc,
+                &mut group,
+                HeadScores {
+                    out: &mut each,
+                    pitch: n,
+                },
+            );
+            // The group score is the max of the heads' own, bit for bit.
+            for t in 0..n {
+                let m = (0..g).map(|j| each[j * n + t]).fold(f32::MIN, f32::max);
+                assert_eq!(m, group[t], "t {t}");
+            }
+            let (mut chosen, mut vals) = (vec![0u32; top], vec![0f32; top]);
+            assert_eq!(topk::top_k(&group, top, &mut chosen, &mut vals), top);
+            chosen.sort_unstable();
+            // One KV head's K and V as [n][d], for the references.
+            let head_rows = |x: &[f32]| -> Vec<f32> {
+                (0..n)
+                    .flat_map(|t| x[(t * kv + h) * d..(t * kv + h + 1) * d].to_vec())
+                    .collect()
+            };
+            let (kh, vh) = (head_rows(&kw), head_rows(&vw));
+            let (o_c, lse_c) = attention_f64(g, d, qg, &kh, &vh, &chosen);
+            let mean: Vec<f64> = (0..d)
+                .map(|i| (0..n).map(|t| vh[t * d + i] as f64).sum::<f64>() / n as f64)
+                .collect();
+            let mean32: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
+            for j in 0..g {
+                let qj = &qg[j * d..(j + 1) * d];
+                // SparQ in f64.
+                let l1: f64 = qj.iter().map(|x| x.abs() as f64).sum();
+                let l1r: f64 = channels.iter().map(|&c| qj[c as usize].abs() as f64).sum();
+                let temp = (d as f64 * l1r / l1).sqrt();
+                let s: Vec<f64> = (0..n)
+                    .map(|t| {
+                        channels
+                            .iter()
+                            .map(|&c| qj[c as usize] as f64 * kh[t * d + c as usize] as f64)
+                            .sum::<f64>()
+                            / temp
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let alpha_ref: f64 = chosen
+                    .iter()
+                    .map(|&t| (s[t as usize] - m).exp())
+                    .sum::<f64>()
+                    / z;
+                let o_ref: Vec<f64> = (0..d)
+                    .map(|i| alpha_ref * o_c[j * d + i] + (1.0 - alpha_ref) * mean[i])
+                    .collect();
+                let lse_ref = lse_c[j] - alpha_ref.ln();
+                // The kernels, from f32 partial attention over the chosen.
+                let t = score_temperature(qj, &channels);
+                let alpha = chosen_mass(&each[j * n..(j + 1) * n], &chosen, t);
+                assert!(
+                    (alpha as f64 - alpha_ref).abs() <= 1e-5,
+                    "head {h}/{j}: alpha {alpha} vs {alpha_ref}"
+                );
+                assert!(alpha > 0.01 && alpha < 0.99, "a real correction: {alpha}");
+                let mut o: Vec<f32> = o_c[j * d..(j + 1) * d].iter().map(|&x| x as f32).collect();
+                let mut lse = lse_c[j] as f32;
+                mean_correct(&mut o, &mut lse, alpha, &mean32);
+                assert!(
+                    relerr(&o, &o_ref) <= 1e-5,
+                    "head {h}/{j}: {}",
+                    relerr(&o, &o_ref)
+                );
+                assert!((lse as f64 - lse_ref).abs() <= 1e-5 * lse_ref.abs().max(1.0));
+            }
+        }
+    }
+
+    /// alpha over every token is 1 and changes nothing; -inf scores weigh
+    /// nothing; alpha = 0 gives the mean value and leaves lse; a zero query
+    /// has temperature 1.
+    #[test]
+    fn mean_correction_edges() {
+        let scores = [0.5f32, -1.0, f32::NEG_INFINITY, 2.0];
+        assert_eq!(chosen_mass(&scores, &[0, 1, 2, 3], 1.7), 1.0);
+        assert_eq!(chosen_mass(&scores, &[2], 1.0), 0.0);
+        assert_eq!(chosen_mass(&[f32::NEG_INFINITY; 3], &[0], 1.0), 0.0);
+        let want = 1.0f64.exp() / (1.0f64.exp() + (-0.5f64).exp() + 2.5f64.exp());
+        assert!((chosen_mass(&scores, &[0], 1.0) as f64 - want).abs() < 1e-6);
+        let (mut o, mut lse) = (vec![1.0f32, 2.0], 3.0f32);
+        mean_correct(&mut o, &mut lse, 1.0, &[7.0, 7.0]);
+        assert_eq!((o.clone(), lse), (vec![1.0, 2.0], 3.0));
+        mean_correct(&mut o, &mut lse, 0.25, &[5.0, 6.0]);
+        assert_eq!(o, vec![0.25 + 0.75 * 5.0, 0.5 + 0.75 * 6.0]);
+        assert!((lse - (3.0 + 4f32.ln())).abs() < 1e-6);
+        mean_correct(&mut o, &mut lse, 0.0, &[5.0, 6.0]);
+        assert_eq!(o, vec![5.0, 6.0]);
+        assert!((lse - (3.0 + 4f32.ln())).abs() < 1e-6);
+        assert_eq!(score_temperature(&[0.0; 4], &[1]), 1.0);
+        assert_eq!(
+            score_temperature(&[1.0, -1.0, 2.0, 0.0], &[2, 3]),
+            2f32.sqrt()
+        );
     }
 
     #[test]
