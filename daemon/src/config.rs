@@ -846,7 +846,7 @@ impl Config {
             );
         }
         let abstracts_bytes = match cp.abstracts_bytes.0 {
-            0 if cp.key_sketch => ((d.bytes.0 + nvme_bytes) / 16 * 5).max(1 << 20),
+            0 if cp.key_sketch => ((d.bytes.0 + nvme_bytes) / 16 * 6).max(1 << 20),
             0 => ((d.bytes.0 + nvme_bytes) / 16).max(1 << 20),
             b => b,
         };

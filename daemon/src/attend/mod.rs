@@ -42,7 +42,7 @@ pub use summary::{Geom, SummaryRegion, SummaryView};
 pub struct SummaryConfig {
     pub enabled: bool,
     /// Size of the region; 0 = a sixteenth of the DRAM and NVMe capacities
-    /// (five sixteenths with sketches).
+    /// (six sixteenths with sketches and V sums).
     pub bytes: u64,
     /// Entries also hold key sketches for SparF (`compute.key_sketch`).
     pub sketch: bool,

@@ -8,7 +8,9 @@
 //! sums [layers][2]            u64   XXH3-64 of layer l's K (0) and V (1) over the stored tokens
 //! min  [layers][kv_heads][d]  f16   per-channel minimum of the head's keys, rounded toward -inf
 //! max  [layers][kv_heads][d]  f16   per-channel maximum, rounded toward +inf
-//! sketch [layers][kv_heads][d][tokens_per_block] u8   (only with `compute.key_sketch`)
+//! the sketch section, only with `compute.key_sketch`:
+//! vsum [layers][kv_heads][d]  f32   per-channel sum of the head's values over the stored tokens
+//! sketch [layers][kv_heads][d][tokens_per_block] u8
 //! ```
 //!
 //! The sketch is the layer's K of each KV head dim-major as 8-bit codes
@@ -16,10 +18,21 @@
 //! scores tokens from the r channel rows it needs (a 32nd of K at r = d/8)
 //! instead of reading and verifying the whole K. It is derived data for
 //! ranking only (SparF attends the chosen tokens from the stored, verified
-//! K and V), so it is not checksummed. It is half the size of f16 K: with
-//! it, an entry is about 31% of the block's KV instead of 6.25%, which is
-//! why it is off by default. Whether a region keeps sketches is fixed at
-//! start ([`SummaryRegion::entry_bytes`]); a view knows from its length.
+//! K and V), so it is not checksummed. It is half the size of f16 K.
+//!
+//! The V sums (f32, added in token order) give SparF's optional mean-value
+//! correction the mean of V over a chain (the sum over its blocks ÷ its
+//! tokens) without reading V. Unlike the sketch they enter the answer, so
+//! they are taken, like the checksums beside them, from bytes that passed
+//! the producer's checksum (or the record's, at recovery), and live in
+//! the same DRAM region as those checksums. They cover every stored token
+//! of the block: a block attended only in part (`last_block_tokens`) has
+//! no usable sum.
+//!
+//! With the section an entry is about 37.5% of a block of 16 f16 tokens
+//! (6.25% + 25% sketch + 6.25% V sums) instead of 6.25%, which is why it is
+//! off by default. Whether a region keeps the section is fixed at start
+//! ([`SummaryRegion::entry_bytes`]); a view knows from its length.
 //!
 //! The leaf chunk is the whole block (`tokens_per_block` tokens; a partial
 //! block's chunk is shorter); the bounds are those of
@@ -121,10 +134,20 @@ impl Geom {
         self.layers as usize * 16 + 2 * self.abstract_elems() * 2
     }
 
-    /// Bytes of a key sketch (every layer and KV head, `tokens_per_block`
-    /// slots per channel).
+    /// Bytes of the sketch section: the V sums (f32 per layer, KV head and
+    /// channel) and the key sketch (`tokens_per_block` slots per channel).
     pub fn sketch_bytes(&self) -> usize {
-        self.abstract_elems() * self.tokens_per_block as usize
+        self.v_sum_bytes() + self.abstract_elems() * self.tokens_per_block as usize
+    }
+
+    /// Bytes of the V sums at the start of the sketch section.
+    pub fn v_sum_bytes(&self) -> usize {
+        self.abstract_elems() * 4
+    }
+
+    /// Bytes of the V sum of one KV head in one layer.
+    pub fn v_sum_head_bytes(&self) -> usize {
+        self.head_dim as usize * 4
     }
 
     /// f16 values in each of the min and max arrays.
@@ -160,13 +183,37 @@ impl<'a> SummaryView<'a> {
     /// [`bounds`](Self::bounds). None when the region keeps no sketches.
     pub fn sketch(&self, layer: u32, head: u32) -> Option<&'a [u8]> {
         let g = &self.g;
-        let base = g.summary_bytes();
-        if self.bytes.len() == base {
+        if self.bytes.len() == g.summary_bytes() {
             return None;
         }
+        let base = g.summary_bytes() + g.v_sum_bytes();
         let row = g.head_dim as usize * g.tokens_per_block as usize;
         let at = base + (layer as usize * g.kv_heads as usize + head as usize) * row;
         Some(&self.bytes[at..at + row])
+    }
+
+    /// Whether the entry has the sketch section (key sketch and V sums).
+    pub fn has_sketch(&self) -> bool {
+        self.bytes.len() != self.g.summary_bytes()
+    }
+
+    /// The per-channel sum of `head`'s values in `layer` over the block's
+    /// stored tokens, into `out` (`head_dim` long). False (and nothing
+    /// written) when the region keeps no sketch section.
+    pub fn v_sum(&self, layer: u32, head: u32, out: &mut [f32]) -> bool {
+        let g = &self.g;
+        if !self.has_sketch() {
+            return false;
+        }
+        let d = g.head_dim as usize;
+        let at = g.summary_bytes() + (layer as usize * g.kv_heads as usize + head as usize) * d * 4;
+        for (o, c) in out[..d]
+            .iter_mut()
+            .zip(self.bytes[at..at + 4 * d].chunks_exact(4))
+        {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        true
     }
 
     /// The checksum of `tensor` (0 = K, 1 = V) of `layer`.
@@ -236,8 +283,12 @@ pub struct SummaryScratch {
     lo_f: Vec<f32>,
     hi_f: Vec<f32>,
     row_f: Vec<f32>,
-    /// One layer's K when the payload is not aligned to its element type.
+    /// One layer's K (or V) when the payload is not aligned to its
+    /// element type.
     copy: Vec<u32>,
+    /// The V sums of one layer (`[kv_heads][d]`), and one V row as f32.
+    v_acc: Vec<f32>,
+    v_row: Vec<f32>,
 }
 
 impl SummaryScratch {
@@ -253,6 +304,8 @@ impl SummaryScratch {
             hi_f: vec![0.0; g.head_dim as usize],
             row_f: vec![0.0; g.head_dim as usize],
             copy: Vec::new(),
+            v_acc: vec![0.0; w],
+            v_row: vec![0.0; w],
         }
     }
 }
@@ -307,8 +360,8 @@ fn minmax32(k: &[u8], w: usize, lo: &mut [f32], hi: &mut [f32]) {
 
 /// Computes the summary of a payload of `tokens` tokens into `out` (one
 /// entry, [`Geom::summary_bytes`] long, or that plus
-/// [`Geom::sketch_bytes`] for an entry with a key sketch). Pure compute,
-/// no locks.
+/// [`Geom::sketch_bytes`] for an entry with the sketch section: key sketch
+/// and V sums). Pure compute, no locks.
 ///
 /// Per layer: the checksum of K and of V, and per KV head and channel the
 /// minimum and maximum key as f16. f16 keys are their own bounds (exact);
@@ -378,7 +431,58 @@ pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, 
         }
         if sketch {
             sketch_layer(g, k, tokens, layer, s, out);
+            v_sum_layer(g, &payload[g.tensor_range(tokens, layer, 1)], layer, s, out);
         }
+    }
+}
+
+/// Writes the per-channel sums of `layer`'s V (`v`, `[tokens][kv_heads][d]`)
+/// into the entry `out`: the row layout is the sums' own `[kv_heads][d]`.
+fn v_sum_layer(g: &Geom, v: &[u8], layer: u32, s: &mut SummaryScratch, out: &mut [u8]) {
+    s.v_acc.fill(0.0);
+    match g.dtype {
+        Dtype::F16 => add_rows_as::<f16>(v, s),
+        Dtype::Bf16 => add_rows_as::<half::bf16>(v, s),
+        Dtype::F32 => add_rows_as::<f32>(v, s),
+        Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
+    }
+    let w = s.v_acc.len();
+    let at = g.summary_bytes() + layer as usize * w * 4;
+    for (o, x) in out[at..at + 4 * w].chunks_exact_mut(4).zip(&s.v_acc) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// [`strata_kernels::sketch::add_rows`] of the little-endian bytes `v`
+/// into the scratch's sums.
+fn add_rows_as<E: strata_kernels::KvElem>(v: &[u8], s: &mut SummaryScratch) {
+    let SummaryScratch {
+        copy, v_acc, v_row, ..
+    } = s;
+    let x = elems_as::<E>(v, copy);
+    strata_kernels::sketch::add_rows(x, v_acc, v_row);
+}
+
+/// The little-endian bytes `b` as elements of `E`: in place when aligned
+/// (arena extents and I/O buffers are), else from a copy in `copy`.
+fn elems_as<'a, E: strata_kernels::KvElem>(b: &'a [u8], copy: &'a mut Vec<u32>) -> &'a [E] {
+    // SAFETY: E is f32, f16 or bf16 (sealed): every bit pattern is a value.
+    let (pre, mid, post) = unsafe { b.align_to::<E>() };
+    if pre.is_empty() && post.is_empty() {
+        return mid;
+    }
+    copy.clear();
+    copy.resize(b.len().div_ceil(4), 0);
+    // SAFETY: u32 storage reinterpreted as bytes, then as E (u32's
+    // alignment covers every E; every bit pattern is a value).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(copy.as_mut_ptr().cast::<u8>(), b.len()) };
+    bytes.copy_from_slice(b);
+    // SAFETY: as above; the length is whole elements of E.
+    unsafe {
+        std::slice::from_raw_parts(
+            copy.as_ptr().cast::<E>(),
+            b.len() / std::mem::size_of::<E>(),
+        )
     }
 }
 
@@ -398,7 +502,7 @@ fn sketch_layer(
         g.tokens_per_block as usize,
     );
     debug_assert_eq!(k.len(), tokens as usize * kv * d * g.elem_bytes());
-    let base = g.summary_bytes();
+    let base = g.summary_bytes() + g.v_sum_bytes();
     for head in 0..kv {
         // The head's box, from the f16 bounds just written.
         let lo_at = g.layers as usize * 16 + (layer as usize * kv + head) * d * 2;
@@ -432,27 +536,15 @@ fn encode_as<E: strata_kernels::KvElem>(
     s: &mut SummaryScratch,
     dst: &mut [u8],
 ) {
-    // SAFETY: E is f32, f16 or bf16 (sealed): every bit pattern is a value.
-    let (pre, mid, post) = unsafe { k.align_to::<E>() };
-    let elems: &[E] = if pre.is_empty() && post.is_empty() {
-        mid
-    } else {
-        s.copy.clear();
-        s.copy.resize(k.len().div_ceil(4), 0);
-        // SAFETY: u32 storage reinterpreted as bytes, then as E (u32's
-        // alignment covers every E; every bit pattern is a value).
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(s.copy.as_mut_ptr().cast::<u8>(), k.len()) };
-        bytes.copy_from_slice(k);
-        // SAFETY: as above; the length is whole elements of E.
-        unsafe {
-            std::slice::from_raw_parts(
-                s.copy.as_ptr().cast::<E>(),
-                k.len() / std::mem::size_of::<E>(),
-            )
-        }
-    };
-    strata_kernels::sketch::encode(elems, kv, head, d, &s.lo_f, &s.hi_f, tpb, &mut s.row_f, dst);
+    let SummaryScratch {
+        copy,
+        lo_f,
+        hi_f,
+        row_f,
+        ..
+    } = s;
+    let elems = elems_as::<E>(k, copy);
+    strata_kernels::sketch::encode(elems, kv, head, d, lo_f, hi_f, tpb, row_f, dst);
 }
 
 /// The region summaries live in: one anonymous mapping reserved at start
@@ -627,8 +719,9 @@ mod tests {
     }
 
     /// With a sketch, the entry's abstracts are those of an entry without
-    /// one, and every sketched key decodes within half a step of the key,
-    /// for each dtype and a partial block.
+    /// one, every sketched key decodes within half a step of the key, and
+    /// the V sums are the per-channel sums of the stored values, for each
+    /// dtype and a partial block.
     #[test]
     fn sketched_entries_decode_within_half_a_step() {
         for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
@@ -670,6 +763,9 @@ mod tests {
             assert_eq!(&with[..plain.len()], &plain[..], "{dtype:?}");
             let v = SummaryView::new(g, &with);
             assert!(SummaryView::new(g, &plain).sketch(0, 0).is_none());
+            let mut vs = vec![f32::NAN; 8];
+            assert!(!SummaryView::new(g, &plain).v_sum(0, 0, &mut vs));
+            assert!(vs.iter().all(|x| x.is_nan()), "nothing written");
             let (mut mn, mut mx) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
             for layer in 0..2u32 {
                 let kr = g.tensor_range(tokens, layer, 0);
@@ -689,6 +785,21 @@ mod tests {
                                 "{dtype:?} layer {layer} head {head} t {t} i {i}: {dec} vs {x}"
                             );
                         }
+                    }
+                    // V sums: f32 sums of the stored values, in token order.
+                    let v0 = g.tensor_range(tokens, layer, 1).start / g.elem_bytes();
+                    assert!(v.v_sum(layer, head, &mut vs));
+                    for (i, &got) in vs.iter().enumerate() {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for t in 0..tokens as usize {
+                            let x = stored(v0 + (t * 2 + head as usize) * 8 + i) as f64;
+                            want += x;
+                            mag += x.abs();
+                        }
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-6 * mag,
+                            "{dtype:?} layer {layer} head {head} i {i}: {got} vs {want}"
+                        );
                     }
                 }
             }

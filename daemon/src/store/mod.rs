@@ -632,10 +632,11 @@ impl Store {
         };
         let summaries = cfg.summaries.enabled.then(|| {
             // 0: a sixteenth of the tiers (a summary is 1/16 of a block of
-            // 16 f16 tokens), and a quarter more with sketches (half of K).
+            // 16 f16 tokens), and six sixteenths with sketches (half of K) and
+            // V sums (a sixteenth).
             let sketch = cfg.summaries.sketch;
             let bytes = match cfg.summaries.bytes {
-                0 if sketch => ((cap + nvme_cap) / 16 * 5).max(1 << 20),
+                0 if sketch => ((cap + nvme_cap) / 16 * 6).max(1 << 20),
                 0 => ((cap + nvme_cap) / 16).max(1 << 20),
                 b => b,
             };
