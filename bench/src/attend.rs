@@ -147,6 +147,13 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
         AttendMode::Sparf { .. } => (pb::AttendMode::Sparf, 0),
         AttendMode::Retrieval { .. } => (pb::AttendMode::Retrieval, 0),
     };
+    let sparf_mean_correction = matches!(
+        req.mode,
+        AttendMode::Sparf {
+            mean_correction: true,
+            ..
+        }
+    );
     let pbreq = pb::AttendRequest {
         namespace_id: req.namespace.0,
         layer: req.layer,
@@ -168,6 +175,7 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
         retrieval_k: 0,
         retrieval_ef: 0,
         sparf_by_token: false,
+        sparf_mean_correction,
     };
     let ranges = |r: &[Range<u64>]| -> Vec<pb::TokenRange> {
         r.iter()
@@ -219,6 +227,7 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
             abstract_bytes: out.abstract_bytes,
             retrieval_source: Vec::new(),
             retrieval_scanned: Vec::new(),
+            mean_corrected: out.mean_corrected,
         }],
     };
     (pbreq.encoded_len() + 5, pbresp.encoded_len() + 5)
@@ -326,6 +335,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         channels: None,
                         tokens: None,
                         by_token: false,
+                        mean_correction: false,
                     },
                 ),
                 (
@@ -334,6 +344,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         channels: None,
                         tokens: None,
                         by_token: true,
+                        mean_correction: false,
                     },
                 ),
             ];

@@ -170,6 +170,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
                 channels: None,
                 tokens: None,
                 by_token: false,
+                mean_correction: false,
             },
         ),
         ("dense", AttendMode::Dense),
@@ -380,6 +381,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
                 channels: None,
                 tokens: None,
                 by_token: false,
+                mean_correction: false,
             },
         ),
         (
@@ -388,6 +390,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
                 channels: None,
                 tokens: None,
                 by_token: true,
+                mean_correction: false,
             },
         ),
     ] {

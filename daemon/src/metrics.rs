@@ -355,6 +355,10 @@ pub struct AttendMetrics {
     pub read_blocks: [Counter; 2],
     /// Calls refused by compute.max_inflight.
     pub rejected: Counter,
+    /// SPARF sequences that asked for the mean-value correction, by what
+    /// became of it: [applied, exact (nothing to correct), no_sums (the
+    /// uncorrected answer: a block without V sums)].
+    pub mean_correction: [Counter; 3],
 }
 
 impl AttendMetrics {
@@ -394,6 +398,13 @@ impl AttendMetrics {
                 "Requests refused by a configured limit",
                 &[("limit", "compute.max_inflight")],
             ),
+            mean_correction: ["applied", "exact", "no_sums"].map(|result| {
+                r.counter(
+                    "strata_attend_sparf_mean_correction_total",
+                    "SPARF sequences that asked for the mean-value correction, by result (no_sums: answered uncorrected)",
+                    &[("result", result)],
+                )
+            }),
         }
     }
 }

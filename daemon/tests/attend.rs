@@ -498,6 +498,7 @@ async fn sparf_case(sketch: bool) {
         channels,
         tokens,
         by_token,
+        mean_correction: false,
     };
     let dense = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
     for by_token in [false, true] {
@@ -582,6 +583,173 @@ async fn sparf_case(sketch: bool) {
     d.stop().await;
 }
 
+/// SparQ's mean-value correction on needle-like data (per query head a few
+/// strong keys scattered over the chain, a broad background, values with a
+/// common offset), key sketches on: the corrected answer is flagged (not
+/// exact, not mergeable, refused by merge_with), covers and reads what the
+/// uncorrected one does plus the V sums, is `alpha o + (1 - alpha) mean(V)`
+/// with `alpha = exp(lse_uncorrected - lse_corrected)` in (0, 1) and the
+/// mean of the stored V, and is closer to dense attention than the
+/// uncorrected answer, for whole blocks and single tokens.
+#[tokio::test]
+async fn sparf_mean_correction_brings_needle_answers_closer_to_dense() {
+    let d = start(|c| c.compute.key_sketch = true).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 4096;
+    let blocks = n / TPB;
+    let layer = 1;
+    let q = queries(31);
+    let mut kv = Kv::random(n, 32);
+    // Three needles per query head, logit about 7 against a background of
+    // logits ~ N(0, 0.5): they hold about half of each head's mass.
+    let mut rng = Rng::new(33);
+    for j in 0..HEADS {
+        for _ in 0..3 {
+            let t = (rng.next() % n as u64) as usize;
+            kv.plant(layer, t, j / (HEADS / KV), &q[j * D..(j + 1) * D], 7.0);
+        }
+    }
+    // Values with a common offset per channel, as real heads have.
+    let offset: Vec<f32> = (0..D)
+        .map(|i| 1.5 * ((i * 7 % 11) as f32 / 11.0 - 0.3))
+        .collect();
+    for t in 0..n {
+        for h in 0..KV {
+            let at = Kv::at(n, layer, t, h);
+            for (x, o) in kv.v[at..at + D].iter_mut().zip(&offset) {
+                *x = round(*x + o);
+            }
+        }
+    }
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let keys = chain(1, blocks);
+    let all: Vec<usize> = (0..n).collect();
+    let (o_full, lse_full) = kv.reference(layer, &q, scale(), &all);
+    // The mean of the stored V per KV head, in f64.
+    let mean: Vec<f64> = (0..KV * D)
+        .map(|x| {
+            let (h, i) = (x / D, x % D);
+            (0..n)
+                .map(|t| kv.v[Kv::at(n, layer, t, h) + i] as f64)
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    let sparf = |by_token, mean_correction| AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token,
+        mean_correction,
+    };
+    for by_token in [false, true] {
+        let what = if by_token { "tokens" } else { "blocks" };
+        let plain = attend1(
+            &mut c,
+            &request(ns, layer as u32, sparf(by_token, false), keys.clone(), &q),
+        )
+        .await;
+        let mut corr = attend1(
+            &mut c,
+            &request(ns, layer as u32, sparf(by_token, true), keys.clone(), &q),
+        )
+        .await;
+        assert!(!plain.mean_corrected && plain.mergeable());
+        assert!(
+            corr.mean_corrected && !corr.mergeable() && !corr.exact,
+            "{what}"
+        );
+        // The same choice and reads; the V sums of every block on top.
+        assert_eq!(corr.head_covered, plain.head_covered, "{what}");
+        assert_eq!(corr.covered, plain.covered);
+        assert_eq!(corr.tokens_attended, plain.tokens_attended);
+        assert_eq!(
+            corr.read_bytes(TierKind::Dram),
+            plain.read_bytes(TierKind::Dram)
+        );
+        assert_eq!(
+            corr.abstract_bytes,
+            plain.abstract_bytes + (blocks * KV * D * 4) as u64
+        );
+        // o = alpha o_plain + (1 - alpha) mean(V), lse = lse_plain - ln alpha.
+        let g = HEADS / KV;
+        for j in 0..HEADS {
+            let alpha = ((plain.lse[j] - corr.lse[j]) as f64).exp();
+            let true_mass = ((plain.lse[j] as f64) - lse_full[j]).exp();
+            println!("{what} head {j}: alpha {alpha:.3}, true mass of the set {true_mass:.3}");
+            assert!(alpha > 0.0 && alpha < 1.0, "{what} head {j}: alpha {alpha}");
+            let want: Vec<f64> = (0..D)
+                .map(|i| alpha * plain.o[j * D + i] as f64 + (1.0 - alpha) * mean[(j / g) * D + i])
+                .collect();
+            let e = relerr(&corr.o[j * D..(j + 1) * D], &want);
+            assert!(e <= 1e-4, "{what} head {j}: {e}");
+        }
+        let (e_plain, e_corr) = (relerr(&plain.o, &o_full), relerr(&corr.o, &o_full));
+        println!("{what}: relerr vs dense {e_plain:.4} uncorrected, {e_corr:.4} corrected");
+        assert!(e_plain > 0.2, "{what}: the data must be hard ({e_plain})");
+        assert!(e_corr < 0.75 * e_plain, "{what}: {e_corr} vs {e_plain}");
+        // Never merged.
+        let (o_b, lse_b) = (vec![0.0; HEADS * D], vec![0.0; HEADS]);
+        let before = corr.o.clone();
+        assert!(corr.merge_with(&o_b, &lse_b).is_err());
+        assert_eq!(corr.o, before);
+    }
+    // Nothing to correct when the set is every token: exact, mergeable.
+    let every = AttendMode::Sparf {
+        channels: Some(D as u32),
+        tokens: Some(n as u32),
+        by_token: false,
+        mean_correction: true,
+    };
+    let out = attend1(&mut c, &request(ns, layer as u32, every, keys.clone(), &q)).await;
+    assert!(out.exact && !out.mean_corrected);
+    assert!(relerr(&out.o, &o_full) <= 5e-4);
+    // A last block attended in part has no usable V sum: not applied.
+    let mut r = request(ns, layer as u32, sparf(false, true), keys.clone(), &q);
+    r.sequences[0].last_block_tokens = Some(5);
+    let mut plain_r = r.clone();
+    plain_r.mode = sparf(false, false);
+    let (cut, cut_plain) = (attend1(&mut c, &r).await, attend1(&mut c, &plain_r).await);
+    assert!(!cut.mean_corrected && cut.mergeable());
+    assert_eq!((cut.o, cut.lse), (cut_plain.o, cut_plain.lse));
+    let (_, m) = http_get(d.metrics, "/metrics").await;
+    for (result, count) in [("applied", 2), ("exact", 1), ("no_sums", 1)] {
+        let line =
+            format!("strata_attend_sparf_mean_correction_total{{result=\"{result}\"}} {count}");
+        assert!(m.contains(&line), "{line}");
+    }
+    d.stop().await;
+}
+
+/// Without key sketches there are no V sums: the flag is taken, but the
+/// answer is the uncorrected, mergeable one, bit for bit, and says so.
+#[tokio::test]
+async fn sparf_mean_correction_without_sketches_answers_uncorrected() {
+    let d = start(|c| c.compute.key_sketch = false).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 1024;
+    let kv = Kv::random(n, 41);
+    put(&mut c, ns, &kv, 1, 0..n / TPB, None).await;
+    let q = queries(42);
+    let mode = |mean_correction| AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token: false,
+        mean_correction,
+    };
+    let plain = attend1(&mut c, &request(ns, 0, mode(false), chain(1, n / TPB), &q)).await;
+    let mut asked = attend1(&mut c, &request(ns, 0, mode(true), chain(1, n / TPB), &q)).await;
+    assert!(!asked.mean_corrected && asked.mergeable());
+    assert_eq!((&asked.o, &asked.lse), (&plain.o, &plain.lse));
+    assert_eq!(asked.head_covered, plain.head_covered);
+    assert_eq!(asked.abstract_bytes, plain.abstract_bytes);
+    asked
+        .merge_with(&[0.0; HEADS * D], &[f32::NEG_INFINITY; HEADS])
+        .unwrap();
+    d.stop().await;
+}
+
 /// A chain with a missing middle block: only the prefix before it is
 /// covered, and the answer says so; the prefix's attention is exact. A
 /// partial last block, and `last_block_tokens`, cut the token set.
@@ -603,6 +771,7 @@ async fn a_missing_block_ends_the_covered_prefix() {
             channels: Some(D as u32),
             tokens: Some(n as u32),
             by_token: false,
+            mean_correction: false,
         },
     ] {
         let out = attend1(&mut c, &request(ns, 1, mode, chain(1, blocks), &q)).await;
@@ -894,6 +1063,25 @@ async fn bad_attend_input_gets_invalid_argument_naming_the_field_and_changes_not
         ),
         (
             pb::AttendRequest {
+                sparf_mean_correction: true,
+                ..good()
+            },
+            inv,
+            "sparf_mean_correction",
+            "only SPARF",
+        ),
+        (
+            pb::AttendRequest {
+                mode: pb::AttendMode::Sparse as i32,
+                sparf_mean_correction: true,
+                ..good()
+            },
+            inv,
+            "sparf_mean_correction",
+            "only SPARF",
+        ),
+        (
+            pb::AttendRequest {
                 sequences: vec![pb::AttendSequence {
                     last_block_tokens: 17,
                     ..seq(vec![kb(0)], q.clone())
@@ -1002,6 +1190,7 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
             channels: None,
             tokens: None,
             by_token: false,
+            mean_correction: false,
         },
     ] {
         let out = attend1(&mut c, &request(ns, 1, mode, keys.clone(), &q)).await;

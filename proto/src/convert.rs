@@ -501,6 +501,9 @@ pub struct AttendReq {
     pub sparf_tokens: Option<u32>,
     /// SPARF: top-k single tokens instead of whole blocks.
     pub sparf_by_token: bool,
+    /// SPARF: SparQ's mean-value correction (the answer is then not a
+    /// mergeable partial).
+    pub sparf_mean_correction: bool,
     /// RETRIEVAL: top-k per query head and candidate list.
     pub retrieval: RetrievalParams,
 }
@@ -567,11 +570,13 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
                     return Err(FieldError::new(f, "only SPARF takes this parameter"));
                 }
             }
-            if r.sparf_by_token {
-                return Err(FieldError::new(
-                    "sparf_by_token",
-                    "only SPARF takes this parameter",
-                ));
+            for (f, v) in [
+                ("sparf_by_token", r.sparf_by_token),
+                ("sparf_mean_correction", r.sparf_mean_correction),
+            ] {
+                if v {
+                    return Err(FieldError::new(f, "only SPARF takes this parameter"));
+                }
             }
         }
         if mode != AttendMode::Retrieval {
@@ -617,6 +622,7 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             sparf_channels: (r.sparf_channels != 0).then_some(r.sparf_channels),
             sparf_tokens: (r.sparf_tokens != 0).then_some(r.sparf_tokens),
             sparf_by_token: r.sparf_by_token,
+            sparf_mean_correction: r.sparf_mean_correction,
             retrieval,
         })
     }
@@ -873,6 +879,21 @@ mod tests {
             }),
             "sparf_tokens"
         );
+        assert_eq!(
+            field(pb::AttendRequest {
+                mode: pb::AttendMode::Sparse as i32,
+                sparf_mean_correction: true,
+                ..good()
+            }),
+            "sparf_mean_correction"
+        );
+        let r = AttendReq::try_from(pb::AttendRequest {
+            mode: pb::AttendMode::Sparf as i32,
+            sparf_mean_correction: true,
+            ..good()
+        })
+        .unwrap();
+        assert!(r.sparf_mean_correction && !r.sparf_by_token);
         let r = AttendReq::try_from(pb::AttendRequest {
             mode: pb::AttendMode::Sparse as i32,
             budget_bytes: 4096,

@@ -10,6 +10,11 @@
 //! lse = logaddexp(lse_A, lse_B)
 //! o   = exp(lse_A - lse) * o_A + exp(lse_B - lse) * o_B   == attention over A ∪ B
 //! ```
+//!
+//! An answer with SparF's mean-value correction
+//! ([`AttendOutput::mean_corrected`]) is not such a partial: it estimates
+//! attention over every present token, and [`AttendOutput::merge_with`]
+//! refuses it.
 
 use std::ops::Range;
 
@@ -26,11 +31,16 @@ pub enum AttendMode {
     /// SparF: `channels` (r, default head_dim/8) score every token; whole
     /// blocks best-first by their tokens' estimated weight until `tokens`
     /// (k, default covered/16) are in, or with `by_token` the top k single
-    /// tokens, are attended exactly.
+    /// tokens, are attended exactly. `mean_correction`: SparQ's
+    /// correction, `o = alpha o + (1 - alpha) mean(V)` with `alpha` the
+    /// chosen set's estimated mass; the answer (when applied, see
+    /// [`AttendOutput::mean_corrected`]) estimates attention over the whole
+    /// prefix and cannot be merged.
     Sparf {
         channels: Option<u32>,
         tokens: Option<u32>,
         by_token: bool,
+        mean_correction: bool,
     },
     /// RetrievalAttention: per KV head, the union of its query heads' top
     /// `k` (default 100) from the chain's retrieval index (candidate list
@@ -96,6 +106,11 @@ pub struct AttendOutput {
     pub reads: Vec<TierReads>,
     /// Attention over every present token.
     pub exact: bool,
+    /// SparF's mean-value correction was applied: `(o, lse)` estimate
+    /// attention over every present token (`lse`: the chosen tokens'
+    /// log-sum-exp minus `ln alpha`), not a partial over `covered`; never
+    /// merged (see [`mergeable`](Self::mergeable)).
+    pub mean_corrected: bool,
     pub sink_included: bool,
     pub recent_included: bool,
     pub tokens_attended: u64,
@@ -125,14 +140,26 @@ impl AttendOutput {
             .sum()
     }
 
+    /// Whether `(o, lse)` is an exact partial over `covered` that
+    /// [`merge`] may combine with a part over a disjoint set (false for a
+    /// mean-corrected answer).
+    pub fn mergeable(&self) -> bool {
+        !self.mean_corrected
+    }
+
     /// Merges the engine's own partial `(o, lse)` over a disjoint token set
-    /// into this answer (see [`merge`]).
+    /// into this answer (see [`merge`]); refuses a mean-corrected answer.
     pub fn merge_with(&mut self, o: &[f32], lse: &[f32]) -> Result<(), MergeError> {
+        if !self.mergeable() {
+            return Err(MergeError(
+                "the answer is mean-corrected (SparF sparf_mean_correction): an estimate of attention over the whole prefix, not a partial over its covered tokens; it cannot be merged".into(),
+            ));
+        }
         merge(self.head_dim, &mut self.o, &mut self.lse, o, lse)
     }
 }
 
-/// The two partials do not have the same shape.
+/// The two partials do not have the same shape, or one is not a partial.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("merge: {0}")]
 pub struct MergeError(String);
@@ -199,6 +226,13 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         AttendMode::Retrieval { .. } => (pb::AttendMode::Retrieval, 0, 0, 0, 0),
     };
     let sparf_by_token = matches!(r.mode, AttendMode::Sparf { by_token: true, .. });
+    let sparf_mean_correction = matches!(
+        r.mode,
+        AttendMode::Sparf {
+            mean_correction: true,
+            ..
+        }
+    );
     let (retrieval_k, retrieval_ef) = match r.mode {
         AttendMode::Retrieval { k, ef } => (k.unwrap_or(0), ef.unwrap_or(0)),
         _ => (0, 0),
@@ -228,6 +262,7 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         retrieval_k,
         retrieval_ef,
         sparf_by_token,
+        sparf_mean_correction,
     }
 }
 
@@ -260,6 +295,7 @@ pub(crate) fn output(r: pb::AttendResult) -> Result<AttendOutput, String> {
             })
             .collect(),
         exact: r.exact,
+        mean_corrected: r.mean_corrected,
         sink_included: r.sink_included,
         recent_included: r.recent_included,
         tokens_attended: r.tokens_attended,
@@ -331,5 +367,32 @@ mod tests {
         assert!(merge(d, &mut o.clone(), &mut [a], &o_b[..3], &[b]).is_err());
         assert!(merge(d, &mut o.clone(), &mut [a], &o_b, &[b, b]).is_err());
         assert!(merge(d, &mut o.clone(), &mut [a], &o_b, &[f32::NAN]).is_err());
+    }
+
+    /// A mean-corrected answer is refused by merge_with, and left as it
+    /// was; the same answer unflagged merges.
+    #[test]
+    fn a_mean_corrected_answer_is_never_merged() {
+        let answer = |mean_corrected| {
+            output(pb::AttendResult {
+                o: vec![1.0, 2.0],
+                lse: vec![0.5],
+                mean_corrected,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let mut out = answer(true);
+        assert!(out.mean_corrected && !out.mergeable());
+        let e = out.merge_with(&[3.0, 4.0], &[0.5]).unwrap_err();
+        assert!(e.to_string().contains("mean-corrected"), "{e}");
+        assert_eq!(
+            (out.o.clone(), out.lse.clone()),
+            (vec![1.0, 2.0], vec![0.5])
+        );
+        let mut out = answer(false);
+        assert!(out.mergeable());
+        out.merge_with(&[3.0, 4.0], &[0.5]).unwrap();
+        assert_eq!(out.o, vec![2.0, 3.0]);
     }
 }

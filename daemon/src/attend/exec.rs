@@ -16,8 +16,13 @@ use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
-use strata_kernels::sketch::{Sketch, SketchScratch, sketch_scores, span_lse};
-use strata_kernels::sparf::{SparfScratch, sparf_scores_head, top_channels};
+use strata_kernels::sketch::{
+    Sketch, SketchScratch, sketch_scores, sketch_scores_with_heads, span_lse,
+};
+use strata_kernels::sparf::{
+    HeadScores, SparfScratch, chosen_mass, mean_correct, score_temperature, sparf_scores_head,
+    sparf_scores_head_with_heads, top_channels,
+};
 use strata_kernels::topk::top_k;
 use strata_proto::convert::{AttendMode, AttendReq, Budget};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
@@ -113,6 +118,9 @@ pub struct Checked {
     pub sparf_channels: Option<u32>,
     pub sparf_tokens: Option<u32>,
     pub sparf_by_token: bool,
+    /// SPARF: SparQ's mean-value correction (the answer is then not a
+    /// mergeable partial).
+    pub sparf_mean_correction: bool,
     pub seqs: Vec<SeqIn>,
 }
 
@@ -217,6 +225,7 @@ pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Chec
         sparf_channels: req.sparf_channels,
         sparf_tokens: req.sparf_tokens,
         sparf_by_token: req.sparf_by_token,
+        sparf_mean_correction: req.sparf_mean_correction,
         seqs,
     })
 }
@@ -247,6 +256,10 @@ pub struct SeqResult {
     pub recent_included: bool,
     pub tokens_attended: u64,
     pub abstract_bytes: u64,
+    /// SPARF with `sparf_mean_correction`, when the correction was applied:
+    /// `(o, lse)` estimate attention over every present token and are not
+    /// a partial over `covered` (never merge them).
+    pub mean_corrected: bool,
 }
 
 /// Runs a checked request: all sequences are pinned first (a state error,
@@ -477,6 +490,7 @@ impl ChainReader {
             sparf_channels: None,
             sparf_tokens: None,
             sparf_by_token: false,
+            sparf_mean_correction: false,
             seqs: vec![SeqIn {
                 keys: Vec::new(),
                 last_block_tokens: None,
@@ -694,6 +708,7 @@ fn finish_blocks(seq: Seq, chosen: &[usize], abstract_bytes: u64) -> SeqResult {
         nvme: seq.nvme,
         tokens_attended,
         abstract_bytes,
+        mean_corrected: false,
     }
 }
 
@@ -1251,6 +1266,10 @@ unsafe fn slice_of<'a>(r: Range<*const u8>) -> &'a [u8] {
 /// the rows of the next blocks are prefetched, since they are scattered);
 /// other blocks are scored from their token-major K, read and verified in
 /// waves. Phase 2 reads K and V of the chosen blocks.
+///
+/// With `sparf_mean_correction`, phase 1 also keeps each query head's own
+/// scores (`[heads][total]` f32, the group's times the group size) and
+/// the answer gets SparQ's correction ([`mean_correction`]).
 async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
     let mut seq = seq;
     let geom = seq.req.geom;
@@ -1272,7 +1291,8 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .sum();
     // Channels per KV head; scores per KV head over all tokens, first of
     // the blocks with a sketch (`need`: those without).
-    let (mut seq, channels, mut scores, need, sketch_bytes) = ctx
+    let correct = seq.req.sparf_mean_correction;
+    let (mut seq, channels, mut scores, mut each, need, sketch_bytes) = ctx
         .blocking(move || {
             let mut sc = SparfScratch::new(g, d, 0);
             let s = &seq.req.seqs[seq.idx];
@@ -1287,8 +1307,17 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                 );
             }
             let mut scores = vec![f32::NEG_INFINITY; kv * total];
-            let (need, bytes) = score_sketches(&seq, &channels, r, total, &mut scores);
-            (seq, channels, scores, need, bytes)
+            // Each query head's own scores, for the correction only.
+            let mut each = vec![f32::NEG_INFINITY; if correct { heads * total } else { 0 }];
+            let (need, bytes) = score_sketches(
+                &seq,
+                &channels,
+                r,
+                total,
+                &mut scores,
+                correct.then_some(&mut each[..]),
+            );
+            (seq, channels, scores, each, need, bytes)
         })
         .await?;
     let channels = Arc::new(channels);
@@ -1298,7 +1327,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         }
         let got = read_wave(&mut seq, &wave, Want::K).await;
         let channels = channels.clone();
-        (seq, scores) = ctx
+        (seq, scores, each) = ctx
             .blocking(move || {
                 let mut sc = SparfScratch::new(g, d, 0);
                 for (j, &i) in wave.iter().enumerate() {
@@ -1332,9 +1361,10 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                         d,
                         &mut sc,
                         &mut scores,
+                        correct.then_some(&mut each[..]),
                     );
                 }
-                (seq, scores)
+                (seq, scores, each)
             })
             .await?;
     }
@@ -1369,22 +1399,126 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
             (seq, chosen)
         })
         .await?;
-    let mut out = finish_chosen(ctx, seq, chosen).await?;
-    out.abstract_bytes = sketch_bytes;
+    let (mut seq, mut chosen) = attend_chosen(ctx, seq, chosen).await?;
+    let mut summary_bytes = sketch_bytes;
+    let mut corrected = false;
+    if correct {
+        let (s, c, outcome, bytes) = ctx
+            .blocking(move || {
+                let mut seq = seq;
+                let (outcome, bytes) = mean_correction(&mut seq, &chosen, &channels, r, &each);
+                (seq, chosen, outcome, bytes)
+            })
+            .await?;
+        ctx.metrics.mean_correction[outcome as usize].increment(1);
+        corrected = outcome == Correction::Applied;
+        summary_bytes += bytes;
+        (seq, chosen) = (s, c);
+    }
+    let mut out = chosen_result(seq, &chosen);
+    out.abstract_bytes = summary_bytes;
+    if corrected {
+        out.mean_corrected = true;
+        out.exact = false;
+    }
     Ok(out)
+}
+
+/// What became of a requested mean-value correction (the metric's label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Correction {
+    Applied = 0,
+    /// The chosen set is every present token: the answer is exact, and
+    /// the correction the identity.
+    Exact = 1,
+    /// A present block has no V sum (no summary, or no sketch section:
+    /// `compute.key_sketch` off or the summary region was full), or it is
+    /// attended only in part (`last_block_tokens`): the answer is the
+    /// uncorrected, mergeable one.
+    NoSums = 2,
+}
+
+/// SparQ's mean-value correction of a SparF answer whose chosen tokens
+/// were attended exactly into `seq.acc`, per query head `j` of KV head
+/// `h`: `alpha_j`, the softmax mass of the chosen set estimated from the
+/// head's own r-channel scores `each[j]` at SparQ's temperature
+/// (`score_temperature` on the group's channels), and `v_mean_h`, the mean
+/// of V over every present token from the summaries' V sums (no V read);
+/// then `o_j = alpha_j o_j + (1 - alpha_j) v_mean_h` and `lse_j -= ln
+/// alpha_j` (`strata_kernels::sparf::mean_correct`). Everything is over
+/// the present prefix as it stands after phase 2 (a block cut there leaves
+/// the estimate as well). Returns what happened and the V-sum bytes read.
+fn mean_correction(
+    seq: &mut Seq,
+    chosen: &[Vec<u32>],
+    channels: &[u32],
+    r: usize,
+    each: &[f32],
+) -> (Correction, u64) {
+    let geom = seq.req.geom;
+    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+    let heads = seq.input().heads;
+    let g = heads / kv;
+    let total = each.len() / heads;
+    let present = seq.present();
+    let end: usize = seq.tokens[..present].iter().map(|&t| t as usize).sum();
+    // Chosen positions of each KV head inside the present prefix (sorted).
+    let inside: Vec<&[u32]> = chosen
+        .iter()
+        .map(|c| &c[..c.partition_point(|&t| (t as usize) < end)])
+        .collect();
+    if inside.iter().all(|c| c.len() == end) {
+        return (Correction::Exact, 0);
+    }
+    // Mean of V per KV head over the present prefix, from the V sums.
+    let mut sum = vec![0f64; kv * d];
+    let mut row = vec![0f32; d];
+    let mut bytes = 0u64;
+    for i in 0..present {
+        let Some(view) = seq.pin.summary(i, geom) else {
+            return (Correction::NoSums, bytes);
+        };
+        let held = geom.tokens_of(seq.pin.blocks[i].len);
+        if !view.has_sketch() || held != Some(seq.tokens[i]) {
+            return (Correction::NoSums, bytes);
+        }
+        for h in 0..kv {
+            view.v_sum(seq.req.layer, h as u32, &mut row);
+            for (a, &x) in sum[h * d..(h + 1) * d].iter_mut().zip(&row) {
+                *a += x as f64;
+            }
+        }
+        bytes += (kv * geom.v_sum_head_bytes()) as u64;
+    }
+    let mean: Vec<f32> = sum.iter().map(|&x| (x / end as f64) as f32).collect();
+    let s = &seq.req.seqs[seq.idx];
+    for j in 0..heads {
+        let h = j / g;
+        let t = score_temperature(&s.q[j * d..(j + 1) * d], &channels[h * r..(h + 1) * r]);
+        let alpha = chosen_mass(&each[j * total..j * total + end], inside[h], t);
+        mean_correct(
+            &mut seq.acc.o[j * d..(j + 1) * d],
+            &mut seq.acc.lse[j],
+            alpha,
+            &mean[h * d..(h + 1) * d],
+        );
+    }
+    (Correction::Applied, bytes)
 }
 
 /// Phase 1 of SparF from the key sketches: scores of every block whose
 /// summary has one, into `scores[h][start..start + n]`. Returns the blocks
 /// left to score from their keys (no sketch, or a chosen channel's box is
 /// not finite) and the sketch bytes read (the r code rows and their
-/// bounds, per KV head).
+/// bounds, per KV head). `each`: `[heads][total]` scores of every query
+/// head of its own, when the mean-value correction needs them.
 fn score_sketches(
     seq: &Seq,
     channels: &[u32],
     r: usize,
     total: usize,
     scores: &mut [f32],
+    mut each: Option<&mut [f32]>,
 ) -> (Vec<usize>, u64) {
     let geom = seq.req.geom;
     let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
@@ -1430,16 +1564,26 @@ fn score_sketches(
                 lo: &lo,
                 hi: &hi,
             };
-            if !sketch_scores(
-                &s.q[h * g * d..(h + 1) * g * d],
-                g,
-                d,
-                &sk,
-                ch,
-                seq.req.scale,
-                &mut acc,
-                &mut scores[h * total + start..h * total + start + n],
-            ) {
+            let q = &s.q[h * g * d..(h + 1) * g * d];
+            let out = &mut scores[h * total + start..h * total + start + n];
+            let scored = match each.as_deref_mut() {
+                Some(e) => sketch_scores_with_heads(
+                    q,
+                    g,
+                    d,
+                    &sk,
+                    ch,
+                    seq.req.scale,
+                    &mut acc,
+                    out,
+                    HeadScores {
+                        out: &mut e[h * g * total + start..],
+                        pitch: total,
+                    },
+                ),
+                None => sketch_scores(q, g, d, &sk, ch, seq.req.scale, &mut acc, out),
+            };
+            if !scored {
                 ok = false;
                 break;
             }
@@ -1519,6 +1663,17 @@ async fn finish_chosen(
     seq: Seq,
     chosen: Vec<Vec<u32>>,
 ) -> Result<SeqResult, StoreError> {
+    let (seq, chosen) = attend_chosen(ctx, seq, chosen).await?;
+    Ok(chosen_result(seq, &chosen))
+}
+
+/// The reads and math of [`finish_chosen`]: `seq.acc` holds the exact
+/// `(o, lse)` over the chosen tokens of the present prefix afterwards.
+async fn attend_chosen(
+    ctx: &AttendCtx,
+    seq: Seq,
+    chosen: Vec<Vec<u32>>,
+) -> Result<(Seq, Arc<Vec<Vec<u32>>>), StoreError> {
     let chosen = Arc::new(chosen);
     // Blocks holding a chosen token of any head.
     let present = seq.present();
@@ -1541,6 +1696,11 @@ async fn finish_chosen(
         let got = read_wave(&mut seq, &wave, Want::Kv).await;
         seq = compute_wave(ctx, seq, wave, got, RowSel::Chosen(chosen.clone())).await?;
     }
+    Ok((seq, chosen))
+}
+
+/// The answer of [`finish_chosen`] from what [`attend_chosen`] computed.
+fn chosen_result(seq: Seq, chosen: &[Vec<u32>]) -> SeqResult {
     let present = seq.present();
     let end = seq
         .starts
@@ -1572,7 +1732,7 @@ async fn finish_chosen(
         .map(|c| c.iter().filter(|&&t| (t as u64) < end).count() as u64)
         .max()
         .unwrap_or(0);
-    Ok(SeqResult {
+    SeqResult {
         o: seq.acc.o,
         lse: seq.acc.lse,
         keys_present: present as u32,
@@ -1588,11 +1748,14 @@ async fn finish_chosen(
         nvme: seq.nvme,
         tokens_attended,
         abstract_bytes: 0,
-    })
+        mean_corrected: false,
+    }
 }
 
 /// SparF scores of block `i`'s tokens for every KV head, into
-/// `scores[h][start..start + n]`, read from the token-major rows in place.
+/// `scores[h][start..start + n]` (and each query head's own into
+/// `each[j][start..start + n]` when given), read from the token-major rows
+/// in place.
 #[allow(clippy::too_many_arguments)]
 fn score_block<E: KvElem>(
     k: &[u8],
@@ -1607,21 +1770,35 @@ fn score_block<E: KvElem>(
     d: usize,
     sc: &mut SparfScratch,
     scores: &mut [f32],
+    mut each: Option<&mut [f32]>,
 ) {
     let k = elems::<E>(k);
     let g = s.heads / kv;
     for h in 0..kv {
-        sparf_scores_head(
+        let (q, k, ch) = (
             &s.q[h * g * d..(h + 1) * g * d],
-            g,
-            d,
             &k[..n * kv * d],
-            kv,
-            h,
             &channels[h * r..(h + 1) * r],
-            scale,
-            sc,
-            &mut scores[h * total + start..h * total + start + n],
         );
+        let out = &mut scores[h * total + start..h * total + start + n];
+        match each.as_deref_mut() {
+            Some(e) => sparf_scores_head_with_heads(
+                q,
+                g,
+                d,
+                k,
+                kv,
+                h,
+                ch,
+                scale,
+                sc,
+                out,
+                HeadScores {
+                    out: &mut e[h * g * total + start..],
+                    pitch: total,
+                },
+            ),
+            None => sparf_scores_head(q, g, d, k, kv, h, ch, scale, sc, out),
+        }
     }
 }

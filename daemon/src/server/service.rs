@@ -234,6 +234,7 @@ pub(super) fn attend_result(r: SeqResult) -> pb::AttendResult {
         abstract_bytes: r.abstract_bytes,
         retrieval_source: Vec::new(),
         retrieval_scanned: Vec::new(),
+        mean_corrected: r.mean_corrected,
     }
 }
 
