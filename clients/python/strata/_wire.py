@@ -161,7 +161,8 @@ def event_batch(b: pb.KvEventBatch) -> EventBatch:
 
 def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget_bytes,
                    sparf_channels, sparf_tokens, retrieval_k=None,
-                   retrieval_ef=None) -> pb.AttendRequest:
+                   retrieval_ef=None, sparf_by_token: bool = False,
+                   sparf_mean_correction: bool = False) -> pb.AttendRequest:
     """The Attend request. ``sequences``: :class:`AttendSequence` s or
     ``(keys, queries[, last_block_tokens])`` tuples."""
     seqs = []
@@ -176,7 +177,8 @@ def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget
         scale=float(scale or 0.0), sequences=seqs, budget_tokens=int(budget_tokens or 0),
         budget_bytes=int(budget_bytes or 0), sparf_channels=int(sparf_channels or 0),
         sparf_tokens=int(sparf_tokens or 0), retrieval_k=int(retrieval_k or 0),
-        retrieval_ef=int(retrieval_ef or 0))
+        retrieval_ef=int(retrieval_ef or 0), sparf_by_token=bool(sparf_by_token),
+        sparf_mean_correction=bool(sparf_mean_correction))
 
 
 def _ranges(rs) -> list[tuple[int, int]]:
@@ -198,7 +200,8 @@ def attend_results(r: pb.AttendResponse, asked: int) -> list[AttendResult]:
             covered=_ranges(x.covered),
             head_covered=[_ranges(h.ranges) for h in x.head_covered],
             reads={Tier(t.tier): TierRead(Tier(t.tier), t.blocks, t.bytes) for t in x.reads},
-            exact=x.exact, sink_included=x.sink_included, recent_included=x.recent_included,
+            exact=x.exact, mean_corrected=x.mean_corrected,
+            sink_included=x.sink_included, recent_included=x.recent_included,
             tokens_attended=x.tokens_attended, abstract_bytes=x.abstract_bytes,
             retrieval_source=[RetrieveSource(v) for v in x.retrieval_source],
             retrieval_scanned=list(x.retrieval_scanned)))

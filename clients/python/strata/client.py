@@ -118,20 +118,28 @@ class Client:
                scale: float | None = None, budget_tokens: int | None = None,
                budget_bytes: int | None = None, sparf_channels: int | None = None,
                sparf_tokens: int | None = None, retrieval_k: int | None = None,
-               retrieval_ef: int | None = None) -> list[AttendResult]:
+               retrieval_ef: int | None = None, sparf_by_token: bool = False,
+               sparf_mean_correction: bool = False) -> list[AttendResult]:
         """Attention near the data: for one ``layer`` and each sequence (an
         :class:`~strata.types.AttendSequence`, or ``(keys, queries[,
         last_block_tokens])`` with queries ``(heads, head_dim)``), the
         daemon's partial ``(o, lse)`` over the present prefix of its chain.
         ``mode``: ``"dense"`` (exact), ``"sparse"`` (``budget_tokens`` or
         ``budget_bytes``, default 5% of the tokens), ``"sparf"``
-        (``sparf_channels`` r, ``sparf_tokens`` k) or ``"retrieval"`` (the
-        chain's retrieval index: ``retrieval_k`` per query head, default
-        100, candidate list ``retrieval_ef``). Merge each answer with the
-        engine's own part with :func:`strata.merge.merge`."""
+        (``sparf_channels`` r, ``sparf_tokens`` k; whole blocks by default,
+        the top-k single tokens with ``sparf_by_token``;
+        ``sparf_mean_correction``: SparQ's mean-value correction, see
+        :attr:`~strata.types.AttendResult.mean_corrected`) or
+        ``"retrieval"`` (the chain's retrieval index: ``retrieval_k`` per
+        query head, default 100, candidate list ``retrieval_ef``). Merge
+        each answer with the engine's own part with
+        :meth:`~strata.types.AttendResult.merged` (or
+        :func:`strata.merge.merge`); a mean-corrected answer is not a
+        partial and is never merged."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
-                                   sparf_channels, sparf_tokens, retrieval_k, retrieval_ef)
+                                   sparf_channels, sparf_tokens, retrieval_k, retrieval_ef,
+                                   sparf_by_token, sparf_mean_correction)
         return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs))
 
     def build_index(self, ns: "Namespace | int", keys: Iterable[bytes], layers=None, *,

@@ -213,8 +213,9 @@ class AttendMode(enum.IntEnum):
     #: Blocks best-first by the upper bound of q.k from their abstracts,
     #: within a budget; first (sink) and last (recent) blocks always in.
     SPARSE = 2
-    #: SparF: the top-r channels of |q| score every token; the top-k tokens
-    #: are attended exactly (per KV head).
+    #: SparF: the top-r channels of |q| score every token; whole blocks
+    #: best-first (or the top-k single tokens) are attended exactly (per KV
+    #: head); optionally with SparQ's mean-value correction (not mergeable).
     SPARF = 3
     #: RetrievalAttention: per KV head, the union of its query heads' top-k
     #: from the chain's retrieval index (an exact scan while none is ready),
@@ -261,7 +262,15 @@ class AttendResult:
     :func:`strata.merge.merge` (or :meth:`merged`). ``keys_present`` leading
     keys were present and covered (a missing block is never skipped);
     ``covered`` are the token ranges ``[start, end)`` attended (union over
-    heads; ``head_covered`` per KV head for SPARF)."""
+    heads; ``head_covered`` per KV head for SPARF).
+
+    ``mean_corrected``: SPARF with ``sparf_mean_correction``, when the
+    correction was applied. ``o`` is then ``alpha * o_chosen + (1 - alpha)
+    * mean(V)`` per query head (``alpha`` the chosen set's estimated
+    softmax mass, ``mean(V)`` over every present token) and ``lse`` the
+    chosen set's minus ``ln(alpha)``: an estimate of attention over the
+    whole present prefix, not a partial over ``covered``; :meth:`merged`
+    refuses it (``mergeable`` is False)."""
 
     o: "np.ndarray"
     lse: "np.ndarray"
@@ -279,6 +288,13 @@ class AttendResult:
     #: and keys scanned per query head.
     retrieval_source: list = field(default_factory=list)
     retrieval_scanned: list = field(default_factory=list)
+    mean_corrected: bool = False
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether ``(o, lse)`` is an exact partial over ``covered`` that
+        may be merged with a part over a disjoint set."""
+        return not self.mean_corrected
 
     def read_bytes(self, tier: Tier) -> int:
         r = self.reads.get(Tier(tier))
@@ -289,7 +305,12 @@ class AttendResult:
         return r.blocks if r else 0
 
     def merged(self, o, lse) -> "tuple[np.ndarray, np.ndarray]":
-        """This answer merged with a partial over a disjoint token set."""
+        """This answer merged with a partial over a disjoint token set.
+        Raises ValueError for a mean-corrected answer (not a partial)."""
+        if not self.mergeable:
+            raise ValueError("merge: the answer is mean-corrected (SPARF sparf_mean_correction): "
+                             "an estimate of attention over the whole prefix, not a partial over "
+                             "its covered tokens; it cannot be merged")
         from .merge import merge
         return merge(self.o, self.lse, o, lse)
 

@@ -7,6 +7,7 @@ import pytest
 import strata
 from strata import AsyncClient, AttendSequence, Block, Client, Layout, Tier
 from strata.merge import merge, partial
+from strata.testing import Daemon
 
 LAYERS, KV, D, TPB = 2, 2, 32, 16
 HEADS = 4  # two query heads per KV head (GQA)
@@ -182,3 +183,50 @@ async def test_async_attend(daemon):
     o_ref, _ = partial(q, k[1], v[1])
     assert relerr(rs[0].o, o_ref) <= 5e-4
     assert rs[1].o.shape == (KV, D)
+
+
+def test_sparf_by_token_and_mean_correction(daemon):
+    """``sparf_by_token`` and ``sparf_mean_correction`` reach the daemon: a
+    corrected answer (key sketches on: the V sums live beside them) is
+    flagged, is ``alpha o + (1 - alpha) mean(V)`` of the uncorrected one and
+    is never merged; without sketches the flag answers uncorrected; with
+    another mode it is refused, naming the field."""
+    n = 1024
+    k, v = kv_data(n, 9)
+    q = np.random.default_rng(10).standard_normal((HEADS, D)).astype(np.float32)
+    sketched = Daemon(dram="64MiB", nvme="256MiB", config="[compute]\nkey_sketch = true\n").start()
+    try:
+        with Client(sketched.endpoint) as c:
+            ns = c.register_layout(layout("test/attend-mean"))
+            keys = put_chain(c, ns, k, v, 5, range(n // TPB))
+            [plain] = c.attend(ns, [(keys, q)], 1, "sparf")
+            [corr] = c.attend(ns, [(keys, q)], 1, "sparf", sparf_mean_correction=True)
+            [tok] = c.attend(ns, [(keys, q)], 1, "sparf", sparf_by_token=True)
+    finally:
+        sketched.close()
+    assert plain.mergeable and not plain.mean_corrected
+    assert corr.mean_corrected and not corr.mergeable and not corr.exact
+    assert corr.head_covered == plain.head_covered
+    alpha = np.exp(plain.lse.astype(np.float64) - corr.lse)
+    assert ((alpha > 0) & (alpha < 1)).all(), alpha
+    mean = v[1].astype(np.float64).mean(axis=0)  # (kv_heads, head_dim)
+    g = HEADS // KV
+    want = alpha[:, None] * plain.o + (1 - alpha[:, None]) * np.repeat(mean, g, axis=0)
+    np.testing.assert_allclose(corr.o, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mean-corrected"):
+        corr.merged(np.zeros_like(corr.o), np.full_like(corr.lse, -np.inf))
+    # Single tokens: not whole blocks.
+    assert tok.tokens_attended == n // 16 and not tok.mean_corrected
+    assert any(s % TPB or e % TPB for h in tok.head_covered for s, e in h)
+    assert all(s % TPB == 0 and e % TPB == 0 for h in plain.head_covered for s, e in h)
+    with Client(daemon.endpoint) as c:
+        ns = c.register_layout(layout("test/attend-mean-plain"))
+        keys = put_chain(c, ns, k, v, 6, range(n // TPB))
+        [plain] = c.attend(ns, [(keys, q)], 1, "sparf")
+        [asked] = c.attend(ns, [(keys, q)], 1, "sparf", sparf_mean_correction=True)
+        assert not asked.mean_corrected and asked.mergeable
+        np.testing.assert_array_equal(asked.o, plain.o)
+        asked.merged(np.zeros_like(asked.o), np.full_like(asked.lse, -np.inf))
+        with pytest.raises(strata.InvalidArgument) as e:
+            c.attend(ns, [(keys, q)], 1, "dense", sparf_mean_correction=True)
+        assert e.value.message.startswith("sparf_mean_correction: only SPARF")
