@@ -339,6 +339,15 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                     },
                 ),
                 (
+                    "sparf r=d/8 k=N/16, blocks + mean correction",
+                    AttendMode::Sparf {
+                        channels: None,
+                        tokens: None,
+                        by_token: false,
+                        mean_correction: true,
+                    },
+                ),
+                (
                     "sparf r=d/8 k=N/16, tokens",
                     AttendMode::Sparf {
                         channels: None,
@@ -361,6 +370,16 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                     if out.tokens_present != n as u64 {
                         bail!("Attend covered {} of {n} stored tokens", out.tokens_present);
                     }
+                    let asked = matches!(
+                        mode,
+                        AttendMode::Sparf {
+                            mean_correction: true,
+                            ..
+                        }
+                    );
+                    if out.mean_corrected != asked {
+                        bail!("{name}: mean_corrected is {}", out.mean_corrected);
+                    }
                     let sel = match out.head_covered.first() {
                         Some(r) if matches!(mode, AttendMode::Sparf { .. }) => tokens_of(r),
                         _ => tokens_of(&out.covered),
@@ -377,7 +396,11 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         acc.read_pct += read_pct(read_bytes(&out), n, D, 2);
                         acc.summary_pct += read_pct(out.abstract_bytes, n, D, 2);
                     }
-                    if s == 0 && ri == 0 && !name.starts_with("sparse") && !name.ends_with("tokens")
+                    if s == 0
+                        && ri == 0
+                        && !name.starts_with("sparse")
+                        && !name.ends_with("tokens")
+                        && !name.ends_with("correction")
                     {
                         let (a, b) = wire_bytes(&req, &out);
                         wire.push((n, *name, a, b, full));
@@ -390,7 +413,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         }
     }
     rep.note(&format!(
-        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens)."
+        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read."
     ));
 
     // Dense scan rate at 32K, DRAM-resident.
