@@ -27,6 +27,8 @@ MiB = 1 << 20
 SCENARIOS = {
     "defaults": {},
     "plain": render.PLAIN_VALUES,
+    # SparF's key sketches: the abstract region (and the pod's memory) grows.
+    "sketch": {"config": {"compute": {"key_sketch": True}}},
     "dram-only": {
         "tiers": {"dram": "4GiB", "nvme": "0"},
         "config": {"compute": {"abstracts": False}, "server": {"shm_allowed_uids": ["1000", "0"]}},
@@ -95,7 +97,10 @@ def abstracts_bytes(cfg: dict) -> int:
     if not cfg["compute"]["abstracts"]:
         return 0
     dram, nvme = size(cfg["tiers"]["dram"]["bytes"]), size(cfg["tiers"]["nvme"]["bytes"])
-    return size(cfg["compute"]["abstracts_bytes"]) or max((dram + nvme) // 16, MiB)
+    # With key sketches the default region is six sixteenths (the daemon's
+    # config.rs: sketch codes and V sums beside the abstracts).
+    sixteenths = 6 if cfg["compute"].get("key_sketch") else 1
+    return size(cfg["compute"]["abstracts_bytes"]) or max((dram + nvme) // 16 * sixteenths, MiB)
 
 
 def expected_memory_mib(cfg: dict, overhead: str) -> int:

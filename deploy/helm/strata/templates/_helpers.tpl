@@ -127,7 +127,11 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- if $c.compute.abstracts -}}
 {{- $abstracts = include "strata.bytes" $c.compute.abstracts_bytes | int64 -}}
 {{- if eq $abstracts 0 -}}
+{{- if $c.compute.key_sketch -}}
+{{- $abstracts = max (mul (div (add $dram $nvme) 16) 6) 1048576 -}}
+{{- else -}}
 {{- $abstracts = max (div (add $dram $nvme) 16) 1048576 -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- $index := mul (int64 $c.store.max_blocks) 128 -}}
