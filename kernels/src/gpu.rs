@@ -73,7 +73,7 @@ const COMMON: &str = include_str!("../cuda/common.cuh");
 const INCLUDE: &str = "#include \"common.cuh\"";
 
 /// Every kernel family; a test checks that this covers `kernels/cuda/*.cu`.
-pub const SOURCES: [Source; 4] = [
+pub const SOURCES: [Source; 5] = [
     Source {
         name: "attention",
         code: include_str!("../cuda/attention.cu"),
@@ -99,6 +99,17 @@ pub const SOURCES: [Source; 4] = [
         name: "sparf",
         code: include_str!("../cuda/sparf.cu"),
         kernels: &["sparf_scores_f32", "sparf_scores_f16", "sparf_scores_bf16"],
+    },
+    Source {
+        name: "sketch",
+        code: include_str!("../cuda/sketch.cu"),
+        kernels: &[
+            "sketch_encode_f32",
+            "sketch_encode_f16",
+            "sketch_encode_bf16",
+            "sketch_scores",
+            "span_lse",
+        ],
     },
     Source {
         name: "quant",
