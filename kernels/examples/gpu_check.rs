@@ -25,6 +25,7 @@ use strata_kernels::gpu::{
     self, AttnWorkspace, Gpu, GpuElem, GpuTokens, PtxFrom, SOURCES, compile_ptx,
 };
 use strata_kernels::quant::{QuantBits, QuantScratch, dequantize, quant_params, quantize};
+use strata_kernels::sketch;
 use strata_kernels::sparf::{SparfScratch, sparf_scores, to_dim_major, top_channels};
 use strata_kernels::topk::top_k;
 
@@ -471,6 +472,101 @@ fn check_sparf(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     Ok(())
 }
 
+/// Key-sketch scores of `n / 16` blocks of 16 tokens (r = d/8), CPU block
+/// by block vs one GPU launch over all of them.
+fn check_sketch(cx: &mut Ctx<'_>, n: usize) -> R<()> {
+    const TPB: usize = 16;
+    let (r, nb) = (D / 8, n / TPB);
+    let scale = 1.0 / (D as f32).sqrt();
+    let q = cx.rng.normals(HEADS * D, 1.0);
+    let k: Vec<f16> = cx.rng.keys(n, D);
+    let mut s = SparfScratch::new(HEADS, D, n);
+    let mut channels = vec![0u32; r];
+    top_channels(&q, HEADS, D, &mut s, &mut channels);
+    // Per block: the box of its keys, its codes, and the chosen channels'
+    // box (as the daemon passes them).
+    let mut codes = vec![0u8; nb * D * TPB];
+    let (mut clo, mut chi) = (vec![0f32; nb * r], vec![0f32; nb * r]);
+    let mut row = vec![0f32; D];
+    for b in 0..nb {
+        let kb = &k[b * TPB * D..(b + 1) * TPB * D];
+        let (mut lo, mut hi) = (vec![f32::INFINITY; D], vec![f32::NEG_INFINITY; D]);
+        for t in 0..TPB {
+            for i in 0..D {
+                let x = kb[t * D + i].to_f32();
+                lo[i] = lo[i].min(x);
+                hi[i] = hi[i].max(x);
+            }
+        }
+        sketch::encode(
+            kb,
+            1,
+            0,
+            D,
+            &lo,
+            &hi,
+            TPB,
+            &mut row,
+            &mut codes[b * D * TPB..][..D * TPB],
+        );
+        for (j, &c) in channels.iter().enumerate() {
+            clo[b * r + j] = lo[c as usize];
+            chi[b * r + j] = hi[c as usize];
+        }
+    }
+    let mut scores = vec![0.0; n];
+    let mut sc = sketch::SketchScratch::new();
+    let cpu_ms = time_cpu(|| {
+        for b in 0..nb {
+            let sk = sketch::Sketch {
+                codes: &codes[b * D * TPB..(b + 1) * D * TPB],
+                stride: TPB,
+                n: TPB,
+                lo: &clo[b * r..(b + 1) * r],
+                hi: &chi[b * r..(b + 1) * r],
+            };
+            let out = &mut scores[b * TPB..(b + 1) * TPB];
+            sketch::sketch_scores(&q, HEADS, D, &sk, &channels, scale, &mut sc, out);
+        }
+    });
+    let g = cx.gpu;
+    let (dq, dcodes, dch) = (g.upload(&q)?, g.upload(&codes)?, g.upload(&channels)?);
+    let (dlo, dhi) = (g.upload(&clo)?, g.upload(&chi)?);
+    let mut gs = g.zeros::<f32>(n)?;
+    let mut ok = g.zeros::<u8>(nb)?;
+    let gpu_ms = time_gpu(g, || {
+        Ok(g.sketch_scores(
+            &dq,
+            HEADS,
+            D,
+            &dcodes,
+            (nb, TPB, TPB),
+            (&dlo, &dhi),
+            &dch,
+            scale,
+            &mut gs,
+            &mut ok,
+        )?)
+    })?;
+    let hs = g.download(&gs)?;
+    let refused = g.download(&ok)?.iter().filter(|&&x| x == 0).count();
+    cx.rows.push(Row {
+        check: format!("key-sketch scores (r = {r}, {nb} blocks)"),
+        dtype: "u8",
+        n,
+        cpu_ms,
+        gpu_ms,
+        err: if refused > 0 {
+            f64::INFINITY
+        } else {
+            rel_max(&hs, &scores)
+        },
+        tol: 1e-5,
+        note: format!("blocks refused {refused} (must be 0); max abs / max |score|"),
+    });
+    Ok(())
+}
+
 fn check_quant(cx: &mut Ctx<'_>, n: usize, bits: QuantBits) -> R<()> {
     let x: Vec<f16> = cx.rng.keys(n, D);
     let rb = bits.row_bytes(D);
@@ -609,6 +705,9 @@ fn run() -> R<()> {
     }
     for &n in sizes {
         check_sparf(&mut cx, n)?;
+    }
+    for &n in sizes {
+        check_sketch(&mut cx, n)?;
     }
     check_quant(&mut cx, *sizes.last().unwrap_or(&4096), QuantBits::Int8)?;
     check_quant(&mut cx, *sizes.last().unwrap_or(&4096), QuantBits::Int4)?;

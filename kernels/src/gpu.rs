@@ -697,6 +697,74 @@ impl Gpu {
         })
     }
 
+    /// Group scores of `nb` blocks of `n` tokens from their key sketches
+    /// (`codes` `[nb][d][stride]`, the boxes of the chosen channels `lo`,
+    /// `hi` `[nb][r]`): the twin of [`crate::sketch::sketch_scores`] over a
+    /// batch of blocks. `out` is `[nb][n]`; `ok[b]` is 0 where a chosen box
+    /// is not finite (its scores are then -inf; the CPU refuses the block).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sketch_scores(
+        &self,
+        q: &CudaSlice<f32>,
+        heads: usize,
+        d: usize,
+        codes: &CudaSlice<u8>,
+        (nb, n, stride): (usize, usize, usize),
+        (lo, hi): (&CudaSlice<f32>, &CudaSlice<f32>),
+        channels: &CudaSlice<u32>,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+        ok: &mut CudaSlice<u8>,
+    ) -> Result<(), GpuError> {
+        shape((1..=SPARF_MAX_HEADS).contains(&heads), || {
+            format!("{heads} heads: 1..={SPARF_MAX_HEADS} supported")
+        })?;
+        let r = channels.len();
+        shape(
+            d > 0 && q.len() == heads * d && n <= stride && codes.len() == nb * d * stride,
+            || "bad q or codes shape".into(),
+        )?;
+        shape(lo.len() == nb * r && hi.len() == nb * r, || {
+            "lo, hi are not [nb][r]".into()
+        })?;
+        shape(out.len() == nb * n && ok.len() == nb, || {
+            "out is not [nb][n] or ok not [nb]".into()
+        })?;
+        if nb * n == 0 {
+            return Ok(());
+        }
+        let (h_i, d_i, nb_i, n_i, s_i, r_i) = (
+            int(heads, "heads")?,
+            int(d, "d")?,
+            int(nb, "nb")?,
+            int(n, "n")?,
+            int(stride, "stride")?,
+            int(r, "r")?,
+        );
+        let f = self.function("sketch_scores")?;
+        guard(|| {
+            let mut b = self.stream.launch_builder(f);
+            b.arg(q)
+                .arg(&h_i)
+                .arg(&d_i)
+                .arg(codes)
+                .arg(&nb_i)
+                .arg(&n_i)
+                .arg(&s_i);
+            b.arg(lo).arg(hi).arg(channels).arg(&r_i);
+            b.arg(&scale).arg(out).arg(ok);
+            let cfg = LaunchConfig {
+                grid_dim: ((nb * n).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches sketch_scores in sketch.cu; shapes checked
+            // above.
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        })
+    }
+
     /// Per-channel `lo`, `step` of the tile `x` (`[n][d]`): the twin of
     /// [`crate::quant::quant_params`].
     pub fn quant_params<E: GpuElem>(
