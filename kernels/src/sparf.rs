@@ -212,22 +212,9 @@ pub fn sparf_scores_head<E: KvElem>(
     scratch: &mut SparfScratch,
     out: &mut [f32],
 ) {
-    assert!(
-        kv_heads > 0 && head < kv_heads,
-        "sparf: head {head} of {kv_heads}"
+    scores_of_head(
+        q, heads, d, k, kv_heads, head, channels, scale, scratch, out, None,
     );
-    let pitch = kv_heads * d;
-    assert!(
-        d > 0 && k.len().is_multiple_of(pitch),
-        "sparf: K is not [n][kv_heads][d]"
-    );
-    let n = k.len() / pitch;
-    let src = Src::Rows {
-        k,
-        pitch,
-        off: head * d,
-    };
-    scores_checked(q, heads, d, n, src, channels, scale, scratch, out, None);
 }
 
 /// [`sparf_scores_head`], and each query head's own score (before the max
@@ -246,6 +233,37 @@ pub fn sparf_scores_head_with_heads<E: KvElem>(
     out: &mut [f32],
     each: HeadScores<'_>,
 ) {
+    scores_of_head(
+        q,
+        heads,
+        d,
+        k,
+        kv_heads,
+        head,
+        channels,
+        scale,
+        scratch,
+        out,
+        Some(each),
+    );
+}
+
+/// The token-major scoring of KV head `head` of `k` (`[n][kv_heads][d]`),
+/// with or without each query head's own scores.
+#[allow(clippy::too_many_arguments)]
+fn scores_of_head<E: KvElem>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    k: &[E],
+    kv_heads: usize,
+    head: usize,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut SparfScratch,
+    out: &mut [f32],
+    each: Option<HeadScores<'_>>,
+) {
     assert!(
         kv_heads > 0 && head < kv_heads,
         "sparf: head {head} of {kv_heads}"
@@ -261,18 +279,7 @@ pub fn sparf_scores_head_with_heads<E: KvElem>(
         pitch,
         off: head * d,
     };
-    scores_checked(
-        q,
-        heads,
-        d,
-        n,
-        src,
-        channels,
-        scale,
-        scratch,
-        out,
-        Some(each),
-    );
+    scores_checked(q, heads, d, n, src, channels, scale, scratch, out, each);
 }
 
 #[allow(clippy::too_many_arguments)]

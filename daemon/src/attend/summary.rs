@@ -151,6 +151,16 @@ impl Geom {
     }
 
     /// f16 values in each of the min and max arrays.
+    /// Byte offsets in an entry of the f16 minimum row and maximum row of
+    /// `head` in `layer` (`head_dim` values each).
+    fn bound_rows_at(&self, layer: u32, head: u32) -> (usize, usize) {
+        let lo = self.layers as usize * 16
+            + (layer as usize * self.kv_heads as usize + head as usize)
+                * self.head_dim as usize
+                * 2;
+        (lo, lo + self.abstract_elems() * 2)
+    }
+
     fn abstract_elems(&self) -> usize {
         self.layers as usize * self.kv_heads as usize * self.head_dim as usize
     }
@@ -222,11 +232,8 @@ impl<'a> SummaryView<'a> {
         u64::from_le_bytes(self.bytes[at..at + 8].try_into().expect("8 bytes"))
     }
 
-    fn f16_row(&self, which: usize, layer: u32, head: u32, out: &mut [f16]) {
-        let g = &self.g;
-        let d = g.head_dim as usize;
-        let base = g.layers as usize * 16 + which * g.abstract_elems() * 2;
-        let at = base + ((layer as usize * g.kv_heads as usize + head as usize) * d) * 2;
+    fn f16_row(&self, at: usize, out: &mut [f16]) {
+        let d = self.g.head_dim as usize;
         for (o, c) in out[..d]
             .iter_mut()
             .zip(self.bytes[at..at + 2 * d].chunks_exact(2))
@@ -238,11 +245,8 @@ impl<'a> SummaryView<'a> {
     /// The minimum and maximum of channel `c` of `head`'s keys in `layer`.
     #[inline]
     pub fn bound(&self, layer: u32, head: u32, c: usize) -> (f16, f16) {
-        let g = &self.g;
-        let at = g.layers as usize * 16
-            + ((layer as usize * g.kv_heads as usize + head as usize) * g.head_dim as usize + c)
-                * 2;
-        let hi_at = at + g.abstract_elems() * 2;
+        let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
+        let (at, hi_at) = (lo_at + 2 * c, hi_at + 2 * c);
         let b = self.bytes;
         (
             f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])),
@@ -253,18 +257,16 @@ impl<'a> SummaryView<'a> {
     /// Where the minimum and maximum rows of `head` in `layer` start (for
     /// prefetching).
     pub fn bound_ptrs(&self, layer: u32, head: u32) -> (*const u8, *const u8) {
-        let g = &self.g;
-        let at = g.layers as usize * 16
-            + (layer as usize * g.kv_heads as usize + head as usize) * g.head_dim as usize * 2;
-        let hi_at = at + g.abstract_elems() * 2;
-        (self.bytes[at..].as_ptr(), self.bytes[hi_at..].as_ptr())
+        let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
+        (self.bytes[lo_at..].as_ptr(), self.bytes[hi_at..].as_ptr())
     }
 
     /// The per-channel minimum and maximum of `head`'s keys in `layer`
     /// (into `min`, `max`, each `head_dim` long).
     pub fn bounds(&self, layer: u32, head: u32, min: &mut [f16], max: &mut [f16]) {
-        self.f16_row(0, layer, head, min);
-        self.f16_row(1, layer, head, max);
+        let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
+        self.f16_row(lo_at, min);
+        self.f16_row(hi_at, max);
     }
 }
 
@@ -505,8 +507,7 @@ fn sketch_layer(
     let base = g.summary_bytes() + g.v_sum_bytes();
     for head in 0..kv {
         // The head's box, from the f16 bounds just written.
-        let lo_at = g.layers as usize * 16 + (layer as usize * kv + head) * d * 2;
-        let hi_at = lo_at + g.abstract_elems() * 2;
+        let (lo_at, hi_at) = g.bound_rows_at(layer, head as u32);
         let f = |at: usize| f16::from_bits(u16::from_le_bytes([out[at], out[at + 1]])).to_f32();
         for i in 0..d {
             s.lo_f[i] = f(lo_at + 2 * i);
