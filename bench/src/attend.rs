@@ -416,7 +416,53 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read."
     ));
 
-    // Dense scan rate at 32K, DRAM-resident.
+    dense_scan(rep, &mut c, ns, quick, 30).await?;
+
+    rep.section(
+        "Attend wire bytes vs shipping the head's K+V (one KV head, 4 query heads, one decode step)",
+        &[
+            "N",
+            "mode",
+            "request bytes",
+            "response bytes",
+            "fp16 K+V bytes",
+            "K+V ÷ (request + response)",
+        ],
+    );
+    for (n, name, a, b, full) in wire {
+        rep.row(&[
+            format!("{}K", n >> 10),
+            name.into(),
+            a.to_string(),
+            b.to_string(),
+            full.to_string(),
+            format!("{:.0}", full as f64 / (a + b) as f64),
+        ]);
+    }
+    rep.note(
+        "Protobuf encoded length (prost) plus the 5-byte gRPC message prefix each way; HTTP/2 headers and frames not counted. Per KV head, here: the request is mostly the block keys (18 bytes each). One call per layer covers all its KV heads with the same keys, so with many heads the ratio tends to K+V ÷ (f32 queries + outputs) = N ÷ (2 × group): 512× at 4K, 4,096× at 32K with a group of 4 (COMPUTE.md §4's ≥ 500× at 4K and ≥ 5,000× at 32K are for full models).",
+    );
+    Ok(())
+}
+
+/// `--only attend-scan`: the dense scan alone, on its own daemon, with
+/// enough calls to profile (`perf record -p` the daemon meanwhile).
+pub async fn scan_only(rep: &mut Report, quick: bool) -> Result<()> {
+    let d = Daemon::start_with("1GiB", "")?;
+    let mut c = Client::connect(&d.endpoint()).await?;
+    let ns = c.register_layout(&layout()).await?.namespace;
+    dense_scan(rep, &mut c, ns, quick, 300).await
+}
+
+/// Dense scan rate at 32K, DRAM-resident: `calls` timed dense Attend calls
+/// over one KV head against one thread's memory-read rate.
+async fn dense_scan(
+    rep: &mut Report,
+    c: &mut Client,
+    ns: NamespaceId,
+    quick: bool,
+    calls: usize,
+) -> Result<()> {
     let n = 32usize << 10;
     let mut x = 0x2545f4914f6cdd1du64;
     let mut rnd = |len: usize| -> Vec<f32> {
@@ -430,16 +476,16 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
             .collect()
     };
     let (k, v, q) = (rnd(n * D), rnd(n * D), rnd(QUERY_HEADS * D));
-    let keys = store_head(&mut c, ns, 99, &k, &v).await?;
+    let keys = store_head(c, ns, 99, &k, &v).await?;
     let req = request(ns, AttendMode::Dense, &keys, &q);
     let bytes = full_kv_fp16_bytes(n, D);
     for _ in 0..3 {
-        attend_one(&mut c, &req).await?;
+        attend_one(c, &req).await?;
     }
-    let mut lat: Vec<Duration> = Vec::with_capacity(30);
-    for _ in 0..30 {
+    let mut lat: Vec<Duration> = Vec::with_capacity(calls);
+    for _ in 0..calls {
         let t = Instant::now();
-        let out = attend_one(&mut c, &req).await?;
+        let out = attend_one(c, &req).await?;
         lat.push(t.elapsed());
         if !out.exact || out.tokens_attended != n as u64 {
             bail!("dense Attend did not cover the {n} tokens");
@@ -473,33 +519,9 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         f2(best / mem),
     ]);
     rep.note(&format!(
-        "30 dense Attend calls of {QUERY_HEADS} query heads over one KV head, timed around the RPC on TCP loopback (nothing subtracted: RPC, pinning, verification of K and V against the summary checksums and the math); reference: sum of u64 over a pre-faulted {} MiB buffer by one thread, best of 3.",
+        "{calls} dense Attend calls of {QUERY_HEADS} query heads over one KV head, timed around the RPC on TCP loopback (nothing subtracted: RPC, pinning, verification of K and V against the summary checksums and the math); reference: sum of u64 over a pre-faulted {} MiB buffer by one thread, best of 3.",
         if quick { 256 } else { 1024 }
     ));
 
-    rep.section(
-        "Attend wire bytes vs shipping the head's K+V (one KV head, 4 query heads, one decode step)",
-        &[
-            "N",
-            "mode",
-            "request bytes",
-            "response bytes",
-            "fp16 K+V bytes",
-            "K+V ÷ (request + response)",
-        ],
-    );
-    for (n, name, a, b, full) in wire {
-        rep.row(&[
-            format!("{}K", n >> 10),
-            name.into(),
-            a.to_string(),
-            b.to_string(),
-            full.to_string(),
-            format!("{:.0}", full as f64 / (a + b) as f64),
-        ]);
-    }
-    rep.note(
-        "Protobuf encoded length (prost) plus the 5-byte gRPC message prefix each way; HTTP/2 headers and frames not counted. Per KV head, here: the request is mostly the block keys (18 bytes each). One call per layer covers all its KV heads with the same keys, so with many heads the ratio tends to K+V ÷ (f32 queries + outputs) = N ÷ (2 × group): 512× at 4K, 4,096× at 32K with a group of 4 (COMPUTE.md §4's ≥ 500× at 4K and ≥ 5,000× at 32K are for full models).",
-    );
     Ok(())
 }

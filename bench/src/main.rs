@@ -16,7 +16,8 @@
 //!   relerr vs exact attention and the oracle, read%, dense scan rate ÷
 //!   single-thread memory read, wire bytes ÷ the head's K+V
 //!   (`attend-quality`), a decode step from NVMe (`attend-nvme`), near the
-//!   data vs shipping K+V over a 2 GB/s link (`attend-link`).
+//!   data vs shipping K+V over a 2 GB/s link (`attend-link`); the dense
+//!   scan alone with 300 calls, to profile (`attend-scan`, not in `attend`).
 //! * `retrieval`: the RetrievalAttention index (pure compute): recall@100
 //!   vs scan%, search latency vs the exact scan, output relerr beside the
 //!   exact top-100; writes the data for the faiss baselines
@@ -60,7 +61,7 @@ struct Args {
     /// Retrieval: also real captured Q/K/V from this directory (testbed/capture).
     #[arg(long)]
     retrieval_real: Option<PathBuf>,
-    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme, attend, retrieval (default: all).
+    /// Sections to run: latency, zero-copy, grpc, lookup, rss, nvme, attend (attend-quality, attend-nvme, attend-link; attend-scan alone), retrieval (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Block sizes in KiB.
@@ -428,6 +429,9 @@ fn main() -> Result<()> {
     // `attend` runs its three parts; each can be picked alone.
     if want("attend") || want("attend-quality") {
         rt.block_on(attend::attend(&mut rep, args.quick))?;
+    }
+    if args.only.iter().any(|o| o == "attend-scan") {
+        rt.block_on(attend::scan_only(&mut rep, args.quick))?;
     }
     if want("attend") || want("attend-nvme") {
         rt.block_on(attend_io::nvme_steps(&mut rep, args.quick))?;
