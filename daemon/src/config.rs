@@ -215,6 +215,8 @@ pub struct ComputeSection {
     pub sparse_budget_fraction: f64,
     pub read_wave_bytes: ByteSize,
     pub promote: bool,
+    pub sketch_runs: bool,
+    pub sketch_runs_bytes: ByteSize,
 }
 
 impl Default for ComputeSection {
@@ -230,6 +232,8 @@ impl Default for ComputeSection {
             sparse_budget_fraction: 0.05,
             read_wave_bytes: ByteSize(64 << 20),
             promote: false,
+            sketch_runs: true,
+            sketch_runs_bytes: ByteSize(0),
         }
     }
 }
@@ -845,6 +849,30 @@ impl Config {
                 "needs compute.abstracts = true (a sketch is coded between the abstracts' bounds)",
             );
         }
+        // Sketch runs (attend/runs.rs): an eighth of the DRAM tier by
+        // default with key sketches (a run is 31% of the f16 K+V of the
+        // chain-layers it covers, so this covers ~40% of a full DRAM tier's
+        // KV; chains beyond it are scored block by block, as without runs).
+        let sketch_runs_bytes = match cp.sketch_runs_bytes.0 {
+            0 if !cp.key_sketch || !cp.sketch_runs => 0,
+            _ if !cp.key_sketch || !cp.sketch_runs => {
+                return bad(
+                    "compute.sketch_runs_bytes",
+                    "is set, but runs need compute.key_sketch = true and compute.sketch_runs = true (a run copies the blocks' key sketches)",
+                );
+            }
+            0 => (d.bytes.0 / 8).max(1 << 20),
+            b if !(1 << 20..=1 << 38).contains(&b) => {
+                return bad(
+                    "compute.sketch_runs_bytes",
+                    format!(
+                        "{} must be between 1MiB and 256GiB (0: an eighth of tiers.dram.bytes)",
+                        cp.sketch_runs_bytes
+                    ),
+                );
+            }
+            b => b,
+        };
         let abstracts_bytes = match cp.abstracts_bytes.0 {
             0 if cp.key_sketch => ((d.bytes.0 + nvme_bytes) / 16 * 6).max(1 << 20),
             0 => ((d.bytes.0 + nvme_bytes) / 16).max(1 << 20),
@@ -1001,6 +1029,7 @@ impl Config {
                 sparse_budget_fraction: cp.sparse_budget_fraction,
                 read_wave_bytes: cp.read_wave_bytes.0,
                 promote: cp.promote,
+                sketch_runs_bytes,
             },
             drain,
             auth,
@@ -1447,5 +1476,24 @@ mod tests {
         let r = Config::default().resolve().unwrap();
         assert_eq!(r.store.summaries.bytes, 320 << 20);
         assert!(r.store.summaries.enabled);
+        // Sketch runs: none without key sketches; an eighth of DRAM with
+        // them; a size given without them, or out of range, is refused.
+        assert_eq!(r.compute.sketch_runs_bytes, 0);
+        let c = Config::from_toml("[compute]\nkey_sketch = true\n").unwrap();
+        assert_eq!(c.resolve().unwrap().compute.sketch_runs_bytes, 128 << 20);
+        let c = Config::from_toml("[compute]\nkey_sketch = true\nsketch_runs = false\n").unwrap();
+        assert_eq!(c.resolve().unwrap().compute.sketch_runs_bytes, 0);
+        for bad in [
+            "sketch_runs_bytes = \"64MiB\"\n",
+            "key_sketch = true\nsketch_runs = false\nsketch_runs_bytes = \"64MiB\"\n",
+            "key_sketch = true\nsketch_runs_bytes = \"4KiB\"\n",
+        ] {
+            let c = Config::from_toml(&format!("[compute]\n{bad}")).unwrap();
+            assert_eq!(
+                c.resolve().unwrap_err().field,
+                "compute.sketch_runs_bytes",
+                "{bad}"
+            );
+        }
     }
 }

@@ -359,6 +359,8 @@ pub struct AttendMetrics {
     /// became of it: [applied, exact (nothing to correct), no_sums (the
     /// uncorrected answer: a block without V sums)].
     pub mean_correction: [Counter; 3],
+    /// What SPARF's sketch runs did (attend/runs.rs).
+    pub runs: crate::attend::runs::RunMetrics,
 }
 
 impl AttendMetrics {
@@ -405,6 +407,7 @@ impl AttendMetrics {
                     &[("result", result)],
                 )
             }),
+            runs: crate::attend::runs::RunMetrics::new(r),
         }
     }
 }

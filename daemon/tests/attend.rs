@@ -583,6 +583,161 @@ async fn sparf_case(sketch: bool) {
     d.stop().await;
 }
 
+/// Sketch runs (`compute.sketch_runs`, attend/runs.rs) change where
+/// SPARF's scan reads the sketches from, never the answer: bit for bit the
+/// o, lse and per-head coverage of block-by-block scoring (a second daemon
+/// with runs off, same data), on the first call (run made), the next
+/// (reused), another layer, after the chain grows (extended), with a last
+/// block attended in part, after a block inside the chain is replaced by
+/// other bytes under its key (the run copied again from there), and for a
+/// fork that shares a prefix. The metrics say which happened.
+#[tokio::test]
+async fn sparf_sketch_runs_answer_as_block_by_block() {
+    let on = start(|c| c.compute.key_sketch = true).await;
+    let off = start(|c| {
+        c.compute.key_sketch = true;
+        c.compute.sketch_runs = false;
+    })
+    .await;
+    let mut cs = [on.tcp_client().await, off.tcp_client().await];
+    let mut ns = Vec::new();
+    for c in &mut cs {
+        ns.push(c.register_layout(&layout()).await.unwrap().namespace);
+    }
+    let n = 140 * TPB;
+    let kv = Kv::random(n, 21);
+    for (c, &ns) in cs.iter_mut().zip(&ns) {
+        put(c, ns, &kv, 1, 0..64, None).await;
+    }
+    const SPARF: AttendMode = AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token: false,
+        mean_correction: false,
+    };
+    async fn both(
+        cs: &mut [Client; 2],
+        ns: &[NamespaceId],
+        layer: u32,
+        keys: Vec<BlockKey>,
+        last: Option<u32>,
+        seed: u64,
+        what: &str,
+    ) {
+        let mut outs = Vec::new();
+        for (c, &ns) in cs.iter_mut().zip(ns) {
+            let mut r = request(ns, layer, SPARF, keys.clone(), &queries(seed));
+            r.sequences[0].last_block_tokens = last;
+            outs.push(attend1(c, &r).await);
+        }
+        let (a, b) = (&outs[0], &outs[1]);
+        assert_eq!(a.o, b.o, "{what}: o");
+        assert_eq!(a.lse, b.lse, "{what}: lse");
+        assert_eq!(a.head_covered, b.head_covered, "{what}: coverage");
+        assert_eq!(
+            a.read_bytes(TierKind::Dram),
+            b.read_bytes(TierKind::Dram),
+            "{what}"
+        );
+        assert_eq!(a.abstract_bytes, b.abstract_bytes, "{what}");
+        assert!(!a.exact && a.tokens_attended > 0, "{what}");
+    }
+    let keys = |seq: u8, r: Range<usize>| -> Vec<BlockKey> { r.map(|b| key(seq, b)).collect() };
+    both(&mut cs, &ns, 0, keys(1, 0..64), None, 1, "made").await;
+    both(&mut cs, &ns, 0, keys(1, 0..64), None, 2, "reused").await;
+    both(&mut cs, &ns, 1, keys(1, 0..64), None, 3, "layer 1").await;
+    for (c, &ns) in cs.iter_mut().zip(&ns) {
+        put(c, ns, &kv, 1, 64..120, None).await;
+    }
+    both(&mut cs, &ns, 0, keys(1, 0..120), None, 4, "grown").await;
+    for (c, &ns) in cs.iter_mut().zip(&ns) {
+        put(c, ns, &kv, 1, 120..140, None).await;
+    }
+    both(
+        &mut cs,
+        &ns,
+        0,
+        keys(1, 0..140),
+        None,
+        4,
+        "grown past its room",
+    )
+    .await;
+    both(
+        &mut cs,
+        &ns,
+        0,
+        keys(1, 0..140),
+        Some(5),
+        5,
+        "last block in part",
+    )
+    .await;
+    // Block 40 replaced: other bytes under the same key, with a key the
+    // next queries attend to strongly (a stale run would miss it).
+    let mut other = Kv::random(n, 77);
+    let q6 = queries(6);
+    for h in 0..KV {
+        let j = h * (HEADS / KV);
+        other.plant(0, 40 * TPB + 3, h, &q6[j * D..(j + 1) * D], 30.0);
+    }
+    for (c, &ns) in cs.iter_mut().zip(&ns) {
+        c.delete(ns, &[key(1, 40)]).await.unwrap();
+        let data = Bytes::from(other.block(40, TPB));
+        c.put(
+            ns,
+            &[PutBlock {
+                key: key(1, 40),
+                parent: Some(key(1, 39)),
+                data,
+            }],
+        )
+        .await
+        .unwrap();
+    }
+    both(&mut cs, &ns, 0, keys(1, 0..140), None, 6, "replaced").await;
+    let out = attend1(&mut cs[0], &request(ns[0], 0, SPARF, keys(1, 0..140), &q6)).await;
+    for hc in &out.head_covered {
+        assert!(
+            hc.iter().any(|r| r.contains(&(40 * TPB as u64 + 3))),
+            "the new block 40 is chosen: {hc:?}"
+        );
+    }
+    // A fork: blocks 0..20 shared, 20..40 its own.
+    for (c, &ns) in cs.iter_mut().zip(&ns) {
+        put(c, ns, &other, 2, 20..40, None).await;
+        c.put(
+            ns,
+            &[PutBlock {
+                key: key(2, 20),
+                parent: Some(key(1, 19)),
+                data: Bytes::from(other.block(20, TPB)),
+            }],
+        )
+        .await
+        .unwrap();
+    }
+    let mut fork = keys(1, 0..20);
+    fork.extend(keys(2, 20..40));
+    both(&mut cs, &ns, 0, fork, None, 7, "fork").await;
+    let (_, m) = http_get(on.metrics, "/metrics").await;
+    // Made 64, reused 64, layer 1 64, grown 64 + 56, then 120 + 20 (past
+    // the room the run was made with: moved), in part 139 (the last block
+    // from its entry), replaced 40 + 100 (and 140 again), fork 40.
+    for (result, count) in [
+        ("reused", 64 + 64 + 120 + 139 + 40 + 140),
+        ("copied", 64 + 64 + 56 + 20 + 100 + 40),
+        ("no_room", 0),
+    ] {
+        let line = format!("strata_attend_sketch_run_blocks_total{{result=\"{result}\"}} {count}");
+        assert!(m.contains(&line), "{line}\n{m}");
+    }
+    let (_, m) = http_get(off.metrics, "/metrics").await;
+    assert!(m.contains("strata_attend_sketch_run_blocks_total{result=\"copied\"} 0"));
+    on.stop().await;
+    off.stop().await;
+}
+
 /// SparQ's mean-value correction on needle-like data (per query head a few
 /// strong keys scattered over the chain, a broad background, values with a
 /// common offset), key sketches on: the corrected answer is flagged (not

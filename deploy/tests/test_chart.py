@@ -103,9 +103,18 @@ def abstracts_bytes(cfg: dict) -> int:
     return size(cfg["compute"]["abstracts_bytes"]) or max((dram + nvme) // 16 * sixteenths, MiB)
 
 
+def sketch_runs_bytes(cfg: dict) -> int:
+    # The daemon's config.rs: with key sketches and runs, sketch_runs_bytes
+    # or an eighth of the DRAM tier.
+    c = cfg["compute"]
+    if not (c.get("key_sketch") and c.get("sketch_runs", True)):
+        return 0
+    return size(c.get("sketch_runs_bytes", "0")) or max(size(cfg["tiers"]["dram"]["bytes"]) // 8, MiB)
+
+
 def expected_memory_mib(cfg: dict, overhead: str) -> int:
     dram, nvme = size(cfg["tiers"]["dram"]["bytes"]), size(cfg["tiers"]["nvme"]["bytes"])
-    total = (dram + abstracts_bytes(cfg)
+    total = (dram + abstracts_bytes(cfg) + sketch_runs_bytes(cfg)
              + cfg["store"]["max_blocks"] * 128
              + cfg["store"]["event_buffer"] * 96
              + (cfg["tiers"]["nvme"]["io_buffers"] * size(cfg["tiers"]["nvme"]["io_buffer_bytes"]) if nvme else 0)

@@ -405,6 +405,262 @@ fn span_lse_impl(scores: &[f32], spans: &[(usize, usize)], out: &mut [f32]) {
     }
 }
 
+/// One KV head's sketches of consecutive **full** blocks laid out
+/// channel-major (a *run*: the daemon keeps one per chain and layer so that
+/// SparF's scan streams instead of gathering each block's rows): channel
+/// `c`'s codes of block `b` at `codes[c * cap * tpb + b * tpb..][..tpb]`,
+/// its box at `lo[c * cap + b]`, `hi[c * cap + b]` as f16 bits, rounded
+/// outward as the summaries keep them. Every box is finite (the daemon
+/// ends a run before a block with a non-finite one).
+#[derive(Debug, Clone, Copy)]
+pub struct SketchRun<'a> {
+    pub codes: &'a [u8],
+    pub lo: &'a [u16],
+    pub hi: &'a [u16],
+    /// Blocks a row has room for.
+    pub cap: usize,
+    pub tpb: usize,
+}
+
+/// Scratch for [`run_scores`], reused across calls.
+#[derive(Debug, Clone, Default)]
+pub struct RunScratch {
+    /// `[heads][RUN_CHUNK]` bases, `[r][heads][RUN_CHUNK]` weights and
+    /// `[heads][RUN_CHUNK * tpb]` sums of the current chunk of blocks.
+    base: Vec<f32>,
+    w: Vec<f32>,
+    acc: Vec<f32>,
+    /// The chunk's boxes of one channel (`[2][RUN_CHUNK]`, f32), and one
+    /// channel's codes as f32.
+    x: Vec<f32>,
+    row: Vec<f32>,
+}
+
+/// Blocks per pass of [`run_scores`] (at 16 tokens and 4 heads the sums are
+/// 8 KiB, in L1; each chosen channel's codes are one 512-byte stretch).
+const RUN_CHUNK: usize = 32;
+
+/// [`sketch_scores`] of blocks `blocks` of `run` (all full), into `out`
+/// (`[blocks.len() * tpb]`), bit for bit what [`sketch_scores`] gives block
+/// by block on the same codes and boxes: the same operations in the same
+/// order per token (bases over the channels in order, then one
+/// multiply-add per channel, fused exactly where [`sketch_scores`] fuses
+/// them: on its 16-token path with FMA), only batched over a chunk of
+/// blocks and reading each channel's codes as one contiguous stretch.
+#[allow(clippy::too_many_arguments)]
+pub fn run_scores(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    run: &SketchRun<'_>,
+    blocks: std::ops::Range<usize>,
+    channels: &[u32],
+    scale: f32,
+    scratch: &mut RunScratch,
+    out: &mut [f32],
+) {
+    let tpb = run.tpb;
+    assert_eq!(q.len(), heads * d, "sketch run: q is not [heads][d]");
+    assert!(
+        tpb > 0 && blocks.end <= run.cap,
+        "sketch run: blocks beyond the run"
+    );
+    assert!(
+        run.codes.len() >= d * run.cap * tpb
+            && run.lo.len() >= d * run.cap
+            && run.hi.len() >= d * run.cap,
+        "sketch run: rows shorter than [d][cap]"
+    );
+    assert!(
+        channels.iter().all(|&c| (c as usize) < d),
+        "sketch run: channel out of range"
+    );
+    assert_eq!(
+        out.len(),
+        blocks.len() * tpb,
+        "sketch run: out is not [blocks][tpb]"
+    );
+    let r = channels.len();
+    let sc = scratch;
+    sc.base.resize(heads * RUN_CHUNK, 0.0);
+    sc.w.resize(r * heads * RUN_CHUNK, 0.0);
+    sc.acc.resize(heads * RUN_CHUNK * tpb, 0.0);
+    sc.x.resize(2 * RUN_CHUNK, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        unsafe { run_scores_avx2(q, heads, d, run, blocks, channels, scale, sc, out) };
+        return;
+    }
+    run_scores_impl::<false>(q, heads, d, run, blocks, channels, scale, sc, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_scores_avx2(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    run: &SketchRun<'_>,
+    blocks: std::ops::Range<usize>,
+    channels: &[u32],
+    scale: f32,
+    sc: &mut RunScratch,
+    out: &mut [f32],
+) {
+    run_scores_impl::<true>(q, heads, d, run, blocks, channels, scale, sc, out);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn run_scores_impl<const FMA: bool>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    run: &SketchRun<'_>,
+    blocks: std::ops::Range<usize>,
+    channels: &[u32],
+    scale: f32,
+    sc: &mut RunScratch,
+    out: &mut [f32],
+) {
+    let (tpb, cap) = (run.tpb, run.cap);
+    let mut b0 = blocks.start;
+    while b0 < blocks.end {
+        let cb = RUN_CHUNK.min(blocks.end - b0);
+        let toks = cb * tpb;
+        // Bases and weights of the chunk's blocks: per channel, its boxes
+        // as one stretch (converted 8 at a time with F16C).
+        let base = &mut sc.base[..heads * cb];
+        base.fill(0.0);
+        let (lo, hi) = sc.x.split_at_mut(RUN_CHUNK);
+        for (j, &c) in channels.iter().enumerate() {
+            let at = c as usize * cap + b0;
+            let (lo, hi) = (&mut lo[..cb], &mut hi[..cb]);
+            // SAFETY: f16 is a u16 bit pattern of the same size.
+            let as_f16 = |b: &[u16]| unsafe {
+                std::slice::from_raw_parts(b.as_ptr() as *const half::f16, b.len())
+            };
+            simd::widen::<half::f16, FMA>(as_f16(&run.lo[at..at + cb]), lo);
+            simd::widen::<half::f16, FMA>(as_f16(&run.hi[at..at + cb]), hi);
+            for (h_, hv) in hi.iter_mut().zip(lo.iter()) {
+                *h_ = step(*hv, *h_);
+            }
+            let w = &mut sc.w[j * heads * cb..(j + 1) * heads * cb];
+            for h in 0..heads {
+                let qc = q[h * d + c as usize];
+                for ((bv, wv), (&l, &st)) in base[h * cb..(h + 1) * cb]
+                    .iter_mut()
+                    .zip(&mut w[h * cb..(h + 1) * cb])
+                    .zip(lo.iter().zip(hi.iter()))
+                {
+                    *bv += qc * l;
+                    *wv = qc * st;
+                }
+            }
+        }
+        let acc = &mut sc.acc[..heads * toks];
+        if tpb == FIXED {
+            chunk_sums::<FMA, FIXED>(acc, base, &sc.w, &mut sc.row, run, b0, cb, channels, heads);
+        } else {
+            chunk_sums::<false, 0>(acc, base, &sc.w, &mut sc.row, run, b0, cb, channels, heads);
+        }
+        let o = &mut out[(b0 - blocks.start) * tpb..(b0 - blocks.start) * tpb + toks];
+        o.copy_from_slice(&acc[..toks]);
+        for h in 1..heads {
+            for (x, &y) in o.iter_mut().zip(&acc[h * toks..(h + 1) * toks]) {
+                *x = if y > *x { y } else { *x };
+            }
+        }
+        for x in o.iter_mut() {
+            *x *= scale;
+        }
+        b0 += cb;
+    }
+}
+
+/// `a[t] = fma(w, x[t], a[t])` for 16 floats.
+///
+/// # Safety
+/// AVX2+FMA; `a` and `x` point at 16 floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fma16(a: *mut f32, w: f32, x: *const f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the contract.
+    unsafe {
+        let wv = _mm256_set1_ps(w);
+        for o in [0, 8] {
+            let av = _mm256_loadu_ps(a.add(o));
+            _mm256_storeu_ps(a.add(o), _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(o)), av));
+        }
+    }
+}
+
+/// The sums of a chunk: `acc[h][b][t] = base[h][b] + sum_j w[j][h][b] *
+/// code_j[b][t]`, channels in order. `T`: the block's tokens when fixed at
+/// compile time ([`FIXED`], multiply-adds fused when `FMA`, as the
+/// per-block 16-token path does), 0 for any (plain multiply and add, as its
+/// general path does).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn chunk_sums<const FMA: bool, const T: usize>(
+    acc: &mut [f32],
+    base: &[f32],
+    w: &[f32],
+    row: &mut Vec<f32>,
+    run: &SketchRun<'_>,
+    b0: usize,
+    cb: usize,
+    channels: &[u32],
+    heads: usize,
+) {
+    let (tpb, cap) = (run.tpb, run.cap);
+    let toks = cb * tpb;
+    for h in 0..heads {
+        for b in 0..cb {
+            acc[h * toks + b * tpb..h * toks + (b + 1) * tpb].fill(base[h * cb + b]);
+        }
+    }
+    row.resize(toks, 0.0);
+    for (j, &c) in channels.iter().enumerate() {
+        let at = c as usize * cap * tpb + b0 * tpb;
+        for (xv, &v) in row.iter_mut().zip(&run.codes[at..at + toks]) {
+            *xv = v as f32;
+        }
+        let w = &w[j * heads * cb..(j + 1) * heads * cb];
+        for h in 0..heads {
+            let a = &mut acc[h * toks..(h + 1) * toks];
+            let wh = &w[h * cb..(h + 1) * cb];
+            if T > 0 {
+                for ((ab, xb), &wb) in a.chunks_exact_mut(T).zip(row.chunks_exact(T)).zip(wh) {
+                    let ab: &mut [f32; T] = ab.try_into().expect("T tokens");
+                    let xb: &[f32; T] = xb.try_into().expect("T tokens");
+                    #[cfg(target_arch = "x86_64")]
+                    if FMA && T == 16 {
+                        // LLVM leaves `mul_add` over the array scalar;
+                        // the same fused operations, 8 lanes at a time.
+                        // SAFETY: FMA is set only inside the AVX2+FMA
+                        // function; both arrays hold 16 floats.
+                        unsafe { fma16(ab.as_mut_ptr(), wb, xb.as_ptr()) };
+                        continue;
+                    }
+                    for t in 0..T {
+                        ab[t] = simd::fmadd::<FMA>(wb, xb[t], ab[t]);
+                    }
+                }
+            } else {
+                for ((ab, xb), &wb) in a.chunks_exact_mut(tpb).zip(row.chunks_exact(tpb)).zip(wh) {
+                    for (av, &xv) in ab.iter_mut().zip(xb) {
+                        *av += wb * xv;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +831,95 @@ mod tests {
 
     /// A constant channel (empty box) decodes exactly; a non-finite box
     /// among the chosen channels is refused.
+    /// A run (channel-major over blocks) scores every block bit for bit as
+    /// `sketch_scores` does block by block: 16-token blocks (the fused
+    /// path) and 8-token ones (the general path), chunk boundaries crossed,
+    /// a sub-range of blocks, repeated channels.
+    #[test]
+    fn run_scores_equal_block_by_block_scores() {
+        for (tpb, blocks, heads) in [(16, 77, 4), (8, 40, 3), (16, 3, 1)] {
+            let (d, cap) = (32, blocks + 5);
+            let mut rng = Rng::new(tpb as u64 + blocks as u64);
+            let q = rng.normal_vec(heads * d, 1.0);
+            let channels = [3u32, 17, 0, 31, 17, 9];
+            let mut codes = vec![0u8; d * cap * tpb];
+            let (mut lo16, mut hi16) = (vec![0u16; d * cap], vec![0u16; d * cap]);
+            let mut per_block = Vec::new();
+            for b in 0..blocks {
+                let k: Vec<f16> = rng.normal_kv(tpb * d, 1.0 + b as f64 * 0.1);
+                let (lo, hi) = bounds(&k, 1, 0, d);
+                // As the store keeps them: f16, rounded outward.
+                let lo: Vec<f32> = lo
+                    .iter()
+                    .map(|&x| crate::elem::f16_round_down(x).to_f32())
+                    .collect();
+                let hi: Vec<f32> = hi
+                    .iter()
+                    .map(|&x| crate::elem::f16_round_up(x).to_f32())
+                    .collect();
+                let mut c = vec![0u8; d * tpb];
+                let mut row = vec![0f32; d];
+                encode(&k, 1, 0, d, &lo, &hi, tpb, &mut row, &mut c);
+                for i in 0..d {
+                    codes[i * cap * tpb + b * tpb..][..tpb]
+                        .copy_from_slice(&c[i * tpb..(i + 1) * tpb]);
+                    lo16[i * cap + b] = f16::from_f32(lo[i]).to_bits();
+                    hi16[i * cap + b] = f16::from_f32(hi[i]).to_bits();
+                }
+                per_block.push((c, lo, hi));
+            }
+            let run = SketchRun {
+                codes: &codes,
+                lo: &lo16,
+                hi: &hi16,
+                cap,
+                tpb,
+            };
+            let mut rs = RunScratch::default();
+            for range in [0..blocks, 1..blocks.min(35)] {
+                let mut got = vec![0f32; range.len() * tpb];
+                run_scores(
+                    &q,
+                    heads,
+                    d,
+                    &run,
+                    range.clone(),
+                    &channels,
+                    0.3,
+                    &mut rs,
+                    &mut got,
+                );
+                let mut acc = SketchScratch::new();
+                for b in range.clone() {
+                    let (c, lo, hi) = &per_block[b];
+                    let clo: Vec<f32> = channels.iter().map(|&ch| lo[ch as usize]).collect();
+                    let chi: Vec<f32> = channels.iter().map(|&ch| hi[ch as usize]).collect();
+                    let s = Sketch {
+                        codes: c,
+                        stride: tpb,
+                        n: tpb,
+                        lo: &clo,
+                        hi: &chi,
+                    };
+                    let mut want = vec![0f32; tpb];
+                    assert!(sketch_scores(
+                        &q, heads, d, &s, &channels, 0.3, &mut acc, &mut want
+                    ));
+                    let at = (b - range.start) * tpb;
+                    for t in 0..tpb {
+                        assert_eq!(
+                            got[at + t].to_bits(),
+                            want[t].to_bits(),
+                            "tpb {tpb} block {b} token {t}: {} vs {}",
+                            got[at + t],
+                            want[t]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn flat_and_non_finite_channels() {
         let d = 4;

@@ -17,7 +17,8 @@ use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
 use strata_kernels::sketch::{
-    Sketch, SketchScratch, sketch_scores, sketch_scores_with_heads, span_lse,
+    RunScratch, Sketch, SketchScratch, run_scores, sketch_scores, sketch_scores_with_heads,
+    span_lse,
 };
 use strata_kernels::sparf::{
     HeadScores, SparfScratch, chosen_mass, mean_correct, score_temperature, sparf_scores_head,
@@ -30,6 +31,7 @@ use tokio::sync::Semaphore;
 
 use super::AttendConfig;
 use super::fetch::{Got, Need, What, fetch};
+use super::runs::SketchRuns;
 use super::summary::Geom;
 use crate::metrics::AttendMetrics;
 use crate::store::{ChainPin, Store, StoreError, tiering};
@@ -47,6 +49,8 @@ pub struct AttendCtx {
     /// Calls admitted (running or waiting).
     inflight: Arc<Semaphore>,
     metrics: AttendMetrics,
+    /// SPARF's per-chain sketch runs (`compute.sketch_runs_bytes`).
+    runs: Option<Arc<SketchRuns>>,
 }
 
 impl std::fmt::Debug for AttendCtx {
@@ -56,13 +60,19 @@ impl std::fmt::Debug for AttendCtx {
 }
 
 impl AttendCtx {
-    pub fn new(cfg: AttendConfig, metrics: AttendMetrics) -> Self {
-        AttendCtx {
+    /// Fails only when the sketch-run region cannot be mapped.
+    pub fn new(cfg: AttendConfig, metrics: AttendMetrics) -> std::io::Result<Self> {
+        let runs = match cfg.sketch_runs_bytes {
+            0 => None,
+            b => Some(Arc::new(SketchRuns::new(b, metrics.runs.clone())?)),
+        };
+        Ok(AttendCtx {
             compute: Arc::new(Semaphore::new(cfg.threads.max(1))),
             inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
             cfg,
             metrics,
-        }
+            runs,
+        })
     }
 
     /// Admits one call, or refuses it (`compute.max_inflight`).
@@ -1301,6 +1311,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
     // Channels per KV head; scores per KV head over all tokens, first of
     // the blocks with a sketch (`need`: those without).
     let correct = seq.req.sparf_mean_correction;
+    let runs = ctx.runs.clone();
     let (mut seq, channels, mut scores, mut each, need, sketch_bytes) = ctx
         .blocking(move || {
             let mut sc = SparfScratch::new(g, d, 0);
@@ -1325,6 +1336,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                 total,
                 &mut scores,
                 correct.then_some(&mut each[..]),
+                runs.as_deref(),
             );
             (seq, channels, scores, each, need, bytes)
         })
@@ -1521,6 +1533,12 @@ fn mean_correction(
 /// not finite) and the sketch bytes read (the r code rows and their
 /// bounds, per KV head). `each`: `[heads][total]` scores of every query
 /// head of its own, when the mean-value correction needs them.
+///
+/// With sketch runs (and no correction: runs give only the group's max),
+/// the leading blocks that the chain's run covers are scored from it in
+/// one streaming pass, bit for bit as block by block ([`super::runs`]);
+/// the rest block by block.
+#[allow(clippy::too_many_arguments)]
 fn score_sketches(
     seq: &Seq,
     channels: &[u32],
@@ -1528,6 +1546,7 @@ fn score_sketches(
     total: usize,
     scores: &mut [f32],
     mut each: Option<&mut [f32]>,
+    runs: Option<&SketchRuns>,
 ) -> (Vec<usize>, u64) {
     let geom = seq.req.geom;
     let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
@@ -1538,14 +1557,51 @@ fn score_sketches(
     let mut acc = SketchScratch::new();
     let (mut need, mut bytes) = (Vec::new(), 0u64);
     let present = seq.present();
+    let mut first = 0;
+    if let (Some(runs), None) = (runs, each.as_ref()) {
+        let covered = runs.with_run(
+            seq.req.namespace,
+            layer,
+            geom,
+            &seq.pin.blocks,
+            present,
+            &seq.tokens,
+            |i| seq.pin.summary(i, geom),
+            |view| {
+                let (m, tpb) = (view.covered, geom.tokens_per_block as usize);
+                let mut rs = RunScratch::default();
+                for h in 0..kv {
+                    // Covered blocks are full and lead the chain: tokens
+                    // 0..m * tpb.
+                    run_scores(
+                        &s.q[h * g * d..(h + 1) * g * d],
+                        g,
+                        d,
+                        &view.head(h),
+                        0..m,
+                        &channels[h * r..(h + 1) * r],
+                        seq.req.scale,
+                        &mut rs,
+                        &mut scores[h * total..h * total + m * tpb],
+                    );
+                }
+                m
+            },
+        );
+        if let Some(m) = covered {
+            first = m;
+            let tpb = geom.tokens_per_block as u64;
+            bytes += m as u64 * kv as u64 * (r as u64 * tpb + 4 * r as u64);
+        }
+    }
     // The rows a block needs are scattered over its entry (and entries over
     // the region): ask for them a few blocks ahead, so that the misses
     // overlap instead of stalling one after another.
     const AHEAD: usize = 4;
-    for i in 0..AHEAD.min(present) {
+    for i in first..(first + AHEAD).min(present) {
         prefetch_sketch(seq, i, channels, r);
     }
-    for i in 0..present {
+    for i in first..present {
         if i + AHEAD < present {
             prefetch_sketch(seq, i + AHEAD, channels, r);
         }

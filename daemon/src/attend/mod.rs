@@ -16,6 +16,10 @@
 //!   bounded waves (DRAM in place; NVMe through the tier's I/O engine, only
 //!   the layer's 4 KiB-aligned ranges, coalesced), verification, and the
 //!   math on a bounded blocking pool.
+//! * [`runs`]: per chain and layer, the blocks' key sketches copied
+//!   channel-major (`compute.sketch_runs_bytes`), so that SparF's channel
+//!   scan streams; derived ranking data, checked block by block against the
+//!   pinned chain before use.
 //!
 //! Invariants:
 //! * every block is pinned while it is read; a missing block ends the
@@ -31,6 +35,7 @@
 
 pub mod exec;
 mod fetch;
+pub mod runs;
 pub mod summary;
 #[cfg(test)]
 mod tests;
@@ -73,6 +78,8 @@ pub struct AttendConfig {
     pub read_wave_bytes: u64,
     /// Promote NVMe-only blocks into DRAM before reading them.
     pub promote: bool,
+    /// Region of the sketch runs ([`runs`]); 0: none.
+    pub sketch_runs_bytes: u64,
 }
 
 impl Default for AttendConfig {
@@ -85,6 +92,7 @@ impl Default for AttendConfig {
             sparse_budget_fraction: 0.05,
             read_wave_bytes: 64 << 20,
             promote: false,
+            sketch_runs_bytes: 0,
         }
     }
 }

@@ -68,6 +68,10 @@ pub enum StartError {
     Dram(#[from] DramError),
     #[error("opening tiers: {0}")]
     Task(String),
+    #[error(
+        "cannot map the sketch-run region of compute.sketch_runs_bytes ({bytes} bytes): {source}; lower it or raise the memory limit"
+    )]
+    SketchRuns { bytes: u64, source: std::io::Error },
     #[error(transparent)]
     Tokens(#[from] auth::TokensError),
     #[error("{what} {path}: {source}")]
@@ -403,10 +407,16 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         server_metrics.clone(),
     );
     let max_msg = s.max_message_bytes.0 as usize;
-    let attend = Arc::new(crate::attend::exec::AttendCtx::new(
-        r.compute.clone(),
-        crate::metrics::AttendMetrics::new(&registry),
-    ));
+    let attend = Arc::new(
+        crate::attend::exec::AttendCtx::new(
+            r.compute.clone(),
+            crate::metrics::AttendMetrics::new(&registry),
+        )
+        .map_err(|source| StartError::SketchRuns {
+            bytes: r.compute.sketch_runs_bytes,
+            source,
+        })?,
+    );
     let retrieval = Arc::new(crate::retrieval::Registry::new(
         r.retrieval.clone(),
         attend.clone(),

@@ -134,6 +134,13 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- $runs := 0 -}}
+{{- if and $c.compute.key_sketch $c.compute.sketch_runs -}}
+{{- $runs = include "strata.bytes" $c.compute.sketch_runs_bytes | int64 -}}
+{{- if eq $runs 0 -}}
+{{- $runs = max (div $dram 8) 1048576 -}}
+{{- end -}}
+{{- end -}}
 {{- $index := mul (int64 $c.store.max_blocks) 128 -}}
 {{- $events := mul (int64 $c.store.event_buffer) 96 -}}
 {{- $io := 0 -}}
@@ -142,7 +149,7 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- end -}}
 {{- $puts := include "strata.bytes" $c.server.max_inflight_put_bytes | int64 -}}
 {{- $overhead := include "strata.bytes" .Values.resources.memoryOverhead | int64 -}}
-{{- $total := add $dram $abstracts $index $events $io $puts $overhead -}}
+{{- $total := add $dram $abstracts $runs $index $events $io $puts $overhead -}}
 {{- div (add $total 1048575) 1048576 -}}
 {{- end -}}
 
