@@ -204,6 +204,24 @@ pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     s
 }
 
+/// The sum of `exp(x - m)` over `x`, 8 lanes at a time (as
+/// [`exp_sub_sum`], leaving `x` as it is).
+#[inline(always)]
+pub(crate) fn sum_exp_sub(x: &[f32], m: f32) -> f32 {
+    let (c, r) = x.as_chunks::<W>();
+    let mut acc = [0.0f32; W];
+    for v in c {
+        for i in 0..W {
+            acc[i] += exp_approx(v[i] - m);
+        }
+    }
+    let mut s = hsum(acc);
+    for v in r {
+        s += exp_approx(*v - m);
+    }
+    s
+}
+
 /// exp(x) for x <= 88.7, within 3 ulp (Cephes `expf`: range reduction by
 /// ln 2 split in two, degree-6 polynomial, exponent built from the integer
 /// bits). Below -87.3 the result is 0 (the true value would be subnormal),

@@ -393,14 +393,11 @@ fn span_lse_impl(scores: &[f32], spans: &[(usize, usize)], out: &mut [f32]) {
     for (o, &(start, n)) in out.iter_mut().zip(spans) {
         let x = &scores[start..start + n];
         let m = simd::max(x);
+        // The sum in 8 lanes (a serial sum left the exponentials scalar).
         *o = if m == f32::NEG_INFINITY {
             m
         } else {
-            let mut sum = 0.0f32;
-            for &v in x {
-                sum += simd::exp_approx(v - m);
-            }
-            m + sum.ln()
+            m + simd::sum_exp_sub(x, m).ln()
         };
     }
 }
@@ -560,13 +557,21 @@ fn run_scores_impl<const FMA: bool>(
                 }
             }
         }
+        let o = &mut out[(b0 - blocks.start) * tpb..(b0 - blocks.start) * tpb + toks];
+        #[cfg(target_arch = "x86_64")]
+        if FMA && tpb == FIXED {
+            // SAFETY: FMA is set only inside the AVX2+FMA function; the
+            // lengths are those checked by `run_scores`.
+            unsafe { blocks16(o, base, &sc.w, run, b0, cb, channels, heads, scale) };
+            b0 += cb;
+            continue;
+        }
         let acc = &mut sc.acc[..heads * toks];
         if tpb == FIXED {
             chunk_sums::<FMA, FIXED>(acc, base, &sc.w, &mut sc.row, run, b0, cb, channels, heads);
         } else {
             chunk_sums::<false, 0>(acc, base, &sc.w, &mut sc.row, run, b0, cb, channels, heads);
         }
-        let o = &mut out[(b0 - blocks.start) * tpb..(b0 - blocks.start) * tpb + toks];
         o.copy_from_slice(&acc[..toks]);
         for h in 1..heads {
             for (x, &y) in o.iter_mut().zip(&acc[h * toks..(h + 1) * toks]) {
@@ -580,20 +585,114 @@ fn run_scores_impl<const FMA: bool>(
     }
 }
 
-/// `a[t] = fma(w, x[t], a[t])` for 16 floats.
+/// The 16-token path of [`run_scores_impl`] with FMA: per block, the sums
+/// of up to four heads in registers across all channels (the codes of a
+/// channel converted once per block and group of heads), then the maximum
+/// over heads in head order and the scale: the operations of the per-block
+/// 16-token path, in its order.
 ///
 /// # Safety
-/// AVX2+FMA; `a` and `x` point at 16 floats.
+/// AVX2+FMA; `o` is `[cb][16]`, `base` `[heads][cb]`, `w` `[r][heads][cb]`,
+/// and the run's rows hold blocks `b0..b0 + cb`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn fma16(a: *mut f32, w: f32, x: *const f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocks16(
+    o: &mut [f32],
+    base: &[f32],
+    w: &[f32],
+    run: &SketchRun<'_>,
+    b0: usize,
+    cb: usize,
+    channels: &[u32],
+    heads: usize,
+    scale: f32,
+) {
     use std::arch::x86_64::*;
-    // SAFETY: per the contract.
+    assert!(o.len() >= cb * FIXED && base.len() >= heads * cb);
+    assert!(w.len() >= channels.len() * heads * cb);
+    let row = run.cap * FIXED;
+    assert!(
+        channels
+            .iter()
+            .all(|&c| (c as usize + 1) * row <= run.codes.len())
+    );
+    assert!((b0 + cb) * FIXED <= row);
+    // SAFETY: every access below is within the lengths asserted above.
     unsafe {
-        let wv = _mm256_set1_ps(w);
-        for o in [0, 8] {
-            let av = _mm256_loadu_ps(a.add(o));
-            _mm256_storeu_ps(a.add(o), _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(o)), av));
+        for b in 0..cb {
+            let mut m = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+            let mut h = 0;
+            while h < heads {
+                match heads - h {
+                    1 => group16::<1>(
+                        &mut m, base, w, run.codes, row, b0, b, cb, channels, heads, h,
+                    ),
+                    2 => group16::<2>(
+                        &mut m, base, w, run.codes, row, b0, b, cb, channels, heads, h,
+                    ),
+                    3 => group16::<3>(
+                        &mut m, base, w, run.codes, row, b0, b, cb, channels, heads, h,
+                    ),
+                    _ => group16::<4>(
+                        &mut m, base, w, run.codes, row, b0, b, cb, channels, heads, h,
+                    ),
+                }
+                h += 4;
+            }
+            let s = _mm256_set1_ps(scale);
+            _mm256_storeu_ps(o.as_mut_ptr().add(b * FIXED), _mm256_mul_ps(m[0], s));
+            _mm256_storeu_ps(o.as_mut_ptr().add(b * FIXED + 8), _mm256_mul_ps(m[1], s));
+        }
+    }
+}
+
+/// Heads `h..h + NH` of block `b` of [`blocks16`], folded into the running
+/// maximum `m`.
+///
+/// # Safety
+/// As for [`blocks16`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group16<const NH: usize>(
+    m: &mut [std::arch::x86_64::__m256; 2],
+    base: &[f32],
+    w: &[f32],
+    codes: &[u8],
+    row: usize,
+    b0: usize,
+    b: usize,
+    cb: usize,
+    channels: &[u32],
+    heads: usize,
+    h: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the caller's contract.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; NH];
+        for (i, a) in acc.iter_mut().enumerate() {
+            let v = _mm256_set1_ps(*base.get_unchecked((h + i) * cb + b));
+            *a = [v, v];
+        }
+        let wp = w.as_ptr();
+        for (j, &c) in channels.iter().enumerate() {
+            let p = codes.as_ptr().add(c as usize * row + (b0 + b) * FIXED);
+            let x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)));
+            let x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                p.add(8) as *const __m128i
+            )));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_set1_ps(*wp.add((j * heads + h + i) * cb + b));
+                a[0] = _mm256_fmadd_ps(wv, x0, a[0]);
+                a[1] = _mm256_fmadd_ps(wv, x1, a[1]);
+            }
+        }
+        for a in &acc {
+            // `if a > m { a } else { m }`, lane by lane.
+            m[0] = _mm256_max_ps(a[0], m[0]);
+            m[1] = _mm256_max_ps(a[1], m[1]);
         }
     }
 }
@@ -637,15 +736,6 @@ fn chunk_sums<const FMA: bool, const T: usize>(
                 for ((ab, xb), &wb) in a.chunks_exact_mut(T).zip(row.chunks_exact(T)).zip(wh) {
                     let ab: &mut [f32; T] = ab.try_into().expect("T tokens");
                     let xb: &[f32; T] = xb.try_into().expect("T tokens");
-                    #[cfg(target_arch = "x86_64")]
-                    if FMA && T == 16 {
-                        // LLVM leaves `mul_add` over the array scalar;
-                        // the same fused operations, 8 lanes at a time.
-                        // SAFETY: FMA is set only inside the AVX2+FMA
-                        // function; both arrays hold 16 floats.
-                        unsafe { fma16(ab.as_mut_ptr(), wb, xb.as_ptr()) };
-                        continue;
-                    }
                     for t in 0..T {
                         ab[t] = simd::fmadd::<FMA>(wb, xb[t], ab[t]);
                     }
@@ -837,7 +927,7 @@ mod tests {
     /// a sub-range of blocks, repeated channels.
     #[test]
     fn run_scores_equal_block_by_block_scores() {
-        for (tpb, blocks, heads) in [(16, 77, 4), (8, 40, 3), (16, 3, 1)] {
+        for (tpb, blocks, heads) in [(16, 77, 4), (8, 40, 3), (16, 3, 1), (16, 50, 6)] {
             let (d, cap) = (32, blocks + 5);
             let mut rng = Rng::new(tpb as u64 + blocks as u64);
             let q = rng.normal_vec(heads * d, 1.0);
