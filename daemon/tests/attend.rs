@@ -1178,9 +1178,10 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
     let nb = out.read_blocks(TierKind::Nvme) as u64;
     assert!(nb as usize >= on_nvme / 2, "{nb} blocks read from NVMe");
     assert_eq!(nb + out.read_blocks(TierKind::Dram) as u64, blocks as u64);
-    // A record is 128 bytes of header + 16 KiB: layer 1's K and V span
-    // payload [8 KiB, 16 KiB), which is 3 pages on disk.
-    assert_eq!(out.read_bytes(TierKind::Nvme), nb * 12288);
+    // A record is a header page + 16 KiB (format v2: the payload at byte
+    // 4096): layer 1's K and V span payload [8 KiB, 16 KiB), exactly 2
+    // pages on disk: 100% of the layer's bytes (v1 records read 3 pages).
+    assert_eq!(out.read_bytes(TierKind::Nvme), nb * LAYER_BYTES);
     // Nothing was promoted for Attend.
     let l = c.lookup(ns, &keys, 0).await.unwrap();
     assert!(l.tiers.iter().filter(|t| **t == TierKind::Nvme).count() + 8 >= on_nvme);

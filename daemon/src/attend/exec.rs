@@ -34,7 +34,6 @@ use super::summary::Geom;
 use crate::metrics::AttendMetrics;
 use crate::store::{ChainPin, Store, StoreError, tiering};
 use crate::tier::nvme::NvmeError;
-use crate::tier::nvme::format::record_span;
 
 // Payloads are little-endian; kernels read them in place.
 const _: () = assert!(cfg!(target_endian = "little"));
@@ -735,7 +734,7 @@ fn waves(seq: &Seq, blocks: &[usize], want: Want, wave_bytes: u64) -> Vec<Vec<us
         let cost = match need_of(seq, i, want) {
             Some(n) => match &n.what {
                 What::Span(r) => r.len() as u64 + 8192,
-                What::Record(e) => record_span(e.len as usize) as u64,
+                What::Record(e) => n.loc.span(e.len) as u64,
             },
             None => 0,
         };
@@ -1028,9 +1027,11 @@ async fn promote(seq: &mut Seq, blocks: &[usize]) {
     seq.pin.refresh_dram();
     for &i in blocks {
         let b = &seq.pin.blocks[i];
-        if b.dram.is_some() && refs.contains(&b.r) {
-            let len = record_span(b.len as usize) as u64;
-            seq.count(i, TierKind::Nvme, len);
+        if b.dram.is_some()
+            && refs.contains(&b.r)
+            && let Some((_, loc)) = &b.nvme
+        {
+            seq.count(i, TierKind::Nvme, loc.span(b.len as u32) as u64);
         }
     }
 }
