@@ -444,6 +444,7 @@ async fn attend_dense(
         sparf_tokens: None,
         sparf_by_token: false,
         sparf_mean_correction: false,
+        sparf_joint_heads: false,
         retrieval: RetrievalParams::default(),
     };
     let checked = super::exec::check(req, l, &cfg).unwrap();
