@@ -176,6 +176,7 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
         retrieval_ef: 0,
         sparf_by_token: false,
         sparf_mean_correction,
+        sparf_joint_heads: false,
     };
     let ranges = |r: &[Range<u64>]| -> Vec<pb::TokenRange> {
         r.iter()
@@ -336,6 +337,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         tokens: None,
                         by_token: false,
                         mean_correction: false,
+                        joint_heads: false,
                     },
                 ),
                 (
@@ -345,6 +347,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         tokens: None,
                         by_token: false,
                         mean_correction: true,
+                        joint_heads: false,
                     },
                 ),
                 (
@@ -354,6 +357,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         tokens: None,
                         by_token: true,
                         mean_correction: false,
+                        joint_heads: false,
                     },
                 ),
             ];

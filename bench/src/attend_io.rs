@@ -8,6 +8,13 @@
 //!   whole KV from the same disk through the daemon (a stream Get of every
 //!   block, as an engine that reloads its cache would; its attention math
 //!   is not counted, which favours the reference).
+//!   SPARF chooses per KV head by default, so it reads the union of the
+//!   heads' blocks (a record's layer range holds every KV head); with
+//!   `sparf_joint_heads` one choice for the layer. **Which blocks across
+//!   KV heads**: the same daemon also holds one layer of two independent
+//!   KV heads of COMPUTE.md §2 data (`strata-testdata`), and per-head and
+//!   joint choices at two budgets each are compared by the true softmax
+//!   mass of what each query head attended and the NVMe bytes read.
 //! * **Near the data vs shipping the KV over a 2 GB/s link**: a TCP proxy
 //!   in this process paces every byte each way at 2 GB/s (a link with no
 //!   burst credit); a batch of sequences is attended for one layer either
@@ -27,6 +34,8 @@ use strata_client::attend::{AttendMode, AttendRequest, AttendSequence, SparseBud
 use strata_client::{Client, PutBlock};
 use strata_kernels::attention::{AttnParams, AttnScratch, Tokens, merge_into, partial_attention};
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind};
+use strata_testdata::metrics::Exact;
+use strata_testdata::{Config, Generator, HeadData, Regime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -119,6 +128,63 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
+/// `kv` independent KV heads of §2 data (`regime`, `n` tokens, `GROUP`
+/// query heads each, seeds 1, 2, ...), K and V rounded to f16 as stored.
+fn heads_data(regime: Regime, n: usize, kv: usize) -> Result<Vec<HeadData>> {
+    (0..kv)
+        .map(|h| {
+            let mut cfg = Config::new(regime, n, 1 + h as u64);
+            cfg.query_heads = GROUP;
+            cfg.train_queries = 0;
+            let mut d = Generator::new(cfg)
+                .map_err(|e| anyhow::anyhow!("generator: {e}"))?
+                .generate()
+                .data;
+            for x in d.keys.iter_mut().chain(d.values.iter_mut()) {
+                *x = f16::from_f32(*x).to_f32();
+            }
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Stores `heads` as one layer of a `heads.len()`-KV-head layout (block:
+/// K `[TPB][kv][D]` then V, f16); returns the chain's keys.
+async fn put_heads(
+    c: &mut Client,
+    ns: NamespaceId,
+    tag: u32,
+    heads: &[HeadData],
+) -> Result<Vec<BlockKey>> {
+    let (n, kv) = (heads[0].n, heads.len());
+    let blocks = n / TPB;
+    let keys: Vec<BlockKey> = (0..blocks as u32).map(|i| key(0x100 + tag, i)).collect();
+    let mut puts = Vec::with_capacity(64);
+    for (b, k) in keys.iter().enumerate() {
+        let mut data = Vec::with_capacity(2 * TPB * kv * D * 2);
+        for tensor in 0..2 {
+            for t in b * TPB..(b + 1) * TPB {
+                for h in heads {
+                    let src = if tensor == 0 { &h.keys } else { &h.values };
+                    for x in &src[t * D..(t + 1) * D] {
+                        data.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+                    }
+                }
+            }
+        }
+        puts.push(PutBlock {
+            key: *k,
+            parent: (b > 0).then(|| keys[b - 1]),
+            data: Bytes::from(data),
+        });
+        if puts.len() == 64 || b + 1 == blocks {
+            c.put(ns, &puts).await?;
+            puts.clear();
+        }
+    }
+    Ok(keys)
+}
+
 /// One decode step from NVMe: sparse and dense Attend per layer vs loading
 /// the whole KV from the same disk.
 pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
@@ -133,6 +199,18 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     let mut c = Client::connect(&d.endpoint()).await?;
     let ns = c.register_layout(&lay).await?.namespace;
     let keys = fill(&mut c, ns, 1, blocks, block_bytes).await?.remove(0);
+    // Two KV heads of §2 data per regime, one layer, for the block choice
+    // across heads.
+    let heads_n = if quick { 4 << 10 } else { 16 << 10 };
+    let heads_lay = layout("bench/attend-nvme-heads", 1, 2);
+    let heads_ns = c.register_layout(&heads_lay).await?.namespace;
+    let mut heads_sets = Vec::new();
+    for (tag, regime) in [Regime::Semantic, Regime::Needle].into_iter().enumerate() {
+        let data = heads_data(regime, heads_n, 2)?;
+        let chain = put_heads(&mut c, heads_ns, tag as u32, &data).await?;
+        heads_sets.push((regime, data, chain));
+    }
+    let stored = blocks as u64 + 2 * (heads_n / TPB) as u64;
     // Write-through is acknowledged before the NVMe copy is durable: wait
     // until the tier holds every block, then restart so that only the NVMe
     // copies remain.
@@ -144,11 +222,11 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
             .iter()
             .find(|t| t.tier == strata_proto::pb::Tier::Nvme as i32)
             .map_or(0, |t| t.blocks);
-        if on_nvme >= blocks as u64 {
+        if on_nvme >= stored {
             break;
         }
         if t.elapsed() > Duration::from_secs(300) {
-            bail!("{on_nvme} of {blocks} blocks reached NVMe");
+            bail!("{on_nvme} of {stored} blocks reached NVMe");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -156,6 +234,8 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     d.restart()?;
     let mut c = Client::connect(&d.endpoint()).await?;
     c.register_layout(&lay).await?;
+    c.register_layout(&heads_lay).await?;
+    let heads_rows = heads_choice(&mut c, heads_ns, &heads_sets, quick).await?;
     let mut rng = Xs(7);
     let heads = kv as usize * GROUP;
     let steps = if quick { 3 } else { 5 };
@@ -171,6 +251,17 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
                 tokens: None,
                 by_token: false,
                 mean_correction: false,
+                joint_heads: false,
+            },
+        ),
+        (
+            "SparF r=d/8 k=N/16, joint heads",
+            AttendMode::Sparf {
+                channels: None,
+                tokens: None,
+                by_token: false,
+                mean_correction: false,
+                joint_heads: true,
             },
         ),
         ("dense", AttendMode::Dense),
@@ -266,7 +357,125 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
         "Blocks written through to NVMe, then the daemon restarted so that only the NVMe copies remain (Attend does not promote: compute.promote = false; the step's DRAM bytes are checked to be 0). One step = {layers} Attend calls (one per layer, in order, {heads} query heads, fresh queries each), median of {steps}; SPARSE reads the chosen blocks' layer ranges (4 KiB-aligned) after ranking every block by the abstracts kept in DRAM; SPARF (compute.key_sketch on, sketches rebuilt at the restart's recovery) scores every token from the key sketches in DRAM and reads the chosen blocks' layer ranges. Full load: Get of every block in calls of 256 keys after a fresh restart, best of 2; the attention math the engine would then run is not counted. Sparse ÷ dense: {:.2}×.",
         dense_med.as_secs_f64() / sparse_med.as_secs_f64()
     ));
+    rep.section(
+        &format!(
+            "SparF's blocks across KV heads, from NVMe ({}K tokens, one layer, 2 independent KV heads of §2 data, {GROUP} query heads each, d {D}, f16; means over {HEADS_STEPS} decode steps and 8 query heads)",
+            heads_n >> 10
+        ),
+        &[
+            "regime",
+            "choice",
+            "tokens per head %",
+            "mass",
+            "mass if every head attended all blocks read",
+            "oracle mass (N/16 per head)",
+            "NVMe read % of KV",
+            "p50 ms",
+        ],
+    );
+    for r in heads_rows {
+        rep.row(&r);
+    }
+    rep.note("Per head: each KV head takes whole blocks best-first by the log-sum-exp of its own r-channel scores (the default); the blocks read are the union of the heads' choices, since a record's layer range holds both heads. Joint (sparf_joint_heads): blocks ranked once by the sum over heads of each head's estimated share of its softmax mass, exp(lse_block,h - lse_all,h); every head attends that one set. Mass: true softmax weight (f64, over the stored f16 K) of the tokens each query head attended; \"if every head attended all blocks read\": of the union of the heads' choices (what per-head choice could attend at no extra I/O; the same as mass for joint); oracle: the exact top N/16 tokens of each query head. Key sketches on; blocks NVMe-only after the restart; read %: NVMe bytes ÷ the layer's K+V of both heads.");
     Ok(())
+}
+
+/// Decode steps attended per regime in the block-choice comparison.
+const HEADS_STEPS: usize = 8;
+
+/// Per-head and joint SparF block choice over the two-KV-head chains: one
+/// row per (regime, choice).
+async fn heads_choice(
+    c: &mut Client,
+    ns: NamespaceId,
+    sets: &[(Regime, Vec<HeadData>, Vec<BlockKey>)],
+    quick: bool,
+) -> Result<Vec<Vec<String>>> {
+    let steps = if quick { 3 } else { HEADS_STEPS };
+    let mut rows = Vec::new();
+    for (regime, data, keys) in sets {
+        let (n, kv) = (data[0].n, data.len());
+        let kv_bytes = (n * kv * D * 2 * 2) as f64;
+        let sparf = |tokens: Option<u32>, joint_heads| AttendMode::Sparf {
+            channels: None,
+            tokens,
+            by_token: false,
+            mean_correction: false,
+            joint_heads,
+        };
+        let choices = [
+            ("per head, k = N/16", sparf(None, false)),
+            ("per head, k = N/32", sparf(Some((n / 32) as u32), false)),
+            ("joint, k = N/16", sparf(None, true)),
+            ("joint, k = N/8", sparf(Some((n / 8) as u32), true)),
+        ];
+        for (name, mode) in choices {
+            let (mut mass, mut union_mass, mut oracle, mut tokens, mut bytes, mut cnt) =
+                (0.0, 0.0, 0.0, 0.0, 0u64, 0usize);
+            let mut lat = Vec::new();
+            for s in 0..steps {
+                let step = s * data[0].steps() / steps;
+                let q: Vec<f32> = data
+                    .iter()
+                    .flat_map(|h| h.decode_group(step).to_vec())
+                    .collect();
+                let req = AttendRequest {
+                    namespace: ns,
+                    layer: 0,
+                    mode,
+                    scale: None,
+                    sequences: vec![AttendSequence {
+                        keys: keys.clone(),
+                        last_block_tokens: None,
+                        queries: q,
+                    }],
+                };
+                let t = Instant::now();
+                let out = c.attend(&req).await?.pop().context("one result")?;
+                lat.push(t.elapsed());
+                if out.tokens_present != n as u64 || out.head_covered.len() != kv {
+                    bail!("{name}: covered {} of {n} tokens", out.tokens_present);
+                }
+                if out.read_bytes(TierKind::Dram) != 0 {
+                    bail!("{name}: read from DRAM; the blocks should be on NVMe only");
+                }
+                bytes += out.read_bytes(TierKind::Nvme);
+                // The tokens of every block read (any head's choice).
+                let union: Vec<u32> = out
+                    .covered
+                    .iter()
+                    .flat_map(|r| r.start as u32..r.end as u32)
+                    .collect();
+                for (h, hd) in data.iter().enumerate() {
+                    let sel: Vec<u32> = out.head_covered[h]
+                        .iter()
+                        .flat_map(|r| r.start as u32..r.end as u32)
+                        .collect();
+                    for g in 0..GROUP {
+                        let ex =
+                            Exact::new(hd.decode_query(step, g), &hd.keys, &hd.values, hd.scale);
+                        mass += ex.mass(&sel);
+                        union_mass += ex.mass(&union);
+                        oracle += ex.mass(&ex.top_k(n / 16));
+                        tokens += 100.0 * sel.len() as f64 / n as f64;
+                        cnt += 1;
+                    }
+                }
+            }
+            let c = cnt as f64;
+            rows.push(vec![
+                regime.name().to_string(),
+                name.to_string(),
+                format!("{:.2}", tokens / c),
+                format!("{:.3}", mass / c),
+                format!("{:.3}", union_mass / c),
+                format!("{:.3}", oracle / c),
+                format!("{:.2}", 100.0 * bytes as f64 / steps as f64 / kv_bytes),
+                ms(median(lat)),
+            ]);
+        }
+    }
+    Ok(rows)
 }
 
 /// A TCP proxy that paces each direction at `rate` bytes/s: a chunk leaves
@@ -382,6 +591,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
                 tokens: None,
                 by_token: false,
                 mean_correction: false,
+                joint_heads: false,
             },
         ),
         (
@@ -391,6 +601,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
                 tokens: None,
                 by_token: true,
                 mean_correction: false,
+                joint_heads: false,
             },
         ),
     ] {

@@ -97,6 +97,7 @@ fn header(i: u64, len: usize, checksum: u64) -> RecordHeader {
         parent: None,
         len: len as u32,
         checksum,
+        payload_offset: 0, // set by append
     }
 }
 
@@ -326,7 +327,7 @@ pub async fn nvme(
         let _ = std::fs::remove_file(&raw_path);
     }
     rep.note(&format!(
-        "{} MiB per size and round; {ROUNDS} rounds, each the raw reference and the tier back to back, which goes first alternating (the disk may run faster after a pause); the figures are medians, the ratio the median of the rounds' ratios; {qd} I/Os in flight (32 for random reads), records of one block each (128-byte header, padded to 4 KiB), every tier read checked (header, key, payload checksum). Raw: std pwrite/pread with O_DIRECT from as many threads as I/Os in flight, same offsets and sizes, into a file allocated up front (fallocate, as the tier's segments). Engine: {}.",
+        "{} MiB per size and round; {ROUNDS} rounds, each the raw reference and the tier back to back, which goes first alternating (the disk may run faster after a pause); the figures are medians, the ratio the median of the rounds' ratios; {qd} I/Os in flight (32 for random reads), records of one block each (128-byte header, payload from byte 4096 (format v2: page multiples), padded to 4 KiB), every tier read checked (header, key, payload checksum). Raw: std pwrite/pread with O_DIRECT from as many threads as I/Os in flight, same offsets and sizes, into a file allocated up front (fallocate, as the tier's segments). Engine: {}.",
         total >> 20,
         open_tier(&root.path().join("probe"), 1 << 30, engine)?.engine_name()
     ));

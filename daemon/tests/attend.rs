@@ -499,6 +499,7 @@ async fn sparf_case(sketch: bool) {
         tokens,
         by_token,
         mean_correction: false,
+        joint_heads: false,
     };
     let dense = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
     for by_token in [false, true] {
@@ -580,6 +581,62 @@ async fn sparf_case(sketch: bool) {
             blocks as u64 * LAYER_BYTES / 2 + chosen_blocks.len() as u64 * LAYER_BYTES
         );
     }
+    // sparf_joint_heads: one set for the layer, k tokens in all, the same
+    // for both KV heads; exact over it; each head's strong keys in it.
+    for by_token in [false, true] {
+        let mode = AttendMode::Sparf {
+            channels: None,
+            tokens: None,
+            by_token,
+            mean_correction: false,
+            joint_heads: true,
+        };
+        let out = attend1(&mut c, &request(ns, 0, mode, keys.clone(), &q)).await;
+        assert!(!out.exact && !out.mean_corrected);
+        assert_eq!(out.head_covered.len(), KV);
+        assert_eq!(out.head_covered[0], out.head_covered[1], "one set");
+        assert_eq!(out.covered, out.head_covered[0]);
+        let set: Vec<usize> = out
+            .covered
+            .iter()
+            .flat_map(|r| r.start as usize..r.end as usize)
+            .collect();
+        assert_eq!(set.len(), n / 16, "by_token {by_token}: k tokens in all");
+        assert_eq!(out.tokens_attended as usize, n / 16);
+        for t in [100, 555, 1200, 2000] {
+            assert!(set.contains(&t), "by_token {by_token}: strong key {t}");
+        }
+        let (o, lse) = kv.reference(layer, &q, scale(), &set);
+        let e = relerr(&out.o, &o);
+        assert!(
+            e <= 1e-4,
+            "by_token {by_token}: relerr {e} over the covered set"
+        );
+        for (a, b) in out.lse.iter().zip(&lse) {
+            assert!((*a as f64 - b).abs() < 1e-3, "lse {a} vs {b}");
+        }
+        if !by_token {
+            assert!(
+                set.len().is_multiple_of(TPB)
+                    && out
+                        .covered
+                        .iter()
+                        .all(|r| r.start.is_multiple_of(TPB as u64))
+            );
+            let blocks_read = n / 16 / TPB;
+            if sketch {
+                assert_eq!(out.read_blocks(TierKind::Dram) as usize, blocks_read);
+                assert_eq!(
+                    out.read_bytes(TierKind::Dram),
+                    blocks_read as u64 * LAYER_BYTES
+                );
+                // Per-head choice read the union: never less.
+                assert!(chosen_blocks.len() >= blocks_read);
+            }
+        }
+        let mass = masses(&out, &dense);
+        println!("sketch {sketch} sparf joint by_token {by_token} mass {mass:?}");
+    }
     d.stop().await;
 }
 
@@ -614,6 +671,7 @@ async fn sparf_sketch_runs_answer_as_block_by_block() {
         tokens: None,
         by_token: false,
         mean_correction: false,
+        joint_heads: false,
     };
     async fn both(
         cs: &mut [Client; 2],
@@ -796,6 +854,7 @@ async fn sparf_mean_correction_brings_needle_answers_closer_to_dense() {
         tokens: None,
         by_token,
         mean_correction,
+        joint_heads: false,
     };
     for by_token in [false, true] {
         let what = if by_token { "tokens" } else { "blocks" };
@@ -855,6 +914,7 @@ async fn sparf_mean_correction_brings_needle_answers_closer_to_dense() {
         tokens: Some(n as u32),
         by_token: false,
         mean_correction: true,
+        joint_heads: false,
     };
     let out = attend1(&mut c, &request(ns, layer as u32, every, keys.clone(), &q)).await;
     assert!(out.exact && !out.mean_corrected);
@@ -892,6 +952,7 @@ async fn sparf_mean_correction_without_sketches_answers_uncorrected() {
         tokens: None,
         by_token: false,
         mean_correction,
+        joint_heads: false,
     };
     let plain = attend1(&mut c, &request(ns, 0, mode(false), chain(1, n / TPB), &q)).await;
     let mut asked = attend1(&mut c, &request(ns, 0, mode(true), chain(1, n / TPB), &q)).await;
@@ -927,6 +988,7 @@ async fn a_missing_block_ends_the_covered_prefix() {
             tokens: Some(n as u32),
             by_token: false,
             mean_correction: false,
+            joint_heads: false,
         },
     ] {
         let out = attend1(&mut c, &request(ns, 1, mode, chain(1, blocks), &q)).await;
@@ -1237,6 +1299,15 @@ async fn bad_attend_input_gets_invalid_argument_naming_the_field_and_changes_not
         ),
         (
             pb::AttendRequest {
+                sparf_joint_heads: true,
+                ..good()
+            },
+            inv,
+            "sparf_joint_heads",
+            "only SPARF",
+        ),
+        (
+            pb::AttendRequest {
                 sequences: vec![pb::AttendSequence {
                     last_block_tokens: 17,
                     ..seq(vec![kb(0)], q.clone())
@@ -1333,9 +1404,10 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
     let nb = out.read_blocks(TierKind::Nvme) as u64;
     assert!(nb as usize >= on_nvme / 2, "{nb} blocks read from NVMe");
     assert_eq!(nb + out.read_blocks(TierKind::Dram) as u64, blocks as u64);
-    // A record is 128 bytes of header + 16 KiB: layer 1's K and V span
-    // payload [8 KiB, 16 KiB), which is 3 pages on disk.
-    assert_eq!(out.read_bytes(TierKind::Nvme), nb * 12288);
+    // A record is a header page + 16 KiB (format v2: the payload at byte
+    // 4096): layer 1's K and V span payload [8 KiB, 16 KiB), exactly 2
+    // pages on disk: 100% of the layer's bytes (v1 records read 3 pages).
+    assert_eq!(out.read_bytes(TierKind::Nvme), nb * LAYER_BYTES);
     // Nothing was promoted for Attend.
     let l = c.lookup(ns, &keys, 0).await.unwrap();
     assert!(l.tiers.iter().filter(|t| **t == TierKind::Nvme).count() + 8 >= on_nvme);
@@ -1346,6 +1418,7 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
             tokens: None,
             by_token: false,
             mean_correction: false,
+            joint_heads: false,
         },
     ] {
         let out = attend1(&mut c, &request(ns, 1, mode, keys.clone(), &q)).await;

@@ -508,6 +508,8 @@ pub struct AttendReq {
     /// SPARF: SparQ's mean-value correction (the answer is then not a
     /// mergeable partial).
     pub sparf_mean_correction: bool,
+    /// SPARF: one choice of tokens for the layer across KV heads.
+    pub sparf_joint_heads: bool,
     /// RETRIEVAL: top-k per query head and candidate list.
     pub retrieval: RetrievalParams,
 }
@@ -577,6 +579,7 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             for (f, v) in [
                 ("sparf_by_token", r.sparf_by_token),
                 ("sparf_mean_correction", r.sparf_mean_correction),
+                ("sparf_joint_heads", r.sparf_joint_heads),
             ] {
                 if v {
                     return Err(FieldError::new(f, "only SPARF takes this parameter"));
@@ -627,6 +630,7 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             sparf_tokens: (r.sparf_tokens != 0).then_some(r.sparf_tokens),
             sparf_by_token: r.sparf_by_token,
             sparf_mean_correction: r.sparf_mean_correction,
+            sparf_joint_heads: r.sparf_joint_heads,
             retrieval,
         })
     }
@@ -902,13 +906,28 @@ mod tests {
             }),
             "sparf_mean_correction"
         );
+        assert_eq!(
+            field(pb::AttendRequest {
+                mode: pb::AttendMode::Dense as i32,
+                sparf_joint_heads: true,
+                ..good()
+            }),
+            "sparf_joint_heads"
+        );
         let r = AttendReq::try_from(pb::AttendRequest {
             mode: pb::AttendMode::Sparf as i32,
             sparf_mean_correction: true,
             ..good()
         })
         .unwrap();
-        assert!(r.sparf_mean_correction && !r.sparf_by_token);
+        assert!(r.sparf_mean_correction && !r.sparf_by_token && !r.sparf_joint_heads);
+        let r = AttendReq::try_from(pb::AttendRequest {
+            mode: pb::AttendMode::Sparf as i32,
+            sparf_joint_heads: true,
+            ..good()
+        })
+        .unwrap();
+        assert!(r.sparf_joint_heads);
         let r = AttendReq::try_from(pb::AttendRequest {
             mode: pb::AttendMode::Sparse as i32,
             budget_bytes: 4096,

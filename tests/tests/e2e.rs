@@ -587,7 +587,9 @@ fn restart_recovers_the_nvme_tier() {
     let last = segs.last().unwrap().clone();
     let cut_records = {
         let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
-        let rec = (128 + block).next_multiple_of(4096) as u64;
+        // Format v2: header page, then the 16 KiB payload (as v1: 128 + 16 KiB
+        // rounded up).
+        let rec = (4096 + block).next_multiple_of(4096) as u64;
         f.set_len(4096 + rec + 100).unwrap();
         rec
     };

@@ -13,8 +13,13 @@ use strata_client::Client;
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind};
 use strata_tests::*;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/v1")
+/// `tests/golden/<version>`: v1 (payloads after the 128-byte header) and
+/// v2 (page-multiple payloads at byte 4096 of their record, the others
+/// after the header), written by the same script.
+fn golden_of(version: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(version)
 }
 
 fn layout(model: &str, dtype: Dtype, layers: u32, heads: u32, dim: u32, tokens: u32) -> Layout {
@@ -76,10 +81,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A fresh copy of the golden directory.
+/// A fresh copy of the golden v1 directory.
 fn golden_copy() -> tempfile::TempDir {
+    golden_copy_of("v1")
+}
+
+fn golden_copy_of(version: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    copy_dir(&golden(), d.path());
+    copy_dir(&golden_of(version), d.path());
     d
 }
 
@@ -146,8 +155,22 @@ async fn check_served(
 
 #[test]
 fn the_current_binary_serves_the_golden_v1_directory() {
+    serves_golden("v1");
+}
+
+#[test]
+fn the_current_binary_serves_the_golden_v2_directory() {
+    serves_golden("v2");
+}
+
+/// The current binary on a copy of `tests/golden/<version>`: every block
+/// served byte for byte, the deleted and evicted ones stay gone, a new
+/// block goes to a new segment of the current format, and a second start
+/// reads both.
+fn serves_golden(version: &str) {
+    let golden = || golden_of(version);
     let before = snapshot(&golden().join("nvme"));
-    let data = golden_copy();
+    let data = golden_copy_of(version);
     let mut d = Daemon::spawn_in(data.path(), &ARGS);
     rt().block_on(async {
         let mut c = Client::connect(&d.endpoint()).await.unwrap();
@@ -177,6 +200,21 @@ fn the_current_binary_serves_the_golden_v1_directory() {
         check_served(&mut c, &layout_a(), &all).await;
     });
     assert!(d.terminate().success());
+    // The new block went to a new segment of format version 2: its
+    // 4096-byte payload in the record's second page.
+    let new_seg = data.path().join("nvme/seg-0000000000000001.strata");
+    let bytes = std::fs::read(&new_seg).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+    let at = 4096;
+    assert_eq!(
+        u16::from_le_bytes(bytes[at + 4..at + 6].try_into().unwrap()),
+        2
+    );
+    assert_eq!(
+        u32::from_le_bytes(bytes[at + 44..at + 48].try_into().unwrap()),
+        4096
+    );
+    assert!(bytes[at + 4096..at + 8192] == golden_payload(10, 4096)[..]);
     assert!(
         snapshot(&golden().join("nvme")) == before,
         "the golden directory itself changed"
@@ -204,7 +242,7 @@ fn a_segment_of_another_version_is_refused_and_left_untouched() {
     let data = golden_copy();
     let seg = data.path().join(SEG);
     let mut bytes = std::fs::read(&seg).unwrap();
-    set_segment_version(&mut bytes, 2);
+    set_segment_version(&mut bytes, 3);
     std::fs::write(&seg, &bytes).unwrap();
     let layouts2 = data.path().join("nvme/layouts.v2");
     std::fs::write(&layouts2, b"a layouts file of a later release").unwrap();
@@ -214,12 +252,12 @@ fn a_segment_of_another_version_is_refused_and_left_untouched() {
     // Refused by name and version, in the log and in /readyz; it serves on.
     let log = d.log_text();
     let want = format!(
-        "{}: segment format version 2; this stratad reads version 1",
+        "{}: segment format version 3; this stratad reads versions 1 and 2",
         seg.display()
     );
     assert!(
         log.contains(&format!("path={}", seg.display()))
-            && log.contains("segment format version 2"),
+            && log.contains("segment format version 3"),
         "{log}"
     );
     let (status, ready) = http_get(d.metrics_port, "/readyz").unwrap();
@@ -269,7 +307,7 @@ fn a_record_of_another_version_is_skipped_and_its_segment_kept() {
     let mut bytes = std::fs::read(&seg).unwrap();
     // a1 is the second record: after the segment header and a0's 8 KiB.
     let at = 4096 + 8192;
-    set_record_version(&mut bytes, at, 2);
+    set_record_version(&mut bytes, at, 3);
     std::fs::write(&seg, &bytes).unwrap();
     let nvme = data.path().join("nvme");
     let before = snapshot(&nvme);
@@ -277,7 +315,7 @@ fn a_record_of_another_version_is_skipped_and_its_segment_kept() {
     let (_, ready) = http_get(d.metrics_port, "/readyz").unwrap();
     assert!(
         ready.contains(&format!(
-            "{}: record at byte {at} has format version 2; this stratad reads version 1",
+            "{}: record at byte {at} has format version 3; this stratad reads versions 1 and 2",
             seg.display()
         )),
         "{ready}"

@@ -162,7 +162,8 @@ def event_batch(b: pb.KvEventBatch) -> EventBatch:
 def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget_bytes,
                    sparf_channels, sparf_tokens, retrieval_k=None,
                    retrieval_ef=None, sparf_by_token: bool = False,
-                   sparf_mean_correction: bool = False) -> pb.AttendRequest:
+                   sparf_mean_correction: bool = False,
+                   sparf_joint_heads: bool = False) -> pb.AttendRequest:
     """The Attend request. ``sequences``: :class:`AttendSequence` s or
     ``(keys, queries[, last_block_tokens])`` tuples."""
     seqs = []
@@ -178,7 +179,8 @@ def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget
         budget_bytes=int(budget_bytes or 0), sparf_channels=int(sparf_channels or 0),
         sparf_tokens=int(sparf_tokens or 0), retrieval_k=int(retrieval_k or 0),
         retrieval_ef=int(retrieval_ef or 0), sparf_by_token=bool(sparf_by_token),
-        sparf_mean_correction=bool(sparf_mean_correction))
+        sparf_mean_correction=bool(sparf_mean_correction),
+        sparf_joint_heads=bool(sparf_joint_heads))
 
 
 def _ranges(rs) -> list[tuple[int, int]]:

@@ -107,12 +107,13 @@ class AsyncClient:
                      budget_bytes: int | None = None, sparf_channels: int | None = None,
                      sparf_tokens: int | None = None, retrieval_k: int | None = None,
                      retrieval_ef: int | None = None, sparf_by_token: bool = False,
-                     sparf_mean_correction: bool = False) -> list[AttendResult]:
+                     sparf_mean_correction: bool = False,
+                     sparf_joint_heads: bool = False) -> list[AttendResult]:
         """See :meth:`strata.Client.attend`."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
                                    sparf_channels, sparf_tokens, retrieval_k, retrieval_ef,
-                                   sparf_by_token, sparf_mean_correction)
+                                   sparf_by_token, sparf_mean_correction, sparf_joint_heads)
         return _wire.attend_results(await self._call(self._stub.Attend, req), len(seqs))
 
     async def build_index(self, ns: "Namespace | int", keys, layers=None, *, training=None,

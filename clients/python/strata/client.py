@@ -119,7 +119,8 @@ class Client:
                budget_bytes: int | None = None, sparf_channels: int | None = None,
                sparf_tokens: int | None = None, retrieval_k: int | None = None,
                retrieval_ef: int | None = None, sparf_by_token: bool = False,
-               sparf_mean_correction: bool = False) -> list[AttendResult]:
+               sparf_mean_correction: bool = False,
+               sparf_joint_heads: bool = False) -> list[AttendResult]:
         """Attention near the data: for one ``layer`` and each sequence (an
         :class:`~strata.types.AttendSequence`, or ``(keys, queries[,
         last_block_tokens])`` with queries ``(heads, head_dim)``), the
@@ -129,7 +130,10 @@ class Client:
         (``sparf_channels`` r, ``sparf_tokens`` k; whole blocks by default,
         the top-k single tokens with ``sparf_by_token``;
         ``sparf_mean_correction``: SparQ's mean-value correction, see
-        :attr:`~strata.types.AttendResult.mean_corrected`) or
+        :attr:`~strata.types.AttendResult.mean_corrected`;
+        ``sparf_joint_heads``: one choice for the layer across KV heads,
+        so that the blocks read are k tokens' worth whatever the number
+        of KV heads, at some cost in each head's own mass) or
         ``"retrieval"`` (the chain's retrieval index: ``retrieval_k`` per
         query head, default 100, candidate list ``retrieval_ef``). Merge
         each answer with the engine's own part with
@@ -139,7 +143,7 @@ class Client:
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
                                    sparf_channels, sparf_tokens, retrieval_k, retrieval_ef,
-                                   sparf_by_token, sparf_mean_correction)
+                                   sparf_by_token, sparf_mean_correction, sparf_joint_heads)
         return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs))
 
     def build_index(self, ns: "Namespace | int", keys: Iterable[bytes], layers=None, *,

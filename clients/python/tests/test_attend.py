@@ -230,3 +230,27 @@ def test_sparf_by_token_and_mean_correction(daemon):
         with pytest.raises(strata.InvalidArgument) as e:
             c.attend(ns, [(keys, q)], 1, "dense", sparf_mean_correction=True)
         assert e.value.message.startswith("sparf_mean_correction: only SPARF")
+
+
+def test_sparf_joint_heads(daemon):
+    """``sparf_joint_heads`` reaches the daemon: one token set for the
+    layer, the same for every KV head, whole blocks, k tokens in all (fewer
+    blocks than the per-head choice's union); with another mode it is
+    refused, naming the field."""
+    n = 1024
+    k, v = kv_data(n, 11)
+    q = np.random.default_rng(12).standard_normal((HEADS, D)).astype(np.float32)
+    with Client(daemon.endpoint) as c:
+        ns = c.register_layout(layout("test/attend-joint"))
+        keys = put_chain(c, ns, k, v, 7, range(n // TPB))
+        [own] = c.attend(ns, [(keys, q)], 1, "sparf")
+        [joint] = c.attend(ns, [(keys, q)], 1, "sparf", sparf_joint_heads=True)
+        assert joint.mergeable and not joint.exact
+        assert all(h == joint.head_covered[0] for h in joint.head_covered)
+        assert sum(e - s for s, e in joint.head_covered[0]) == n // 16
+        assert all(s % TPB == 0 and e % TPB == 0 for s, e in joint.head_covered[0])
+        union = {t // TPB for h in own.head_covered for s, e in h for t in range(s, e)}
+        assert (n // 16) // TPB <= len(union)
+        with pytest.raises(strata.InvalidArgument) as e:
+            c.attend(ns, [(keys, q)], 1, "sparse", sparf_joint_heads=True)
+        assert e.value.message.startswith("sparf_joint_heads: only SPARF")

@@ -35,12 +35,18 @@ pub enum AttendMode {
     /// correction, `o = alpha o + (1 - alpha) mean(V)` with `alpha` the
     /// chosen set's estimated mass; the answer (when applied, see
     /// [`AttendOutput::mean_corrected`]) estimates attention over the whole
-    /// prefix and cannot be merged.
+    /// prefix and cannot be merged. `joint_heads`: one choice for the
+    /// layer across KV heads (blocks ranked by the sum of each head's
+    /// estimated share of its softmax mass), so that the blocks read are
+    /// k tokens' worth however many KV heads the layout has, instead of
+    /// the union of each head's own k (a block's layer range holds every
+    /// KV head); each head then has less of its own best tokens.
     Sparf {
         channels: Option<u32>,
         tokens: Option<u32>,
         by_token: bool,
         mean_correction: bool,
+        joint_heads: bool,
     },
     /// RetrievalAttention: per KV head, the union of its query heads' top
     /// `k` (default 100) from the chain's retrieval index (candidate list
@@ -233,6 +239,13 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
             ..
         }
     );
+    let sparf_joint_heads = matches!(
+        r.mode,
+        AttendMode::Sparf {
+            joint_heads: true,
+            ..
+        }
+    );
     let (retrieval_k, retrieval_ef) = match r.mode {
         AttendMode::Retrieval { k, ef } => (k.unwrap_or(0), ef.unwrap_or(0)),
         _ => (0, 0),
@@ -263,6 +276,7 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         retrieval_ef,
         sparf_by_token,
         sparf_mean_correction,
+        sparf_joint_heads,
     }
 }
 

@@ -36,7 +36,6 @@ use super::summary::Geom;
 use crate::metrics::AttendMetrics;
 use crate::store::{ChainPin, Store, StoreError, tiering};
 use crate::tier::nvme::NvmeError;
-use crate::tier::nvme::format::record_span;
 
 // Payloads are little-endian; kernels read them in place.
 const _: () = assert!(cfg!(target_endian = "little"));
@@ -131,6 +130,8 @@ pub struct Checked {
     /// SPARF: SparQ's mean-value correction (the answer is then not a
     /// mergeable partial).
     pub sparf_mean_correction: bool,
+    /// SPARF: one choice of tokens for the layer across KV heads.
+    pub sparf_joint_heads: bool,
     pub seqs: Vec<SeqIn>,
 }
 
@@ -236,6 +237,7 @@ pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Chec
         sparf_tokens: req.sparf_tokens,
         sparf_by_token: req.sparf_by_token,
         sparf_mean_correction: req.sparf_mean_correction,
+        sparf_joint_heads: req.sparf_joint_heads,
         seqs,
     })
 }
@@ -501,6 +503,7 @@ impl ChainReader {
             sparf_tokens: None,
             sparf_by_token: false,
             sparf_mean_correction: false,
+            sparf_joint_heads: false,
             seqs: vec![SeqIn {
                 keys: Vec::new(),
                 last_block_tokens: None,
@@ -745,7 +748,7 @@ fn waves(seq: &Seq, blocks: &[usize], want: Want, wave_bytes: u64) -> Vec<Vec<us
         let cost = match need_of(seq, i, want) {
             Some(n) => match &n.what {
                 What::Span(r) => r.len() as u64 + 8192,
-                What::Record(e) => record_span(e.len as usize) as u64,
+                What::Record(e) => n.loc.span(e.len) as u64,
             },
             None => 0,
         };
@@ -1038,9 +1041,11 @@ async fn promote(seq: &mut Seq, blocks: &[usize]) {
     seq.pin.refresh_dram();
     for &i in blocks {
         let b = &seq.pin.blocks[i];
-        if b.dram.is_some() && refs.contains(&b.r) {
-            let len = record_span(b.len as usize) as u64;
-            seq.count(i, TierKind::Nvme, len);
+        if b.dram.is_some()
+            && refs.contains(&b.r)
+            && let Some((_, loc)) = &b.nvme
+        {
+            seq.count(i, TierKind::Nvme, loc.span(b.len as u32) as u64);
         }
     }
 }
@@ -1401,11 +1406,25 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .map_or(scored.div_ceil(16).max(1), |k| k as usize)
         .min(scored);
     let by_token = seq.req.sparf_by_token;
+    let joint = seq.req.sparf_joint_heads && kv > 1;
     let (seq, chosen) = ctx
         .blocking(move || {
             let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(kv);
             let mut idx = vec![0u32; k_tokens];
             let mut val = vec![0f32; k_tokens];
+            if joint {
+                // One set for the layer: every KV head attends it.
+                let mut c = if by_token {
+                    let w = joint_token_weights(&scores, total, scored, kv);
+                    let got = top_k(&w, k_tokens, &mut idx, &mut val);
+                    idx[..got].to_vec()
+                } else {
+                    joint_best_blocks(&scores, total, scored, kv, &spans, k_tokens)
+                };
+                c.sort_unstable();
+                chosen.resize(kv, c);
+                return (seq, chosen);
+            }
             for h in 0..kv {
                 let sc = &scores[h * total..h * total + scored];
                 let mut c = if by_token {
@@ -1707,7 +1726,13 @@ fn prefetch_sketch(seq: &Seq, i: usize, channels: &[u32], r: usize) {
 fn best_blocks(scores: &[f32], spans: &[(usize, usize)], k: usize) -> Vec<u32> {
     let mut lse = vec![0f32; spans.len()];
     span_lse(scores, spans, &mut lse);
-    let mut w: Vec<(f32, usize)> = lse.into_iter().zip(0..).collect();
+    take_best(lse.into_iter().map(f64::from).collect(), spans, k)
+}
+
+/// The blocks of `spans` in descending `weight` (ties to the earlier
+/// block) until at least `k` tokens are in; their token positions.
+fn take_best(weight: Vec<f64>, spans: &[(usize, usize)], k: usize) -> Vec<u32> {
+    let mut w: Vec<(f64, usize)> = weight.into_iter().zip(0..).collect();
     w.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut out = Vec::with_capacity(k + spans.first().map_or(0, |s| s.1));
     for (_, i) in w {
@@ -1718,6 +1743,64 @@ fn best_blocks(scores: &[f32], spans: &[(usize, usize)], k: usize) -> Vec<u32> {
         out.extend(start as u32..(start + n) as u32);
     }
     out
+}
+
+/// `ln sum exp` of `x` (`-inf` when empty or all `-inf`), in f64.
+fn log_sum_exp(x: &[f32]) -> f64 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    let s: f64 = x.iter().map(|&v| (v as f64 - m as f64).exp()).sum();
+    m as f64 + s.ln()
+}
+
+/// SPARF with `sparf_joint_heads`: whole blocks for all KV heads at once,
+/// best-first by the sum over heads of each head's estimated share of its
+/// softmax mass, `exp(lse_block,h - lse_all,h)` from the r-channel scores
+/// (`scores` `[kv][total]`, the first `scored` positions scored), until at
+/// least `k` tokens are in. Shares, not raw log-sum-exps, so that a head
+/// with larger logits does not take every block; the sum maximises the
+/// heads' total estimated mass. One head: the order of [`best_blocks`].
+fn joint_best_blocks(
+    scores: &[f32],
+    total: usize,
+    scored: usize,
+    kv: usize,
+    spans: &[(usize, usize)],
+    k: usize,
+) -> Vec<u32> {
+    let mut lse = vec![0f32; spans.len()];
+    let mut weight = vec![0f64; spans.len()];
+    for h in 0..kv {
+        span_lse(&scores[h * total..h * total + scored], spans, &mut lse);
+        let all = log_sum_exp(&lse);
+        if all == f64::NEG_INFINITY {
+            continue; // nothing scored for this head: no preference
+        }
+        for (w, &l) in weight.iter_mut().zip(&lse) {
+            *w += (l as f64 - all).exp();
+        }
+    }
+    take_best(weight, spans, k)
+}
+
+/// SPARF with `sparf_joint_heads` and `sparf_by_token`: each scored
+/// token's weight for all KV heads at once, the sum over heads of its
+/// estimated share of the head's softmax mass (as [`joint_best_blocks`]).
+fn joint_token_weights(scores: &[f32], total: usize, scored: usize, kv: usize) -> Vec<f32> {
+    let mut weight = vec![0f64; scored];
+    for h in 0..kv {
+        let s = &scores[h * total..h * total + scored];
+        let all = log_sum_exp(s);
+        if all == f64::NEG_INFINITY {
+            continue;
+        }
+        for (w, &x) in weight.iter_mut().zip(s) {
+            *w += (x as f64 - all).exp();
+        }
+    }
+    weight.into_iter().map(|w| w as f32).collect()
 }
 
 /// Attends, per KV head, exactly the token positions `chosen[h]` (sorted,
@@ -1865,5 +1948,43 @@ fn score_block<E: KvElem>(
             ),
             None => sparf_scores_head(q, g, d, k, kv, h, ch, scale, sc, out),
         }
+    }
+}
+
+#[cfg(test)]
+mod joint_tests {
+    use super::*;
+
+    /// Joint choice ranks by each head's share of its own mass, not by raw
+    /// log-sum-exps: a head with larger logits does not take every block;
+    /// with one head it is the per-head order.
+    #[test]
+    fn joint_blocks_rank_by_shares_across_heads() {
+        // 4 blocks of 2 tokens; head 0's logits are offset by +50.
+        let spans = [(0, 2), (2, 2), (4, 2), (6, 2)];
+        let h0 = [50.0, 50.0, 53.0, 53.0, 52.0, 52.0, 40.0, 40.0];
+        let h1 = [9.0, 9.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+        let scores: Vec<f32> = h0.iter().chain(&h1).copied().collect();
+        // Raw lse per head would give head 0 both picks (blocks 1 and 2);
+        // by share, block 0 (head 1's ~1.0) beats block 2 (head 0's ~0.26).
+        let mut got = joint_best_blocks(&scores, 8, 8, 2, &spans, 4);
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        for h in [&h0[..], &h1[..]] {
+            let mut one = joint_best_blocks(h, 8, 8, 1, &spans, 4);
+            let mut own = best_blocks(h, &spans, 4);
+            one.sort_unstable();
+            own.sort_unstable();
+            assert_eq!(one, own);
+        }
+        // Tokens: the same weights, per token.
+        let w = joint_token_weights(&scores, 8, 8, 2);
+        assert!(w[0] > w[4] && w[2] > w[4], "{w:?}");
+        // A head with nothing scored adds nothing (no NaN).
+        let mut none = scores.clone();
+        none[8..].fill(f32::NEG_INFINITY);
+        let w = joint_token_weights(&none, 8, 8, 2);
+        assert!(w.iter().all(|x| x.is_finite()));
+        assert_eq!(joint_best_blocks(&none, 8, 8, 2, &spans, 2), vec![2, 3]);
     }
 }

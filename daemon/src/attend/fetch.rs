@@ -3,12 +3,16 @@
 //! the widened ranges touch or overlap, issued together through the tier's
 //! I/O engine; or whole records, read and verified by the tier, for blocks
 //! that have no summary to verify a part against.
+//!
+//! A range's device offset is the record's offset plus the record's own
+//! payload offset (from its [`Loc`]: 4096 for format v2 records with a
+//! page-multiple payload, whose page-multiple layer ranges then need no
+//! widening; 128 for v1 records and other payloads).
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::tier::nvme::buf::{ALIGN, IoBuf};
-use crate::tier::nvme::format::{RECORD_HEADER_LEN, record_span};
 use crate::tier::nvme::{Expect, Loc, NvmeError, NvmeTier, SegFile};
 
 /// One read Attend needs.
@@ -58,7 +62,7 @@ pub async fn fetch(tier: &Arc<NvmeTier>, needs: &[Need]) -> (Vec<Result<Got, Nvm
     for (i, n) in needs.iter().enumerate() {
         match &n.what {
             What::Span(r) => {
-                let at = n.loc.offset() + (RECORD_HEADER_LEN + r.start) as u64;
+                let at = n.loc.offset() + (n.loc.payload_offset() + r.start) as u64;
                 spans.push((n.seg.id(), at / ALIGN as u64 * ALIGN as u64, at, r.len(), i));
             }
             What::Record(e) => records.push((i, e)),
@@ -114,11 +118,14 @@ pub async fn fetch(tier: &Arc<NvmeTier>, needs: &[Need]) -> (Vec<Result<Got, Nvm
         }
     }
     for (&(i, e), got) in records.iter().zip(record_bufs) {
-        bytes += record_span(e.len as usize) as u64;
-        out[i] = Some(got.map(|buf| Got {
-            buf: Arc::new(buf),
-            start: RECORD_HEADER_LEN,
-            len: e.len as usize,
+        bytes += needs[i].loc.span(e.len) as u64;
+        out[i] = Some(got.map(|rec| {
+            let (buf, start) = rec.into_parts();
+            Got {
+                buf: Arc::new(buf),
+                start,
+                len: e.len as usize,
+            }
         }));
     }
     let out = out

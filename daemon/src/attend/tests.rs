@@ -400,3 +400,246 @@ fn attend_sparse_selection_ranks_blocks_by_their_bound() {
         .unwrap();
     assert_eq!(best, 7, "bounds {bounds:?}");
 }
+
+/// 2 layers x 2 KV heads x 64 dims, f16, 16 tokens: one layer's K and V
+/// are 8 KiB (whole pages), a block 16 KiB.
+fn paged_layout() -> Layout {
+    Layout {
+        model_id: "attend-test/paged".into(),
+        dtype: Dtype::F16,
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 64,
+        tokens_per_block: 16,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+/// Dense Attend of `layer` over the chain `keys`, through `check` and
+/// `run` as the service calls them.
+async fn attend_dense(
+    store: &Arc<Store>,
+    l: &Layout,
+    keys: &[BlockKey],
+    layer: u32,
+    q: &[f32],
+) -> super::exec::SeqResult {
+    use strata_proto::convert::{AttendMode, AttendReq, AttendSeq, Budget, RetrievalParams};
+    let cfg = super::AttendConfig::default();
+    let req = AttendReq {
+        namespace: l.namespace_id(),
+        layer,
+        mode: AttendMode::Dense,
+        scale: None,
+        sequences: vec![AttendSeq {
+            keys: keys.to_vec(),
+            last_block_tokens: None,
+            queries: q.to_vec(),
+        }],
+        budget: Budget::Default,
+        sparf_channels: None,
+        sparf_tokens: None,
+        sparf_by_token: false,
+        sparf_mean_correction: false,
+        sparf_joint_heads: false,
+        retrieval: RetrievalParams::default(),
+    };
+    let checked = super::exec::check(req, l, &cfg).unwrap();
+    let ctx =
+        super::exec::AttendCtx::new(cfg, crate::metrics::AttendMetrics::new(&Registry::new()))
+            .unwrap();
+    super::exec::run(&ctx, store, checked)
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+/// f64 attention of `q` (`[heads][d]`) over `layer` of the payloads in
+/// order: `(o, lse)`.
+fn reference(l: &Layout, payloads: &[Vec<u8>], layer: u32, q: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let geom = Geom::of(l).unwrap();
+    let (d, kv) = (l.head_dim as usize, l.num_kv_heads as usize);
+    let heads = q.len() / d;
+    let g = heads / kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let f = |b: &[u8], i: usize| f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64();
+    let (mut o, mut lse) = (vec![0f64; heads * d], vec![0f64; heads]);
+    for j in 0..heads {
+        let h = j / g;
+        let mut logits = Vec::new();
+        let mut rows = Vec::new();
+        for p in payloads {
+            let tokens = (p.len() as u64 / l.token_bytes()) as u32;
+            let (k, v) = (
+                &p[geom.tensor_range(tokens, layer, 0)],
+                &p[geom.tensor_range(tokens, layer, 1)],
+            );
+            for t in 0..tokens as usize {
+                let at = (t * kv + h) * d;
+                let dot: f64 = (0..d).map(|c| q[j * d + c] as f64 * f(k, at + c)).sum();
+                logits.push(dot * scale);
+                rows.push((0..d).map(|c| f(v, at + c)).collect::<Vec<f64>>());
+            }
+        }
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
+        let s: f64 = w.iter().sum();
+        for (wi, row) in w.iter().zip(&rows) {
+            for c in 0..d {
+                o[j * d + c] += wi / s * row[c];
+            }
+        }
+        lse[j] = m + s.ln();
+    }
+    (o, lse)
+}
+
+/// Records written by the previous release (format v1: payload right after
+/// the 128-byte header) are recovered after an upgrade and served by Get
+/// and Attend, reading each layer range at the record's own payload
+/// offset; records written now (v2) put a page-multiple payload at byte
+/// 4096, so a dense Attend of one layer reads exactly that layer's bytes
+/// from them, and a v1 record's range one page more.
+#[tokio::test]
+async fn v1_and_v2_records_are_served_each_at_its_own_payload_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = paged_layout();
+    let geom = Geom::of(&l).unwrap();
+    let block = l.token_bytes() as usize * 16;
+    assert_eq!(block, 16 << 10);
+    let layer_bytes = geom.tensor_range(16, 1, 1).end - geom.tensor_range(16, 1, 0).start;
+    assert_eq!(layer_bytes, 8 << 10);
+    let keys: Vec<BlockKey> = (0..16).map(key).collect();
+    let payloads: Vec<Vec<u8>> = (0..16).map(|i| payload(&l, 16, 900 + i)).collect();
+    // Writes blocks `range` (a chain), each durable on NVMe before return.
+    async fn write(
+        store: &Arc<Store>,
+        keys: &[BlockKey],
+        payloads: &[Vec<u8>],
+        range: std::ops::Range<usize>,
+    ) {
+        let ns = strata_proto::Layout::namespace_id(&paged_layout());
+        for i in range {
+            let sum = strata_proto::checksum(&payloads[i]);
+            let parent = (i > 0).then(|| keys[i - 1]);
+            let Reserve::Slot(mut s) = store
+                .reserve(ns, keys[i], parent, payloads[i].len() as u64, sum, 0)
+                .unwrap()
+            else {
+                panic!("present")
+            };
+            s.fill(&payloads[i]);
+            let (_, r) = store.publish(s, sum).unwrap();
+            assert!(tiering::persist(store, r).await, "block {i} written");
+        }
+    }
+    {
+        // The previous release: segment and records of version 1.
+        let tier = nvme_tier(dir.path());
+        tier.write_version_1_for_tests();
+        let store = store_with(1 << 20, StoreConfig::default(), Some(tier));
+        tiering::recover(&store, &mut |_, _| {}).await;
+        store.register_layout(l.clone());
+        tiering::persist_layout(&store, &l).await;
+        write(&store, &keys, &payloads, 0..8).await;
+    }
+    let segs = || {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path().join("nvme"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "strata"))
+            .collect();
+        v.sort();
+        v
+    };
+    let old = std::fs::read(&segs()[0]).unwrap();
+    assert_eq!(u32::from_le_bytes(old[8..12].try_into().unwrap()), 1);
+    assert_eq!(
+        u16::from_le_bytes(old[4096 + 4..4096 + 6].try_into().unwrap()),
+        1
+    );
+    assert_eq!(&old[4096 + 128..4096 + 128 + 64], &payloads[0][..64]);
+    {
+        // The upgrade: this build recovers them and appends v2 records.
+        let store = store_with(1 << 20, StoreConfig::default(), Some(nvme_tier(dir.path())));
+        tiering::recover(&store, &mut |_, _| {}).await;
+        assert_eq!(
+            store.tier_of(l.namespace_id(), &keys[0]),
+            Some(strata_proto::TierKind::Nvme)
+        );
+        write(&store, &keys, &payloads, 8..16).await;
+    }
+    let new = std::fs::read(&segs()[1]).unwrap();
+    assert_eq!(u32::from_le_bytes(new[8..12].try_into().unwrap()), 2);
+    for j in 0..8 {
+        // Records of 4 KiB + 16 KiB, each payload at its second page.
+        let at = 4096 + j * (20 << 10);
+        assert_eq!(
+            u16::from_le_bytes(new[at + 4..at + 6].try_into().unwrap()),
+            2
+        );
+        assert_eq!(
+            u32::from_le_bytes(new[at + 44..at + 48].try_into().unwrap()),
+            4096
+        );
+        assert_eq!(
+            &new[at + 4096..at + 4096 + block],
+            &payloads[8 + j][..],
+            "record {j}"
+        );
+    }
+    // A restart with both: every block NVMe-only, summarised, served.
+    let store = store_with(1 << 20, StoreConfig::default(), Some(nvme_tier(dir.path())));
+    tiering::recover(&store, &mut |_, _| {}).await;
+    let ns = l.namespace_id();
+    assert_eq!(store.stats().summary_blocks, 16);
+    let mut rng = Rng(5);
+    let q: Vec<f32> = (0..4 * 64).map(|_| rng.normal()).collect();
+    for layer in [0, 1] {
+        let out = attend_dense(&store, &l, &keys, layer, &q).await;
+        assert_eq!(out.keys_present, 16);
+        assert_eq!(out.nvme.blocks, 16);
+        assert_eq!(out.dram.bytes, 0);
+        // v1: the range starts 128 bytes into a page and spans one page
+        // more than its 2; v2: exactly the layer.
+        assert_eq!(
+            out.nvme.bytes,
+            8 * (layer_bytes as u64 + 4096) + 8 * layer_bytes as u64,
+            "layer {layer}"
+        );
+        let (o, lse) = reference(&l, &payloads, layer, &q);
+        let num: f64 = o
+            .iter()
+            .zip(&out.o)
+            .map(|(a, &b)| (a - b as f64).powi(2))
+            .sum();
+        let den: f64 = o.iter().map(|a| a * a).sum();
+        assert!(
+            (num / den).sqrt() < 1e-4,
+            "layer {layer}: relerr {}",
+            (num / den).sqrt()
+        );
+        for (a, &b) in lse.iter().zip(&out.lse) {
+            assert!((a - b as f64).abs() < 1e-3, "lse {a} vs {b}");
+        }
+    }
+    // Get serves v1 and v2 records byte for byte.
+    let guard = Arc::new(
+        store
+            .pin_for_read(&strata_proto::convert::GetReq {
+                namespace: ns,
+                keys: keys.clone(),
+                lease: None,
+            })
+            .unwrap(),
+    );
+    for (i, p) in payloads.iter().enumerate() {
+        let got = tiering::read_in_place(&guard, i).await.unwrap();
+        assert_eq!(&got[..], &p[..], "block {i}");
+    }
+    drop(guard);
+    store.check_invariants();
+}

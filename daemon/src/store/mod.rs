@@ -1866,6 +1866,7 @@ impl Store {
                 parent,
                 len: m.len,
                 checksum: m.checksum,
+                payload_offset: 0, // set by append
             },
             dram_addr: m.dram_addr,
             keep_dram,

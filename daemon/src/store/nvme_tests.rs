@@ -476,6 +476,62 @@ async fn a_corrupt_record_is_a_miss_counted_and_dropped() {
     }
 }
 
+/// Records of format version 1 (what the release before version 2 wrote)
+/// are recovered after the upgrade and served byte for byte, a damaged one
+/// is still refused, and new writes go to a version 2 segment beside them.
+#[tokio::test]
+async fn version_1_records_are_recovered_served_and_refused_when_torn() {
+    for e in ENGINES {
+        let mut o = Opts::new(e);
+        o.policy.write_through = true;
+        let Some(f) = fresh(o.clone()).await else {
+            continue;
+        };
+        // The test-only v1 writer: the first segment is created at the
+        // first write, as version 1.
+        f.store.nvme().unwrap().write_version_1_for_tests();
+        let ks: Vec<BlockKey> = (0..4).map(|i| key(7, i)).collect();
+        for &k in &ks {
+            let (_, r) = f.put(k, None).unwrap();
+            assert!(tiering::persist(&f.store, r).await);
+        }
+        let seg = f.segment_files()[0].clone();
+        let bytes = std::fs::read(&seg).unwrap();
+        assert_eq!(bytes[8], 1, "{e:?}: segment version");
+        // The second record: version 1, payload right after its header.
+        let at = 4096 + 8192;
+        assert_eq!((bytes[at + 4], bytes[at + 44]), (1, 0));
+        assert_eq!(&bytes[at + 128..at + 128 + 4096], &payload(&ks[1])[..]);
+        corrupt_on_disk(&f.dir.path().join("nvme"), &f, ks[3]);
+        let f = f.reopen(o.clone()).await;
+        for &k in &ks[..3] {
+            assert_eq!(f.tier(k), Some(TierKind::Nvme), "{e:?}");
+            assert_eq!(f.get(k).await.unwrap(), payload(&k), "{e:?}");
+        }
+        assert!(
+            !f.store.contains(f.ns, &ks[3]),
+            "{e:?}: a torn v1 record was served"
+        );
+        // New writes go to a new segment, of version 2.
+        let (_, r) = f.put(key(7, 9), None).unwrap();
+        assert!(tiering::persist(&f.store, r).await);
+        let new = f
+            .segment_files()
+            .into_iter()
+            .find(|p| *p != seg && p.extension().is_some_and(|x| x == "strata"))
+            .unwrap();
+        let bytes = std::fs::read(&new).unwrap();
+        assert_eq!((bytes[8], bytes[4096 + 4]), (2, 2), "{e:?}");
+        assert_eq!(&bytes[8192..8192 + 4096], &payload(&key(7, 9))[..], "{e:?}");
+        // And both are served after another restart.
+        let f = f.reopen(o.clone()).await;
+        for k in [ks[0], ks[2], key(7, 9)] {
+            assert_eq!(f.get(k).await.unwrap(), payload(&k), "{e:?}");
+        }
+        f.store.check_invariants();
+    }
+}
+
 #[tokio::test]
 async fn unknown_format_and_truncated_segments() {
     for e in ENGINES {
@@ -496,7 +552,7 @@ async fn unknown_format_and_truncated_segments() {
             .join(crate::tier::nvme::format::segment_file_name(0xffff));
         let mut h = vec![0u8; 4096];
         crate::tier::nvme::format::SegmentHeader {
-            version: 2,
+            version: crate::tier::nvme::format::FORMAT_VERSION + 1,
             id: 0xffff,
             created_unix_ms: 0,
         }
@@ -895,10 +951,10 @@ async fn unreadable_files_are_refused_by_name_and_left_untouched() {
         }
         let dir = f.dir.path().join("nvme");
         let seg = f.segment_files()[0].clone();
-        // The second record (at 4096 + 8192) claims format version 2.
+        // The second record (at 4096 + 8192) claims format version 3.
         let mut bytes = std::fs::read(&seg).unwrap();
         let at = 4096 + 8192;
-        bytes[at + 4] = 2;
+        bytes[at + 4] = 3;
         let sum = strata_proto::checksum(&bytes[at..at + 120]);
         bytes[at + 120..at + 128].copy_from_slice(&sum.to_le_bytes());
         std::fs::write(&seg, &bytes).unwrap();
@@ -915,7 +971,7 @@ async fn unreadable_files_are_refused_by_name_and_left_untouched() {
         let refused = n.refused_files().join("\n");
         assert!(
             refused.contains(&format!(
-                "{}: record at byte {at} has format version 2",
+                "{}: record at byte {at} has format version 3",
                 seg.display()
             )),
             "{e:?}: {refused}"

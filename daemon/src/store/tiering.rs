@@ -19,9 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     PromoteFailure, PromoteJob, ReadGuard, ReclaimAction, ReclaimOrder, Store, StoreError, WriteJob,
 };
-use crate::tier::nvme::buf::IoBuf;
-use crate::tier::nvme::format::{RECORD_HEADER_LEN, RecordHeader, RecordKind};
-use crate::tier::nvme::{Expect, Loc, NvmeError, NvmeTier, ScanStats, Scanned};
+use crate::tier::nvme::format::{RecordHeader, RecordKind};
+use crate::tier::nvme::{Expect, Loc, NvmeError, NvmeTier, RecordBuf, ScanStats, Scanned};
 
 fn nvme(store: &Store) -> &Arc<NvmeTier> {
     store.nvme().expect("tiering runs only with an NVMe tier")
@@ -124,10 +123,8 @@ async fn promote_one(store: &Arc<Store>, r: super::BlockRef) {
             super::Promote::Job(job) => {
                 let got = read(store, &job).await;
                 match &got {
-                    Ok(buf) => {
-                        let payload =
-                            &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + job.expect.len as usize];
-                        store.finish_promotion(&job, Ok(payload));
+                    Ok(rec) => {
+                        store.finish_promotion(&job, Ok(rec.payload()));
                     }
                     Err(f) => {
                         store.finish_promotion(&job, Err(*f));
@@ -139,7 +136,7 @@ async fn promote_one(store: &Arc<Store>, r: super::BlockRef) {
     }
 }
 
-async fn read(store: &Store, job: &PromoteJob) -> Result<IoBuf, PromoteFailure> {
+async fn read(store: &Store, job: &PromoteJob) -> Result<RecordBuf, PromoteFailure> {
     match nvme(store).read(&job.seg, job.loc, &job.expect).await {
         Ok(b) => Ok(b),
         Err(NvmeError::Corrupt(why)) => {
@@ -172,10 +169,7 @@ pub async fn load(guard: &Arc<ReadGuard>, i: usize) -> Result<Bytes, StoreError>
             store.finish_promotion(&job, Err(PromoteFailure::Unavailable));
             if let Ok(buf) = got {
                 store.metrics().bytes_out[crate::store::NVME].increment(b.len);
-                return Ok(Bytes::from_owner(RecordBytes {
-                    buf,
-                    len: b.len as usize,
-                }));
+                return Ok(Bytes::from_owner(RecordBytes(buf)));
             }
         }
     }
@@ -216,10 +210,7 @@ pub async fn read_in_place(guard: &Arc<ReadGuard>, i: usize) -> Result<Bytes, St
                         // Nothing is staged: the job ends as if unreadable.
                         store.finish_promotion(&job, Err(PromoteFailure::Unavailable));
                         store.metrics().bytes_out[crate::store::NVME].increment(b.len);
-                        Ok(Bytes::from_owner(RecordBytes {
-                            buf,
-                            len: b.len as usize,
-                        }))
+                        Ok(Bytes::from_owner(RecordBytes(buf)))
                     }
                     Err(f) => {
                         store.finish_promotion(&job, Err(f));
@@ -233,14 +224,11 @@ pub async fn read_in_place(guard: &Arc<ReadGuard>, i: usize) -> Result<Bytes, St
 }
 
 /// A verified record's payload, as the owner of a `Bytes`.
-struct RecordBytes {
-    buf: IoBuf,
-    len: usize,
-}
+struct RecordBytes(RecordBuf);
 
 impl AsRef<[u8]> for RecordBytes {
     fn as_ref(&self) -> &[u8] {
-        &self.buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.len]
+        self.0.payload()
     }
 }
 
@@ -278,6 +266,7 @@ pub async fn write_tombstones(store: &Arc<Store>, deleted: &[(NamespaceId, Block
             parent: None,
             len: 0,
             checksum: 0,
+            payload_offset: 0, // set by append
         };
         match n.append(header, &[]).await {
             // Tombstones hold no live bytes.
@@ -365,12 +354,12 @@ async fn reclaim_segment(
                     seq: store.seq_for_copy(r, h.seq),
                     ..h
                 };
+                // The copy is written in this build's format (a v1 record
+                // comes back as v2, its payload page-aligned if it is a
+                // page multiple).
                 let moved = match n.read(&seg, s.loc, &expect).await {
-                    Ok(buf) => n
-                        .append(
-                            copy,
-                            &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.len as usize],
-                        )
+                    Ok(rec) => n
+                        .append(copy, rec.payload())
                         .await
                         .map(|loc| (loc, copy.seq))
                         .map_err(|e| e.to_string()),

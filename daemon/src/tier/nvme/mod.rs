@@ -49,8 +49,8 @@ use strata_proto::{BlockKey, NamespaceId};
 use buf::{ALIGN, BufPool, IoBuf};
 use engine::{EngineKind, IoEngine, IoFile};
 use format::{
-    BadSegment, NotARecord, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN,
-    SegmentHeader, record_span,
+    BadSegment, NotARecord, PAYLOAD_AFTER_HEADER, PAYLOAD_PAGE_ALIGNED, RECORD_HEADER_LEN,
+    RecordHeader, RecordKind, SEGMENT_HEADER_LEN, SegmentHeader, payload_offset_for, span_at,
 };
 
 #[derive(Debug, Clone)]
@@ -98,28 +98,77 @@ impl NvmeError {
     }
 }
 
-/// Where a record lives: segment slot and offset. Valid while the slot's
-/// segment is not reclaimed; resolve it to a file under the store's lock
-/// (see [`NvmeTier::file_of`]).
+/// Where a record lives: segment slot, offset, and where its payload
+/// starts within it (128 or 4096: the record's format, see
+/// [`format`]). Valid while the slot's segment is not reclaimed; resolve
+/// it to a file under the store's lock (see [`NvmeTier::file_of`]).
+///
+/// Bits: slot (24) | payload page-aligned (1) | offset in pages (39, up
+/// to 2 PiB). The location carries the payload offset so that every
+/// reader of a part of the payload (Get, reclaim, Attend's layer ranges)
+/// uses the record's own layout, old or new, without reading its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Loc(pub u64);
 
 const SLOT_SHIFT: u32 = 40;
+const ALIGNED_PAYLOAD_BIT: u64 = 1 << (SLOT_SHIFT - 1);
 
 impl Loc {
-    fn new(slot: u32, offset: u64) -> Loc {
-        debug_assert!(offset.is_multiple_of(ALIGN as u64) && (offset >> 12) < (1 << SLOT_SHIFT));
-        Loc(((slot as u64) << SLOT_SHIFT) | (offset >> 12))
+    fn new(slot: u32, offset: u64, payload_offset: u32) -> Loc {
+        debug_assert!(offset.is_multiple_of(ALIGN as u64) && (offset >> 12) < ALIGNED_PAYLOAD_BIT);
+        debug_assert!(matches!(
+            payload_offset,
+            PAYLOAD_AFTER_HEADER | PAYLOAD_PAGE_ALIGNED
+        ));
+        let aligned = if payload_offset == PAYLOAD_PAGE_ALIGNED {
+            ALIGNED_PAYLOAD_BIT
+        } else {
+            0
+        };
+        Loc(((slot as u64) << SLOT_SHIFT) | aligned | (offset >> 12))
     }
-    /// The location of `offset` in the segment at `slot`.
+    /// A location in the segment at `slot` (for [`NvmeTier::file_of`]:
+    /// only the slot matters there).
     pub fn new_at(slot: u32, offset: u64) -> Loc {
-        Loc::new(slot, offset)
+        Loc::new(slot, offset, PAYLOAD_AFTER_HEADER)
     }
     pub fn slot(self) -> u32 {
         (self.0 >> SLOT_SHIFT) as u32
     }
+    /// The record's first byte in its segment.
     pub fn offset(self) -> u64 {
-        (self.0 & ((1 << SLOT_SHIFT) - 1)) << 12
+        (self.0 & (ALIGNED_PAYLOAD_BIT - 1)) << 12
+    }
+    /// Where the record's payload starts, from [`offset`](Self::offset).
+    pub fn payload_offset(self) -> usize {
+        if self.0 & ALIGNED_PAYLOAD_BIT != 0 {
+            PAYLOAD_PAGE_ALIGNED as usize
+        } else {
+            PAYLOAD_AFTER_HEADER as usize
+        }
+    }
+    /// Bytes the record takes on disk, its payload `len` bytes.
+    pub fn span(self, len: u32) -> usize {
+        span_at(self.payload_offset() as u32, len as usize)
+    }
+}
+
+/// A record read and checked by the tier: the device buffer, with the
+/// payload at the record's payload offset.
+#[derive(Debug)]
+pub struct RecordBuf {
+    buf: IoBuf,
+    start: usize,
+    len: usize,
+}
+
+impl RecordBuf {
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+    /// The buffer and where the payload starts in it.
+    pub fn into_parts(self) -> (IoBuf, usize) {
+        (self.buf, self.start)
     }
 }
 
@@ -235,6 +284,10 @@ pub struct NvmeTier {
     found_evictions: Vec<(u64, u64)>,
     /// One line per file refused (unknown format), naming it and why.
     refused: Mutex<Vec<String>>,
+    /// Tests only: write segments and records as version 1 did, to check
+    /// that what an earlier release wrote is recovered and served.
+    #[cfg(test)]
+    write_v1: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for NvmeTier {
@@ -416,14 +469,14 @@ impl NvmeTier {
                 Err(bad) => {
                     let why = match bad {
                         BadSegment::UnknownVersion(v) => format!(
-                            "segment format version {v}; this stratad reads version {} (written by another release?)",
-                            format::FORMAT_VERSION
+                            "segment format version {v}; this stratad reads versions {} (written by another release?)",
+                            format::versions_read()
                         ),
                         BadSegment::Magic => format!(
-                            "unknown segment magic {:?}; this stratad reads {:?} (format version {})",
+                            "unknown segment magic {:?}; this stratad reads {:?} (format versions {})",
                             String::from_utf8_lossy(&header[..got.min(8)]),
                             String::from_utf8_lossy(&format::SEGMENT_MAGIC),
-                            format::FORMAT_VERSION
+                            format::versions_read()
                         ),
                         BadSegment::Checksum => {
                             "segment header is damaged (checksum); its records are not read".into()
@@ -478,6 +531,8 @@ impl NvmeTier {
             evictions,
             found_evictions,
             refused: Mutex::new(refused),
+            #[cfg(test)]
+            write_v1: std::sync::atomic::AtomicBool::new(false),
         });
         Ok((tier, stats))
     }
@@ -709,13 +764,16 @@ impl NvmeTier {
             }
             let step = match RecordHeader::decode(&window[rel..], id) {
                 Ok(h) => {
-                    let span = record_span(h.len as usize);
+                    // The record's own layout (v1: payload after the
+                    // header; v2: as its header says).
+                    let po = h.payload_offset as usize;
+                    let span = span_at(h.payload_offset, h.len as usize);
                     while next_read < end && (next_read - window_start) < (rel + span) as u64 {
                         if !more!() {
                             break;
                         }
                     }
-                    let body = rel + RECORD_HEADER_LEN..rel + RECORD_HEADER_LEN + h.len as usize;
+                    let body = rel + po..rel + po + h.len as usize;
                     let mut ok = body.end <= window.len()
                         && (h.kind == RecordKind::Tombstone
                             || strata_proto::checksum(&window[body.clone()]) == h.checksum);
@@ -725,13 +783,11 @@ impl NvmeTier {
                         let mut one = IoBuf::alloc(span);
                         one.set_len(span);
                         let (b, got) = self.read_retrying(&file, pos, one).await;
-                        if got.is_some_and(|n| n >= RECORD_HEADER_LEN + h.len as usize)
-                            && strata_proto::checksum(
-                                &b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.len as usize],
-                            ) == h.checksum
+                        if got.is_some_and(|n| n >= po + h.len as usize)
+                            && strata_proto::checksum(&b[po..po + h.len as usize]) == h.checksum
                         {
-                            window[rel..rel + RECORD_HEADER_LEN + h.len as usize]
-                                .copy_from_slice(&b[..RECORD_HEADER_LEN + h.len as usize]);
+                            window[rel..rel + po + h.len as usize]
+                                .copy_from_slice(&b[..po + h.len as usize]);
                             ok = true;
                         }
                     }
@@ -744,7 +800,7 @@ impl NvmeTier {
                         visit(
                             Scanned {
                                 header: h,
-                                loc: Loc::new(slot, pos),
+                                loc: Loc::new(slot, pos, h.payload_offset),
                             },
                             &window[body],
                         );
@@ -765,9 +821,9 @@ impl NvmeTier {
                     );
                     if self.mark_foreign(slot) {
                         self.refused.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
-                            "{}: record at byte {pos} has format version {v}; this stratad reads version {}; the segment is kept (never reclaimed)",
+                            "{}: record at byte {pos} has format version {v}; this stratad reads versions {}; the segment is kept (never reclaimed)",
                             path.display(),
-                            format::FORMAT_VERSION
+                            format::versions_read()
                         ));
                     }
                     stats.torn += 1;
@@ -807,7 +863,7 @@ impl NvmeTier {
     pub fn add_live(&self, loc: Loc, len: u32) {
         let mut st = self.lock();
         if let Some(Some(s)) = st.slots.get_mut(loc.slot() as usize) {
-            s.live_bytes += record_span(len as usize) as u64;
+            s.live_bytes += loc.span(len) as u64;
             s.live_records += 1;
         }
     }
@@ -816,9 +872,7 @@ impl NvmeTier {
     pub fn release(&self, loc: Loc, len: u32) {
         let mut st = self.lock();
         if let Some(Some(s)) = st.slots.get_mut(loc.slot() as usize) {
-            s.live_bytes = s
-                .live_bytes
-                .saturating_sub(record_span(len as usize) as u64);
+            s.live_bytes = s.live_bytes.saturating_sub(loc.span(len) as u64);
             s.live_records = s.live_records.saturating_sub(1);
         }
     }
@@ -839,7 +893,8 @@ impl NvmeTier {
     /// Appends a record. `payload` is copied into an aligned buffer.
     pub async fn append(&self, mut header: RecordHeader, payload: &[u8]) -> Result<Loc, NvmeError> {
         self.check_fenced()?;
-        let span = record_span(payload.len());
+        let po = self.payload_offset_to_write(payload.len());
+        let span = span_at(po, payload.len());
         if span as u64 > self.cfg.segment_bytes - SEGMENT_HEADER_LEN as u64 {
             return Err(NvmeError::TooLarge(payload.len()));
         }
@@ -852,9 +907,15 @@ impl NvmeTier {
         let (slot, offset, file, id) = self.reserve(span as u64).await?;
         header.segment = id;
         header.len = payload.len() as u32;
-        header.encode(&mut buf[..RECORD_HEADER_LEN]);
-        buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
-        buf[RECORD_HEADER_LEN + payload.len()..].fill(0);
+        header.payload_offset = po;
+        let po = po as usize;
+        buf[..po].fill(0);
+        header.encode_version(
+            self.version_to_write() as u16,
+            &mut buf[..RECORD_HEADER_LEN],
+        );
+        buf[po..po + payload.len()].copy_from_slice(payload);
+        buf[po + payload.len()..].fill(0);
         let (buf, r) = self.engine.write(&file, offset, buf).await;
         drop(buf);
         let r = match r {
@@ -868,7 +929,7 @@ impl NvmeTier {
         drop(st);
         match r {
             Ok(_) => {
-                let loc = Loc::new(slot, offset);
+                let loc = Loc::new(slot, offset, header.payload_offset);
                 self.add_live(loc, payload.len() as u32);
                 Ok(loc)
             }
@@ -878,6 +939,32 @@ impl NvmeTier {
                 Err(e)
             }
         }
+    }
+
+    /// The format version of segments and records written.
+    fn version_to_write(&self) -> u32 {
+        #[cfg(test)]
+        if self.write_v1.load(std::sync::atomic::Ordering::Relaxed) {
+            return 1;
+        }
+        format::FORMAT_VERSION
+    }
+
+    fn payload_offset_to_write(&self, len: usize) -> u32 {
+        match self.version_to_write() {
+            1 => PAYLOAD_AFTER_HEADER,
+            _ => payload_offset_for(len),
+        }
+    }
+
+    /// Tests only: from now on write new segments and records in format
+    /// version 1, exactly as the release before version 2 did (a segment
+    /// already active keeps its header version: seal it first by
+    /// reopening the tier).
+    #[cfg(test)]
+    pub(crate) fn write_version_1_for_tests(&self) {
+        self.write_v1
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Takes `span` bytes in the active segment, creating one if needed.
@@ -995,7 +1082,7 @@ impl NvmeTier {
         let file = IoFile::new(fd, id);
         let mut h = IoBuf::alloc(SEGMENT_HEADER_LEN);
         SegmentHeader {
-            version: format::FORMAT_VERSION,
+            version: self.version_to_write(),
             id,
             created_unix_ms: now_ms(),
         }
@@ -1005,12 +1092,16 @@ impl NvmeTier {
         Ok(file)
     }
 
-    /// Reads the record at `loc` from `seg` and checks it against `expect`;
-    /// returns a buffer holding header and payload (payload at
-    /// `RECORD_HEADER_LEN`).
-    pub async fn read(&self, seg: &SegFile, loc: Loc, expect: &Expect) -> Result<IoBuf, NvmeError> {
+    /// Reads the record at `loc` from `seg` and checks it against `expect`
+    /// (and its header's payload offset against the location's).
+    pub async fn read(
+        &self,
+        seg: &SegFile,
+        loc: Loc,
+        expect: &Expect,
+    ) -> Result<RecordBuf, NvmeError> {
         self.check_fenced()?;
-        let span = record_span(expect.len as usize);
+        let span = loc.span(expect.len);
         let buf = if span <= self.pool.buf_bytes() {
             self.pool.get().await
         } else {
@@ -1027,9 +1118,9 @@ impl NvmeTier {
         seg: &SegFile,
         loc: Loc,
         expect: &Expect,
-    ) -> Result<IoBuf, NvmeError> {
+    ) -> Result<RecordBuf, NvmeError> {
         self.check_fenced()?;
-        let buf = IoBuf::alloc(record_span(expect.len as usize));
+        let buf = IoBuf::alloc(loc.span(expect.len));
         self.read_checked(seg, loc, expect, buf).await
     }
 
@@ -1039,12 +1130,13 @@ impl NvmeTier {
         loc: Loc,
         expect: &Expect,
         mut buf: IoBuf,
-    ) -> Result<IoBuf, NvmeError> {
-        let span = record_span(expect.len as usize);
+    ) -> Result<RecordBuf, NvmeError> {
+        let span = loc.span(expect.len);
+        let po = loc.payload_offset();
         buf.set_len(span);
         let (buf, r) = self.engine.read(&seg.file, loc.offset(), buf).await;
         match r {
-            Ok(n) if n >= RECORD_HEADER_LEN + expect.len as usize => {}
+            Ok(n) if n >= po + expect.len as usize => {}
             Ok(n) => {
                 return Err(NvmeError::Corrupt(format!(
                     "short read: {n} of {span} bytes"
@@ -1063,16 +1155,21 @@ impl NvmeTier {
             || h.key != expect.key
             || h.len != expect.len
             || h.checksum != expect.checksum
+            || h.payload_offset as usize != po
         {
             return Err(NvmeError::Corrupt(
                 "record is not the block expected".into(),
             ));
         }
-        let payload = &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + expect.len as usize];
+        let payload = &buf[po..po + expect.len as usize];
         if strata_proto::checksum(payload) != expect.checksum {
             return Err(NvmeError::Corrupt("payload checksum mismatch".into()));
         }
-        Ok(buf)
+        Ok(RecordBuf {
+            buf,
+            start: po,
+            len: expect.len as usize,
+        })
     }
 
     /// Reads `len` bytes at `offset` of a segment (both multiples of 4 KiB)
