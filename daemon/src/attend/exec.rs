@@ -839,9 +839,11 @@ fn layer_bytes<'a>(
     let kr = geom.tensor_range(tokens, layer, 0);
     let vr = geom.tensor_range(tokens, layer, 1);
     let summary = seq.pin.summary(i, geom);
+    // Every leaf of the layer against its own sum (one leaf: the layer).
+    let all = 0..summary.map_or(1, |s| s.leaves());
     let verify = |k: &[u8], v: &[u8], s: &super::SummaryView<'_>| {
-        strata_proto::checksum(k) == s.sum(layer, 0)
-            && (want == Want::K || strata_proto::checksum(v) == s.sum(layer, 1))
+        s.verify(layer, 0, tokens, all.clone(), k)
+            && (want == Want::K || s.verify(layer, 1, tokens, all.clone(), v))
     };
     if b.dram.is_some() {
         return match &summary {

@@ -41,11 +41,12 @@ pub use summary::{Geom, SummaryRegion, SummaryView};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SummaryConfig {
     pub enabled: bool,
-    /// Size of the region; 0 = a sixteenth of the DRAM and NVMe capacities
-    /// (six sixteenths with sketches and V sums).
+    /// Size of the region; 0 = [`default_region_bytes`].
     pub bytes: u64,
     /// Entries also hold key sketches for SparF (`compute.key_sketch`).
     pub sketch: bool,
+    /// Tokens per summary leaf (`compute.leaf_tokens`; 0: the whole block).
+    pub leaf_tokens: u32,
 }
 
 impl Default for SummaryConfig {
@@ -54,8 +55,37 @@ impl Default for SummaryConfig {
             enabled: true,
             bytes: 0,
             sketch: false,
+            leaf_tokens: 0,
         }
     }
+}
+
+/// The summary region's default size for tiers of `capacity` bytes in
+/// all: the abstracts of 16-bit KV are `1 / leaf_tokens` of it (two f16
+/// per channel per leaf against `2 * leaf_tokens` f16 of K and V; a whole
+/// block counts as vLLM's 16 tokens), and the sketch section adds five
+/// sixteenths (half of K, and V sums of a sixteenth at 16 tokens).
+/// At least 1 MiB.
+pub fn default_region_bytes(capacity: u64, sketch: bool, leaf_tokens: u32) -> u64 {
+    let per = match leaf_tokens {
+        0 => 16,
+        t => t as u64,
+    };
+    let sketch_bytes = if sketch { capacity / 16 * 5 } else { 0 };
+    (capacity / per + sketch_bytes).max(1 << 20)
+}
+
+/// Which leaf level SPARSE ranks at (`compute.leaf_level`), when the
+/// summaries have leaves smaller than a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafLevel {
+    /// Per (namespace, layer), from the skew learned from what was
+    /// attended (`exec::SkewTable`).
+    Adaptive,
+    /// Always the leaves.
+    Leaf,
+    /// Always whole blocks (the leaves' union boxes).
+    Block,
 }
 
 /// Limits and defaults of the Attend RPC (the `[compute]` section).
@@ -73,6 +103,8 @@ pub struct AttendConfig {
     pub read_wave_bytes: u64,
     /// Promote NVMe-only blocks into DRAM before reading them.
     pub promote: bool,
+    /// SPARSE's leaf level (`compute.leaf_level`).
+    pub leaf_level: LeafLevel,
 }
 
 impl Default for AttendConfig {
@@ -85,6 +117,7 @@ impl Default for AttendConfig {
             sparse_budget_fraction: 0.05,
             read_wave_bytes: 64 << 20,
             promote: false,
+            leaf_level: LeafLevel::Adaptive,
         }
     }
 }
