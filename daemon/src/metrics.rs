@@ -359,6 +359,8 @@ pub struct AttendMetrics {
     /// became of it: [applied, exact (nothing to correct), no_sums (the
     /// uncorrected answer: a block without V sums)].
     pub mean_correction: [Counter; 3],
+    /// SPARSE sequences by the level they ranked at: [block, leaf].
+    pub sparse_level: [Counter; 2],
 }
 
 impl AttendMetrics {
@@ -403,6 +405,13 @@ impl AttendMetrics {
                     "strata_attend_sparf_mean_correction_total",
                     "SPARF sequences that asked for the mean-value correction, by result (no_sums: answered uncorrected)",
                     &[("result", result)],
+                )
+            }),
+            sparse_level: ["block", "leaf"].map(|level| {
+                r.counter(
+                    "strata_attend_sparse_level_total",
+                    "SPARSE sequences by the level they ranked at (compute.leaf_tokens, compute.leaf_level)",
+                    &[("level", level)],
                 )
             }),
         }
