@@ -304,8 +304,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
     // ranking leaves, one choosing the level per (namespace, layer) from
     // the skew it measured. Each regime is its own namespace there (a
     // layer's skew is learned per namespace and layer).
-    let leaf_cfg =
-        |level: &str| format!("[compute]\nleaf_tokens = 8\nleaf_level = \"{level}\"\n");
+    let leaf_cfg = |level: &str| format!("[compute]\nleaf_tokens = 8\nleaf_level = \"{level}\"\n");
     let leaf_daemons = [
         Daemon::start_with("1GiB", &leaf_cfg("leaf"))?,
         Daemon::start_with("1GiB", &leaf_cfg("adaptive"))?,
@@ -317,7 +316,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
     // Budgets (% of N) of the leaf rows: the 16-token row's 5%, and less,
     // to read off the budget at which leaves match its mass.
     const LEAF_BUDGETS: [f64; 5] = [5.0, 4.5, 4.0, 3.5, 3.0];
-    const ADAPTIVE_BUDGETS: [f64; 3] = [5.0, 4.5, 4.0];
+    const ADAPTIVE_BUDGETS: [f64; 4] = [5.0, 4.5, 4.0, 3.5];
     let mut half_block_calls = [0usize; 2];
     let mut leaf_calls = [0usize; 2];
     let sizes: &[usize] = if quick {
@@ -485,7 +484,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         }
     }
     rep.note(&format!(
-        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at >= 0.5, blocks again at <= 0.35); calls that ranked leaves (a piece of half a block in the answer): {} of {}.",
+        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at a running mean >= 0.3, blocks again at <= 0.2); calls that ranked leaves (a piece of half a block in the answer): {} of {}.",
         half_block_calls[1], leaf_calls[1]
     ));
 

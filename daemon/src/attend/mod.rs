@@ -3,15 +3,17 @@
 //! For one layer and a batch of sequences, each a chain of block keys and
 //! that sequence's decode queries, the daemon returns per query head the
 //! partial attention `(o, lse)` over the tokens of the longest present
-//! prefix of the chain: dense (every token, exact), sparse (blocks chosen
+//! prefix of the chain: dense (every token, exact), sparse (blocks or leaves chosen
 //! best-first by the upper bound of `q.k` from their key abstracts, within
 //! a token budget, sink and recent blocks always in) or SparF (per KV head,
 //! the top-r channels of the queries score every token, the top-k tokens
 //! are attended exactly). The engine merges it with its own part by
 //! log-sum-exp (`strata_kernels::attention::merge_into`).
 //!
-//! * [`summary`]: what the store keeps per block in DRAM: per layer and KV
-//!   head the min/max key abstract, and a checksum of each layer's K and V.
+//! * [`summary`]: what the store keeps per block in DRAM: per layer, KV
+//!   head and leaf (`compute.leaf_tokens`; one leaf = the whole block) the
+//!   min/max key abstract, and a checksum of each leaf's K and V rows per
+//!   layer.
 //! * [`exec`]: validation against the layout, block selection, reads in
 //!   bounded waves (DRAM in place; NVMe through the tier's I/O engine, only
 //!   the layer's 4 KiB-aligned ranges, coalesced), verification, and the
@@ -21,7 +23,8 @@
 //! * every block is pinned while it is read; a missing block ends the
 //!   covered prefix (said in the answer), it is never skipped;
 //! * every byte computed on was verified since it was read: a layer's K or
-//!   V against its summary checksum, or the whole block (whole record from
+//!   V (or the rows of the leaves SPARSE chose) against its leaves' summary
+//!   checksums, or the whole block (whole record from
 //!   NVMe) when the block has no summary; a failure is a corrupt block
 //!   (dropped, counted) and ends the covered prefix there;
 //! * the math never runs on the async runtime's threads, and at most

@@ -602,9 +602,15 @@ const SKEW_EMA: f32 = 0.25;
 /// A layer goes to the leaf level when its running skew reaches
 /// `SKEW_FINE_ON`, and back to the block level when it falls to
 /// `SKEW_FINE_OFF` (hysteresis: a layer near one threshold does not flip
-/// call by call).
-pub(super) const SKEW_FINE_ON: f32 = 0.5;
-pub(super) const SKEW_FINE_OFF: f32 = 0.35;
+/// call by call). Where they sit: equal scores give 0.02 and the
+/// random-key layers of the tests about 0.1, while the synthetic heads
+/// that pass COMPUTE.md §2's skew gate (top 2% of keys >= 0.8 of the
+/// mass) measured 0.28-0.72 (semantic, mean about 0.45) and 0.12-1.0
+/// (needle, mostly above 0.5) in the attend-quality bench, where leaves
+/// beat blocks at every budget: a running mean above 0.3 is a layer whose
+/// mass sits on few tokens, one below 0.2 one whose mass is spread.
+pub(super) const SKEW_FINE_ON: f32 = 0.3;
+pub(super) const SKEW_FINE_OFF: f32 = 0.2;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SkewSlot {
@@ -692,21 +698,21 @@ mod tests {
         // Skewed observations: leaves once the mean reaches the threshold.
         assert!(t.observe(ns, 3, 0.9));
         assert!(t.fine(ns, 3) && !t.fine(ns, 4) && !t.fine(other, 3));
-        // Flat observations: the mean falls 0.9, 0.69, 0.53, 0.41 (still
-        // leaves: above the off threshold), 0.32 (blocks).
-        for _ in 0..3 {
-            assert!(t.observe(ns, 3, 0.05));
+        // Flat observations: the mean falls 0.9, 0.68, 0.51, 0.38, 0.28,
+        // 0.21 (still leaves: above the off threshold), 0.16 (blocks).
+        for _ in 0..5 {
+            assert!(t.observe(ns, 3, 0.0));
         }
-        assert!(!t.observe(ns, 3, 0.05));
+        assert!(!t.observe(ns, 3, 0.0));
         assert!(!t.fine(ns, 3));
         // Between the thresholds: no change.
         for _ in 0..30 {
             assert!(
-                !t.observe(ns, 3, 0.42),
+                !t.observe(ns, 3, 0.25),
                 "stays at blocks below the on threshold"
             );
         }
-        // Skewed again: 0.42 + (0.9 - 0.42) / 4 = 0.54, leaves.
+        // Skewed again: 0.25 + (0.9 - 0.25) / 4 = 0.41, leaves.
         assert!(t.observe(ns, 3, 0.9));
     }
 }
