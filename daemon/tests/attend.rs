@@ -1647,3 +1647,78 @@ async fn sparse_leaves_on_nvme_read_the_pages_covering_them() {
     assert!(relerr(&out.o, &o) <= 5e-4, "{}", relerr(&out.o, &o));
     d.stop().await;
 }
+
+/// Leaves change nothing for DENSE and SPARF: with key sketches on, a
+/// daemon with 8-token leaves answers DENSE and SPARF (sketch scoring, the
+/// mean-value correction from the V sums) exactly as one keeping one box
+/// per block, reading the same bytes; only the abstracts grow (two boxes
+/// per block and layer).
+#[tokio::test]
+async fn dense_and_sparf_answers_do_not_depend_on_leaves() {
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(51);
+    let kv = planted_kv(n, 50, &q);
+    let keys = chain(1, blocks);
+    let modes = [
+        AttendMode::Dense,
+        AttendMode::Sparf {
+            channels: None,
+            tokens: None,
+            by_token: false,
+            mean_correction: false,
+        },
+        AttendMode::Sparf {
+            channels: None,
+            tokens: None,
+            by_token: true,
+            mean_correction: true,
+        },
+    ];
+    let mut answers = Vec::new();
+    for leaf_tokens in [0, 8] {
+        let d = start(|c| {
+            c.compute.key_sketch = true;
+            c.compute.leaf_tokens = leaf_tokens;
+        })
+        .await;
+        let mut c = d.tcp_client().await;
+        let ns = c.register_layout(&layout()).await.unwrap().namespace;
+        put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+        let mut outs = Vec::new();
+        for mode in modes {
+            outs.push(attend1(&mut c, &request(ns, 1, mode, keys.clone(), &q)).await);
+        }
+        let s = c.stats().await.unwrap();
+        // Per block: sums (16 bytes per layer and leaf), min/max per layer,
+        // KV head and leaf, then the sketch section (V sums and codes).
+        let leaves = if leaf_tokens == 8 { 2 } else { 1 };
+        let entry = LAYERS * leaves * 16
+            + 2 * LAYERS * KV * leaves * D * 2
+            + LAYERS * KV * D * 4
+            + LAYERS * KV * D * TPB;
+        assert_eq!(
+            s.abstract_bytes,
+            (blocks * entry.next_multiple_of(64)) as u64
+        );
+        answers.push(outs);
+        d.stop().await;
+    }
+    for (m, (a, b)) in modes.iter().zip(answers[0].iter().zip(&answers[1])) {
+        assert_eq!(a.o, b.o, "{m:?}");
+        assert_eq!(a.lse, b.lse, "{m:?}");
+        assert_eq!(a.covered, b.covered, "{m:?}");
+        assert_eq!(a.head_covered, b.head_covered, "{m:?}");
+        assert_eq!(a.mean_corrected, b.mean_corrected, "{m:?}");
+        assert_eq!(
+            a.read_bytes(TierKind::Dram),
+            b.read_bytes(TierKind::Dram),
+            "{m:?}"
+        );
+        assert_eq!(
+            a.abstract_bytes, b.abstract_bytes,
+            "{m:?}: sketch rows and V sums"
+        );
+    }
+    assert!(answers[0][2].mean_corrected, "the correction was applied");
+}
