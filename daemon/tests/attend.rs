@@ -1722,3 +1722,126 @@ async fn dense_and_sparf_answers_do_not_depend_on_leaves() {
     }
     assert!(answers[0][2].mean_corrected, "the correction was applied");
 }
+
+/// COMPUTE.md §3's "adaptive reaches fixed-16-chunk quality with ≤ 0.9× its
+/// bytes", on the §2 generator's heads (`strata-testdata`, the bench's
+/// seed and steps: semantic at 4K, needle at 16K): once the adaptive
+/// daemon has learned the layer (a first pass over the steps), SPARSE at a
+/// 4% budget over 8-token leaves keeps at least the mass of SPARSE at 5%
+/// over one box per 16-token block, and reads at most 0.9× its bytes.
+#[tokio::test]
+async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
+    use strata_testdata::metrics::Exact;
+    use strata_testdata::{Config, Generator, Regime};
+    const D128: usize = 128;
+    const STEPS: usize = 8;
+    let fixed = start(|_| {}).await;
+    let adaptive = start(leaves("adaptive")).await;
+    let mut cf = fixed.tcp_client().await;
+    let mut ca = adaptive.tcp_client().await;
+    for (regime, n) in [(Regime::Semantic, 4096usize), (Regime::Needle, 16384)] {
+        let mut cfg = Config::new(regime, n, 1);
+        cfg.query_heads = 4;
+        cfg.train_queries = 0;
+        let mut h = Generator::new(cfg).unwrap().generate().data;
+        let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        round(&mut h.keys);
+        round(&mut h.values);
+        let l = Layout {
+            model_id: format!("attend/quality/{}", regime.name()),
+            dtype: Dtype::F16,
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: D128 as u32,
+            tokens_per_block: TPB as u32,
+            kv_kind: KvKind::Separate,
+            tp_rank: 0,
+            tp_size: 1,
+            tenant_salt: vec![],
+        };
+        let blocks = n / TPB;
+        let keys: Vec<BlockKey> = (0..blocks).map(|b| key(9, b)).collect();
+        let row = TPB * D128;
+        let puts: Vec<PutBlock> = (0..blocks)
+            .map(|b| {
+                let mut data = Vec::with_capacity(4 * row);
+                for x in h.keys[b * row..(b + 1) * row]
+                    .iter()
+                    .chain(&h.values[b * row..(b + 1) * row])
+                {
+                    data.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+                }
+                PutBlock {
+                    key: keys[b],
+                    parent: (b > 0).then(|| keys[b - 1]),
+                    data: Bytes::from(data),
+                }
+            })
+            .collect();
+        let nsf = cf.register_layout(&l).await.unwrap().namespace;
+        let nsa = ca.register_layout(&l).await.unwrap().namespace;
+        for part in puts.chunks(256) {
+            cf.put(nsf, part).await.unwrap();
+            ca.put(nsa, part).await.unwrap();
+        }
+        let budget4 = (n as f64 * 0.04).ceil() as u32;
+        let (mut mf, mut ma, mut bf, mut ba) = (0f64, 0f64, 0u64, 0u64);
+        for pass in 0..2 {
+            for s in 0..STEPS {
+                let step = s * h.steps() / STEPS;
+                let q = h.decode_group(step);
+                let sparse = |ns, b: SparseBudget| AttendRequest {
+                    namespace: ns,
+                    layer: 0,
+                    mode: AttendMode::Sparse(b),
+                    scale: None,
+                    sequences: vec![AttendSequence {
+                        keys: keys.clone(),
+                        last_block_tokens: None,
+                        queries: q.to_vec(),
+                    }],
+                };
+                let a = attend1(&mut ca, &sparse(nsa, SparseBudget::Tokens(budget4))).await;
+                if pass == 0 {
+                    continue; // learning the layer
+                }
+                let f = attend1(&mut cf, &sparse(nsf, SparseBudget::Default)).await;
+                let (sf, sa) = (tokens_in(&f.covered), tokens_in(&a.covered));
+                let (sf, sa): (Vec<u32>, Vec<u32>) = (
+                    sf.iter().map(|&t| t as u32).collect(),
+                    sa.iter().map(|&t| t as u32).collect(),
+                );
+                for g in 0..h.heads {
+                    let ex = Exact::new(h.decode_query(step, g), &h.keys, &h.values, h.scale);
+                    mf += ex.mass(&sf);
+                    ma += ex.mass(&sa);
+                }
+                bf += f.read_bytes(TierKind::Dram);
+                ba += a.read_bytes(TierKind::Dram);
+            }
+        }
+        let k = (STEPS * h.heads) as f64;
+        let (mf, ma) = (mf / k, ma / k);
+        println!(
+            "{}: fixed 16 at 5% mass {mf:.3}, adaptive at 4% {ma:.3}, bytes {:.2}x",
+            regime.name(),
+            ba as f64 / bf as f64
+        );
+        assert!(
+            ma >= mf,
+            "{}: adaptive mass {ma} < fixed {mf}",
+            regime.name()
+        );
+        assert!(
+            ba as f64 <= 0.9 * bf as f64,
+            "{}: {ba} vs {bf} bytes",
+            regime.name()
+        );
+    }
+    assert!(
+        leaf_calls(&adaptive).await >= STEPS as u64,
+        "learned the leaf level"
+    );
+    fixed.stop().await;
+    adaptive.stop().await;
+}
