@@ -8,7 +8,11 @@
 //!   partial over the tokens it chose is taken as the estimate of full
 //!   attention: mass and relerr against f64 exact attention over the stored
 //!   (f16-rounded) K and V, read% from the answer's read counters, and the
-//!   oracle at the same token budget beside them.
+//!   oracle at the same token budget beside them. Two more daemons keep
+//!   8-token leaves (`compute.leaf_tokens = 8`): SPARSE ranking leaves at
+//!   budgets from 5% down to 3%, and at the adaptive level, so that the
+//!   budget at which leaves reach the 16-token row's mass (and its bytes)
+//!   can be read off.
 //! * Dense scan: K+V bytes of a dense Attend over DRAM-resident blocks ÷ the
 //!   call's wall time, ÷ single-thread memory-read bandwidth of the same run.
 //! * Wire bytes: the encoded Attend request + response vs the head's fp16
