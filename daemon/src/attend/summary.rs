@@ -14,7 +14,9 @@
 //! ```
 //!
 //! The sketch is the layer's K of each KV head dim-major as 8-bit codes
-//! between that head's min and max (`strata_kernels::sketch`): SparF
+//! between that head's min and max over the block (the union of its
+//! leaves' boxes: the section does not depend on the leaves;
+//! `strata_kernels::sketch`): SparF
 //! scores tokens from the r channel rows it needs (a 32nd of K at r = d/8)
 //! instead of reading and verifying the whole K. It is derived data for
 //! ranking only (SparF attends the chosen tokens from the stored, verified
@@ -52,9 +54,9 @@
 //! `strata_kernels::abstracts` (f16, rounded outward), computed here in one
 //! integer pass per layer because this runs on every publish. No mean is
 //! kept: selection uses only the min/max bound (a mean-key abstract fails
-//! on needle heads, COMPUTE.md §3), and dropping it keeps the summary at
-//! `2 / (tokens_per_block * dtype bytes)` of the KV (6.25% at 16 tokens of
-//! f16).
+//! on needle heads, COMPUTE.md §3), and dropping it keeps the abstracts at
+//! `2 / (leaf_tokens * dtype bytes)` of the KV (6.25% at 16 tokens of f16,
+//! 12.5% at 8).
 //!
 //! Invariants:
 //! * an entry is written once, by its owner, before the block is visible,
