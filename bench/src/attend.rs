@@ -8,7 +8,11 @@
 //!   partial over the tokens it chose is taken as the estimate of full
 //!   attention: mass and relerr against f64 exact attention over the stored
 //!   (f16-rounded) K and V, read% from the answer's read counters, and the
-//!   oracle at the same token budget beside them.
+//!   oracle at the same token budget beside them. Two more daemons keep
+//!   8-token leaves (`compute.leaf_tokens = 8`): SPARSE ranking leaves at
+//!   budgets from 5% down to 3%, and at the adaptive level, so that the
+//!   budget at which leaves reach the 16-token row's mass (and its bytes)
+//!   can be read off.
 //! * Dense scan: K+V bytes of a dense Attend over DRAM-resident blocks ÷ the
 //!   call's wall time, ÷ single-thread memory-read bandwidth of the same run.
 //! * Wire bytes: the encoded Attend request + response vs the head's fp16
@@ -301,6 +305,25 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
     let d = Daemon::start_with("1GiB", "[compute]\nkey_sketch = true\n")?;
     let mut c = Client::connect(&d.endpoint()).await?;
     let ns = c.register_layout(&layout()).await?.namespace;
+    // Summaries with 8-token leaves (two per block): one daemon always
+    // ranking leaves, one choosing the level per (namespace, layer) from
+    // the skew it measured. Each regime is its own namespace there (a
+    // layer's skew is learned per namespace and layer).
+    let leaf_cfg = |level: &str| format!("[compute]\nleaf_tokens = 8\nleaf_level = \"{level}\"\n");
+    let leaf_daemons = [
+        Daemon::start_with("1GiB", &leaf_cfg("leaf"))?,
+        Daemon::start_with("1GiB", &leaf_cfg("adaptive"))?,
+    ];
+    let mut leaf_clients = Vec::new();
+    for ld in &leaf_daemons {
+        leaf_clients.push(Client::connect(&ld.endpoint()).await?);
+    }
+    // Budgets (% of N) of the leaf rows: the 16-token row's 5%, and less,
+    // to read off the budget at which leaves match its mass.
+    const LEAF_BUDGETS: [f64; 5] = [5.0, 4.5, 4.0, 3.5, 3.0];
+    const ADAPTIVE_BUDGETS: [f64; 4] = [5.0, 4.5, 4.0, 3.5];
+    let mut half_block_calls = [0usize; 2];
+    let mut leaf_calls = [0usize; 2];
     let sizes: &[usize] = if quick {
         &[4 << 10]
     } else {
@@ -362,6 +385,26 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                 ),
             ];
             let mut accs: Vec<Acc> = modes.iter().map(|_| Acc::default()).collect();
+            // The leaf rows: (name, daemon, budget in tokens).
+            let mut leaf_rows: Vec<(String, usize, u32)> = Vec::new();
+            for (di, budgets, what) in [
+                (0usize, &LEAF_BUDGETS[..], "8-token leaves"),
+                (1, &ADAPTIVE_BUDGETS[..], "adaptive"),
+            ] {
+                for &b in budgets {
+                    let t = (n as f64 * b / 100.0).ceil() as u32;
+                    leaf_rows.push((format!("sparse {b}%, {what}"), di, t));
+                }
+            }
+            let mut leaf_ns = Vec::new();
+            for lc in &mut leaf_clients {
+                let mut l = layout();
+                l.model_id = format!("bench/attend/{}", regime.name());
+                let lns = lc.register_layout(&l).await?.namespace;
+                store_head(lc, lns, ri as u32, &h.keys, &h.values).await?;
+                leaf_ns.push(lns);
+            }
+            let mut leaf_accs: Vec<Acc> = leaf_rows.iter().map(|_| Acc::default()).collect();
             for s in 0..STEPS {
                 let step = s * h.steps() / STEPS;
                 let q = h.decode_group(step);
@@ -410,14 +453,47 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         wire.push((n, *name, a, b, full));
                     }
                 }
+                for ((_, di, t), acc) in leaf_rows.iter().zip(&mut leaf_accs) {
+                    let mode = AttendMode::Sparse(SparseBudget::Tokens(*t));
+                    let req = request(leaf_ns[*di], mode, &keys, q);
+                    let out = attend_one(&mut leaf_clients[*di], &req).await?;
+                    if out.tokens_present != n as u64 {
+                        bail!("Attend covered {} of {n} stored tokens", out.tokens_present);
+                    }
+                    // A piece that is not a whole block: ranked at leaves.
+                    leaf_calls[*di] += 1;
+                    if out.covered.iter().any(|r| {
+                        r.start % TOKENS_PER_BLOCK as u64 != 0
+                            || r.end % TOKENS_PER_BLOCK as u64 != 0
+                    }) {
+                        half_block_calls[*di] += 1;
+                    }
+                    let sel = tokens_of(&out.covered);
+                    for (g, ex) in exact.iter().enumerate() {
+                        let o = &out.o[g * D..(g + 1) * D];
+                        let or = ex.oracle(sel.len(), &h.values);
+                        acc.n += 1;
+                        acc.mass += ex.mass(&sel);
+                        acc.relerr += relerr(o, &ex.o);
+                        acc.oracle_mass += or.mass;
+                        acc.oracle_relerr += or.relerr;
+                        acc.tokens_pct += 100.0 * sel.len() as f64 / n as f64;
+                        acc.read_pct += read_pct(read_bytes(&out), n, D, 2);
+                        acc.summary_pct += read_pct(out.abstract_bytes, n, D, 2);
+                    }
+                }
             }
             for ((name, _), acc) in modes.iter().zip(&accs) {
+                rep.row(&acc.row(regime.name(), n, name));
+            }
+            for ((name, ..), acc) in leaf_rows.iter().zip(&leaf_accs) {
                 rep.row(&acc.row(regime.name(), n, name));
             }
         }
     }
     rep.note(&format!(
-        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read."
+        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at a running mean >= 0.3, blocks again at <= 0.2); calls that ranked leaves (a piece of half a block in the answer): {} of {}.",
+        half_block_calls[1], leaf_calls[1]
     ));
 
     dense_scan(rep, &mut c, ns, quick, 30).await?;

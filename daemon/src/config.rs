@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::attend::{AttendConfig, SummaryConfig};
+use crate::attend::{AttendConfig, LeafLevel, SummaryConfig};
 use crate::store::{
     Admission, EvictionKind, NvmePolicy, ReclaimOrder, ReclaimPolicy, StoreConfig, TenantConfig,
     TenantSpec,
@@ -208,6 +208,12 @@ pub struct ComputeSection {
     pub abstracts: bool,
     pub abstracts_bytes: ByteSize,
     pub key_sketch: bool,
+    /// Tokens per summary leaf: 0 (the whole block) or a power of two of
+    /// at least 4 (a namespace whose blocks it does not cut evenly keeps
+    /// whole-block leaves).
+    pub leaf_tokens: u32,
+    /// SPARSE's leaf level: "adaptive", "leaf" or "block".
+    pub leaf_level: String,
     pub threads: u32,
     pub max_inflight: u32,
     pub max_sequences: u32,
@@ -225,6 +231,8 @@ impl Default for ComputeSection {
             abstracts: true,
             abstracts_bytes: ByteSize(0),
             key_sketch: false,
+            leaf_tokens: 0,
+            leaf_level: "adaptive".into(),
             threads: 0,
             max_inflight: 64,
             max_sequences: 256,
@@ -873,9 +881,40 @@ impl Config {
             }
             b => b,
         };
+        // Block sizes are per namespace (RegisterLayout), so the start can
+        // only ask for a size that cuts every power-of-two block of at
+        // least its size evenly; smaller blocks keep whole-block leaves.
+        if cp.leaf_tokens != 0
+            && (cp.leaf_tokens < crate::attend::summary::MIN_LEAF_TOKENS
+                || !cp.leaf_tokens.is_power_of_two()
+                || cp.leaf_tokens > 1024)
+        {
+            return bad(
+                "compute.leaf_tokens",
+                format!(
+                    "{} must be 0 (the whole block) or a power of two from {} to 1024 (a divisor of tokens_per_block)",
+                    cp.leaf_tokens,
+                    crate::attend::summary::MIN_LEAF_TOKENS
+                ),
+            );
+        }
+        let leaf_level = match cp.leaf_level.as_str() {
+            "adaptive" => LeafLevel::Adaptive,
+            "leaf" => LeafLevel::Leaf,
+            "block" => LeafLevel::Block,
+            other => {
+                return bad(
+                    "compute.leaf_level",
+                    format!("{other:?} is not one of \"adaptive\", \"leaf\", \"block\""),
+                );
+            }
+        };
         let abstracts_bytes = match cp.abstracts_bytes.0 {
-            0 if cp.key_sketch => ((d.bytes.0 + nvme_bytes) / 16 * 6).max(1 << 20),
-            0 => ((d.bytes.0 + nvme_bytes) / 16).max(1 << 20),
+            0 => crate::attend::default_region_bytes(
+                d.bytes.0 + nvme_bytes,
+                cp.key_sketch,
+                cp.leaf_tokens,
+            ),
             b => b,
         };
         if cp.abstracts && abstracts_bytes > 1 << 38 {
@@ -1002,6 +1041,7 @@ impl Config {
                     enabled: cp.abstracts,
                     bytes: abstracts_bytes,
                     sketch: cp.key_sketch,
+                    leaf_tokens: cp.leaf_tokens,
                 },
                 nvme: NvmePolicy {
                     admission,
@@ -1030,6 +1070,7 @@ impl Config {
                 read_wave_bytes: cp.read_wave_bytes.0,
                 promote: cp.promote,
                 sketch_runs_bytes,
+                leaf_level,
             },
             drain,
             auth,
@@ -1495,5 +1536,22 @@ mod tests {
                 "{bad}"
             );
         }
+        assert_eq!(r.store.summaries.leaf_tokens, 0);
+        assert_eq!(r.compute.leaf_level, LeafLevel::Adaptive);
+        // Leaves: 0 or a power of two of at least 4; the region's default
+        // follows them (an eighth at 8 tokens).
+        for bad_leaf in [1, 2, 3, 6, 12, 2048] {
+            let c = Config::from_toml(&format!("[compute]\nleaf_tokens = {bad_leaf}\n")).unwrap();
+            let e = c.resolve().unwrap_err();
+            assert_eq!(e.field, "compute.leaf_tokens", "{bad_leaf}");
+            assert!(e.reason.contains("power of two"), "{}", e.reason);
+        }
+        let c = Config::from_toml("[compute]\nleaf_tokens = 8\nleaf_level = \"leaf\"\n").unwrap();
+        let r = c.resolve().unwrap();
+        assert_eq!(r.store.summaries.leaf_tokens, 8);
+        assert_eq!(r.store.summaries.bytes, 640 << 20);
+        assert_eq!(r.compute.leaf_level, LeafLevel::Leaf);
+        let c = Config::from_toml("[compute]\nleaf_level = \"tiny\"\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "compute.leaf_level");
     }
 }

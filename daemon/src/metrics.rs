@@ -361,6 +361,8 @@ pub struct AttendMetrics {
     pub mean_correction: [Counter; 3],
     /// What SPARF's sketch runs did (attend/runs.rs).
     pub runs: crate::attend::runs::RunMetrics,
+    /// SPARSE sequences by the level they ranked at: [block, leaf].
+    pub sparse_level: [Counter; 2],
 }
 
 impl AttendMetrics {
@@ -408,6 +410,13 @@ impl AttendMetrics {
                 )
             }),
             runs: crate::attend::runs::RunMetrics::new(r),
+            sparse_level: ["block", "leaf"].map(|level| {
+                r.counter(
+                    "strata_attend_sparse_level_total",
+                    "SPARSE sequences by the level they ranked at (compute.leaf_tokens, compute.leaf_level)",
+                    &[("level", level)],
+                )
+            }),
         }
     }
 }

@@ -1512,3 +1512,566 @@ async fn abstract_memory_is_accounted() {
     assert_eq!((s.abstract_blocks, s.abstract_bytes), (0, 0));
     d.stop().await;
 }
+
+/// Leaves of 8 tokens (`compute.leaf_tokens = 8`, two per block).
+fn leaves(level: &'static str) -> impl FnOnce(&mut stratad::config::Config) {
+    move |c| {
+        c.compute.leaf_tokens = 8;
+        c.compute.leaf_level = level.into();
+    }
+}
+
+/// Distinct blocks a covered set touches.
+fn blocks_of(covered: &[Range<u64>]) -> usize {
+    let mut b: Vec<u64> = covered
+        .iter()
+        .flat_map(|r| r.start / TPB as u64..r.end.div_ceil(TPB as u64))
+        .collect();
+    b.dedup();
+    b.len()
+}
+
+fn tokens_in(covered: &[Range<u64>]) -> Vec<usize> {
+    covered
+        .iter()
+        .flat_map(|r| r.start as usize..r.end as usize)
+        .collect()
+}
+
+/// Whether a covered set has a piece of a block that is not the whole
+/// block (a range edge inside a block).
+fn has_half_blocks(covered: &[Range<u64>]) -> bool {
+    covered
+        .iter()
+        .any(|r| r.start % TPB as u64 != 0 || r.end % TPB as u64 != 0)
+}
+
+/// Strong keys planted in the second leaf of their blocks, one per query
+/// head's direction, on layer 1.
+const PLANTED: [usize; 4] = [300, 1003, 1500, 1811];
+
+fn planted_kv(n: usize, seed: u64, q: &[f32]) -> Kv {
+    let mut kv = Kv::random(n, seed);
+    for (j, &t) in PLANTED.iter().enumerate() {
+        let h = j / (HEADS / KV);
+        kv.plant(1, t, h, &q[j * D..(j + 1) * D], 10.0);
+    }
+    kv
+}
+
+/// SPARSE at 8-token leaves reads exactly the chosen leaves (the DRAM
+/// bytes reported are the covered tokens' K and V rows, the blocks those
+/// they touch), covers them, reads every leaf's abstract, and answers the
+/// exact partial over what it covered. At the block level the same
+/// summaries rank by the union of the leaves' boxes: the same choice and
+/// answer as a daemon keeping one box per block.
+#[tokio::test]
+async fn sparse_at_leaf_level_reads_and_covers_exactly_the_chosen_leaves() {
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(31);
+    let kv = planted_kv(n, 30, &q);
+    let keys = chain(1, blocks);
+    let budget = 96u32;
+    let row = (2 * KV * D * 2) as u64;
+    let mut answers = Vec::new();
+    for level in ["leaf", "block", "whole-block summaries"] {
+        let d = match level {
+            "leaf" => start(leaves("leaf")).await,
+            "block" => start(leaves("block")).await,
+            _ => start(|_| {}).await,
+        };
+        let mut c = d.tcp_client().await;
+        let ns = c.register_layout(&layout()).await.unwrap().namespace;
+        put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+        let out = attend1(
+            &mut c,
+            &request(
+                ns,
+                1,
+                AttendMode::Sparse(SparseBudget::Tokens(budget)),
+                keys.clone(),
+                &q,
+            ),
+        )
+        .await;
+        let unit = if level == "leaf" { 8 } else { TPB as u64 };
+        let attended: u64 = out.covered.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(attended, out.tokens_attended, "{level}");
+        assert!(
+            out.tokens_attended >= budget as u64 && out.tokens_attended < budget as u64 + unit,
+            "{level}: {} tokens",
+            out.tokens_attended
+        );
+        assert!(
+            out.covered
+                .iter()
+                .all(|r| r.start % unit == 0 && r.end % unit == 0),
+            "{level}: {:?}",
+            out.covered
+        );
+        assert_eq!(
+            has_half_blocks(&out.covered),
+            level == "leaf",
+            "{:?}",
+            out.covered
+        );
+        assert!(out.sink_included && out.recent_included && !out.exact);
+        assert_eq!(out.covered[0].start, 0);
+        assert!(out.covered[0].end >= TPB as u64, "the whole sink block");
+        assert_eq!(out.covered.last().unwrap().end, n as u64);
+        for t in PLANTED {
+            assert!(
+                out.covered.iter().any(|r| r.contains(&(t as u64))),
+                "{level}: strong key {t} covered"
+            );
+        }
+        // Exactly the chosen leaves' K and V rows were read and verified.
+        assert_eq!(
+            out.read_bytes(TierKind::Dram),
+            out.tokens_attended * row,
+            "{level}"
+        );
+        assert_eq!(
+            out.read_blocks(TierKind::Dram) as usize,
+            blocks_of(&out.covered)
+        );
+        let leaves_per_block = if level == "whole-block summaries" {
+            1
+        } else {
+            2
+        };
+        assert_eq!(
+            out.abstract_bytes,
+            (blocks * leaves_per_block * 2 * KV * D * 2) as u64,
+            "{level}"
+        );
+        // The exact partial over the covered tokens.
+        let (o, lse) = kv.reference(1, &q, scale(), &tokens_in(&out.covered));
+        assert!(
+            relerr(&out.o, &o) <= 5e-4,
+            "{level}: {}",
+            relerr(&out.o, &o)
+        );
+        for (a, b) in out.lse.iter().zip(&lse) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                "{a} vs {b}"
+            );
+        }
+        let (_, body) = http_get(d.metrics, "/metrics").await;
+        let leaf_line = "strata_attend_sparse_level_total{level=\"leaf\"} 1";
+        assert_eq!(body.contains(leaf_line), level == "leaf", "{level}");
+        answers.push(out);
+        d.stop().await;
+    }
+    // Block level over leaf summaries == one box per block.
+    assert_eq!(answers[1].covered, answers[2].covered);
+    assert_eq!(answers[1].o, answers[2].o);
+    assert_eq!(answers[1].lse, answers[2].lse);
+    // At the same budget the leaves spend it on more distinct blocks.
+    assert!(blocks_of(&answers[0].covered) > blocks_of(&answers[1].covered));
+}
+
+/// Flips one byte of layer 1's K or V rows of token `t` (head 0) in the
+/// DRAM copy of block `t / TPB`.
+fn corrupt(d: &TestDaemon, ns: NamespaceId, keys: &[BlockKey], t: usize, tensor: usize) {
+    let store = &d.running.as_ref().unwrap().store;
+    let b = t / TPB;
+    let pin = store.pin_chain(ns, &keys[b..b + 1]).unwrap();
+    let addr = pin.blocks[0].dram.expect("a DRAM copy");
+    // Payload: per layer K then V, [token][head][d] f16.
+    let tensor_bytes = TPB * KV * D * 2;
+    let at = (2 + tensor) * tensor_bytes + (t % TPB) * KV * D * 2 + 6;
+    let byte = unsafe { store.dram().slice_mut(addr + at as u64, 1) };
+    byte[0] ^= 0x40;
+}
+
+/// A leaf that fails its checksum is never served: a corrupt leaf that is
+/// not read changes nothing (its sibling is verified on its own sums); a
+/// corrupt chosen leaf ends the covered prefix before its block, counted
+/// as a checksum failure, and the answer is the exact partial over what
+/// is left.
+#[tokio::test]
+async fn sparse_never_serves_a_corrupt_leaf() {
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(31);
+    let kv = planted_kv(n, 30, &q);
+    let keys = chain(1, blocks);
+    let d = start(leaves("leaf")).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let req = request(
+        ns,
+        1,
+        AttendMode::Sparse(SparseBudget::Tokens(96)),
+        keys.clone(),
+        &q,
+    );
+    let before = attend1(&mut c, &req).await;
+    let covered = |t: usize| before.covered.iter().any(|r| r.contains(&(t as u64)));
+    // A planted key whose block was read in part (its first leaf not).
+    let t = *PLANTED
+        .iter()
+        .find(|&&t| covered(t) && !covered(t / TPB * TPB))
+        .expect("a block read in part");
+    let sibling = t / TPB * TPB + 2;
+    corrupt(&d, ns, &keys, sibling, 0);
+    let same = attend1(&mut c, &req).await;
+    assert_eq!(same.covered, before.covered);
+    assert_eq!(
+        (same.o.clone(), same.lse.clone()),
+        (before.o.clone(), before.lse.clone())
+    );
+    assert_eq!(same.keys_present as usize, blocks);
+    let failures = d.running.as_ref().unwrap().store.stats().checksum_failures;
+    // Now the chosen leaf itself (its V rows).
+    corrupt(&d, ns, &keys, t, 1);
+    let cut = attend1(&mut c, &req).await;
+    let b = t / TPB;
+    assert_eq!(
+        cut.keys_present as usize, b,
+        "the prefix ends at the corrupt block"
+    );
+    assert!(cut.covered.iter().all(|r| r.end <= (b * TPB) as u64));
+    assert!(!cut.recent_included);
+    assert_eq!(
+        d.running.as_ref().unwrap().store.stats().checksum_failures,
+        failures + 1
+    );
+    let (o, _) = kv.reference(1, &q, scale(), &tokens_in(&cut.covered));
+    assert!(relerr(&cut.o, &o) <= 5e-4, "{}", relerr(&cut.o, &o));
+    d.stop().await;
+}
+
+/// SPARSE sequences ranked at the leaf level so far (the metric).
+async fn leaf_calls(d: &TestDaemon) -> u64 {
+    let (_, body) = http_get(d.metrics, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("strata_attend_sparse_level_total{level=\"leaf\"} "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The adaptive level: a layer whose attention is skewed (strong keys
+/// aligned with the queries) goes to the leaves after one observation;
+/// a flat layer (random keys) stays at whole blocks; the skewed layer
+/// with flat queries (all zero: every score equal) goes back to blocks
+/// after a few calls (hysteresis), and not after one.
+#[tokio::test]
+async fn adaptive_leaves_follow_the_layers_skew() {
+    let n = 4096;
+    let blocks = n / TPB;
+    let q = queries(41);
+    let mut kv = Kv::random(n, 40);
+    for (j, t) in [
+        (0usize, 333usize),
+        (1, 1201),
+        (2, 2050),
+        (3, 3999),
+        (0, 2999),
+        (2, 777),
+    ] {
+        let h = j / (HEADS / KV);
+        kv.plant(1, t, h, &q[j * D..(j + 1) * D], 10.0);
+    }
+    let keys = chain(1, blocks);
+    let d = start(leaves("adaptive")).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let sparse = |layer: u32, q: &[f32]| {
+        request(
+            ns,
+            layer,
+            AttendMode::Sparse(SparseBudget::Default),
+            keys.clone(),
+            q,
+        )
+    };
+    // Not learned yet: blocks; then the skewed layer 1 ranks leaves.
+    let first = attend1(&mut c, &sparse(1, &q)).await;
+    assert!(!has_half_blocks(&first.covered));
+    for _ in 0..3 {
+        let out = attend1(&mut c, &sparse(1, &q)).await;
+        assert!(has_half_blocks(&out.covered), "{:?}", out.covered);
+    }
+    // The flat layer 0 stays at blocks.
+    for _ in 0..5 {
+        let out = attend1(&mut c, &sparse(0, &q)).await;
+        assert!(!has_half_blocks(&out.covered), "{:?}", out.covered);
+    }
+    // Flat queries on layer 1: leaves for a few calls, then blocks (the
+    // level is read from the metric: with every bound equal, the chosen
+    // leaves pair up into whole blocks).
+    let zero = vec![0f32; HEADS * D];
+    let mut calls = 0;
+    loop {
+        let before = leaf_calls(&d).await;
+        attend1(&mut c, &sparse(1, &zero)).await;
+        if leaf_calls(&d).await == before {
+            break;
+        }
+        calls += 1;
+        assert!(calls < 20, "never went back to blocks");
+    }
+    assert!(
+        calls >= 2,
+        "one flat call switched the level back ({calls})"
+    );
+    let out = attend1(&mut c, &sparse(1, &q)).await;
+    assert!(!has_half_blocks(&out.covered));
+    d.stop().await;
+}
+
+/// SPARSE at 8-token leaves over blocks on NVMe: the pages covering the
+/// chosen leaves' K and V ranges are read (never more than the layer's
+/// three pages per block, 8 KiB for a first leaf), verified leaf by leaf,
+/// and the answer is the exact partial over the covered leaves.
+#[tokio::test]
+async fn sparse_leaves_on_nvme_read_the_pages_covering_them() {
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(31);
+    let kv = planted_kv(n, 30, &q);
+    let keys = chain(1, blocks);
+    let d = start(|c| {
+        c.tiers.dram.bytes = ByteSize(1 << 20);
+        c.tiers.nvme.bytes = ByteSize(64 << 20);
+        c.tiers.nvme.write_through = true;
+        c.tiers.nvme.engine = "psync".into();
+        leaves("leaf")(c);
+    })
+    .await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    for _ in 0..500 {
+        let l = c.lookup(ns, &keys, 0).await.unwrap();
+        if l.tiers.iter().filter(|t| **t == TierKind::Nvme).count() >= blocks * 3 / 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = attend1(
+        &mut c,
+        &request(
+            ns,
+            1,
+            AttendMode::Sparse(SparseBudget::Tokens(96)),
+            keys,
+            &q,
+        ),
+    )
+    .await;
+    assert!(has_half_blocks(&out.covered), "{:?}", out.covered);
+    assert_eq!(out.keys_present as usize, blocks);
+    let nb = out.read_blocks(TierKind::Nvme) as u64;
+    assert!(nb > 0);
+    assert!(out.read_bytes(TierKind::Nvme) <= nb * 12288);
+    assert!(out.read_bytes(TierKind::Nvme) >= nb * 8192);
+    let (o, _) = kv.reference(1, &q, scale(), &tokens_in(&out.covered));
+    assert!(relerr(&out.o, &o) <= 5e-4, "{}", relerr(&out.o, &o));
+    d.stop().await;
+}
+
+/// Leaves change nothing for DENSE and SPARF: with key sketches on, a
+/// daemon with 8-token leaves answers DENSE and SPARF (sketch scoring, the
+/// mean-value correction from the V sums) exactly as one keeping one box
+/// per block, reading the same bytes; only the abstracts grow (two boxes
+/// per block and layer).
+#[tokio::test]
+async fn dense_and_sparf_answers_do_not_depend_on_leaves() {
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(51);
+    let kv = planted_kv(n, 50, &q);
+    let keys = chain(1, blocks);
+    let modes = [
+        AttendMode::Dense,
+        AttendMode::Sparf {
+            channels: None,
+            tokens: None,
+            by_token: false,
+            mean_correction: false,
+            joint_heads: false,
+        },
+        AttendMode::Sparf {
+            channels: None,
+            tokens: None,
+            by_token: true,
+            mean_correction: true,
+            joint_heads: false,
+        },
+    ];
+    let mut answers = Vec::new();
+    for leaf_tokens in [0, 8] {
+        let d = start(|c| {
+            c.compute.key_sketch = true;
+            c.compute.leaf_tokens = leaf_tokens;
+        })
+        .await;
+        let mut c = d.tcp_client().await;
+        let ns = c.register_layout(&layout()).await.unwrap().namespace;
+        put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+        let mut outs = Vec::new();
+        for mode in modes {
+            outs.push(attend1(&mut c, &request(ns, 1, mode, keys.clone(), &q)).await);
+        }
+        let s = c.stats().await.unwrap();
+        // Per block: sums (16 bytes per layer and leaf), min/max per layer,
+        // KV head and leaf, then the sketch section (V sums and codes).
+        let leaves = if leaf_tokens == 8 { 2 } else { 1 };
+        let entry = LAYERS * leaves * 16
+            + 2 * LAYERS * KV * leaves * D * 2
+            + LAYERS * KV * D * 4
+            + LAYERS * KV * D * TPB;
+        assert_eq!(
+            s.abstract_bytes,
+            (blocks * entry.next_multiple_of(64)) as u64
+        );
+        answers.push(outs);
+        d.stop().await;
+    }
+    for (m, (a, b)) in modes.iter().zip(answers[0].iter().zip(&answers[1])) {
+        assert_eq!(a.o, b.o, "{m:?}");
+        assert_eq!(a.lse, b.lse, "{m:?}");
+        assert_eq!(a.covered, b.covered, "{m:?}");
+        assert_eq!(a.head_covered, b.head_covered, "{m:?}");
+        assert_eq!(a.mean_corrected, b.mean_corrected, "{m:?}");
+        assert_eq!(
+            a.read_bytes(TierKind::Dram),
+            b.read_bytes(TierKind::Dram),
+            "{m:?}"
+        );
+        assert_eq!(
+            a.abstract_bytes, b.abstract_bytes,
+            "{m:?}: sketch rows and V sums"
+        );
+    }
+    assert!(answers[0][2].mean_corrected, "the correction was applied");
+}
+
+/// COMPUTE.md §3's "adaptive reaches fixed-16-chunk quality with ≤ 0.9× its
+/// bytes", on the §2 generator's heads (`strata-testdata`, the bench's
+/// seed and steps: semantic at 4K, needle at 16K): once the adaptive
+/// daemon has learned the layer (a first pass over the steps), SPARSE at a
+/// 4% budget over 8-token leaves keeps at least the mass of SPARSE at 5%
+/// over one box per 16-token block, and reads at most 0.9× its bytes.
+#[tokio::test]
+async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
+    use strata_testdata::metrics::Exact;
+    use strata_testdata::{Config, Generator, Regime};
+    const D128: usize = 128;
+    const STEPS: usize = 8;
+    let fixed = start(|_| {}).await;
+    let adaptive = start(leaves("adaptive")).await;
+    let mut cf = fixed.tcp_client().await;
+    let mut ca = adaptive.tcp_client().await;
+    for (regime, n) in [(Regime::Semantic, 4096usize), (Regime::Needle, 16384)] {
+        let mut cfg = Config::new(regime, n, 1);
+        cfg.query_heads = 4;
+        cfg.train_queries = 0;
+        let mut h = Generator::new(cfg).unwrap().generate().data;
+        let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        round(&mut h.keys);
+        round(&mut h.values);
+        let l = Layout {
+            model_id: format!("attend/quality/{}", regime.name()),
+            dtype: Dtype::F16,
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: D128 as u32,
+            tokens_per_block: TPB as u32,
+            kv_kind: KvKind::Separate,
+            tp_rank: 0,
+            tp_size: 1,
+            tenant_salt: vec![],
+        };
+        let blocks = n / TPB;
+        let keys: Vec<BlockKey> = (0..blocks).map(|b| key(9, b)).collect();
+        let row = TPB * D128;
+        let puts: Vec<PutBlock> = (0..blocks)
+            .map(|b| {
+                let mut data = Vec::with_capacity(4 * row);
+                for x in h.keys[b * row..(b + 1) * row]
+                    .iter()
+                    .chain(&h.values[b * row..(b + 1) * row])
+                {
+                    data.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+                }
+                PutBlock {
+                    key: keys[b],
+                    parent: (b > 0).then(|| keys[b - 1]),
+                    data: Bytes::from(data),
+                }
+            })
+            .collect();
+        let nsf = cf.register_layout(&l).await.unwrap().namespace;
+        let nsa = ca.register_layout(&l).await.unwrap().namespace;
+        for part in puts.chunks(256) {
+            cf.put(nsf, part).await.unwrap();
+            ca.put(nsa, part).await.unwrap();
+        }
+        let budget4 = (n as f64 * 0.04).ceil() as u32;
+        let (mut mf, mut ma, mut bf, mut ba) = (0f64, 0f64, 0u64, 0u64);
+        for pass in 0..2 {
+            for s in 0..STEPS {
+                let step = s * h.steps() / STEPS;
+                let q = h.decode_group(step);
+                let sparse = |ns, b: SparseBudget| AttendRequest {
+                    namespace: ns,
+                    layer: 0,
+                    mode: AttendMode::Sparse(b),
+                    scale: None,
+                    sequences: vec![AttendSequence {
+                        keys: keys.clone(),
+                        last_block_tokens: None,
+                        queries: q.to_vec(),
+                    }],
+                };
+                let a = attend1(&mut ca, &sparse(nsa, SparseBudget::Tokens(budget4))).await;
+                if pass == 0 {
+                    continue; // learning the layer
+                }
+                let f = attend1(&mut cf, &sparse(nsf, SparseBudget::Default)).await;
+                let (sf, sa) = (tokens_in(&f.covered), tokens_in(&a.covered));
+                let (sf, sa): (Vec<u32>, Vec<u32>) = (
+                    sf.iter().map(|&t| t as u32).collect(),
+                    sa.iter().map(|&t| t as u32).collect(),
+                );
+                for g in 0..h.heads {
+                    let ex = Exact::new(h.decode_query(step, g), &h.keys, &h.values, h.scale);
+                    mf += ex.mass(&sf);
+                    ma += ex.mass(&sa);
+                }
+                bf += f.read_bytes(TierKind::Dram);
+                ba += a.read_bytes(TierKind::Dram);
+            }
+        }
+        let k = (STEPS * h.heads) as f64;
+        let (mf, ma) = (mf / k, ma / k);
+        println!(
+            "{}: fixed 16 at 5% mass {mf:.3}, adaptive at 4% {ma:.3}, bytes {:.2}x",
+            regime.name(),
+            ba as f64 / bf as f64
+        );
+        assert!(
+            ma >= mf,
+            "{}: adaptive mass {ma} < fixed {mf}",
+            regime.name()
+        );
+        assert!(
+            ba as f64 <= 0.9 * bf as f64,
+            "{}: {ba} vs {bf} bytes",
+            regime.name()
+        );
+    }
+    assert!(
+        leaf_calls(&adaptive).await >= STEPS as u64,
+        "learned the leaf level"
+    );
+    fixed.stop().await;
+    adaptive.stop().await;
+}

@@ -29,6 +29,8 @@ SCENARIOS = {
     "plain": render.PLAIN_VALUES,
     # SparF's key sketches: the abstract region (and the pod's memory) grows.
     "sketch": {"config": {"compute": {"key_sketch": True}}},
+    # 8-token leaves: the abstracts are an eighth of the tiers.
+    "leaves": {"config": {"compute": {"leaf_tokens": 8, "leaf_level": "adaptive"}}},
     "dram-only": {
         "tiers": {"dram": "4GiB", "nvme": "0"},
         "config": {"compute": {"abstracts": False}, "server": {"shm_allowed_uids": ["1000", "0"]}},
@@ -97,10 +99,12 @@ def abstracts_bytes(cfg: dict) -> int:
     if not cfg["compute"]["abstracts"]:
         return 0
     dram, nvme = size(cfg["tiers"]["dram"]["bytes"]), size(cfg["tiers"]["nvme"]["bytes"])
-    # With key sketches the default region is six sixteenths (the daemon's
-    # config.rs: sketch codes and V sums beside the abstracts).
-    sixteenths = 6 if cfg["compute"].get("key_sketch") else 1
-    return size(cfg["compute"]["abstracts_bytes"]) or max((dram + nvme) // 16 * sixteenths, MiB)
+    # The daemon's attend::default_region_bytes: 1/leaf_tokens of the tiers
+    # (a whole block counts as 16 tokens), and with key sketches five
+    # sixteenths more (sketch codes and V sums beside the abstracts).
+    per = cfg["compute"].get("leaf_tokens") or 16
+    sketch = (dram + nvme) // 16 * 5 if cfg["compute"].get("key_sketch") else 0
+    return size(cfg["compute"]["abstracts_bytes"]) or max((dram + nvme) // per + sketch, MiB)
 
 
 def sketch_runs_bytes(cfg: dict) -> int:

@@ -65,7 +65,18 @@ def cap(tmp_path_factory):
 def stored(cap):
     """A daemon holding the capture as one chain of f16 blocks (both layers)."""
     # Key sketches on, for SPARF (DENSE and SPARSE do not use them).
-    d = Daemon(dram="256MiB", config="[compute]\nkey_sketch = true\n").start()
+    yield from _stored(cap, "[compute]\nkey_sketch = true\n")
+
+
+@pytest.fixture(scope="module")
+def stored_leaves(cap):
+    """The same chain in a daemon keeping 8-token leaves (two per block),
+    ranking leaves (compute.leaf_level = "leaf")."""
+    yield from _stored(cap, '[compute]\nleaf_tokens = 8\nleaf_level = "leaf"\n')
+
+
+def _stored(cap, config):
+    d = Daemon(dram="256MiB", config=config).start()
     try:
         with Client(d.endpoint) as c:
             ns = c.register_layout(Layout(model_id="SmolLM2-135M-Instruct/capture", dtype="f16",
@@ -206,3 +217,34 @@ def test_sparf_from_key_sketches_on_real_data(cap, stored, li):
     # 0.942 (0.92x) on layer 22; sink + recent 0.390 / 0.859.
     assert ours >= 0.85 * blocks
     assert ours >= stream - 0.01
+
+
+def _sparse_mass(stored, cap, li, budget):
+    c, ns, keys = stored
+    q_all, k, v = cap[LAYERS[li]]
+    mass = []
+    for p in POSITIONS:
+        upto = p + 1
+        [r] = c.attend(ns, [request(keys, q_all[p], upto)], li, "sparse",
+                       budget_tokens=int(np.ceil(budget * upto)))
+        sel = tokens_of(r.covered)
+        _, w = exact(q_all[p], k, v, upto)
+        mass += [w[h, sel].sum() for h in range(HEADS)]
+    return float(np.mean(mass))
+
+
+@pytest.mark.parametrize("li", range(len(LAYERS)))
+def test_leaves_keep_more_mass_on_real_data(cap, stored, stored_leaves, li):
+    """8-token leaves (compute.leaf_tokens = 8) against one box per 16-token
+    block, same token budgets: never less mass, and on layer 8, whose heads
+    attend to scattered content tokens, much more (measured 2026-11-29:
+    5% 0.212 -> 0.336, 10% 0.552 -> 0.690 (the block oracle: 0.71), 20%
+    0.787 -> 0.867; layer 22: 0.785 -> 0.786, 0.850 -> 0.860, 0.897 ->
+    0.917)."""
+    for budget in (0.05, 0.10, 0.20):
+        fixed = _sparse_mass(stored, cap, li, budget)
+        leaves = _sparse_mass(stored_leaves, cap, li, budget)
+        print(f"layer {LAYERS[li]}: sparse {budget:.0%}: 16-token blocks {fixed:.3f}, 8-token leaves {leaves:.3f}")
+        assert leaves >= fixed - 0.005
+        if LAYERS[li] == 8 and budget <= 0.10:
+            assert leaves >= 1.15 * fixed

@@ -29,13 +29,15 @@ use strata_proto::convert::{AttendMode, AttendReq, Budget};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
 use tokio::sync::Semaphore;
 
-use super::AttendConfig;
 use super::fetch::{Got, Need, What, fetch};
 use super::runs::SketchRuns;
 use super::summary::Geom;
+use super::{AttendConfig, LeafLevel};
 use crate::metrics::AttendMetrics;
 use crate::store::{ChainPin, Store, StoreError, tiering};
 use crate::tier::nvme::NvmeError;
+
+mod sparse;
 
 // Payloads are little-endian; kernels read them in place.
 const _: () = assert!(cfg!(target_endian = "little"));
@@ -50,6 +52,8 @@ pub struct AttendCtx {
     metrics: AttendMetrics,
     /// SPARF's per-chain sketch runs (`compute.sketch_runs_bytes`).
     runs: Option<Arc<SketchRuns>>,
+    /// SPARSE's leaf level per (namespace, layer), learned.
+    skew: sparse::SkewTable,
 }
 
 impl std::fmt::Debug for AttendCtx {
@@ -71,6 +75,7 @@ impl AttendCtx {
             cfg,
             metrics,
             runs,
+            skew: sparse::SkewTable::new(),
         })
     }
 
@@ -394,17 +399,7 @@ async fn run_seq(
             let seq = attend_blocks(ctx, seq, all.clone()).await?;
             Ok(finish_blocks(seq, &all, 0))
         }
-        AttendMode::Sparse => {
-            let budget_fraction = ctx.cfg.sparse_budget_fraction;
-            let (seq, chosen, abstract_bytes) = ctx
-                .blocking(move || {
-                    let (chosen, ab) = select_blocks(&seq, budget_fraction);
-                    (seq, chosen, ab)
-                })
-                .await?;
-            let seq = attend_blocks(ctx, seq, chosen.clone()).await?;
-            Ok(finish_blocks(seq, &chosen, abstract_bytes))
-        }
+        AttendMode::Sparse => sparse::sparse(ctx, seq).await,
         AttendMode::Sparf => sparf(ctx, seq).await,
         // The service asks the retrieval registry for the tokens first and
         // attends them through `ChainReader::attend`.
@@ -616,86 +611,6 @@ fn widen_k<E: KvElem>(k: &[u8], n: usize, kv: usize, d: usize, out: &mut [Vec<f3
     }
 }
 
-/// The sparse selection (LeoAM, fixed leaves of one block): per query head,
-/// blocks in exact descending order of `UB(q) = sum_i max(q_i min_i, q_i
-/// max_i)` from their abstracts (a block without one ranks first: its
-/// bound is unknown); heads take turns adding their next best block until
-/// the budget is met, after the sink (first) and recent (last) blocks.
-/// Returns the chosen blocks in order and the abstract bytes read.
-fn select_blocks(seq: &Seq, budget_fraction: f64) -> (Vec<usize>, u64) {
-    let req = &seq.req;
-    let geom = req.geom;
-    let s = seq.input();
-    let n = seq.present();
-    if n == 0 {
-        return (Vec::new(), 0);
-    }
-    let total: u64 = seq.tokens[..n].iter().map(|&t| t as u64).sum();
-    let budget = match req.budget {
-        Budget::Default => (total as f64 * budget_fraction).ceil() as u64,
-        Budget::Tokens(t) => t as u64,
-        Budget::Bytes(b) => b.div_ceil(2 * geom.row_bytes() as u64),
-    }
-    .max(1);
-    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
-    let g = s.heads / kv;
-    let mut scratch = AbstractScratch::new(d);
-    let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
-    let mut ub = vec![0.0f32; g];
-    let mut ranked: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(n); s.heads];
-    let mut abstract_bytes = 0;
-    for i in 0..n {
-        match seq.pin.summary(i, geom) {
-            Some(v) => {
-                abstract_bytes += geom.abstract_layer_bytes() as u64;
-                for h in 0..kv {
-                    v.bounds(req.layer, h as u32, &mut mn, &mut mx);
-                    let q = &s.q[h * g * d..(h + 1) * g * d];
-                    upper_bounds(q, g, d, &mn, &mx, &mut scratch, &mut ub);
-                    for (j, &u) in ub.iter().enumerate() {
-                        ranked[h * g + j].push((u, i));
-                    }
-                }
-            }
-            None => ranked.iter_mut().for_each(|r| r.push((f32::INFINITY, i))),
-        }
-    }
-    for r in &mut ranked {
-        // Descending bound; ties to the earlier block (deterministic).
-        r.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    }
-    let mut chosen = vec![false; n];
-    let mut taken = 0u64;
-    for i in [0, n - 1] {
-        if !chosen[i] {
-            chosen[i] = true;
-            taken += seq.tokens[i] as u64;
-        }
-    }
-    let mut cursor = vec![0usize; s.heads];
-    'fill: while taken < budget {
-        let mut progress = false;
-        for (h, r) in ranked.iter().enumerate() {
-            while cursor[h] < r.len() && chosen[r[cursor[h]].1] {
-                cursor[h] += 1;
-            }
-            if let Some(&(_, i)) = r.get(cursor[h]) {
-                chosen[i] = true;
-                taken += seq.tokens[i] as u64;
-                progress = true;
-                if taken >= budget {
-                    break 'fill;
-                }
-            }
-        }
-        if !progress {
-            break;
-        }
-    }
-    let out = (0..n).filter(|&i| chosen[i]).collect();
-    (out, abstract_bytes)
-}
-
 /// The answer of DENSE and SPARSE from the blocks attended.
 fn finish_blocks(seq: Seq, chosen: &[usize], abstract_bytes: u64) -> SeqResult {
     let present = seq.present();
@@ -852,9 +767,11 @@ fn layer_bytes<'a>(
     let kr = geom.tensor_range(tokens, layer, 0);
     let vr = geom.tensor_range(tokens, layer, 1);
     let summary = seq.pin.summary(i, geom);
+    // Every leaf of the layer against its own sum (one leaf: the layer).
+    let all = 0..summary.map_or(1, |s| s.leaves());
     let verify = |k: &[u8], v: &[u8], s: &super::SummaryView<'_>| {
-        strata_proto::checksum(k) == s.sum(layer, 0)
-            && (want == Want::K || strata_proto::checksum(v) == s.sum(layer, 1))
+        s.verify(layer, 0, tokens, all.clone(), k)
+            && (want == Want::K || s.verify(layer, 1, tokens, all.clone(), v))
     };
     if b.dram.is_some() {
         return match &summary {

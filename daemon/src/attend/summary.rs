@@ -5,16 +5,18 @@
 //! A summary is one entry in a pre-sized region, laid out as
 //!
 //! ```text
-//! sums [layers][2]            u64   XXH3-64 of layer l's K (0) and V (1) over the stored tokens
-//! min  [layers][kv_heads][d]  f16   per-channel minimum of the head's keys, rounded toward -inf
-//! max  [layers][kv_heads][d]  f16   per-channel maximum, rounded toward +inf
+//! sums [layers][leaves][2]            u64   XXH3-64 of the leaf's K (0) and V (1) rows in layer l
+//! min  [layers][kv_heads][leaves][d]  f16   per-channel minimum of the head's keys in the leaf, rounded toward -inf
+//! max  [layers][kv_heads][leaves][d]  f16   per-channel maximum, rounded toward +inf
 //! the sketch section, only with `compute.key_sketch`:
 //! vsum [layers][kv_heads][d]  f32   per-channel sum of the head's values over the stored tokens
 //! sketch [layers][kv_heads][d][tokens_per_block] u8
 //! ```
 //!
 //! The sketch is the layer's K of each KV head dim-major as 8-bit codes
-//! between that head's min and max (`strata_kernels::sketch`): SparF
+//! between that head's min and max over the block (the union of its
+//! leaves' boxes: the section does not depend on the leaves;
+//! `strata_kernels::sketch`): SparF
 //! scores tokens from the r channel rows it needs (a 32nd of K at r = d/8)
 //! instead of reading and verifying the whole K. It is derived data for
 //! ranking only (SparF attends the chosen tokens from the stored, verified
@@ -34,14 +36,27 @@
 //! off by default. Whether a region keeps the section is fixed at start
 //! ([`SummaryRegion::entry_bytes`]); a view knows from its length.
 //!
-//! The leaf chunk is the whole block (`tokens_per_block` tokens; a partial
-//! block's chunk is shorter); the bounds are those of
+//! **Leaves.** A block is cut into `leaves = tokens_per_block /
+//! leaf_tokens` leaves of `leaf_tokens` consecutive tokens
+//! (`compute.leaf_tokens`; by default one leaf, the whole block, and the
+//! layout above is then exactly the one-leaf layout of before). Rows are
+//! `[token][kv_head][d]` per layer tensor, so a leaf's K (or V) of a layer
+//! is one contiguous byte range, and its sum checks exactly what a read of
+//! that leaf brings. A block's box is the union of its leaves' boxes (f16
+//! rounding is monotone, so the union of the leaves' rounded boxes is the
+//! rounded box of the block, bit for bit): the block level is derived,
+//! never stored ([`SummaryView::bounds`]). Leaves of a partial block past
+//! its stored tokens are empty: sum of no bytes, box `[+inf, -inf]` (never
+//! ranked; a union ignores them). At 8-token leaves of 16-bit KV an entry
+//! is 12.5% of the block (plus 16 bytes per leaf and layer of sums).
+//!
+//! The bounds are those of
 //! `strata_kernels::abstracts` (f16, rounded outward), computed here in one
 //! integer pass per layer because this runs on every publish. No mean is
 //! kept: selection uses only the min/max bound (a mean-key abstract fails
-//! on needle heads, COMPUTE.md §3), and dropping it keeps the summary at
-//! `2 / (tokens_per_block * dtype bytes)` of the KV (6.25% at 16 tokens of
-//! f16).
+//! on needle heads, COMPUTE.md §3), and dropping it keeps the abstracts at
+//! `2 / (leaf_tokens * dtype bytes)` of the KV (6.25% at 16 tokens of f16,
+//! 12.5% at 8).
 //!
 //! Invariants:
 //! * an entry is written once, by its owner, before the block is visible,
@@ -74,7 +89,17 @@ pub struct Geom {
     pub head_dim: u32,
     pub tokens_per_block: u32,
     pub dtype: Dtype,
+    /// Tokens per summary leaf (`tokens_per_block` divided by the leaves
+    /// of a block; [`Geom::of`] gives one leaf, the region sets its own
+    /// with [`Geom::with_leaf_tokens`]).
+    pub leaf_tokens: u32,
 }
+
+/// Most leaves a block is cut into (a leaf set is a `u64` mask).
+pub const MAX_LEAVES: u32 = 64;
+
+/// Fewest tokens a leaf holds (`compute.leaf_tokens`).
+pub const MIN_LEAF_TOKENS: u32 = 4;
 
 impl Geom {
     /// `None` for layouts Attend does not serve (MLA latents, fp8).
@@ -88,7 +113,55 @@ impl Geom {
             head_dim: l.head_dim,
             tokens_per_block: l.tokens_per_block,
             dtype: l.dtype,
+            leaf_tokens: l.tokens_per_block,
         })
+    }
+
+    /// This geometry with leaves of `leaf_tokens` tokens when they cut its
+    /// blocks evenly into 2 to [`MAX_LEAVES`] leaves of at least
+    /// [`MIN_LEAF_TOKENS`]; otherwise (0, the block size or more, not a
+    /// divisor) one leaf per block. Idempotent.
+    pub fn with_leaf_tokens(mut self, leaf_tokens: u32) -> Geom {
+        let tpb = self.tokens_per_block;
+        self.leaf_tokens = if leaf_tokens >= MIN_LEAF_TOKENS
+            && leaf_tokens < tpb
+            && tpb.is_multiple_of(leaf_tokens)
+            && tpb / leaf_tokens <= MAX_LEAVES
+        {
+            leaf_tokens
+        } else {
+            tpb
+        };
+        self
+    }
+
+    /// Leaves per block.
+    pub fn leaves(&self) -> u32 {
+        self.tokens_per_block / self.leaf_tokens
+    }
+
+    /// Tokens of leaf `leaf` in a block of `tokens` stored tokens (empty
+    /// past them).
+    pub fn leaf_tokens_of(&self, tokens: u32, leaf: u32) -> Range<u32> {
+        let a = (leaf * self.leaf_tokens).min(tokens);
+        a..((leaf + 1) * self.leaf_tokens).min(tokens)
+    }
+
+    /// Byte range of `tensor` of `layer` over the tokens of `leaves` in a
+    /// payload of `tokens` tokens: one contiguous range (rows are
+    /// `[token][kv_head][d]`).
+    pub fn leaves_range(
+        &self,
+        tokens: u32,
+        layer: u32,
+        tensor: u32,
+        leaves: Range<u32>,
+    ) -> Range<usize> {
+        let t = self.tensor_range(tokens, layer, tensor);
+        let a = self.leaf_tokens_of(tokens, leaves.start).start as usize;
+        let b = self.leaf_tokens_of(tokens, leaves.end.max(1) - 1).end as usize;
+        let b = if leaves.is_empty() { a } else { b };
+        t.start + a * self.row_bytes()..t.start + b * self.row_bytes()
     }
 
     pub fn elem_bytes(&self) -> usize {
@@ -131,7 +204,12 @@ impl Geom {
 
     /// Bytes of one summary entry without a sketch.
     pub fn summary_bytes(&self) -> usize {
-        self.layers as usize * 16 + 2 * self.abstract_elems() * 2
+        self.sums_bytes() + 2 * self.abstract_elems() * self.leaves() as usize * 2
+    }
+
+    /// Bytes of the checksums at the start of an entry.
+    fn sums_bytes(&self) -> usize {
+        self.layers as usize * self.leaves() as usize * 16
     }
 
     /// Bytes of the sketch section: the V sums (f32 per layer, KV head and
@@ -150,24 +228,27 @@ impl Geom {
         self.head_dim as usize * 4
     }
 
-    /// f16 values in each of the min and max arrays.
-    /// Byte offsets in an entry of the f16 minimum row and maximum row of
-    /// `head` in `layer` (`head_dim` values each).
+    /// Byte offsets in an entry of the f16 minimum rows and maximum rows
+    /// of `head` in `layer`: `leaves` rows of `head_dim` values each, leaf
+    /// by leaf.
     fn bound_rows_at(&self, layer: u32, head: u32) -> (usize, usize) {
-        let lo = self.layers as usize * 16
+        let l = self.leaves() as usize;
+        let lo = self.sums_bytes()
             + (layer as usize * self.kv_heads as usize + head as usize)
+                * l
                 * self.head_dim as usize
                 * 2;
-        (lo, lo + self.abstract_elems() * 2)
+        (lo, lo + self.abstract_elems() * l * 2)
     }
 
+    /// f16 values per leaf in each of the min and max arrays.
     fn abstract_elems(&self) -> usize {
         self.layers as usize * self.kv_heads as usize * self.head_dim as usize
     }
 
-    /// Bytes of the min and max rows of one layer, all heads.
+    /// Bytes of the min and max rows of one layer, all heads and leaves.
     pub fn abstract_layer_bytes(&self) -> usize {
-        2 * self.kv_heads as usize * self.head_dim as usize * 2
+        2 * self.kv_heads as usize * self.leaves() as usize * self.head_dim as usize * 2
     }
 }
 
@@ -226,10 +307,46 @@ impl<'a> SummaryView<'a> {
         true
     }
 
-    /// The checksum of `tensor` (0 = K, 1 = V) of `layer`.
-    pub fn sum(&self, layer: u32, tensor: u32) -> u64 {
-        let at = (layer as usize * 2 + tensor as usize) * 8;
+    /// Leaves per block of this entry.
+    pub fn leaves(&self) -> u32 {
+        self.g.leaves()
+    }
+
+    /// The geometry the entry was written with (its leaf size included).
+    pub fn geom(&self) -> Geom {
+        self.g
+    }
+
+    /// The checksum of `tensor` (0 = K, 1 = V) of `layer` over leaf
+    /// `leaf`'s rows.
+    pub fn leaf_sum(&self, layer: u32, leaf: u32, tensor: u32) -> u64 {
+        let at = ((layer * self.g.leaves() + leaf) as usize * 2 + tensor as usize) * 8;
         u64::from_le_bytes(self.bytes[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    /// Whether `bytes`, the rows of `tensor` of `layer` over `leaves` in
+    /// a block of `tokens` stored tokens ([`Geom::leaves_range`]), match
+    /// every one of those leaves' checksums. The whole layer is
+    /// `0..leaves()`: hashing it leaf by leaf costs what one hash of it
+    /// did.
+    pub fn verify(
+        &self,
+        layer: u32,
+        tensor: u32,
+        tokens: u32,
+        leaves: Range<u32>,
+        bytes: &[u8],
+    ) -> bool {
+        let g = &self.g;
+        let base = g.leaves_range(tokens, layer, tensor, leaves.clone()).start;
+        if bytes.len() != g.leaves_range(tokens, layer, tensor, leaves.clone()).len() {
+            return false;
+        }
+        leaves.into_iter().all(|j| {
+            let r = g.leaves_range(tokens, layer, tensor, j..j + 1);
+            strata_proto::checksum(&bytes[r.start - base..r.end - base])
+                == self.leaf_sum(layer, j, tensor)
+        })
     }
 
     fn f16_row(&self, at: usize, out: &mut [f16]) {
@@ -242,31 +359,72 @@ impl<'a> SummaryView<'a> {
         }
     }
 
-    /// The minimum and maximum of channel `c` of `head`'s keys in `layer`.
+    /// The minimum and maximum of channel `c` of `head`'s keys in `layer`
+    /// over the whole block (the union of its leaves' boxes).
     #[inline]
     pub fn bound(&self, layer: u32, head: u32, c: usize) -> (f16, f16) {
         let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
-        let (at, hi_at) = (lo_at + 2 * c, hi_at + 2 * c);
+        let (mut at, mut hi_at) = (lo_at + 2 * c, hi_at + 2 * c);
         let b = self.bytes;
-        (
-            f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])),
-            f16::from_bits(u16::from_le_bytes([b[hi_at], b[hi_at + 1]])),
-        )
+        let get = |at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]));
+        let (mut lo, mut hi) = (get(at), get(hi_at));
+        for _ in 1..self.g.leaves() {
+            at += 2 * self.g.head_dim as usize;
+            hi_at += 2 * self.g.head_dim as usize;
+            let (l, h) = (get(at), get(hi_at));
+            if l < lo {
+                lo = l;
+            }
+            if h > hi {
+                hi = h;
+            }
+        }
+        (lo, hi)
     }
 
     /// Where the minimum and maximum rows of `head` in `layer` start (for
-    /// prefetching).
+    /// prefetching; each spans `leaves * head_dim` f16).
     pub fn bound_ptrs(&self, layer: u32, head: u32) -> (*const u8, *const u8) {
         let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
         (self.bytes[lo_at..].as_ptr(), self.bytes[hi_at..].as_ptr())
     }
 
     /// The per-channel minimum and maximum of `head`'s keys in `layer`
-    /// (into `min`, `max`, each `head_dim` long).
+    /// over the whole block, the union of its leaves' boxes (into `min`,
+    /// `max`, each `head_dim` long).
     pub fn bounds(&self, layer: u32, head: u32, min: &mut [f16], max: &mut [f16]) {
         let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
         self.f16_row(lo_at, min);
         self.f16_row(hi_at, max);
+        let d = self.g.head_dim as usize;
+        for j in 1..self.g.leaves() as usize {
+            let (l, h) = (lo_at + j * 2 * d, hi_at + j * 2 * d);
+            for (i, (mn, mx)) in min[..d].iter_mut().zip(&mut max[..d]).enumerate() {
+                let lo = f16::from_bits(u16::from_le_bytes([
+                    self.bytes[l + 2 * i],
+                    self.bytes[l + 2 * i + 1],
+                ]));
+                let hi = f16::from_bits(u16::from_le_bytes([
+                    self.bytes[h + 2 * i],
+                    self.bytes[h + 2 * i + 1],
+                ]));
+                if lo < *mn {
+                    *mn = lo;
+                }
+                if hi > *mx {
+                    *mx = hi;
+                }
+            }
+        }
+    }
+
+    /// The per-channel minimum and maximum of `head`'s keys in `layer`
+    /// over leaf `leaf` (an empty leaf: `+inf`, `-inf`).
+    pub fn leaf_bounds(&self, layer: u32, head: u32, leaf: u32, min: &mut [f16], max: &mut [f16]) {
+        let (lo_at, hi_at) = self.g.bound_rows_at(layer, head);
+        let off = leaf as usize * 2 * self.g.head_dim as usize;
+        self.f16_row(lo_at + off, min);
+        self.f16_row(hi_at + off, max);
     }
 }
 
@@ -385,53 +543,60 @@ pub fn summarize(g: &Geom, payload: &[u8], tokens: u32, s: &mut SummaryScratch, 
         "payload is not {tokens} tokens"
     );
     let w = g.kv_heads as usize * g.head_dim as usize;
-    let (min_base, max_base) = (
-        g.layers as usize * 16,
-        g.layers as usize * 16 + g.abstract_elems() * 2,
-    );
+    let (d, nl) = (g.head_dim as usize, g.leaves());
     for layer in 0..g.layers {
-        for tensor in 0..2 {
-            let r = g.tensor_range(tokens, layer, tensor);
-            let at = (layer as usize * 2 + tensor as usize) * 8;
-            out[at..at + 8].copy_from_slice(&strata_proto::checksum(&payload[r]).to_le_bytes());
-        }
-        let k = &payload[g.tensor_range(tokens, layer, 0)];
-        // Rows are [token][kv_head][d]: the [kv_head][d] layout of the
-        // bounds is the row's own, so channel c of the row is entry c.
-        let row = layer as usize * w * 2;
-        let (lo_out, hi_out) = (min_base + row, max_base + row);
-        let mut put = |i: usize, lo: f16, hi: f16| {
-            out[lo_out + 2 * i..lo_out + 2 * i + 2].copy_from_slice(&lo.to_bits().to_le_bytes());
-            out[hi_out + 2 * i..hi_out + 2 * i + 2].copy_from_slice(&hi.to_bits().to_le_bytes());
-        };
-        match g.dtype {
-            Dtype::F16 => {
-                minmax16(k, w, &mut s.row16, &mut s.lo16, &mut s.hi16);
-                for i in 0..w {
-                    put(
-                        i,
-                        f16::from_bits(unord16(s.lo16[i])),
-                        f16::from_bits(unord16(s.hi16[i])),
-                    );
-                }
+        for leaf in 0..nl {
+            for tensor in 0..2 {
+                let r = g.leaves_range(tokens, layer, tensor, leaf..leaf + 1);
+                let at = ((layer * nl + leaf) as usize * 2 + tensor as usize) * 8;
+                out[at..at + 8].copy_from_slice(&strata_proto::checksum(&payload[r]).to_le_bytes());
             }
-            Dtype::Bf16 => {
-                minmax16(k, w, &mut s.row16, &mut s.lo16, &mut s.hi16);
+            let k = &payload[g.leaves_range(tokens, layer, 0, leaf..leaf + 1)];
+            // Rows are [token][kv_head][d]: channel i of a row is channel
+            // i % d of head i / d, whose leaf rows sit at `bound_rows_at`.
+            let mut put = |i: usize, lo: f16, hi: f16| {
+                let (lo_at, hi_at) = g.bound_rows_at(layer, (i / d) as u32);
+                let off = (leaf as usize * d + i % d) * 2;
+                out[lo_at + off..lo_at + off + 2].copy_from_slice(&lo.to_bits().to_le_bytes());
+                out[hi_at + off..hi_at + off + 2].copy_from_slice(&hi.to_bits().to_le_bytes());
+            };
+            if k.is_empty() {
+                // A leaf past a partial block's tokens: the empty box.
                 for i in 0..w {
-                    let lo = f32::from_bits((unord16(s.lo16[i]) as u32) << 16);
-                    let hi = f32::from_bits((unord16(s.hi16[i]) as u32) << 16);
-                    put(i, f16_round_down(lo), f16_round_up(hi));
+                    put(i, f16::INFINITY, f16::NEG_INFINITY);
                 }
+                continue;
             }
-            Dtype::F32 => {
-                minmax32(k, w, &mut s.lo32, &mut s.hi32);
-                for i in 0..w {
-                    put(i, f16_round_down(s.lo32[i]), f16_round_up(s.hi32[i]));
+            match g.dtype {
+                Dtype::F16 => {
+                    minmax16(k, w, &mut s.row16, &mut s.lo16, &mut s.hi16);
+                    for i in 0..w {
+                        put(
+                            i,
+                            f16::from_bits(unord16(s.lo16[i])),
+                            f16::from_bits(unord16(s.hi16[i])),
+                        );
+                    }
                 }
+                Dtype::Bf16 => {
+                    minmax16(k, w, &mut s.row16, &mut s.lo16, &mut s.hi16);
+                    for i in 0..w {
+                        let lo = f32::from_bits((unord16(s.lo16[i]) as u32) << 16);
+                        let hi = f32::from_bits((unord16(s.hi16[i]) as u32) << 16);
+                        put(i, f16_round_down(lo), f16_round_up(hi));
+                    }
+                }
+                Dtype::F32 => {
+                    minmax32(k, w, &mut s.lo32, &mut s.hi32);
+                    for i in 0..w {
+                        put(i, f16_round_down(s.lo32[i]), f16_round_up(s.hi32[i]));
+                    }
+                }
+                Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
             }
-            Dtype::Fp8E4m3 => unreachable!("Geom excludes fp8"),
         }
         if sketch {
+            let k = &payload[g.tensor_range(tokens, layer, 0)];
             sketch_layer(g, k, tokens, layer, s, out);
             v_sum_layer(g, &payload[g.tensor_range(tokens, layer, 1)], layer, s, out);
         }
@@ -506,12 +671,17 @@ fn sketch_layer(
     debug_assert_eq!(k.len(), tokens as usize * kv * d * g.elem_bytes());
     let base = g.summary_bytes() + g.v_sum_bytes();
     for head in 0..kv {
-        // The head's box, from the f16 bounds just written.
+        // The head's box over the block (the union of its leaves'), from
+        // the f16 bounds just written: what `SummaryView::bound` gives the
+        // decoder.
         let (lo_at, hi_at) = g.bound_rows_at(layer, head as u32);
         let f = |at: usize| f16::from_bits(u16::from_le_bytes([out[at], out[at + 1]])).to_f32();
         for i in 0..d {
-            s.lo_f[i] = f(lo_at + 2 * i);
-            s.hi_f[i] = f(hi_at + 2 * i);
+            (s.lo_f[i], s.hi_f[i]) = (f32::INFINITY, f32::NEG_INFINITY);
+            for j in 0..g.leaves() as usize {
+                s.lo_f[i] = s.lo_f[i].min(f(lo_at + 2 * (j * d + i)));
+                s.hi_f[i] = s.hi_f[i].max(f(hi_at + 2 * (j * d + i)));
+            }
         }
         let row = d * tpb;
         let at = base + (layer as usize * kv + head) * row;
@@ -555,6 +725,10 @@ pub struct SummaryRegion {
     len: u64,
     /// Entries hold key sketches (`compute.key_sketch`).
     sketch: bool,
+    /// Tokens per leaf asked for (`compute.leaf_tokens`; 0: whole blocks);
+    /// a namespace whose blocks it does not cut evenly keeps one leaf
+    /// ([`Geom::with_leaf_tokens`]).
+    leaf_tokens: u32,
     alloc: Mutex<ExtentAllocator>,
 }
 
@@ -567,13 +741,14 @@ impl std::fmt::Debug for SummaryRegion {
 }
 
 impl SummaryRegion {
-    pub fn new(bytes: u64, sketch: bool) -> std::io::Result<Self> {
+    pub fn new(bytes: u64, sketch: bool, leaf_tokens: u32) -> std::io::Result<Self> {
         let len = bytes / SUMMARY_GRANULE * SUMMARY_GRANULE;
         let map = MmapOptions::new().len(len.max(1) as usize).map_anon()?;
         Ok(SummaryRegion {
             map: MmapRaw::from(map),
             len,
             sketch,
+            leaf_tokens,
             alloc: Mutex::new(ExtentAllocator::new(len, SUMMARY_GRANULE)),
         })
     }
@@ -593,8 +768,15 @@ impl SummaryRegion {
         self.sketch
     }
 
+    /// The geometry of this region's entries for blocks of `g` (its leaf
+    /// size applied).
+    pub fn geom(&self, g: &Geom) -> Geom {
+        g.with_leaf_tokens(self.leaf_tokens)
+    }
+
     /// Bytes of one entry of geometry `g` in this region.
     pub fn entry_bytes(&self, g: &Geom) -> usize {
+        let g = self.geom(g);
         g.summary_bytes() + if self.sketch { g.sketch_bytes() } else { 0 }
     }
 
@@ -669,6 +851,7 @@ mod tests {
                 head_dim: 8,
                 tokens_per_block: 4,
                 dtype,
+                leaf_tokens: 4,
             };
             let tokens = 3;
             let n = g.token_bytes() as usize * tokens as usize / g.elem_bytes();
@@ -697,7 +880,7 @@ mod tests {
             for layer in 0..3 {
                 for t in 0..2 {
                     let r = g.tensor_range(tokens, layer, t);
-                    assert_eq!(v.sum(layer, t), strata_proto::checksum(&payload[r]));
+                    assert_eq!(v.leaf_sum(layer, 0, t), strata_proto::checksum(&payload[r]));
                 }
                 let k = &payload[g.tensor_range(tokens, layer, 0)];
                 for head in 0..2 {
@@ -732,6 +915,7 @@ mod tests {
                 head_dim: 8,
                 tokens_per_block: 4,
                 dtype,
+                leaf_tokens: 4,
             };
             let tokens = 3u32;
             let n = g.token_bytes() as usize * tokens as usize / g.elem_bytes();
@@ -807,9 +991,139 @@ mod tests {
         }
     }
 
+    /// With leaves (2 of 4 tokens in 8-token blocks), every leaf's box holds
+    /// every key of the leaf and is the tightest f16 box, every leaf's sums
+    /// are those of its rows, the union of the leaves' boxes is bit for bit
+    /// the one-leaf entry's box, the sketch section is the one-leaf
+    /// entry's, and `verify` takes exactly the right bytes: for each dtype,
+    /// full and partial blocks (a partial one with an empty leaf).
+    #[test]
+    fn leaf_entries_hold_per_leaf_sums_and_bounds() {
+        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            let one = Geom {
+                layers: 2,
+                kv_heads: 2,
+                head_dim: 8,
+                tokens_per_block: 8,
+                dtype,
+                leaf_tokens: 8,
+            };
+            let g = one.with_leaf_tokens(4);
+            assert_eq!((g.leaves(), g.leaf_tokens), (2, 4));
+            // Not a divisor, too small, or the block: one leaf.
+            for lt in [0, 2, 3, 6, 8, 16] {
+                assert_eq!(one.with_leaf_tokens(lt).leaves(), 1, "{lt}");
+            }
+            for tokens in [8u32, 6, 3] {
+                let n = g.token_bytes() as usize * tokens as usize / g.elem_bytes();
+                let vals: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7919 % 251) as f32 / 251.0 - 0.4) * (1 + i % 5) as f32)
+                    .collect();
+                let mut payload = Vec::new();
+                for &v in &vals {
+                    match dtype {
+                        Dtype::F16 => payload.extend(f16::from_f32(v).to_bits().to_le_bytes()),
+                        Dtype::Bf16 => {
+                            payload.extend(half::bf16::from_f32(v).to_bits().to_le_bytes())
+                        }
+                        _ => payload.extend(v.to_le_bytes()),
+                    }
+                }
+                let stored = |i: usize| -> f32 {
+                    let w = g.elem_bytes();
+                    let b = &payload[i * w..(i + 1) * w];
+                    match dtype {
+                        Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                        Dtype::Bf16 => {
+                            f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+                        }
+                        _ => f32::from_le_bytes(b.try_into().unwrap()),
+                    }
+                };
+                let mut sc = SummaryScratch::new(&g);
+                let mut e1 = vec![0u8; one.summary_bytes() + one.sketch_bytes()];
+                let mut e2 = vec![0u8; g.summary_bytes() + g.sketch_bytes()];
+                summarize(&one, &payload, tokens, &mut sc, &mut e1);
+                summarize(&g, &payload, tokens, &mut sc, &mut e2);
+                let (v1, v2) = (SummaryView::new(one, &e1), SummaryView::new(g, &e2));
+                assert_eq!(
+                    &e1[one.summary_bytes()..],
+                    &e2[g.summary_bytes()..],
+                    "{dtype:?}: the sketch section does not depend on the leaves"
+                );
+                let (mut mn, mut mx) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
+                let (mut un, mut ux) = (vec![f16::ZERO; 8], vec![f16::ZERO; 8]);
+                for layer in 0..2u32 {
+                    let k0 = g.tensor_range(tokens, layer, 0).start / g.elem_bytes();
+                    for head in 0..2u32 {
+                        v1.bounds(layer, head, &mut mn, &mut mx);
+                        v2.bounds(layer, head, &mut un, &mut ux);
+                        let bits = |x: &[f16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&mn), bits(&un), "{dtype:?} union min");
+                        assert_eq!(bits(&mx), bits(&ux), "{dtype:?} union max");
+                        for c in 0..8 {
+                            assert_eq!(v2.bound(layer, head, c), (un[c], ux[c]));
+                        }
+                        for leaf in 0..2u32 {
+                            v2.leaf_bounds(layer, head, leaf, &mut mn, &mut mx);
+                            let rows = g.leaf_tokens_of(tokens, leaf);
+                            for i in 0..8 {
+                                let col: Vec<f32> = rows
+                                    .clone()
+                                    .map(|t| stored(k0 + (t as usize * 2 + head as usize) * 8 + i))
+                                    .collect();
+                                let lo = col.iter().copied().fold(f32::INFINITY, f32::min);
+                                let hi = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                                if col.is_empty() {
+                                    assert_eq!((mn[i], mx[i]), (f16::INFINITY, f16::NEG_INFINITY));
+                                    continue;
+                                }
+                                assert!(mn[i].to_f32() <= lo && hi <= mx[i].to_f32());
+                                assert_eq!(mn[i], f16_round_down(lo), "{dtype:?} leaf min");
+                                assert_eq!(mx[i], f16_round_up(hi), "{dtype:?} leaf max");
+                            }
+                        }
+                    }
+                    for t in 0..2u32 {
+                        for leaf in 0..2u32 {
+                            let r = g.leaves_range(tokens, layer, t, leaf..leaf + 1);
+                            assert_eq!(
+                                r.len(),
+                                g.leaf_tokens_of(tokens, leaf).len() * g.row_bytes()
+                            );
+                            assert_eq!(
+                                v2.leaf_sum(layer, leaf, t),
+                                strata_proto::checksum(&payload[r.clone()])
+                            );
+                            assert!(v2.verify(layer, t, tokens, leaf..leaf + 1, &payload[r]));
+                        }
+                        // The whole layer, leaf by leaf; one flipped bit in
+                        // either leaf fails it, and fails only that leaf.
+                        let all = g.leaves_range(tokens, layer, t, 0..2);
+                        assert_eq!(all, g.tensor_range(tokens, layer, t));
+                        assert!(v2.verify(layer, t, tokens, 0..2, &payload[all.clone()]));
+                        for leaf in 0..2u32 {
+                            let r = g.leaves_range(tokens, layer, t, leaf..leaf + 1);
+                            if r.is_empty() {
+                                continue;
+                            }
+                            let mut bad = payload.clone();
+                            bad[r.start + r.len() / 2] ^= 0x10;
+                            assert!(!v2.verify(layer, t, tokens, 0..2, &bad[all.clone()]));
+                            assert!(!v2.verify(layer, t, tokens, leaf..leaf + 1, &bad[r]));
+                            let o = 1 - leaf;
+                            let r = g.leaves_range(tokens, layer, t, o..o + 1);
+                            assert!(v2.verify(layer, t, tokens, o..o + 1, &bad[r]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn region_allocates_and_frees() {
-        let r = SummaryRegion::new(4096, false).unwrap();
+        let r = SummaryRegion::new(4096, false, 0).unwrap();
         let a = r.allocate(100).unwrap();
         assert_eq!(r.used_bytes(), 128);
         unsafe { r.slice_mut(a, 100) }.fill(3);

@@ -137,30 +137,53 @@ fn check_summary(store: &Store, ns: NamespaceId, k: &BlockKey, data: &[u8], rng:
     let mut ub = [0f32; 1];
     for layer in 0..geom.layers {
         for t in 0..2 {
-            let r = geom.tensor_range(tokens, layer, t);
-            assert_eq!(v.sum(layer, t), strata_proto::checksum(&data[r]));
+            for leaf in 0..v.leaves() {
+                let r = geom.leaves_range(tokens, layer, t, leaf..leaf + 1);
+                assert_eq!(v.leaf_sum(layer, leaf, t), strata_proto::checksum(&data[r]));
+            }
         }
         let kb = &data[geom.tensor_range(tokens, layer, 0)];
         for head in 0..h {
-            v.bounds(layer, head as u32, &mut mn, &mut mx);
-            for _ in 0..8 {
-                let q: Vec<f32> = (0..d).map(|_| rng.normal() * 3.0).collect();
-                strata_kernels::abstracts::upper_bounds(&q, 1, d, &mn, &mx, &mut scratch, &mut ub);
-                for tok in 0..tokens as usize {
-                    let at = (tok * h + head) * d * 2;
-                    let dot: f64 = (0..d)
-                        .map(|i| {
-                            let x = f16::from_le_bytes([kb[at + 2 * i], kb[at + 2 * i + 1]]);
-                            q[i] as f64 * x.to_f64()
-                        })
-                        .sum();
-                    // f32 rounding of the bound's sum (abstracts.rs).
-                    let slack = 1e-4 * (1.0 + dot.abs());
-                    assert!(
-                        ub[0] as f64 >= dot - slack,
-                        "layer {layer} head {head} token {tok}: UB {} < q.k {dot}",
-                        ub[0]
+            // The block's box, then each leaf's box over the leaf's keys.
+            for leaf in std::iter::once(None).chain((0..v.leaves()).map(Some)) {
+                let rows = match leaf {
+                    None => {
+                        v.bounds(layer, head as u32, &mut mn, &mut mx);
+                        0..tokens as usize
+                    }
+                    Some(j) => {
+                        v.leaf_bounds(layer, head as u32, j, &mut mn, &mut mx);
+                        let r = geom.leaf_tokens_of(tokens, j);
+                        r.start as usize..r.end as usize
+                    }
+                };
+                for _ in 0..8 {
+                    let q: Vec<f32> = (0..d).map(|_| rng.normal() * 3.0).collect();
+                    strata_kernels::abstracts::upper_bounds(
+                        &q,
+                        1,
+                        d,
+                        &mn,
+                        &mx,
+                        &mut scratch,
+                        &mut ub,
                     );
+                    for tok in rows.clone() {
+                        let at = (tok * h + head) * d * 2;
+                        let dot: f64 = (0..d)
+                            .map(|i| {
+                                let x = f16::from_le_bytes([kb[at + 2 * i], kb[at + 2 * i + 1]]);
+                                q[i] as f64 * x.to_f64()
+                            })
+                            .sum();
+                        // f32 rounding of the bound's sum (abstracts.rs).
+                        let slack = 1e-4 * (1.0 + dot.abs());
+                        assert!(
+                            ub[0] as f64 >= dot - slack,
+                            "layer {layer} head {head} token {tok}: UB {} < q.k {dot}",
+                            ub[0]
+                        );
+                    }
                 }
             }
         }
@@ -169,8 +192,17 @@ fn check_summary(store: &Store, ns: NamespaceId, k: &BlockKey, data: &[u8], rng:
 
 #[test]
 fn attend_summaries_bound_every_key_on_every_publish_path() {
+    // Whole-block leaves, and two leaves of 4 tokens per 8-token block.
+    for leaf_tokens in [0, 4] {
+        summaries_bound_every_key(leaf_tokens);
+    }
+}
+
+fn summaries_bound_every_key(leaf_tokens: u32) {
     let l = layout();
-    let store = store_with(1 << 20, StoreConfig::default(), None);
+    let mut cfg = StoreConfig::default();
+    cfg.summaries.leaf_tokens = leaf_tokens;
+    let store = store_with(1 << 20, cfg, None);
     let (ns, _) = store.register_layout(l.clone());
     let mut rng = Rng(7);
     let mut blocks = Vec::new();
@@ -189,7 +221,8 @@ fn attend_summaries_bound_every_key_on_every_publish_path() {
         check_summary(&store, ns, k, data, &mut rng);
     }
     store.check_invariants();
-    let geom = Geom::of(&l).unwrap();
+    let geom = Geom::of(&l).unwrap().with_leaf_tokens(leaf_tokens);
+    assert_eq!(geom.leaves(), if leaf_tokens == 4 { 2 } else { 1 });
     let entry = (geom.summary_bytes() as u64).next_multiple_of(64);
     let st = store.stats();
     assert_eq!(st.summary_blocks, 6);

@@ -631,16 +631,13 @@ impl Store {
             summary_blocks: 0,
         };
         let summaries = cfg.summaries.enabled.then(|| {
-            // 0: a sixteenth of the tiers (a summary is 1/16 of a block of
-            // 16 f16 tokens), and six sixteenths with sketches (half of K) and
-            // V sums (a sixteenth).
             let sketch = cfg.summaries.sketch;
+            let leaf_tokens = cfg.summaries.leaf_tokens;
             let bytes = match cfg.summaries.bytes {
-                0 if sketch => ((cap + nvme_cap) / 16 * 6).max(1 << 20),
-                0 => ((cap + nvme_cap) / 16).max(1 << 20),
+                0 => crate::attend::default_region_bytes(cap + nvme_cap, sketch, leaf_tokens),
                 b => b,
             };
-            SummaryRegion::new(bytes, sketch)
+            SummaryRegion::new(bytes, sketch, leaf_tokens)
                 .map_err(|e| {
                     tracing::error!(bytes, error = %e, "cannot reserve the block-summary region; Attend runs without abstracts");
                 })
@@ -818,7 +815,7 @@ impl Store {
                 const { std::cell::RefCell::new(None) };
         }
         let region = self.summaries.as_ref()?;
-        let geom = geom?;
+        let geom = region.geom(&geom?);
         let tokens = geom.tokens_of(payload.len() as u64)?;
         let len = region.entry_bytes(&geom);
         let Some(off) = region.allocate(len) else {
@@ -865,8 +862,8 @@ impl Store {
         let o = ns_ord(&g, ns).ok()?;
         let id = g.index.find(o, key)?;
         let off = summary_at(&g, id)?;
-        let geom = g.ns_table[o as usize].geom?;
         let region = self.summaries.as_ref()?;
+        let geom = region.geom(&g.ns_table[o as usize].geom?);
         // SAFETY: the entry cannot be freed while the lock is held.
         let bytes = unsafe { region.slice(off, region.entry_bytes(&geom)) }.to_vec();
         Some((geom, bytes))
@@ -3008,7 +3005,7 @@ impl ChainPin {
         // SAFETY: pinned blocks keep their summaries (freed only with the
         // block, which a pin prevents).
         let bytes = unsafe { region.slice(off, region.entry_bytes(&geom)) };
-        Some(SummaryView::new(geom, bytes))
+        Some(SummaryView::new(region.geom(&geom), bytes))
     }
 
     /// Forgets the blocks from `n` on (unpinning them).

@@ -127,11 +127,17 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- if $c.compute.abstracts -}}
 {{- $abstracts = include "strata.bytes" $c.compute.abstracts_bytes | int64 -}}
 {{- if eq $abstracts 0 -}}
-{{- if $c.compute.key_sketch -}}
-{{- $abstracts = max (mul (div (add $dram $nvme) 16) 6) 1048576 -}}
-{{- else -}}
-{{- $abstracts = max (div (add $dram $nvme) 16) 1048576 -}}
+{{- /* The daemon's attend::default_region_bytes: 1/leaf_tokens (a whole
+  block counts as 16 tokens), plus five sixteenths with key_sketch. */ -}}
+{{- $per := 16 -}}
+{{- if $c.compute.leaf_tokens -}}
+{{- $per = int64 $c.compute.leaf_tokens -}}
 {{- end -}}
+{{- $abstracts = div (add $dram $nvme) $per -}}
+{{- if $c.compute.key_sketch -}}
+{{- $abstracts = add $abstracts (mul (div (add $dram $nvme) 16) 5) -}}
+{{- end -}}
+{{- $abstracts = max $abstracts 1048576 -}}
 {{- end -}}
 {{- end -}}
 {{- $runs := 0 -}}
