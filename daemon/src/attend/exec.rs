@@ -1029,6 +1029,19 @@ struct Part {
     cut: Option<(usize, Option<TierKind>)>,
 }
 
+impl Part {
+    /// The running state of each KV head (`g` query heads of `d` each)
+    /// as the part's `(o, lse)`.
+    fn finish(&mut self, states: &[AttnState], g: usize, d: usize) {
+        for (h, st) in states.iter().enumerate() {
+            st.finish(
+                &mut self.acc.o[h * g * d..(h + 1) * g * d],
+                &mut self.acc.lse[h * g..(h + 1) * g],
+            );
+        }
+    }
+}
+
 /// Verifies and attends the blocks of one wave (what `read_wave` read for
 /// them beside the DRAM copies): split into contiguous parts computed on up
 /// to `compute.threads` blocking threads, each with its own accumulator,
@@ -1132,12 +1145,7 @@ fn compute_part(
             }
         }
     }
-    for (h, st) in states.iter().enumerate() {
-        st.finish(
-            &mut part.acc.o[h * g * d..(h + 1) * g * d],
-            &mut part.acc.lse[h * g..(h + 1) * g],
-        );
-    }
+    part.finish(&states, g, d);
     part
 }
 

@@ -229,9 +229,15 @@ impl SketchRuns {
         self.len
     }
 
+    fn allocator(&self) -> std::sync::MutexGuard<'_, ExtentAllocator> {
+        // A poisoned allocator cannot be trusted not to hand out an extent
+        // twice: stop.
+        self.alloc.lock().expect("sketch-run allocator poisoned")
+    }
+
     /// Bytes held by runs.
     pub fn used_bytes(&self) -> u64 {
-        let a = self.alloc.lock().expect("sketch-run allocator poisoned");
+        let a = self.allocator();
         a.capacity_bytes() - a.free_bytes()
     }
 
@@ -404,12 +410,7 @@ impl SketchRuns {
 
     /// An extent of `bytes`, dropping idle runs (oldest first) if needed.
     fn allocate(&self, bytes: u64) -> Option<u64> {
-        if let Some(o) = self
-            .alloc
-            .lock()
-            .expect("sketch-run allocator poisoned")
-            .allocate(bytes)
-        {
+        if let Some(o) = self.allocator().allocate(bytes) {
             return Some(o);
         }
         let mut idle: Vec<(Instant, Arc<Mutex<Run>>)> = {
@@ -424,12 +425,7 @@ impl SketchRuns {
         idle.sort_by_key(|(t, _)| *t);
         for (_, r) in idle {
             self.drop_run(&r);
-            if let Some(o) = self
-                .alloc
-                .lock()
-                .expect("sketch-run allocator poisoned")
-                .allocate(bytes)
-            {
+            if let Some(o) = self.allocator().allocate(bytes) {
                 return Some(o);
             }
         }
@@ -458,10 +454,7 @@ impl SketchRuns {
         if run.cap == 0 {
             return;
         }
-        self.alloc
-            .lock()
-            .expect("sketch-run allocator poisoned")
-            .free(run.offset, run.bytes);
+        self.allocator().free(run.offset, run.bytes);
         run.cap = 0;
         run.blocks.clear();
         self.metrics.used_bytes.set(self.used_bytes() as f64);
@@ -500,10 +493,7 @@ impl SketchRuns {
                 new[to..to + 2 * n].copy_from_slice(&old[from..from + 2 * n]);
             }
         }
-        self.alloc
-            .lock()
-            .expect("sketch-run allocator poisoned")
-            .free(run.offset, run.bytes);
+        self.allocator().free(run.offset, run.bytes);
         (run.offset, run.bytes, run.cap) = (offset, bytes, cap);
         true
     }

@@ -388,12 +388,7 @@ fn compute_pieces(
             }
         }
     }
-    for (h, st) in states.iter().enumerate() {
-        st.finish(
-            &mut part.acc.o[h * g * d..(h + 1) * g * d],
-            &mut part.acc.lse[h * g..(h + 1) * g],
-        );
-    }
+    part.finish(&states, g, d);
     (part, scores)
 }
 
