@@ -1019,6 +1019,19 @@ impl RowSel {
 /// tokens of one KV head at d 128 are ~50 µs of math).
 const MIN_PART_BLOCKS: usize = 64;
 
+/// How a wave of `n` blocks is split between compute threads: (parts,
+/// blocks per part), at most `compute.threads` parts of at least
+/// [`MIN_PART_BLOCKS`] (but one part however small the wave).
+fn part_split(ctx: &AttendCtx, n: usize) -> (usize, usize) {
+    let parts = ctx
+        .cfg
+        .threads
+        .max(1)
+        .min(n.div_ceil(MIN_PART_BLOCKS))
+        .max(1);
+    (parts, n.div_ceil(parts).max(1))
+}
+
 /// What one part of a wave computed over its blocks, in order: applied to
 /// the sequence once every part is done.
 struct Part {
@@ -1058,13 +1071,7 @@ async fn compute_wave(
         Some(c) => wave.into_iter().take_while(|&i| i < c).collect(),
         None => wave,
     };
-    let parts = ctx
-        .cfg
-        .threads
-        .max(1)
-        .min(wave.len().div_ceil(MIN_PART_BLOCKS))
-        .max(1);
-    let per = wave.len().div_ceil(parts).max(1);
+    let (parts, per) = part_split(ctx, wave.len());
     let seq = Arc::new(seq);
     let wave = Arc::new(wave);
     let got = Arc::new(got);

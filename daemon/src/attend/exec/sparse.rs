@@ -434,13 +434,7 @@ async fn compute_pieces_wave(
         Some(c) => wave.into_iter().take_while(|p| p.block < c).collect(),
         None => wave,
     };
-    let parts = ctx
-        .cfg
-        .threads
-        .max(1)
-        .min(wave.len().div_ceil(MIN_PART_BLOCKS))
-        .max(1);
-    let per = wave.len().div_ceil(parts).max(1);
+    let (parts, per) = part_split(ctx, wave.len());
     let seq = Arc::new(seq);
     let wave = Arc::new(wave);
     let got = Arc::new(got);
