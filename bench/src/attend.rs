@@ -265,6 +265,23 @@ struct Acc {
 }
 
 impl Acc {
+    /// One call's answer `out` over the tokens `sel`, for every query head
+    /// (`exact[g]`: head g's exact attention over `n` tokens of values `v`).
+    fn add(&mut self, exact: &[Exact], out: &AttendOutput, sel: &[u32], v: &[f32], n: usize) {
+        for (g, ex) in exact.iter().enumerate() {
+            let o = &out.o[g * D..(g + 1) * D];
+            let or = ex.oracle(sel.len(), v);
+            self.n += 1;
+            self.mass += ex.mass(sel);
+            self.relerr += relerr(o, &ex.o);
+            self.oracle_mass += or.mass;
+            self.oracle_relerr += or.relerr;
+            self.tokens_pct += 100.0 * sel.len() as f64 / n as f64;
+            self.read_pct += read_pct(read_bytes(out), n, D, 2);
+            self.summary_pct += read_pct(out.abstract_bytes, n, D, 2);
+        }
+    }
+
     fn row(&self, regime: &str, n: usize, mode: &str) -> Vec<String> {
         let m = |x: f64| x / self.n as f64;
         vec![
@@ -431,18 +448,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         Some(r) if matches!(mode, AttendMode::Sparf { .. }) => tokens_of(r),
                         _ => tokens_of(&out.covered),
                     };
-                    for (g, ex) in exact.iter().enumerate() {
-                        let o = &out.o[g * D..(g + 1) * D];
-                        let or = ex.oracle(sel.len(), &h.values);
-                        acc.n += 1;
-                        acc.mass += ex.mass(&sel);
-                        acc.relerr += relerr(o, &ex.o);
-                        acc.oracle_mass += or.mass;
-                        acc.oracle_relerr += or.relerr;
-                        acc.tokens_pct += 100.0 * sel.len() as f64 / n as f64;
-                        acc.read_pct += read_pct(read_bytes(&out), n, D, 2);
-                        acc.summary_pct += read_pct(out.abstract_bytes, n, D, 2);
-                    }
+                    acc.add(&exact, &out, &sel, &h.values, n);
                     if s == 0
                         && ri == 0
                         && !name.starts_with("sparse")
@@ -469,18 +475,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         half_block_calls[*di] += 1;
                     }
                     let sel = tokens_of(&out.covered);
-                    for (g, ex) in exact.iter().enumerate() {
-                        let o = &out.o[g * D..(g + 1) * D];
-                        let or = ex.oracle(sel.len(), &h.values);
-                        acc.n += 1;
-                        acc.mass += ex.mass(&sel);
-                        acc.relerr += relerr(o, &ex.o);
-                        acc.oracle_mass += or.mass;
-                        acc.oracle_relerr += or.relerr;
-                        acc.tokens_pct += 100.0 * sel.len() as f64 / n as f64;
-                        acc.read_pct += read_pct(read_bytes(&out), n, D, 2);
-                        acc.summary_pct += read_pct(out.abstract_bytes, n, D, 2);
-                    }
+                    acc.add(&exact, &out, &sel, &h.values, n);
                 }
             }
             for ((name, _), acc) in modes.iter().zip(&accs) {

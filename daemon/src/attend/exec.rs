@@ -1043,6 +1043,19 @@ struct Part {
 }
 
 impl Part {
+    /// Nothing computed yet, for `heads` query heads of `d`, room for
+    /// `reads` read records.
+    fn new(heads: usize, d: usize, reads: usize) -> Self {
+        Part {
+            acc: Acc {
+                o: vec![0.0; heads * d],
+                lse: vec![f32::NEG_INFINITY; heads],
+            },
+            reads: Vec::with_capacity(reads),
+            cut: None,
+        }
+    }
+
     /// The running state of each KV head (`g` query heads of `d` each)
     /// as the part's `(o, lse)`.
     fn finish(&mut self, states: &[AttnState], g: usize, d: usize) {
@@ -1121,14 +1134,7 @@ fn compute_part(
     let g = heads / geom.kv_heads as usize;
     let mut w = Work::new(g, d);
     let mut states: Vec<AttnState> = (0..geom.kv_heads).map(|_| AttnState::new(g, d)).collect();
-    let mut part = Part {
-        acc: Acc {
-            o: vec![0.0; heads * d],
-            lse: vec![f32::NEG_INFINITY; heads],
-        },
-        reads: Vec::with_capacity(blocks.len() * 2),
-        cut: None,
-    };
+    let mut part = Part::new(heads, d, blocks.len() * 2);
     for (j, &i) in blocks.iter().enumerate() {
         if let Some(&next) = blocks.get(j + 1) {
             prefetch_dram(seq, next);

@@ -100,11 +100,15 @@ struct Run {
     /// Blocks the rows have room for; 0 once dropped.
     cap: usize,
     offset: u64,
-    bytes: u64,
     used: Instant,
 }
 
 impl Run {
+    /// Bytes of its extent.
+    fn bytes(&self) -> u64 {
+        run_bytes(&self.geom, self.cap)
+    }
+
     fn tail(&self) -> Option<TailKey> {
         self.blocks.last().map(|b| TailKey {
             ns: self.ns,
@@ -193,7 +197,7 @@ impl RunView<'_> {
         let bounds_len = kv * d * cap;
         // SAFETY: the run owns its extent (allocated for it, freed only
         // when it is dropped, which needs its lock, held by this view).
-        let bytes = unsafe { self.runs.slice(run.offset, run.bytes as usize) };
+        let bytes = unsafe { self.runs.slice(run.offset, run.bytes() as usize) };
         let codes = &bytes[h * d * cap * tpb..(h + 1) * d * cap * tpb];
         let (lo, hi) = bytes[codes_len..codes_len + 4 * bounds_len].split_at(2 * bounds_len);
         let (lo, hi) = (as_u16(lo), as_u16(hi));
@@ -277,7 +281,12 @@ impl SketchRuns {
         summary: impl Fn(usize) -> Option<SummaryView<'s>>,
         f: impl FnOnce(RunView<'_>) -> R,
     ) -> Option<R> {
-        if present == 0 {
+        let tpb = geom.tokens_per_block;
+        // Only whole blocks are scored from a run: the chain's leading
+        // blocks attended in full (a last block attended in part, or
+        // holding fewer tokens, is scored from its entry).
+        let whole = tokens[..present].iter().take_while(|&&t| t == tpb).count();
+        if whole == 0 {
             return None;
         }
         let run_arc = match self.find(ns, layer, blocks, present) {
@@ -296,7 +305,6 @@ impl SketchRuns {
                     blocks: Vec::new(),
                     cap,
                     offset,
-                    bytes,
                     used: Instant::now(),
                 }))
             }
@@ -308,11 +316,6 @@ impl SketchRuns {
             return None;
         }
         let old_tail = run.tail();
-        let tpb = geom.tokens_per_block;
-        // Only whole blocks are scored from a run: the chain's leading
-        // blocks attended in full (a last block attended in part, or
-        // holding fewer tokens, is scored from its entry).
-        let whole = tokens[..present].iter().take_while(|&&t| t == tpb).count();
         let matching = run
             .blocks
             .iter()
@@ -376,10 +379,8 @@ impl SketchRuns {
             }
         }
         self.metrics.used_bytes.set(self.used_bytes() as f64);
+        // Not empty (an empty run was freed above), and whole >= 1.
         let covered = run.blocks.len().min(whole);
-        if covered == 0 {
-            return None;
-        }
         Some(f(RunView {
             runs: self,
             run: &run,
@@ -454,7 +455,7 @@ impl SketchRuns {
         if run.cap == 0 {
             return;
         }
-        self.allocator().free(run.offset, run.bytes);
+        self.allocator().free(run.offset, run.bytes());
         run.cap = 0;
         run.blocks.clear();
         self.metrics.used_bytes.set(self.used_bytes() as f64);
@@ -477,7 +478,7 @@ impl SketchRuns {
         // caller) and the new one was just allocated for it.
         let (old, new) = unsafe {
             (
-                self.slice(run.offset, run.bytes as usize),
+                self.slice(run.offset, run.bytes() as usize),
                 self.slice_mut(offset, bytes as usize),
             )
         };
@@ -493,8 +494,8 @@ impl SketchRuns {
                 new[to..to + 2 * n].copy_from_slice(&old[from..from + 2 * n]);
             }
         }
-        self.allocator().free(run.offset, run.bytes);
-        (run.offset, run.bytes, run.cap) = (offset, bytes, cap);
+        self.allocator().free(run.offset, run.bytes());
+        (run.offset, run.cap) = (offset, cap);
         true
     }
 
@@ -511,7 +512,7 @@ impl SketchRuns {
         let cap = run.cap;
         let codes_len = kv * d * cap * tpb;
         // SAFETY: the run's extent; its lock is held by the caller.
-        let bytes = unsafe { self.slice_mut(run.offset, run.bytes as usize) };
+        let bytes = unsafe { self.slice_mut(run.offset, run.bytes() as usize) };
         for h in 0..kv {
             let Some(sk) = view.sketch(run.layer, h as u32) else {
                 return false;

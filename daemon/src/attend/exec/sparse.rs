@@ -351,14 +351,7 @@ fn compute_pieces(
     let g = heads / kv;
     let mut w = Work::new(g, d);
     let mut states: Vec<AttnState> = (0..kv).map(|_| AttnState::new(g, d)).collect();
-    let mut part = Part {
-        acc: Acc {
-            o: vec![0.0; heads * d],
-            lse: vec![f32::NEG_INFINITY; heads],
-        },
-        reads: Vec::with_capacity(pieces.len()),
-        cut: None,
-    };
+    let mut part = Part::new(heads, d, pieces.len());
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); if sample { kv } else { 0 }];
     let last = seq.present().saturating_sub(1);
     for (p, got) in pieces.iter().zip(got) {
