@@ -26,7 +26,7 @@ use bytes::Bytes;
 use half::f16;
 use prost::Message;
 use strata_client::attend::{
-    AttendMode, AttendOutput, AttendRequest, AttendSequence, SparseBudget,
+    AttendMode, AttendOutput, AttendRequest, AttendSequence, Chain, IoDtype, SparseBudget,
 };
 use strata_client::{Client, PutBlock};
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind, pb};
@@ -109,12 +109,13 @@ async fn store_head(
 
 fn request(ns: NamespaceId, mode: AttendMode, keys: &[BlockKey], q: &[f32]) -> AttendRequest {
     AttendRequest {
+        io_dtype: IoDtype::F32,
         namespace: ns,
         layer: 0,
         mode,
         scale: None,
         sequences: vec![AttendSequence {
-            keys: keys.to_vec(),
+            chain: Chain::Keys(keys.to_vec()),
             last_block_tokens: None,
             queries: q.to_vec(),
         }],
@@ -143,45 +144,7 @@ fn read_bytes(o: &AttendOutput) -> u64 {
 /// (protobuf, plus the 5-byte gRPC message prefix each; HTTP/2 frame and
 /// header bytes not counted).
 fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
-    let rq = &req.sequences[0];
-    let (mode, budget_tokens) = match req.mode {
-        AttendMode::Dense => (pb::AttendMode::Dense, 0),
-        AttendMode::Sparse(SparseBudget::Tokens(t)) => (pb::AttendMode::Sparse, t),
-        AttendMode::Sparse(_) => (pb::AttendMode::Sparse, 0),
-        AttendMode::Sparf { .. } => (pb::AttendMode::Sparf, 0),
-        AttendMode::Retrieval { .. } => (pb::AttendMode::Retrieval, 0),
-    };
-    let sparf_mean_correction = matches!(
-        req.mode,
-        AttendMode::Sparf {
-            mean_correction: true,
-            ..
-        }
-    );
-    let pbreq = pb::AttendRequest {
-        namespace_id: req.namespace.0,
-        layer: req.layer,
-        mode: mode as i32,
-        scale: req.scale.unwrap_or(0.0),
-        sequences: vec![pb::AttendSequence {
-            keys: rq
-                .keys
-                .iter()
-                .map(|k| Bytes::copy_from_slice(k.as_bytes()))
-                .collect(),
-            last_block_tokens: rq.last_block_tokens.unwrap_or(0),
-            queries: rq.queries.clone(),
-        }],
-        budget_tokens,
-        budget_bytes: 0,
-        sparf_channels: 0,
-        sparf_tokens: 0,
-        retrieval_k: 0,
-        retrieval_ef: 0,
-        sparf_by_token: false,
-        sparf_mean_correction,
-        sparf_joint_heads: false,
-    };
+    let pbreq = strata_client::attend::request_pb(req);
     let ranges = |r: &[Range<u64>]| -> Vec<pb::TokenRange> {
         r.iter()
             .map(|r| pb::TokenRange {
@@ -202,7 +165,12 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
     };
     let pbresp = pb::AttendResponse {
         results: vec![pb::AttendResult {
-            o: out.o.clone(),
+            o: if req.io_dtype == IoDtype::F32 {
+                out.o.clone()
+            } else {
+                Vec::new()
+            },
+            o_packed: req.io_dtype.pack(&out.o),
             lse: out.lse.clone(),
             keys_present: out.keys_present,
             tokens_present: out.tokens_present,
@@ -456,7 +424,24 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         && !name.ends_with("correction")
                     {
                         let (a, b) = wire_bytes(&req, &out);
-                        wire.push((n, *name, a, b, full));
+                        wire.push((n, name.to_string(), a, b, full));
+                        // The compact form of the same call, asked for real:
+                        // the chain by its tail, queries and o as f16.
+                        let mut small = req.clone();
+                        small.io_dtype = IoDtype::F16;
+                        small.sequences[0].chain = Chain::Tail {
+                            tail: *keys.last().expect("a chain"),
+                            blocks: keys.len() as u32,
+                        };
+                        let out = attend_one(&mut c, &small).await?;
+                        if out.tokens_present != n as u64 {
+                            bail!(
+                                "{name} by tail covered {} of {n} tokens",
+                                out.tokens_present
+                            );
+                        }
+                        let (a, b) = wire_bytes(&small, &out);
+                        wire.push((n, format!("{name}, tail + f16"), a, b, full));
                     }
                 }
                 for ((_, di, t), acc) in leaf_rows.iter().zip(&mut leaf_accs) {
@@ -507,7 +492,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
     for (n, name, a, b, full) in wire {
         rep.row(&[
             format!("{}K", n >> 10),
-            name.into(),
+            name,
             a.to_string(),
             b.to_string(),
             full.to_string(),
@@ -515,7 +500,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         ]);
     }
     rep.note(
-        "Protobuf encoded length (prost) plus the 5-byte gRPC message prefix each way; HTTP/2 headers and frames not counted. Per KV head, here: the request is mostly the block keys (18 bytes each). One call per layer covers all its KV heads with the same keys, so with many heads the ratio tends to K+V ÷ (f32 queries + outputs) = N ÷ (2 × group): 512× at 4K, 4,096× at 32K with a group of 4 (COMPUTE.md §4's ≥ 500× at 4K and ≥ 5,000× at 32K are for full models).",
+        "Protobuf encoded length (prost) plus the 5-byte gRPC message prefix each way; HTTP/2 headers and frames not counted. Per KV head, here. By keys: the request is mostly the block keys (18 bytes each); one call per layer covers all its KV heads with the same keys, so with many heads that ratio tends to K+V ÷ (f32 queries + outputs) = N ÷ (2 × group): 512× at 4K, 4,096× at 32K with a group of 4. Tail + f16: the same call made again with the chain named by its last key and length (chain_tail, chain_blocks; the daemon follows the parent links) and io_dtype F16 (queries and o as 2-byte values, lse f32): what is left is the queries and the answer, 2 bytes a value, so the ratio tends to N ÷ group with many heads. COMPUTE.md §4: ≥ 500× at 4K, ≥ 5,000× at 32K.",
     );
     Ok(())
 }

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use half::f16;
-use strata_client::attend::{AttendMode, AttendRequest, AttendSequence, SparseBudget};
+use strata_client::attend::{
+    AttendMode, AttendRequest, AttendSequence, Chain, IoDtype, SparseBudget,
+};
 use strata_client::{Client, PutBlock};
 use strata_kernels::attention::{AttnParams, AttnScratch, Tokens, merge_into, partial_attention};
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind};
@@ -272,12 +274,13 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
             let t = Instant::now();
             for layer in 0..layers {
                 let req = AttendRequest {
+                    io_dtype: IoDtype::F32,
                     namespace: ns,
                     layer,
                     mode,
                     scale: None,
                     sequences: vec![AttendSequence {
-                        keys: keys.clone(),
+                        chain: Chain::Keys(keys.clone()),
                         last_block_tokens: None,
                         queries: rng.vec(heads * D),
                     }],
@@ -420,12 +423,13 @@ async fn heads_choice(
                     .flat_map(|h| h.decode_group(step).to_vec())
                     .collect();
                 let req = AttendRequest {
+                    io_dtype: IoDtype::F32,
                     namespace: ns,
                     layer: 0,
                     mode,
                     scale: None,
                     sequences: vec![AttendSequence {
-                        keys: keys.clone(),
+                        chain: Chain::Keys(keys.clone()),
                         last_block_tokens: None,
                         queries: q,
                     }],
@@ -605,35 +609,53 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
             },
         ),
     ] {
-        let req = AttendRequest {
-            namespace: ns,
-            layer: 0,
-            mode,
-            scale: None,
-            sequences: seqs
-                .iter()
-                .zip(&qs)
-                .map(|(k, q)| AttendSequence {
-                    keys: k.clone(),
-                    last_block_tokens: None,
-                    queries: q.clone(),
-                })
-                .collect(),
-        };
-        lc.attend(&req).await?;
-        let mut lat = Vec::new();
-        let before = link.up.load(Ordering::Relaxed) + link.down.load(Ordering::Relaxed);
-        for _ in 0..reps {
-            let t = Instant::now();
-            let out = lc.attend(&req).await?;
-            lat.push(t.elapsed());
-            if out.len() != batch as usize || out.iter().any(|o| o.tokens_present != n as u64) {
-                bail!("Attend {name} did not cover the batch");
+        for compact in [false, true] {
+            // The engine's choice of form: every key and f32 queries/outputs,
+            // or the chain by its tail and f16 on the wire.
+            let name = if compact {
+                format!("{name} (tail, f16)")
+            } else {
+                format!("{name} (keys, f32)")
+            };
+            let req = AttendRequest {
+                io_dtype: if compact { IoDtype::F16 } else { IoDtype::F32 },
+                namespace: ns,
+                layer: 0,
+                mode,
+                scale: None,
+                sequences: seqs
+                    .iter()
+                    .zip(&qs)
+                    .map(|(k, q)| AttendSequence {
+                        chain: if compact {
+                            Chain::Tail {
+                                tail: *k.last().expect("a chain"),
+                                blocks: k.len() as u32,
+                            }
+                        } else {
+                            Chain::Keys(k.clone())
+                        },
+                        last_block_tokens: None,
+                        queries: q.clone(),
+                    })
+                    .collect(),
+            };
+            lc.attend(&req).await?;
+            let mut lat = Vec::new();
+            let before = link.up.load(Ordering::Relaxed) + link.down.load(Ordering::Relaxed);
+            for _ in 0..reps {
+                let t = Instant::now();
+                let out = lc.attend(&req).await?;
+                lat.push(t.elapsed());
+                if out.len() != batch as usize || out.iter().any(|o| o.tokens_present != n as u64) {
+                    bail!("Attend {name} did not cover the batch");
+                }
             }
+            let wire = (link.up.load(Ordering::Relaxed) + link.down.load(Ordering::Relaxed)
+                - before)
+                / reps as u64;
+            near.push((name, median(lat), wire));
         }
-        let wire = (link.up.load(Ordering::Relaxed) + link.down.load(Ordering::Relaxed) - before)
-            / reps as u64;
-        near.push((name, median(lat), wire));
     }
 
     // Ship the KV: Get each sequence's blocks through the link; attend to
@@ -701,7 +723,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
         ]);
     }
     rep.note(&format!(
-        "Both sides talk to the same daemon through a TCP proxy in the bench that paces each direction at 2 GB/s; shipping achieved {:.2} GB/s over the link ({} MiB in {} ms; the pure transfer at 2 GB/s would take {:.0} ms): on 2 cores the stream Get, the proxy and the client's checks, not the link, bound the measured reference, so the last column divides the ideal (K+V bytes at exactly 2 GB/s, the client's math free) instead, and the goals are judged on it. Ship: Get of every block (1024 keys per call, verified by the client), the client's attention (strata-kernels, one thread) over sequence s overlapping the transfer of s + 1. Near: one Attend call with all {batch} sequences (compute.key_sketch on: SPARF scores from the sketches, then reads K and V of whole blocks best-first, or of every block holding a top-k token). Median of {reps}.",
+        "Both sides talk to the same daemon through a TCP proxy in the bench that paces each direction at 2 GB/s; shipping achieved {:.2} GB/s over the link ({} MiB in {} ms; the pure transfer at 2 GB/s would take {:.0} ms): on 2 cores the stream Get, the proxy and the client's checks, not the link, bound the measured reference, so the last column divides the ideal (K+V bytes at exactly 2 GB/s, the client's math free) instead, and the goals are judged on it. Ship: Get of every block (1024 keys per call, verified by the client), the client's attention (strata-kernels, one thread) over sequence s overlapping the transfer of s + 1. Near: one Attend call with all {batch} sequences, each given by its keys with f32 queries and outputs, or by its tail (chain_tail, chain_blocks) with f16 ones (io_dtype) (compute.key_sketch on: SPARF scores from the sketches, then reads K and V of whole blocks best-first, or of every block holding a top-k token). Median of {reps}.",
         link_rate / 1e9,
         moved >> 20,
         ms(ship),

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::*;
 use half::f16;
 use strata_client::attend::{
-    AttendMode, AttendOutput, AttendRequest, AttendSequence, SparseBudget,
+    AttendMode, AttendOutput, AttendRequest, AttendSequence, Chain, IoDtype, SparseBudget,
 };
 use strata_client::{Client, PutBlock};
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind, pb};
@@ -214,12 +214,13 @@ fn request(
     q: &[f32],
 ) -> AttendRequest {
     AttendRequest {
+        io_dtype: IoDtype::F32,
         namespace: ns,
         layer,
         mode,
         scale: None,
         sequences: vec![AttendSequence {
-            keys,
+            chain: Chain::Keys(keys),
             last_block_tokens: None,
             queries: q.to_vec(),
         }],
@@ -1028,7 +1029,7 @@ async fn a_missing_block_ends_the_covered_prefix() {
     // Several sequences in one call, answered in order.
     let mut r = request(ns, 0, AttendMode::Dense, chain(1, 30), &q);
     r.sequences.push(AttendSequence {
-        keys: chain(2, 2),
+        chain: Chain::Keys(chain(2, 2)),
         last_block_tokens: None,
         queries: queries(9)[..2 * D].to_vec(),
     });
@@ -1036,6 +1037,176 @@ async fn a_missing_block_ends_the_covered_prefix() {
     assert_eq!(out.len(), 2);
     assert_eq!((out[0].keys_present, out[1].keys_present), (30, 2));
     assert_eq!((out[0].heads, out[1].heads), (HEADS, 2));
+    d.stop().await;
+}
+
+/// A chain given by its tail and length (`chain_tail`, `chain_blocks`)
+/// is answered as the same chain given by its keys, in every mode, cut by
+/// `last_block_tokens`, beside a keys sequence in one call, and on a fork.
+/// An unknown tail or a chain missing a middle block is answered with no
+/// prefix (its head cannot be known); the block stored again mends it. A
+/// wrong length is INVALID_ARGUMENT naming the field and changes nothing.
+#[tokio::test]
+async fn a_chain_given_by_its_tail_answers_as_its_keys() {
+    let d = start(|c| c.compute.key_sketch = true).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 1024;
+    let blocks = n / TPB;
+    let kv = Kv::random(n, 21);
+    put(&mut c, ns, &kv, 1, 0..blocks, Some(11)).await;
+    // A fork of chain 1 after its block 39.
+    let fork: Vec<PutBlock> = (40..48)
+        .map(|b| PutBlock {
+            key: key(2, b),
+            parent: Some(if b == 40 { key(1, 39) } else { key(2, b - 1) }),
+            data: Bytes::from(kv.block(b, TPB)),
+        })
+        .collect();
+    c.put(ns, &fork).await.unwrap();
+    let fork_keys: Vec<BlockKey> = (0..40)
+        .map(|b| key(1, b))
+        .chain((40..48).map(|b| key(2, b)))
+        .collect();
+    let q = queries(22);
+    let tail = |keys: &[BlockKey]| Chain::Tail {
+        tail: *keys.last().unwrap(),
+        blocks: keys.len() as u32,
+    };
+    let same = |a: &AttendOutput, b: &AttendOutput, what: &str| {
+        assert_eq!((&a.o, &a.lse), (&b.o, &b.lse), "{what}");
+        assert_eq!(
+            (a.keys_present, a.tokens_present),
+            (b.keys_present, b.tokens_present),
+            "{what}"
+        );
+        assert_eq!(
+            (&a.covered, &a.head_covered),
+            (&b.covered, &b.head_covered),
+            "{what}"
+        );
+        assert_eq!(a.reads, b.reads, "{what}");
+    };
+    let sparf = AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token: false,
+        mean_correction: false,
+        joint_heads: false,
+    };
+    for mode in [
+        AttendMode::Dense,
+        AttendMode::Sparse(SparseBudget::Tokens(128)),
+        sparf,
+        AttendMode::Retrieval { k: None, ef: None },
+    ] {
+        for (keys, last) in [
+            (chain(1, blocks), None),
+            (chain(1, blocks), Some(5)),
+            (chain(1, 20), None),
+            (fork_keys.clone(), None),
+        ] {
+            if last.is_some() && matches!(mode, AttendMode::Retrieval { .. }) {
+                continue; // RETRIEVAL covers whole blocks only
+            }
+            let what = format!("{mode:?}, {} blocks, last {last:?}", keys.len());
+            let mut by_keys = request(ns, 1, mode, keys.clone(), &q);
+            by_keys.sequences[0].last_block_tokens = last;
+            let mut by_tail = by_keys.clone();
+            by_tail.sequences[0].chain = tail(&keys);
+            let (a, b) = (
+                attend1(&mut c, &by_keys).await,
+                attend1(&mut c, &by_tail).await,
+            );
+            assert_eq!(a.keys_present as usize, keys.len(), "{what}");
+            same(&a, &b, &what);
+        }
+    }
+    // Both forms in one call, answered in order.
+    let mut r = request(ns, 0, AttendMode::Dense, chain(1, 30), &q);
+    r.sequences.push(AttendSequence {
+        chain: tail(&fork_keys),
+        last_block_tokens: None,
+        queries: q.clone(),
+    });
+    let out = c.attend(&r).await.unwrap();
+    let by_keys = attend1(
+        &mut c,
+        &request(ns, 0, AttendMode::Dense, fork_keys.clone(), &q),
+    )
+    .await;
+    assert_eq!(out[0].keys_present, 30);
+    same(&out[1], &by_keys, "second sequence, by tail");
+
+    // Unknown tail: nothing present, as for an unknown key.
+    let mut r = request(ns, 0, AttendMode::Dense, vec![], &q);
+    r.sequences[0].chain = Chain::Tail {
+        tail: key(9, 3),
+        blocks: 4,
+    };
+    let out = attend1(&mut c, &r).await;
+    assert_eq!(out.keys_present, 0);
+    assert!(out.lse.iter().all(|&x| x == f32::NEG_INFINITY));
+    // A wrong length, either way: the field is named and nothing changes.
+    let before = snapshot(&mut c).await;
+    for blocks in [19, 21] {
+        r.sequences[0].chain = Chain::Tail {
+            tail: key(1, 19),
+            blocks,
+        };
+        assert_status(
+            c.attend(&r).await.map_err(|e| match e {
+                strata_client::Error::Status(s) => s,
+                e => panic!("{e}"),
+            }),
+            Code::InvalidArgument,
+            "sequences[0].chain_blocks",
+            "is ",
+        );
+    }
+    assert_eq!(snapshot(&mut c).await, before);
+    // A middle block gone: the keys still give the prefix before it, the
+    // tail gives nothing (the head is unknown); stored again, it mends
+    // the chain.
+    c.delete(ns, &[key(1, 10)]).await.unwrap();
+    let keys = chain(1, 20);
+    let a = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
+    assert_eq!(a.keys_present, 10);
+    let mut by_tail = request(ns, 0, AttendMode::Dense, vec![], &q);
+    by_tail.sequences[0].chain = tail(&keys);
+    assert_eq!(attend1(&mut c, &by_tail).await.keys_present, 0);
+    put(&mut c, ns, &kv, 1, 10..11, None).await;
+    let a = attend1(&mut c, &request(ns, 0, AttendMode::Dense, keys.clone(), &q)).await;
+    same(&a, &attend1(&mut c, &by_tail).await, "mended");
+    assert_eq!(a.keys_present, 20);
+    d.stop().await;
+}
+
+/// With io_dtype F16 or BF16, queries go and outputs come back packed:
+/// the answer is the f32 answer to the same (rounded) queries, rounded
+/// once, and lse is unchanged.
+#[tokio::test]
+async fn packed_queries_and_outputs_are_the_f32_answer_rounded() {
+    let d = start(|_| {}).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let kv = Kv::random(512, 23);
+    put(&mut c, ns, &kv, 1, 0..32, None).await;
+    for io in [IoDtype::F16, IoDtype::Bf16] {
+        let q = io.unpack(&io.pack(&queries(24)));
+        let plain = attend1(&mut c, &request(ns, 0, AttendMode::Dense, chain(1, 32), &q)).await;
+        let mut r = request(ns, 0, AttendMode::Dense, chain(1, 32), &q);
+        r.io_dtype = io;
+        let packed = attend1(&mut c, &r).await;
+        assert_eq!(packed.lse, plain.lse, "{io:?}");
+        assert_eq!(packed.o, io.unpack(&io.pack(&plain.o)), "{io:?}");
+        assert_ne!(packed.o, plain.o, "{io:?}: o was rounded");
+        assert_eq!(packed.covered, plain.covered);
+        // The wire: 2 bytes a value each way.
+        let pb = strata_client::attend::request_pb(&r);
+        assert_eq!(pb.sequences[0].queries_packed.len(), 2 * HEADS * D);
+        assert!(pb.sequences[0].queries.is_empty());
+    }
     d.stop().await;
 }
 
@@ -1097,6 +1268,7 @@ async fn bad_attend_input_gets_invalid_argument_naming_the_field_and_changes_not
         keys,
         last_block_tokens: 0,
         queries,
+        ..Default::default()
     };
     let kb = |i: usize| Bytes::copy_from_slice(key(1, i).as_bytes());
     let good = || pb::AttendRequest {
@@ -1442,6 +1614,19 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
     assert_eq!(s.abstract_blocks, blocks as u64);
     let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
     assert_eq!(out.o, dense_nvme, "same answer after the restart");
+    // The parents are known again (recovery links them from the records):
+    // the chain by its tail too.
+    let mut by_tail = request(ns, 1, AttendMode::Dense, vec![], &q);
+    by_tail.sequences[0].chain = Chain::Tail {
+        tail: keys[blocks - 1],
+        blocks: blocks as u32,
+    };
+    let t = attend1(&mut c, &by_tail).await;
+    assert_eq!(
+        (t.keys_present as usize, &t.o),
+        (blocks, &dense_nvme),
+        "by tail after the restart"
+    );
     assert_eq!(
         out.read_blocks(TierKind::Nvme) as usize,
         blocks,
@@ -2021,12 +2206,13 @@ async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
                 let step = s * h.steps() / STEPS;
                 let q = h.decode_group(step);
                 let sparse = |ns, b: SparseBudget| AttendRequest {
+                    io_dtype: IoDtype::F32,
                     namespace: ns,
                     layer: 0,
                     mode: AttendMode::Sparse(b),
                     scale: None,
                     sequences: vec![AttendSequence {
-                        keys: keys.clone(),
+                        chain: Chain::Keys(keys.clone()),
                         last_block_tokens: None,
                         queries: q.to_vec(),
                     }],

@@ -192,6 +192,7 @@ async fn cross_tenant_access_is_denied_counted_and_changes_nothing() {
                     keys: vec![Bytes::copy_from_slice(key(1, 0).as_bytes())],
                     last_block_tokens: 0,
                     queries: vec![0.5; 2 * 16],
+                    ..Default::default()
                 }],
                 ..Default::default()
             })

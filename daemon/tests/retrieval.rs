@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use strata_client::attend::{AttendMode, AttendRequest, AttendSequence};
+use strata_client::attend::{AttendMode, AttendRequest, AttendSequence, Chain, IoDtype};
 use strata_client::retrieval::{
     BuildIndexRequest, IndexState, LayerQueries, RetrieveRequest, RetrieveSource,
 };
@@ -281,12 +281,13 @@ async fn index_lifecycle_on_needle_data() {
         let q = x.decode_group(step).to_vec();
         let mut out = c
             .attend(&AttendRequest {
+                io_dtype: IoDtype::F32,
                 namespace: ns,
                 layer: 0,
                 mode: AttendMode::Retrieval { k: None, ef: None },
                 scale: Some(x.scale),
                 sequences: vec![AttendSequence {
-                    keys: chain(MID),
+                    chain: Chain::Keys(chain(MID)),
                     last_block_tokens: None,
                     queries: q.clone(),
                 }],
@@ -681,6 +682,7 @@ async fn limits_and_bad_inputs() {
             keys: vec![kb(0)],
             last_block_tokens: 0,
             queries: vec![0.5; D],
+            ..Default::default()
         }],
         retrieval_k: k,
         retrieval_ef: ef,
@@ -1039,6 +1041,7 @@ async fn kv_heads_choose_what_is_indexed() {
     // Attend RETRIEVAL says the same per KV head.
     let out = c
         .attend(&AttendRequest {
+            io_dtype: IoDtype::F32,
             namespace: ns,
             layer: 0,
             mode: AttendMode::Retrieval {
@@ -1047,7 +1050,7 @@ async fn kv_heads_choose_what_is_indexed() {
             },
             scale: None,
             sequences: vec![AttendSequence {
-                keys: a.clone(),
+                chain: Chain::Keys(a.clone()),
                 last_block_tokens: None,
                 queries: q2(3),
             }],

@@ -480,10 +480,69 @@ pub enum Budget {
     Bytes(u64),
 }
 
+/// Which blocks an Attend sequence covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chain {
+    /// Its keys, in chain order.
+    Keys(Vec<BlockKey>),
+    /// The chain ending at `tail`, `blocks` long, followed back through
+    /// the parent links the daemon kept.
+    Tail { tail: BlockKey, blocks: u32 },
+}
+
+impl Chain {
+    /// Blocks the caller says the chain has.
+    pub fn len(&self) -> usize {
+        match self {
+            Chain::Keys(k) => k.len(),
+            Chain::Tail { blocks, .. } => *blocks as usize,
+        }
+    }
+
+    /// Never: a chain has at least one block.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The dtype of an Attend call's queries and outputs on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl IoDtype {
+    /// `v` as this dtype's little-endian bytes, rounded to nearest even;
+    /// empty for F32 (the values go as f32 themselves).
+    pub fn pack(self, v: &[f32]) -> bytes::Bytes {
+        let bits = |f: fn(f32) -> u16| -> bytes::Bytes {
+            v.iter().flat_map(|&x| f(x).to_le_bytes()).collect()
+        };
+        match self {
+            IoDtype::F32 => bytes::Bytes::new(),
+            IoDtype::F16 => bits(|x| half::f16::from_f32(x).to_bits()),
+            IoDtype::Bf16 => bits(|x| half::bf16::from_f32(x).to_bits()),
+        }
+    }
+
+    /// Little-endian values of this 2-byte dtype as f32 (a trailing odd
+    /// byte is ignored: callers check the length); empty for F32.
+    pub fn unpack(self, b: &[u8]) -> Vec<f32> {
+        let bits = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        match self {
+            IoDtype::F32 => Vec::new(),
+            IoDtype::F16 => bits.map(|x| half::f16::from_bits(x).to_f32()).collect(),
+            IoDtype::Bf16 => bits.map(|x| half::bf16::from_bits(x).to_f32()).collect(),
+        }
+    }
+}
+
 /// One sequence of an Attend call.
 #[derive(Debug, Clone)]
 pub struct AttendSeq {
-    pub keys: Vec<BlockKey>,
+    pub chain: Chain,
     /// Tokens of the last key's block to attend (None: all it holds).
     pub last_block_tokens: Option<u32>,
     /// `[heads][head_dim]`, every value finite; the shape is checked
@@ -512,6 +571,8 @@ pub struct AttendReq {
     pub sparf_joint_heads: bool,
     /// RETRIEVAL: top-k per query head and candidate list.
     pub retrieval: RetrievalParams,
+    /// Queries came, and outputs go, in this dtype.
+    pub io_dtype: IoDtype,
 }
 
 impl TryFrom<pb::AttendRequest> for AttendReq {
@@ -598,25 +659,32 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
         }
         let retrieval =
             RetrievalParams::new("retrieval_k", r.retrieval_k, "retrieval_ef", r.retrieval_ef)?;
+        let io_dtype = match pb::Dtype::try_from(r.io_dtype) {
+            Ok(pb::Dtype::Unspecified | pb::Dtype::F32) => IoDtype::F32,
+            Ok(pb::Dtype::F16) => IoDtype::F16,
+            Ok(pb::Dtype::Bf16) => IoDtype::Bf16,
+            Ok(pb::Dtype::Fp8E4m3) => {
+                return Err(FieldError::new(
+                    "io_dtype",
+                    "FP8_E4M3 is not an Attend wire dtype; F32, F16 or BF16",
+                ));
+            }
+            Err(_) => {
+                return Err(FieldError::new(
+                    "io_dtype",
+                    format!("unknown value {}", r.io_dtype),
+                ));
+            }
+        };
         let mut sequences = Vec::with_capacity(r.sequences.len());
         for (i, s) in r.sequences.into_iter().enumerate() {
-            let keys = keys(&format!("sequences[{i}].keys"), &s.keys)?;
-            if s.queries.is_empty() {
-                return Err(FieldError::new(
-                    format!("sequences[{i}].queries"),
-                    "is empty; [num_q_heads][head_dim] f32 values are required",
-                ));
-            }
-            if let Some(j) = s.queries.iter().position(|x| !x.is_finite()) {
-                return Err(FieldError::new(
-                    format!("sequences[{i}].queries[{j}]"),
-                    format!("{} is not a finite number", s.queries[j]),
-                ));
-            }
+            let f = |name: &str| format!("sequences[{i}].{name}");
+            let chain = attend_chain(&s, &f)?;
+            let queries = attend_queries(&s, io_dtype, &f)?;
             sequences.push(AttendSeq {
-                keys,
+                chain,
                 last_block_tokens: (s.last_block_tokens != 0).then_some(s.last_block_tokens),
-                queries: s.queries,
+                queries,
             });
         }
         Ok(AttendReq {
@@ -632,8 +700,100 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             sparf_mean_correction: r.sparf_mean_correction,
             sparf_joint_heads: r.sparf_joint_heads,
             retrieval,
+            io_dtype,
         })
     }
+}
+
+/// A sequence's chain: its keys, or its tail and length.
+fn attend_chain(s: &pb::AttendSequence, f: &dyn Fn(&str) -> String) -> Result<Chain, FieldError> {
+    match (s.keys.is_empty(), s.chain_tail.is_empty()) {
+        (false, false) => Err(FieldError::new(
+            f("chain_tail"),
+            "give keys or chain_tail, not both",
+        )),
+        (false, true) => {
+            if s.chain_blocks != 0 {
+                return Err(FieldError::new(
+                    f("chain_blocks"),
+                    "goes with chain_tail; with keys the chain is as long as they are",
+                ));
+            }
+            Ok(Chain::Keys(keys(&f("keys"), &s.keys)?))
+        }
+        (true, false) => {
+            if s.chain_blocks == 0 {
+                return Err(FieldError::new(
+                    f("chain_blocks"),
+                    "is required with chain_tail: the number of blocks of the chain it ends",
+                ));
+            }
+            Ok(Chain::Tail {
+                tail: key(&f("chain_tail"), &s.chain_tail)?,
+                blocks: s.chain_blocks,
+            })
+        }
+        (true, true) => Err(FieldError::new(
+            f("keys"),
+            "at least one key is required (or chain_tail with chain_blocks)",
+        )),
+    }
+}
+
+/// A sequence's queries as f32, from `queries` or `queries_packed` as
+/// `io` says; every value finite.
+fn attend_queries(
+    s: &pb::AttendSequence,
+    io: IoDtype,
+    f: &dyn Fn(&str) -> String,
+) -> Result<Vec<f32>, FieldError> {
+    let q = match io {
+        IoDtype::F32 => {
+            if !s.queries_packed.is_empty() {
+                return Err(FieldError::new(
+                    f("queries_packed"),
+                    "is for io_dtype F16 or BF16; with F32 give queries",
+                ));
+            }
+            if s.queries.is_empty() {
+                return Err(FieldError::new(
+                    f("queries"),
+                    "is empty; [num_q_heads][head_dim] f32 values are required",
+                ));
+            }
+            s.queries.clone()
+        }
+        IoDtype::F16 | IoDtype::Bf16 => {
+            if !s.queries.is_empty() {
+                return Err(FieldError::new(
+                    f("queries"),
+                    "is for io_dtype F32; with F16 or BF16 give queries_packed",
+                ));
+            }
+            let b = &s.queries_packed;
+            if b.is_empty() || !b.len().is_multiple_of(2) {
+                return Err(FieldError::new(
+                    f("queries_packed"),
+                    format!(
+                        "{} bytes are not [num_q_heads][head_dim] 2-byte values",
+                        b.len()
+                    ),
+                ));
+            }
+            io.unpack(b)
+        }
+    };
+    if let Some(j) = q.iter().position(|x| !x.is_finite()) {
+        let name = match io {
+            IoDtype::F32 => "queries",
+            _ => "queries_packed",
+        };
+        return Err(FieldError::new(
+            f(&format!("{name}[{j}]")),
+            format!("{} is not a finite number", q[j]),
+        ));
+    }
+    Ok(q)
 }
 
 // ---- retrieval ------------------------------------------------------------
@@ -818,6 +978,7 @@ mod tests {
             keys,
             last_block_tokens: 0,
             queries,
+            ..Default::default()
         };
         let good = || pb::AttendRequest {
             namespace_id: 1,
@@ -935,6 +1096,96 @@ mod tests {
         })
         .unwrap();
         assert_eq!(r.budget, Budget::Bytes(4096));
+    }
+
+    /// A chain is its keys or its tail with a length, never both or
+    /// neither; queries come as f32 or packed as io_dtype says, and
+    /// packing rounds to the nearest value of the dtype.
+    #[test]
+    fn attend_chains_by_tail_and_packed_queries() {
+        let seq = |tail: &[u8], blocks: u32| pb::AttendSequence {
+            chain_tail: tail.to_vec().into(),
+            chain_blocks: blocks,
+            queries: vec![0.5; 4],
+            ..Default::default()
+        };
+        let req = |s: pb::AttendSequence, io: pb::Dtype| pb::AttendRequest {
+            namespace_id: 1,
+            mode: pb::AttendMode::Dense as i32,
+            sequences: vec![s],
+            io_dtype: io as i32,
+            ..Default::default()
+        };
+        let r = AttendReq::try_from(req(seq(&[7], 2048), pb::Dtype::Unspecified)).unwrap();
+        let tail = BlockKey::new(&[7]).unwrap();
+        assert_eq!(r.sequences[0].chain, Chain::Tail { tail, blocks: 2048 });
+        assert_eq!(r.sequences[0].chain.len(), 2048);
+        assert_eq!(r.io_dtype, IoDtype::F32);
+        let field = |r: pb::AttendRequest| AttendReq::try_from(r).unwrap_err().field;
+        let f32_req = |s| req(s, pb::Dtype::F32);
+        assert_eq!(field(f32_req(seq(&[7], 0))), "sequences[0].chain_blocks");
+        assert_eq!(field(f32_req(seq(&[0; 40], 3))), "sequences[0].chain_tail");
+        assert_eq!(field(f32_req(seq(&[], 0))), "sequences[0].keys");
+        let both = pb::AttendSequence {
+            keys: vec![vec![1u8].into()],
+            ..seq(&[7], 3)
+        };
+        assert_eq!(field(f32_req(both)), "sequences[0].chain_tail");
+        let keys_with_count = pb::AttendSequence {
+            keys: vec![vec![1u8].into()],
+            ..seq(&[], 3)
+        };
+        assert_eq!(field(f32_req(keys_with_count)), "sequences[0].chain_blocks");
+
+        // Packed queries: f16 and bf16 values come back exactly.
+        let vals = [0.5f32, -2.25, 1.0e-3, 3.0e4];
+        for (io, pio) in [
+            (IoDtype::F16, pb::Dtype::F16),
+            (IoDtype::Bf16, pb::Dtype::Bf16),
+        ] {
+            let packed = io.pack(&vals);
+            assert_eq!(packed.len(), 8);
+            let back = io.unpack(&packed);
+            for (a, b) in vals.iter().zip(&back) {
+                assert!((a - b).abs() <= a.abs() * 4e-3, "{io:?}: {a} -> {b}");
+            }
+            assert_eq!(
+                io.pack(&back),
+                packed,
+                "{io:?}: a packed value packs to itself"
+            );
+            let s = pb::AttendSequence {
+                queries: vec![],
+                queries_packed: packed.clone(),
+                ..seq(&[7], 1)
+            };
+            let r = AttendReq::try_from(req(s.clone(), pio)).unwrap();
+            assert_eq!(r.sequences[0].queries, back);
+            assert_eq!(r.io_dtype, io);
+            // f32 queries with a packed dtype, packed ones with f32, an odd
+            // length, a non-finite value: each named.
+            let f32_too = pb::AttendSequence {
+                queries: vec![1.0],
+                ..s.clone()
+            };
+            assert_eq!(field(req(f32_too, pio)), "sequences[0].queries");
+            assert_eq!(
+                field(req(s.clone(), pb::Dtype::F32)),
+                "sequences[0].queries_packed"
+            );
+            let odd = pb::AttendSequence {
+                queries_packed: packed.slice(..3),
+                ..s.clone()
+            };
+            assert_eq!(field(req(odd, pio)), "sequences[0].queries_packed");
+            let inf = pb::AttendSequence {
+                queries_packed: io.pack(&[1.0, f32::INFINITY]),
+                ..s.clone()
+            };
+            assert_eq!(field(req(inf, pio)), "sequences[0].queries_packed[1]");
+        }
+        assert_eq!(field(req(seq(&[7], 1), pb::Dtype::Fp8E4m3)), "io_dtype");
+        assert_eq!(IoDtype::F32.pack(&vals), bytes::Bytes::new());
     }
 
     #[test]
@@ -1108,6 +1359,7 @@ mod tests {
                 keys: vec![vec![1u8].into()],
                 last_block_tokens: 0,
                 queries: vec![0.5; 4],
+                ..Default::default()
             }],
             retrieval_k: k,
             ..Default::default()

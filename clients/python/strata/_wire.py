@@ -159,20 +159,55 @@ def event_batch(b: pb.KvEventBatch) -> EventBatch:
                       last_seq=b.last_seq)
 
 
+_IO_DTYPES = {None: pb.DTYPE_UNSPECIFIED, "f32": pb.DTYPE_F32, "float32": pb.DTYPE_F32,
+              "f16": pb.DTYPE_F16, "float16": pb.DTYPE_F16, "bf16": pb.DTYPE_BF16,
+              "bfloat16": pb.DTYPE_BF16}
+
+
+def io_dtype(name) -> int:
+    """The Attend wire dtype of queries and outputs: None/"f32", "f16",
+    "bf16"."""
+    try:
+        return _IO_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"io_dtype {name!r}: one of None, 'f32', 'f16', 'bf16'") from None
+
+
+def pack(x, io: int) -> bytes:
+    """float values as little-endian f16 or bf16 (round to nearest even)."""
+    if io == pb.DTYPE_F16:
+        return np.ascontiguousarray(x, dtype="<f2").tobytes()
+    u = np.ascontiguousarray(x, dtype="<f4").reshape(-1).view("<u4").astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def unpack(b: bytes, io: int) -> "np.ndarray":
+    """Little-endian f16 or bf16 values as float32."""
+    if io == pb.DTYPE_F16:
+        return np.frombuffer(b, dtype="<f2").astype(np.float32)
+    return (np.frombuffer(b, dtype="<u2").astype("<u4") << 16).view("<f4").astype(np.float32)
+
+
 def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget_bytes,
                    sparf_channels, sparf_tokens, retrieval_k=None,
                    retrieval_ef=None, sparf_by_token: bool = False,
                    sparf_mean_correction: bool = False,
-                   sparf_joint_heads: bool = False) -> pb.AttendRequest:
+                   sparf_joint_heads: bool = False, io=None) -> pb.AttendRequest:
     """The Attend request. ``sequences``: :class:`AttendSequence` s or
-    ``(keys, queries[, last_block_tokens])`` tuples."""
+    ``(keys, queries[, last_block_tokens])`` tuples. ``io``: the wire
+    dtype of queries and outputs (see :func:`io_dtype`)."""
+    io = io_dtype(io)
     seqs = []
     for s in sequences:
         if not isinstance(s, AttendSequence):
             s = AttendSequence(*s)
-        q = np.ascontiguousarray(s.queries, dtype=np.float32).reshape(-1)
-        seqs.append(pb.AttendSequence(keys=keys_list(s.keys), queries=q.tolist(),
-                                      last_block_tokens=s.last_block_tokens or 0))
+        chain = {"keys": keys_list(s.keys)} if s.keys is not None else {
+            "chain_tail": bytes(s.chain_tail or b""), "chain_blocks": int(s.chain_blocks)}
+        if io in (pb.DTYPE_F16, pb.DTYPE_BF16):
+            q = {"queries_packed": pack(s.queries, io)}
+        else:
+            q = {"queries": np.ascontiguousarray(s.queries, dtype=np.float32).reshape(-1).tolist()}
+        seqs.append(pb.AttendSequence(last_block_tokens=s.last_block_tokens or 0, **chain, **q))
     return pb.AttendRequest(
         namespace_id=ns_id(ns), layer=int(layer), mode=int(AttendMode.parse(mode)),
         scale=float(scale or 0.0), sequences=seqs, budget_tokens=int(budget_tokens or 0),
@@ -180,23 +215,30 @@ def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget
         sparf_tokens=int(sparf_tokens or 0), retrieval_k=int(retrieval_k or 0),
         retrieval_ef=int(retrieval_ef or 0), sparf_by_token=bool(sparf_by_token),
         sparf_mean_correction=bool(sparf_mean_correction),
-        sparf_joint_heads=bool(sparf_joint_heads))
+        sparf_joint_heads=bool(sparf_joint_heads), io_dtype=io)
 
 
 def _ranges(rs) -> list[tuple[int, int]]:
     return [(r.start, r.end) for r in rs]
 
 
-def attend_results(r: pb.AttendResponse, asked: int) -> list[AttendResult]:
+def attend_results(r: pb.AttendResponse, asked: int, io=None) -> list[AttendResult]:
     if len(r.results) != asked:
         raise DataLoss(f"Attend: {len(r.results)} results for {asked} sequences")
+    io = io_dtype(io)
     out = []
     for x in r.results:
         heads = len(x.lse)
-        if heads == 0 or len(x.o) % heads:
-            raise DataLoss(f"Attend: {len(x.o)} outputs for {heads} heads")
+        if io in (pb.DTYPE_F16, pb.DTYPE_BF16):
+            if len(x.o) or len(x.o_packed) % 2:
+                raise DataLoss(f"Attend: {len(x.o_packed)} packed output bytes for a 2-byte dtype")
+            o = unpack(x.o_packed, io)
+        else:
+            o = np.asarray(x.o, dtype=np.float32)
+        if heads == 0 or len(o) % heads:
+            raise DataLoss(f"Attend: {len(o)} outputs for {heads} heads")
         out.append(AttendResult(
-            o=np.asarray(x.o, dtype=np.float32).reshape(heads, len(x.o) // heads),
+            o=o.reshape(heads, len(o) // heads),
             lse=np.asarray(x.lse, dtype=np.float32),
             keys_present=x.keys_present, tokens_present=x.tokens_present,
             covered=_ranges(x.covered),

@@ -120,7 +120,8 @@ class Client:
                sparf_tokens: int | None = None, retrieval_k: int | None = None,
                retrieval_ef: int | None = None, sparf_by_token: bool = False,
                sparf_mean_correction: bool = False,
-               sparf_joint_heads: bool = False) -> list[AttendResult]:
+               sparf_joint_heads: bool = False,
+               io_dtype: str | None = None) -> list[AttendResult]:
         """Attention near the data: for one ``layer`` and each sequence (an
         :class:`~strata.types.AttendSequence`, or ``(keys, queries[,
         last_block_tokens])`` with queries ``(heads, head_dim)``), the
@@ -139,12 +140,17 @@ class Client:
         each answer with the engine's own part with
         :meth:`~strata.types.AttendResult.merged` (or
         :func:`strata.merge.merge`); a mean-corrected answer is not a
-        partial and is never merged."""
+        partial and is never merged. ``io_dtype``: ``"f16"`` or ``"bf16"``
+        sends the queries and gets ``o`` back in that dtype, half the
+        bytes each way (``o`` is returned as float32 all the same; ``lse``
+        is always float32); None: float32. A sequence may name its chain
+        by its tail (:meth:`~strata.types.AttendSequence.tail`)."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
                                    sparf_channels, sparf_tokens, retrieval_k, retrieval_ef,
-                                   sparf_by_token, sparf_mean_correction, sparf_joint_heads)
-        return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs))
+                                   sparf_by_token, sparf_mean_correction, sparf_joint_heads,
+                                   io_dtype)
+        return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs), io_dtype)
 
     def build_index(self, ns: "Namespace | int", keys: Iterable[bytes], layers=None, *,
                     training=None, wait: bool = False, kv_heads=None) -> BuildIndexResult:

@@ -237,11 +237,24 @@ class AttendSequence:
     """One sequence of an Attend call: the block keys of the prefix the
     daemon should cover (chain order) and the queries, ``(heads, head_dim)``
     float32 with ``heads`` a multiple of the layout's KV heads.
-    ``last_block_tokens`` cuts the last key's block (None: all it holds)."""
+    ``last_block_tokens`` cuts the last key's block (None: all it holds).
 
-    keys: list
+    Instead of every key, :meth:`tail` names the chain by its last key and
+    its length in blocks; the daemon follows the parent links back to the
+    root (32 bytes on the wire instead of 2,048 keys at 32K tokens). Such a
+    chain always starts at its root; when a block of it is gone the daemon
+    answers with no prefix (``keys_present`` 0): send the keys then."""
+
+    keys: list | None
     queries: "np.ndarray"
     last_block_tokens: int | None = None
+    chain_tail: bytes | None = None
+    chain_blocks: int = 0
+
+    @classmethod
+    def tail(cls, tail: bytes, blocks: int, queries, last_block_tokens: int | None = None):
+        """The chain of ``blocks`` blocks that ends at key ``tail``."""
+        return cls(None, queries, last_block_tokens, bytes(tail), int(blocks))
 
 
 @dataclass(frozen=True)

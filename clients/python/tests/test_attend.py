@@ -254,3 +254,42 @@ def test_sparf_joint_heads(daemon):
         with pytest.raises(strata.InvalidArgument) as e:
             c.attend(ns, [(keys, q)], 1, "sparse", sparf_joint_heads=True)
         assert e.value.message.startswith("sparf_joint_heads: only SPARF")
+
+
+def test_attend_by_tail_and_packed_io(daemon):
+    """A chain named by its tail answers as its keys; f16/bf16 queries and
+    outputs on the wire give the float32 answer to the same (rounded)
+    queries, rounded once."""
+    from strata import _wire
+    from strata.v1 import strata_pb2 as pb
+    n = 512
+    k, v = kv_data(n, 11)
+    with Client(daemon.endpoint) as c:
+        ns = c.register_layout(layout("test/attend-tail"))
+        keys = put_chain(c, ns, k, v, 4, range(n // TPB))
+        q = np.random.default_rng(12).standard_normal((HEADS, D)).astype(np.float32)
+        for mode in ("dense", "sparf"):
+            [by_keys] = c.attend(ns, [AttendSequence(keys, q)], 1, mode)
+            [by_tail] = c.attend(ns, [AttendSequence.tail(keys[-1], len(keys), q)], 1, mode)
+            np.testing.assert_array_equal(by_tail.o, by_keys.o)
+            np.testing.assert_array_equal(by_tail.lse, by_keys.lse)
+            assert by_tail.keys_present == len(keys) and by_tail.covered == by_keys.covered
+        [none] = c.attend(ns, [AttendSequence.tail(b"\x09" * 9, 3, q)], 0)
+        assert none.keys_present == 0 and np.isneginf(none.lse).all()
+        with pytest.raises(strata.InvalidArgument) as e:
+            c.attend(ns, [AttendSequence.tail(keys[-1], len(keys) + 1, q)], 0)
+        assert e.value.message.startswith("sequences[0].chain_blocks: is ")
+        for io, np_io in (("f16", pb.DTYPE_F16), ("bf16", pb.DTYPE_BF16)):
+            qr = _wire.unpack(_wire.pack(q, np_io), np_io).reshape(HEADS, D)
+            [plain] = c.attend(ns, [(keys, qr)], 0)
+            [packed] = c.attend(ns, [(keys, q)], 0, io_dtype=io)
+            assert packed.o.dtype == np.float32 and packed.o.shape == (HEADS, D)
+            np.testing.assert_array_equal(packed.lse, plain.lse)
+            rounded = _wire.unpack(_wire.pack(plain.o, np_io), np_io).reshape(HEADS, D)
+            np.testing.assert_array_equal(packed.o, rounded)
+            req = _wire.attend_request(ns, [(keys, q)], 0, "dense", None, None, None, None, None,
+                                       io=io)
+            assert len(req.sequences[0].queries_packed) == 2 * HEADS * D
+            assert len(req.sequences[0].queries) == 0
+        with pytest.raises(ValueError):
+            c.attend(ns, [(keys, q)], 0, io_dtype="fp8")

@@ -18,7 +18,8 @@
 
 use std::ops::Range;
 
-use strata_proto::{BlockKey, NamespaceId, TierKind, pb};
+pub use strata_proto::convert::{Chain, IoDtype};
+use strata_proto::{NamespaceId, TierKind, pb};
 
 /// How the daemon chooses the tokens it attends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,12 +65,14 @@ pub enum SparseBudget {
     Bytes(u64),
 }
 
-/// One sequence: the block keys of the prefix the daemon covers, in chain
-/// order, and its queries `[heads][head_dim]` (heads a multiple of the
-/// layout's KV heads).
+/// One sequence: the chain of blocks the daemon covers (its keys in chain
+/// order, or [`Chain::Tail`]: the last key and the number of blocks, which
+/// the daemon follows back through the parent links the stores named; 32
+/// bytes on the wire instead of every key) and its queries
+/// `[heads][head_dim]` (heads a multiple of the layout's KV heads).
 #[derive(Debug, Clone)]
 pub struct AttendSequence {
-    pub keys: Vec<BlockKey>,
+    pub chain: Chain,
     /// Tokens of the last key's block to attend (None: all it holds).
     pub last_block_tokens: Option<u32>,
     pub queries: Vec<f32>,
@@ -83,6 +86,10 @@ pub struct AttendRequest {
     /// None: `1/sqrt(head_dim)`.
     pub scale: Option<f32>,
     pub sequences: Vec<AttendSequence>,
+    /// The dtype queries go and outputs come back in on the wire (F16 or
+    /// BF16: half the bytes each way; [`AttendOutput::o`] is f32 either
+    /// way, converted back by the client).
+    pub io_dtype: IoDtype,
 }
 
 /// What one tier gave an Attend.
@@ -209,7 +216,8 @@ pub fn merge(
     Ok(())
 }
 
-pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
+/// The request as it goes on the wire (the benchmark measures its size).
+pub fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
     let (mode, budget_tokens, budget_bytes, sparf_channels, sparf_tokens) = match r.mode {
         AttendMode::Dense => (pb::AttendMode::Dense, 0, 0, 0, 0),
         AttendMode::Sparse(b) => {
@@ -258,14 +266,33 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         sequences: r
             .sequences
             .iter()
-            .map(|s| pb::AttendSequence {
-                keys: s
-                    .keys
-                    .iter()
-                    .map(|k| bytes::Bytes::copy_from_slice(k.as_bytes()))
-                    .collect(),
-                last_block_tokens: s.last_block_tokens.unwrap_or(0),
-                queries: s.queries.clone(),
+            .map(|s| {
+                let (keys, chain_tail, chain_blocks) = match &s.chain {
+                    Chain::Keys(k) => (
+                        k.iter()
+                            .map(|k| bytes::Bytes::copy_from_slice(k.as_bytes()))
+                            .collect(),
+                        bytes::Bytes::new(),
+                        0,
+                    ),
+                    Chain::Tail { tail, blocks } => (
+                        Vec::new(),
+                        bytes::Bytes::copy_from_slice(tail.as_bytes()),
+                        *blocks,
+                    ),
+                };
+                let (queries, queries_packed) = match r.io_dtype {
+                    IoDtype::F32 => (s.queries.clone(), bytes::Bytes::new()),
+                    io => (Vec::new(), io.pack(&s.queries)),
+                };
+                pb::AttendSequence {
+                    keys,
+                    last_block_tokens: s.last_block_tokens.unwrap_or(0),
+                    queries,
+                    chain_tail,
+                    chain_blocks,
+                    queries_packed,
+                }
             })
             .collect(),
         budget_tokens,
@@ -277,6 +304,11 @@ pub(crate) fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
         sparf_by_token,
         sparf_mean_correction,
         sparf_joint_heads,
+        io_dtype: match r.io_dtype {
+            IoDtype::F32 => pb::Dtype::Unspecified,
+            IoDtype::F16 => pb::Dtype::F16,
+            IoDtype::Bf16 => pb::Dtype::Bf16,
+        } as i32,
     }
 }
 
@@ -284,7 +316,18 @@ fn ranges(r: &[pb::TokenRange]) -> Vec<Range<u64>> {
     r.iter().map(|r| r.start..r.end).collect()
 }
 
-pub(crate) fn output(r: pb::AttendResult) -> Result<AttendOutput, String> {
+/// The answer for one sequence of a request made with `io` as io_dtype.
+pub(crate) fn output(mut r: pb::AttendResult, io: IoDtype) -> Result<AttendOutput, String> {
+    if io != IoDtype::F32 {
+        if !r.o.is_empty() || !r.o_packed.len().is_multiple_of(2) {
+            return Err(format!(
+                "Attend answer with {} f32 outputs and {} packed bytes for io_dtype {io:?}",
+                r.o.len(),
+                r.o_packed.len()
+            ));
+        }
+        r.o = io.unpack(&r.o_packed);
+    }
     let heads = r.lse.len();
     if heads == 0 || !r.o.len().is_multiple_of(heads) {
         return Err(format!(
@@ -388,12 +431,15 @@ mod tests {
     #[test]
     fn a_mean_corrected_answer_is_never_merged() {
         let answer = |mean_corrected| {
-            output(pb::AttendResult {
-                o: vec![1.0, 2.0],
-                lse: vec![0.5],
-                mean_corrected,
-                ..Default::default()
-            })
+            output(
+                pb::AttendResult {
+                    o: vec![1.0, 2.0],
+                    lse: vec![0.5],
+                    mean_corrected,
+                    ..Default::default()
+                },
+                IoDtype::F32,
+            )
             .unwrap()
         };
         let mut out = answer(true);

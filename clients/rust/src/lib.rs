@@ -629,7 +629,7 @@ impl Client {
         }
         r.results
             .into_iter()
-            .map(|x| attend::output(x).map_err(Error::Protocol))
+            .map(|x| attend::output(x, req.io_dtype).map_err(Error::Protocol))
             .collect()
     }
 }

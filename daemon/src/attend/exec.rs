@@ -25,7 +25,7 @@ use strata_kernels::sparf::{
     sparf_scores_head_with_heads, top_channels,
 };
 use strata_kernels::topk::top_k;
-use strata_proto::convert::{AttendMode, AttendReq, Budget};
+use strata_proto::convert::{AttendMode, AttendReq, Budget, Chain, IoDtype};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
 use tokio::sync::Semaphore;
 
@@ -113,7 +113,7 @@ impl AttendCtx {
 /// One sequence of a checked request.
 #[derive(Debug, Clone)]
 pub struct SeqIn {
-    pub keys: Vec<strata_proto::BlockKey>,
+    pub chain: Chain,
     pub last_block_tokens: Option<u32>,
     /// `[heads][head_dim]`.
     pub q: Vec<f32>,
@@ -137,6 +137,8 @@ pub struct Checked {
     pub sparf_mean_correction: bool,
     /// SPARF: one choice of tokens for the layer across KV heads.
     pub sparf_joint_heads: bool,
+    /// The dtype the outputs go back in (the queries were converted).
+    pub io_dtype: IoDtype,
     pub seqs: Vec<SeqIn>,
 }
 
@@ -225,7 +227,7 @@ pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Chec
             ));
         }
         seqs.push(SeqIn {
-            keys: s.keys,
+            chain: s.chain,
             last_block_tokens: s.last_block_tokens,
             q: s.queries,
             heads,
@@ -243,6 +245,7 @@ pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Chec
         sparf_by_token: req.sparf_by_token,
         sparf_mean_correction: req.sparf_mean_correction,
         sparf_joint_heads: req.sparf_joint_heads,
+        io_dtype: req.io_dtype,
         seqs,
     })
 }
@@ -289,25 +292,8 @@ pub async fn run(
 ) -> Result<Vec<SeqResult>, StoreError> {
     let req = Arc::new(req);
     let mut pins = Vec::with_capacity(req.seqs.len());
-    for (i, s) in req.seqs.iter().enumerate() {
-        let pin = store.pin_chain(req.namespace, &s.keys)?;
-        if let Some(t) = s.last_block_tokens
-            && pin.blocks.len() == s.keys.len()
-        {
-            let last = pin.blocks.last().expect("keys are never empty");
-            let held = req.geom.tokens_of(last.len).unwrap_or(0);
-            if t > held {
-                return Err(FieldError::new(
-                    format!("sequences[{i}].last_block_tokens"),
-                    format!(
-                        "{t}, but block keys[{}] holds {held} tokens",
-                        s.keys.len() - 1
-                    ),
-                )
-                .into());
-            }
-        }
-        pins.push(pin);
+    for i in 0..req.seqs.len() {
+        pins.push(pin_seq(store, &req, i)?);
     }
     let runs = pins
         .into_iter()
@@ -325,6 +311,39 @@ pub async fn run(
         store.count_reads(r.dram.bytes, r.nvme.bytes);
     }
     Ok(out)
+}
+
+/// Pins sequence `i`'s chain (from its keys, or from its tail through the
+/// parent links) and checks `last_block_tokens` against the last block
+/// when the whole chain is present.
+pub fn pin_seq(store: &Arc<Store>, req: &Checked, i: usize) -> Result<ChainPin, StoreError> {
+    let s = &req.seqs[i];
+    let pin = match &s.chain {
+        Chain::Keys(keys) => store.pin_chain(req.namespace, keys)?,
+        Chain::Tail { tail, blocks } => store.pin_tail(
+            req.namespace,
+            tail,
+            *blocks as usize,
+            &format!("sequences[{i}].chain_blocks"),
+        )?,
+    };
+    if let Some(t) = s.last_block_tokens
+        && pin.blocks.len() == s.chain.len()
+    {
+        let last = pin.blocks.last().expect("chains are never empty");
+        let held = req.geom.tokens_of(last.len).unwrap_or(0);
+        if t > held {
+            return Err(FieldError::new(
+                format!("sequences[{i}].last_block_tokens"),
+                format!(
+                    "{t}, but the chain's last block (block {}) holds {held} tokens",
+                    s.chain.len() - 1
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(pin)
 }
 
 /// Running `(o, lse)` of all query heads.
@@ -429,7 +448,7 @@ fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin) -> Seq {
         }
     }
     if cut.is_none()
-        && n == s.keys.len()
+        && n == s.chain.len()
         && let (Some(t), Some(last)) = (s.last_block_tokens, tokens.last_mut())
     {
         *last = t;
@@ -499,8 +518,9 @@ impl ChainReader {
             sparf_by_token: false,
             sparf_mean_correction: false,
             sparf_joint_heads: false,
+            io_dtype: IoDtype::F32,
             seqs: vec![SeqIn {
-                keys: Vec::new(),
+                chain: Chain::Keys(Vec::new()),
                 last_block_tokens: None,
                 q: if q.is_empty() {
                     vec![0.0; heads * d]

@@ -460,7 +460,9 @@ async fn attend_dense(
     layer: u32,
     q: &[f32],
 ) -> super::exec::SeqResult {
-    use strata_proto::convert::{AttendMode, AttendReq, AttendSeq, Budget, RetrievalParams};
+    use strata_proto::convert::{
+        AttendMode, AttendReq, AttendSeq, Budget, Chain, IoDtype, RetrievalParams,
+    };
     let cfg = super::AttendConfig::default();
     let req = AttendReq {
         namespace: l.namespace_id(),
@@ -468,7 +470,7 @@ async fn attend_dense(
         mode: AttendMode::Dense,
         scale: None,
         sequences: vec![AttendSeq {
-            keys: keys.to_vec(),
+            chain: Chain::Keys(keys.to_vec()),
             last_block_tokens: None,
             queries: q.to_vec(),
         }],
@@ -478,6 +480,7 @@ async fn attend_dense(
         sparf_by_token: false,
         sparf_mean_correction: false,
         sparf_joint_heads: false,
+        io_dtype: IoDtype::F32,
         retrieval: RetrievalParams::default(),
     };
     let checked = super::exec::check(req, l, &cfg).unwrap();

@@ -54,7 +54,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::attend::Geom;
 use crate::attend::exec::{AttendCtx, ChainReader, SeqResult};
 use crate::metrics::Registry as MetricsRegistry;
-use crate::store::{Store, StoreError};
+use crate::store::{ChainPin, Store, StoreError};
 
 pub mod auto;
 #[cfg(test)]
@@ -931,15 +931,17 @@ impl Registry {
         layout: &Layout,
         layer: u32,
         scale: f32,
-        keys: &[BlockKey],
+        pin: ChainPin,
         q: Vec<f32>,
         params: RetrievalParams,
     ) -> Result<AttendAnswer, StoreError> {
         let geom = check_layout(layout, layer, "layer")?;
-        let pin = self.store.pin_chain(ns, keys)?;
+        // The pinned prefix's keys find the chain's indexes (an index never
+        // covers blocks past the present prefix; see `catch_up`).
+        let keys: Vec<BlockKey> = pin.blocks.iter().map(|b| b.key).collect();
         let reader = ChainReader::new(ns, geom, layer, scale, q.clone(), pin);
         let (reader, sel) = self
-            .select(ns, geom, layer, keys, &q, params, reader)
+            .select(ns, geom, layer, &keys, &q, params, reader)
             .await?;
         let kv = geom.kv_heads as usize;
         let heads = sel.ids.len();

@@ -9,7 +9,7 @@ use strata_proto::{Layout, NamespaceId, pb};
 use tonic::{Request, Response, Status};
 
 use super::service::{StrataService, attend_result};
-use crate::attend::exec::Checked;
+use crate::attend::exec::{self, Checked};
 use crate::metrics::{MethodMetrics, ServerMetrics};
 use crate::retrieval::{Registry, Source, State};
 use crate::store::StoreError;
@@ -167,7 +167,8 @@ impl StrataService {
                 )));
             }
         }
-        for s in checked.seqs {
+        for i in 0..checked.seqs.len() {
+            let pin = exec::pin_seq(&self.store, &checked, i)?;
             let a = rpc
                 .registry
                 .attend(
@@ -175,12 +176,12 @@ impl StrataService {
                     layout,
                     checked.layer,
                     checked.scale,
-                    &s.keys,
-                    s.q,
+                    pin,
+                    checked.seqs[i].q.clone(),
                     params,
                 )
                 .await?;
-            let mut r = attend_result(a.result);
+            let mut r = attend_result(a.result, checked.io_dtype);
             r.retrieval_source = a.source.into_iter().map(|s| source_pb(s) as i32).collect();
             r.retrieval_scanned = a.scanned;
             results.push(r);

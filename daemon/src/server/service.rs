@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use strata_proto::convert::{
-    AttendReq, CommitReq, DeleteReq, GetReq, GetSlotsReq, LookupReq, PutHeader, ReleaseReq,
-    ReserveReq, SubscribeReq,
+    AttendReq, CommitReq, DeleteReq, GetReq, GetSlotsReq, IoDtype, LookupReq, PutHeader,
+    ReleaseReq, ReserveReq, SubscribeReq,
 };
 use strata_proto::{FieldError, Layout, NamespaceId, ReservationId, pb};
 use tokio::sync::mpsc;
@@ -200,7 +200,7 @@ fn ranges(r: &[std::ops::Range<u64>]) -> Vec<pb::TokenRange> {
         .collect()
 }
 
-pub(super) fn attend_result(r: SeqResult) -> pb::AttendResult {
+pub(super) fn attend_result(r: SeqResult, io: IoDtype) -> pb::AttendResult {
     let mut reads = Vec::new();
     for (tier, t) in [(pb::Tier::Dram, r.dram), (pb::Tier::Nvme, r.nvme)] {
         if t.blocks > 0 || t.bytes > 0 {
@@ -222,7 +222,8 @@ pub(super) fn attend_result(r: SeqResult) -> pb::AttendResult {
                 ranges: ranges(c),
             })
             .collect(),
-        o: r.o,
+        o_packed: io.pack(&r.o),
+        o: if io == IoDtype::F32 { r.o } else { Vec::new() },
         lse: r.lse,
         keys_present: r.keys_present,
         tokens_present: r.tokens_present,
@@ -771,7 +772,13 @@ impl StrataService {
     ) -> Result<Response<pb::AttendResponse>, Status> {
         let who = self.auth.identify(&req)?;
         let raw = req.into_inner();
-        let keys: usize = raw.sequences.iter().map(|s| s.keys.len()).sum();
+        // A chain given by its tail counts its blocks: the daemon walks
+        // them under the store's lock.
+        let keys: usize = raw
+            .sequences
+            .iter()
+            .map(|s| s.keys.len() + s.chain_blocks as usize)
+            .sum();
         self.limits.keys("sequences", keys)?;
         let q = AttendReq::try_from(raw)?;
         self.own(&who, q.namespace)?;
@@ -789,9 +796,10 @@ impl StrataService {
         if checked.mode == strata_proto::convert::AttendMode::Retrieval {
             return self.attend_retrieval(checked, &layout, retrieval).await;
         }
+        let io = checked.io_dtype;
         let results = exec::run(&self.attend, &self.store, checked).await?;
         Ok(Response::new(pb::AttendResponse {
-            results: results.into_iter().map(attend_result).collect(),
+            results: results.into_iter().map(|r| attend_result(r, io)).collect(),
         }))
     }
 

@@ -91,11 +91,17 @@ pub struct Meta {
     pub nvme_loc: u64,
     /// Sequence number of the NVMe record (newest wins at recovery).
     pub seq: u64,
-    /// Parent block, when it was present at publish time.
+    /// Parent block, when it was present at publish time (or linked at
+    /// recovery); [`NO_PARENT`] otherwise.
     pub parent: BlockRef,
+    /// [`Index::key_hash`] of the parent key its store named; 0 for a root
+    /// (stored without a parent). Follows a chain back where `parent` no
+    /// longer resolves: the parent was absent at publish, or evicted and
+    /// stored again since (see [`Index::find_hashed`]).
+    pub parent_hash: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<Meta>() == 104);
+const _: () = assert!(std::mem::size_of::<Meta>() == 112);
 
 impl Meta {
     pub fn is_doomed(&self) -> bool {
@@ -158,6 +164,7 @@ fn empty_meta() -> Meta {
         nvme_loc: 0,
         seq: 0,
         parent: NO_PARENT,
+        parent_hash: 0,
     }
 }
 
@@ -209,6 +216,26 @@ impl Index {
             .find(hash(ns, key), |&id| {
                 let m = slot(chunks, id);
                 m.ns == ns && m.key == *key
+            })
+            .copied()
+    }
+
+    /// The hash the table files `(ns, key)` under (what a child keeps of
+    /// its parent's key, [`Meta::parent_hash`]).
+    pub fn key_hash(ns: u32, key: &BlockKey) -> u64 {
+        hash(ns, key)
+    }
+
+    /// A block of namespace `ns` whose key hashes to `h`
+    /// ([`Index::key_hash`]): the parent a child named, found without its
+    /// key. Two keys of one namespace with the same 64-bit hash are taken
+    /// as the same (odds 2^-64 per pair, as for the table itself).
+    pub fn find_hashed(&self, ns: u32, h: u64) -> Option<BlockId> {
+        let chunks = &self.chunks;
+        self.table
+            .find(h, |&id| {
+                let m = slot(chunks, id);
+                m.ns == ns && hash(m.ns, &m.key) == h
             })
             .copied()
     }

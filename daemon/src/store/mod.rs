@@ -887,6 +887,75 @@ impl Store {
         }
         let mut ids = Vec::with_capacity(keys.len());
         g.index.find_run(o, keys, &mut ids);
+        Ok(self.pin_ids(g, ns, ids))
+    }
+
+    /// Pins the chain that ends at `tail` and is `n` blocks long, found by
+    /// following the parent links back to its root (Attend's
+    /// `chain_tail`), for an Attend read: its leading run of blocks that
+    /// are not doomed, as [`Store::pin_chain`] pins from the keys. Nothing
+    /// is pinned when the tail is absent or a link on the way no longer
+    /// resolves (the chain's head cannot be known). A stored chain of
+    /// another length is an error naming `field`: the caller's chain and
+    /// the stored one differ. The walk holds the lock for at most `n`
+    /// steps (the caller bounds `n`).
+    pub fn pin_tail(
+        self: &Arc<Self>,
+        ns: NamespaceId,
+        tail: &BlockKey,
+        n: usize,
+        field: &str,
+    ) -> Result<ChainPin, StoreError> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let o = ns_ord(g, ns)?;
+        if g.ns_table[o as usize].layout.is_none() {
+            return Err(StoreError::LayoutNotRegistered(ns));
+        }
+        let mut ids = Vec::with_capacity(n);
+        let mut at = g.index.find(o, tail);
+        while let Some(id) = at {
+            ids.push(id);
+            at = match up(g, id) {
+                Up::Root => break,
+                Up::Block(p) => Some(p),
+                Up::Lost => {
+                    ids.clear();
+                    None
+                }
+            };
+            if at.is_some() && ids.len() == n {
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "is {n}, but the chain stored up to chain_tail is longer (its block {n} from the end has a parent); give the chain's length in blocks"
+                    ),
+                )
+                .into());
+            }
+        }
+        if !ids.is_empty() && ids.len() < n {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "is {n}, but the chain stored up to chain_tail has {} blocks (its root, a block stored without a parent, comes sooner)",
+                    ids.len()
+                ),
+            )
+            .into());
+        }
+        ids.reverse();
+        let lead = ids
+            .iter()
+            .position(|&id| g.index.get(id).is_doomed())
+            .unwrap_or(ids.len());
+        ids.truncate(lead);
+        Ok(self.pin_ids(g, ns, ids))
+    }
+
+    /// Pins `ids` (a chain, root first) and says where each block's copies
+    /// are. Touches every pinned block (an access, as for Get).
+    fn pin_ids(self: &Arc<Self>, g: &mut Inner, ns: NamespaceId, ids: Vec<BlockId>) -> ChainPin {
         let mut blocks = Vec::with_capacity(ids.len());
         for id in ids {
             pin(g, self.granule, id);
@@ -920,18 +989,18 @@ impl Store {
                 },
             });
         }
-        Ok(ChainPin {
+        ChainPin {
             store: self.clone(),
             blocks,
-        })
+        }
     }
 
     /// The chain that ends at `tail`, root first: each block's key and
-    /// length, following the parent links resolved at publish. None when
-    /// `tail` is not stored (or doomed), when a link no longer resolves or
-    /// reaches a doomed block (the chain is broken: its head is gone), or
-    /// when the chain is longer than `max_blocks` (the walk holds the lock:
-    /// bounded). Touches nothing.
+    /// length, following the parents (see [`up`]). None when `tail` is not
+    /// stored (or doomed), when a parent is not stored or is doomed (the
+    /// chain is broken: its head is gone), or when the chain is longer
+    /// than `max_blocks` (the walk holds the lock: bounded). Touches
+    /// nothing.
     pub fn chain_to(
         &self,
         ns: NamespaceId,
@@ -940,17 +1009,19 @@ impl Store {
     ) -> Option<Vec<(BlockKey, u64)>> {
         let g = self.lock();
         let o = ns_ord(&g, ns).ok()?;
-        let mut m = g.index.get(g.index.find(o, tail)?);
+        let mut id = g.index.find(o, tail)?;
         let mut out = Vec::new();
         loop {
+            let m = g.index.get(id);
             if m.is_doomed() || out.len() >= max_blocks {
                 return None;
             }
             out.push((m.key, m.len as u64));
-            if m.parent == NO_PARENT {
-                break;
-            }
-            m = g.index.resolve(m.parent)?;
+            id = match up(&g, id) {
+                Up::Root => break,
+                Up::Block(p) => p,
+                Up::Lost => return None,
+            };
         }
         out.reverse();
         Some(out)
@@ -1269,6 +1340,7 @@ impl Store {
             Some(pid) => g.index.ref_of(pid),
             None => NO_PARENT,
         };
+        let parent_hash = p.parent.map_or(0, |pk| Index::key_hash(p.ns, &pk));
         g.tick += 1;
         let meta = Meta {
             key: p.key,
@@ -1285,6 +1357,7 @@ impl Store {
             nvme_loc: 0,
             seq: 0,
             parent,
+            parent_hash,
         };
         let r = g.index.insert(meta);
         let c = &mut g.ns_table[p.ns as usize].count;
@@ -2470,7 +2543,10 @@ impl Store {
                     dram_addr: 0,
                     nvme_loc: s.loc.0,
                     seq: h.seq,
+                    // Linked by key in `finish_recovery`, once every
+                    // record is in.
                     parent: NO_PARENT,
+                    parent_hash: h.parent.map_or(0, |pk| Index::key_hash(ns, &pk)),
                 });
                 set_summary(g, r.id, summary);
                 g.tiers[NVME].blocks += 1;
@@ -3092,6 +3168,32 @@ fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
     });
     g.namespaces.insert(id, ord);
     ord
+}
+
+/// Where a chain goes from a block towards its root.
+enum Up {
+    /// The block was stored without a parent.
+    Root,
+    Block(BlockId),
+    /// Its parent is not stored (any more): the chain's head is unknown.
+    Lost,
+}
+
+/// The parent of block `id`: through its link when that still resolves,
+/// else by the hash of the key its store named (the parent was absent at
+/// publish, or evicted and stored again since).
+fn up(g: &Inner, id: BlockId) -> Up {
+    let m = g.index.get(id);
+    if m.parent_hash == 0 {
+        return Up::Root;
+    }
+    if g.index.resolve(m.parent).is_some() {
+        return Up::Block(m.parent.id);
+    }
+    match g.index.find_hashed(m.ns, m.parent_hash) {
+        Some(p) => Up::Block(p),
+        None => Up::Lost,
+    }
 }
 
 fn ns_ord(g: &Inner, ns: NamespaceId) -> Result<u32, StoreError> {

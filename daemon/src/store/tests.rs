@@ -665,6 +665,88 @@ fn publish_hook_and_chain_walk() {
         keys(f.store.chain_to(f.ns, &key(2, 0), 8)),
         Some(vec![key(1, 0), key(2, 0)])
     );
+    // Stored again, the missing parent joins the chain again: the child
+    // keeps the hash of the key it named.
+    f.put(key(1, 1), Some(key(1, 0))).unwrap();
+    assert_eq!(
+        keys(f.store.chain_to(f.ns, &key(1, 2), 8)),
+        Some(vec![key(1, 0), key(1, 1), key(1, 2)])
+    );
+    // A child stored before its parent is not a root: its chain is unknown
+    // until the parent comes.
+    f.put(key(3, 1), Some(key(3, 0))).unwrap();
+    assert_eq!(
+        f.store.chain_to(f.ns, &key(3, 1), 8),
+        None,
+        "parent never stored"
+    );
+    f.put(key(3, 0), None).unwrap();
+    assert_eq!(
+        keys(f.store.chain_to(f.ns, &key(3, 1), 8)),
+        Some(vec![key(3, 0), key(3, 1)])
+    );
+    f.store.check_invariants();
+}
+
+/// `pin_tail` pins what `pin_chain` pins from the same chain's keys;
+/// nothing for an unknown chain; a chain of another length is an error
+/// naming the field, and pins nothing.
+#[test]
+fn pin_tail_follows_parents_to_the_root() {
+    let f = fixture(16, 1, StoreConfig::default());
+    for i in 0..5 {
+        f.put(key(1, i), (i > 0).then(|| key(1, i - 1))).unwrap();
+    }
+    let chain: Vec<BlockKey> = (0..5).map(|i| key(1, i)).collect();
+    let by_keys: Vec<BlockKey> = f
+        .store
+        .pin_chain(f.ns, &chain)
+        .unwrap()
+        .blocks
+        .iter()
+        .map(|b| b.key)
+        .collect();
+    let pin = f.store.pin_tail(f.ns, &key(1, 4), 5, "f").unwrap();
+    let by_tail: Vec<BlockKey> = pin.blocks.iter().map(|b| b.key).collect();
+    assert_eq!(by_tail, by_keys);
+    assert_eq!(by_tail, chain);
+    assert_eq!(pin.blocks[4].len, f.block);
+    drop(pin);
+    let prefix = f.store.pin_tail(f.ns, &key(1, 2), 3, "f").unwrap();
+    assert_eq!(prefix.blocks.len(), 3);
+    drop(prefix);
+    for n in [4, 6] {
+        let e = f
+            .store
+            .pin_tail(f.ns, &key(1, 4), n, "seq.chain_blocks")
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("seq.chain_blocks: is "),
+            "{n}: {e}"
+        );
+    }
+    assert!(
+        f.store
+            .pin_tail(f.ns, &key(9, 9), 3, "f")
+            .unwrap()
+            .blocks
+            .is_empty()
+    );
+    f.store
+        .delete(&DeleteReq {
+            namespace: f.ns,
+            keys: vec![key(1, 1)],
+        })
+        .unwrap();
+    assert!(
+        f.store
+            .pin_tail(f.ns, &key(1, 4), 5, "f")
+            .unwrap()
+            .blocks
+            .is_empty(),
+        "a missing block in the middle: the head is unknown"
+    );
+    assert_eq!(f.store.stats().tiers[0].pinned_blocks, 0);
     f.store.check_invariants();
 }
 
