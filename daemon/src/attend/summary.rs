@@ -324,6 +324,13 @@ impl<'a> SummaryView<'a> {
         u64::from_le_bytes(self.bytes[at..at + 8].try_into().expect("8 bytes"))
     }
 
+    /// Where `layer`'s K and V checksums sit (every leaf's), for a
+    /// prefetch hint before [`SummaryView::verify`] reads them.
+    pub fn layer_sums(&self, layer: u32) -> *const u8 {
+        let at = (layer * self.g.leaves()) as usize * 16;
+        self.bytes[at..].as_ptr()
+    }
+
     /// Whether `bytes`, the rows of `tensor` of `layer` over `leaves` in
     /// a block of `tokens` stored tokens ([`Geom::leaves_range`]), match
     /// every one of those leaves' checksums. The whole layer is
