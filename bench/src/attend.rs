@@ -86,7 +86,15 @@ fn int8_round_trip(x: &[f32]) -> Vec<f32> {
     for (t, o) in x.chunks(row).zip(out.chunks_mut(row)) {
         let t: Vec<f16> = t.iter().map(|&v| f16::from_f32(v)).collect();
         quant_params(&t, D, QuantBits::Int8, &mut s, &mut lo, &mut step);
-        quantize(&t, D, QuantBits::Int8, &lo, &step, &mut s, &mut codes[..t.len()]);
+        quantize(
+            &t,
+            D,
+            QuantBits::Int8,
+            &lo,
+            &step,
+            &mut s,
+            &mut codes[..t.len()],
+        );
         dequantize(&codes[..t.len()], D, QuantBits::Int8, &lo, &step, o);
     }
     out
