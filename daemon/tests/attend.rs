@@ -563,10 +563,15 @@ async fn sparf_case(sketch: bool) {
         .collect();
     assert!(chosen_blocks.len() <= KV * n / 16 / TPB);
     if sketch {
-        // Scoring read r code rows of every block and KV head from the
-        // summaries, and no K; phase 2 read K and V of the chosen blocks.
-        let r = D / 8;
-        assert_eq!(sp.abstract_bytes as usize, blocks * KV * (r * TPB + 4 * r));
+        // Ranking read the summaries and no K: both bounds of every channel
+        // of every block and KV head, and every code row of the 3 × k/16
+        // candidate blocks of each KV head (the two-stage default); phase 2
+        // read K and V of the chosen blocks.
+        let candidates = 3 * n / 16 / TPB;
+        assert_eq!(
+            sp.abstract_bytes as usize,
+            blocks * KV * 4 * D + KV * candidates * D * TPB
+        );
         assert_eq!(sp.read_blocks(TierKind::Dram) as usize, chosen_blocks.len());
         assert_eq!(
             sp.read_bytes(TierKind::Dram),
@@ -1953,6 +1958,157 @@ async fn dense_and_sparf_answers_do_not_depend_on_leaves() {
     assert!(answers[0][2].mean_corrected, "the correction was applied");
 }
 
+/// Head dimension of the §2 generator's heads.
+const D128: usize = 128;
+
+/// One §2 KV head (`strata-testdata`, the bench's seed, 4 query heads),
+/// K and V rounded to f16 as stored.
+fn section2_head(regime: strata_testdata::Regime, n: usize) -> strata_testdata::HeadData {
+    let mut cfg = strata_testdata::Config::new(regime, n, 1);
+    cfg.query_heads = 4;
+    cfg.train_queries = 0;
+    let mut h = strata_testdata::Generator::new(cfg)
+        .unwrap()
+        .generate()
+        .data;
+    let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+    round(&mut h.keys);
+    round(&mut h.values);
+    h
+}
+
+/// One layer, one KV head of d = 128, f16.
+fn section2_layout(regime: strata_testdata::Regime) -> Layout {
+    Layout {
+        model_id: format!("attend/quality/{}", regime.name()),
+        dtype: Dtype::F16,
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: D128 as u32,
+        tokens_per_block: TPB as u32,
+        kv_kind: KvKind::Separate,
+        tp_rank: 0,
+        tp_size: 1,
+        tenant_salt: vec![],
+    }
+}
+
+/// The head's blocks under `keys`, chained.
+fn section2_puts(h: &strata_testdata::HeadData, keys: &[BlockKey]) -> Vec<PutBlock> {
+    let row = TPB * D128;
+    (0..keys.len())
+        .map(|b| {
+            let mut data = Vec::with_capacity(4 * row);
+            for x in h.keys[b * row..(b + 1) * row]
+                .iter()
+                .chain(&h.values[b * row..(b + 1) * row])
+            {
+                data.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+            }
+            PutBlock {
+                key: keys[b],
+                parent: (b > 0).then(|| keys[b - 1]),
+                data: Bytes::from(data),
+            }
+        })
+        .collect()
+}
+
+/// SPARF's two-stage block choice (`compute.sparf_candidates`, the
+/// default 3) against the one-stage r-channel ranking (0), on the §2
+/// generator's heads at 4K (the bench's seed and steps, key sketches on):
+/// in both regimes it keeps at least the mass of one stage (on needle
+/// heads far more: their needles stand out in many channels, not in the
+/// r of `|q|`), reads exactly the K and V of k/16 blocks, as one stage
+/// does, and reports the summary bytes its ranking read: both bounds of
+/// every channel of every block, and every code row of 3 × k/16 candidates.
+#[tokio::test]
+async fn sparf_two_stage_keeps_more_mass_for_the_same_tier_bytes() {
+    use strata_testdata::Regime;
+    use strata_testdata::metrics::Exact;
+    const STEPS: usize = 8;
+    let two = start(|c| c.compute.key_sketch = true).await;
+    let one = start(|c| {
+        c.compute.key_sketch = true;
+        c.compute.sparf_candidates = 0;
+    })
+    .await;
+    let mut cs = [two.tcp_client().await, one.tcp_client().await];
+    let n = 4096;
+    let blocks = n / TPB;
+    let k_blocks = n / 16 / TPB;
+    let block_bytes = (2 * TPB * D128 * 2) as u64;
+    let sparf = AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token: false,
+        mean_correction: false,
+        joint_heads: false,
+    };
+    for regime in [Regime::Semantic, Regime::Needle] {
+        let h = section2_head(regime, n);
+        let keys: Vec<BlockKey> = (0..blocks).map(|b| key(9, b)).collect();
+        let puts = section2_puts(&h, &keys);
+        let mut ns = Vec::new();
+        for c in &mut cs {
+            let id = c
+                .register_layout(&section2_layout(regime))
+                .await
+                .unwrap()
+                .namespace;
+            for part in puts.chunks(256) {
+                c.put(id, part).await.unwrap();
+            }
+            ns.push(id);
+        }
+        let mut mass = [0f64; 2];
+        for s in 0..STEPS {
+            let step = s * h.steps() / STEPS;
+            let ex: Vec<Exact> = (0..h.heads)
+                .map(|g| Exact::new(h.decode_query(step, g), &h.keys, &h.values, h.scale))
+                .collect();
+            for (i, (c, &id)) in cs.iter_mut().zip(&ns).enumerate() {
+                let req = AttendRequest {
+                    namespace: id,
+                    layer: 0,
+                    mode: sparf,
+                    scale: None,
+                    sequences: vec![AttendSequence {
+                        keys: keys.clone(),
+                        last_block_tokens: None,
+                        queries: h.decode_group(step).to_vec(),
+                    }],
+                };
+                let out = attend1(c, &req).await;
+                let set: Vec<u32> = tokens_in(&out.head_covered[0])
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect();
+                assert_eq!(set.len(), n / 16, "k tokens, whole blocks");
+                assert_eq!(out.read_blocks(TierKind::Dram) as usize, k_blocks);
+                assert_eq!(
+                    out.read_bytes(TierKind::Dram),
+                    k_blocks as u64 * block_bytes
+                );
+                let summary = if i == 0 {
+                    blocks * 4 * D128 + 3 * k_blocks * D128 * TPB
+                } else {
+                    let r = D128 / 8;
+                    blocks * (r * TPB + 4 * r)
+                };
+                assert_eq!(out.abstract_bytes as usize, summary);
+                mass[i] += ex.iter().map(|e| e.mass(&set)).sum::<f64>();
+            }
+        }
+        let k = (STEPS * h.heads) as f64;
+        let (m2, m1) = (mass[0] / k, mass[1] / k);
+        println!("{}: two-stage mass {m2:.3}, one stage {m1:.3}", regime.name());
+        assert!(m2 >= m1, "{}: {m2} < {m1}", regime.name());
+    }
+    two.stop().await;
+    one.stop().await;
+}
+
 /// COMPUTE.md §3's "adaptive reaches fixed-16-chunk quality with ≤ 0.9× its
 /// bytes", on the §2 generator's heads (`strata-testdata`, the bench's
 /// seed and steps: semantic at 4K, needle at 16K): once the adaptive
@@ -1961,53 +2117,18 @@ async fn dense_and_sparf_answers_do_not_depend_on_leaves() {
 /// over one box per 16-token block, and reads at most 0.9× its bytes.
 #[tokio::test]
 async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
+    use strata_testdata::Regime;
     use strata_testdata::metrics::Exact;
-    use strata_testdata::{Config, Generator, Regime};
-    const D128: usize = 128;
     const STEPS: usize = 8;
     let fixed = start(|_| {}).await;
     let adaptive = start(leaves("adaptive")).await;
     let mut cf = fixed.tcp_client().await;
     let mut ca = adaptive.tcp_client().await;
     for (regime, n) in [(Regime::Semantic, 4096usize), (Regime::Needle, 16384)] {
-        let mut cfg = Config::new(regime, n, 1);
-        cfg.query_heads = 4;
-        cfg.train_queries = 0;
-        let mut h = Generator::new(cfg).unwrap().generate().data;
-        let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
-        round(&mut h.keys);
-        round(&mut h.values);
-        let l = Layout {
-            model_id: format!("attend/quality/{}", regime.name()),
-            dtype: Dtype::F16,
-            num_layers: 1,
-            num_kv_heads: 1,
-            head_dim: D128 as u32,
-            tokens_per_block: TPB as u32,
-            kv_kind: KvKind::Separate,
-            tp_rank: 0,
-            tp_size: 1,
-            tenant_salt: vec![],
-        };
-        let blocks = n / TPB;
-        let keys: Vec<BlockKey> = (0..blocks).map(|b| key(9, b)).collect();
-        let row = TPB * D128;
-        let puts: Vec<PutBlock> = (0..blocks)
-            .map(|b| {
-                let mut data = Vec::with_capacity(4 * row);
-                for x in h.keys[b * row..(b + 1) * row]
-                    .iter()
-                    .chain(&h.values[b * row..(b + 1) * row])
-                {
-                    data.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
-                }
-                PutBlock {
-                    key: keys[b],
-                    parent: (b > 0).then(|| keys[b - 1]),
-                    data: Bytes::from(data),
-                }
-            })
-            .collect();
+        let h = section2_head(regime, n);
+        let l = section2_layout(regime);
+        let keys: Vec<BlockKey> = (0..n / TPB).map(|b| key(9, b)).collect();
+        let puts = section2_puts(&h, &keys);
         let nsf = cf.register_layout(&l).await.unwrap().namespace;
         let nsa = ca.register_layout(&l).await.unwrap().namespace;
         for part in puts.chunks(256) {
