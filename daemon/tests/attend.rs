@@ -2109,6 +2109,127 @@ async fn sparf_two_stage_keeps_more_mass_for_the_same_tier_bytes() {
     one.stop().await;
 }
 
+/// The two-stage choice with `sparf_joint_heads` (one set for the layer)
+/// on two independent §2 KV heads (seeds 1 and 2, the bench's
+/// `heads_choice` data at 4K): in both regimes at least the mass of the
+/// one-stage joint choice (the union of each head's candidates, each head
+/// rescored on all of them), one set for both heads, k tokens of whole
+/// blocks, and exactly their K and V read.
+#[tokio::test]
+async fn sparf_two_stage_joint_keeps_more_mass() {
+    use strata_testdata::metrics::Exact;
+    use strata_testdata::{Config, Generator, Regime};
+    const STEPS: usize = 8;
+    let two = start(|c| c.compute.key_sketch = true).await;
+    let one = start(|c| {
+        c.compute.key_sketch = true;
+        c.compute.sparf_candidates = 0;
+    })
+    .await;
+    let mut cs = [two.tcp_client().await, one.tcp_client().await];
+    let (n, kvh, g) = (4096, 2, 4);
+    let blocks = n / TPB;
+    let joint = AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token: false,
+        mean_correction: false,
+        joint_heads: true,
+    };
+    for regime in [Regime::Semantic, Regime::Needle] {
+        let heads: Vec<_> = (1..=kvh as u64)
+            .map(|seed| {
+                let mut cfg = Config::new(regime, n, seed);
+                cfg.query_heads = g;
+                cfg.train_queries = 0;
+                let mut h = Generator::new(cfg).unwrap().generate().data;
+                let round =
+                    |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+                round(&mut h.keys);
+                round(&mut h.values);
+                h
+            })
+            .collect();
+        let mut l = section2_layout(regime);
+        l.model_id = format!("attend/quality/joint/{}", regime.name());
+        l.num_kv_heads = kvh as u32;
+        let keys: Vec<BlockKey> = (0..blocks).map(|b| key(10, b)).collect();
+        // Rows [token][kv_head][d]: K of the block's tokens, then V.
+        let puts: Vec<PutBlock> = (0..blocks)
+            .map(|b| {
+                let mut data = Vec::with_capacity(2 * TPB * kvh * D128 * 2);
+                for tensor in 0..2 {
+                    for t in b * TPB..(b + 1) * TPB {
+                        for h in &heads {
+                            let x = if tensor == 0 { &h.keys } else { &h.values };
+                            for v in &x[t * D128..(t + 1) * D128] {
+                                data.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
+                            }
+                        }
+                    }
+                }
+                PutBlock {
+                    key: keys[b],
+                    parent: (b > 0).then(|| keys[b - 1]),
+                    data: Bytes::from(data),
+                }
+            })
+            .collect();
+        let mut ns = Vec::new();
+        for c in &mut cs {
+            let id = c.register_layout(&l).await.unwrap().namespace;
+            for part in puts.chunks(256) {
+                c.put(id, part).await.unwrap();
+            }
+            ns.push(id);
+        }
+        let mut mass = [0f64; 2];
+        for s in 0..STEPS {
+            let step = s * heads[0].steps() / STEPS;
+            let q: Vec<f32> = heads
+                .iter()
+                .flat_map(|h| h.decode_group(step).to_vec())
+                .collect();
+            for (i, (c, &id)) in cs.iter_mut().zip(&ns).enumerate() {
+                let req = AttendRequest {
+                    namespace: id,
+                    layer: 0,
+                    mode: joint,
+                    scale: None,
+                    sequences: vec![AttendSequence {
+                        keys: keys.clone(),
+                        last_block_tokens: None,
+                        queries: q.clone(),
+                    }],
+                };
+                let out = attend1(c, &req).await;
+                assert_eq!(out.head_covered[0], out.head_covered[1], "one set");
+                let set: Vec<u32> = tokens_in(&out.covered)
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect();
+                assert_eq!(set.len(), n / 16, "k tokens, whole blocks");
+                assert_eq!(
+                    out.read_bytes(TierKind::Dram),
+                    (n / 16 / TPB * 2 * TPB * kvh * D128 * 2) as u64
+                );
+                for h in &heads {
+                    for j in 0..g {
+                        let e = Exact::new(h.decode_query(step, j), &h.keys, &h.values, h.scale);
+                        mass[i] += e.mass(&set);
+                    }
+                }
+            }
+        }
+        let k = (STEPS * kvh * g) as f64;
+        let (m2, m1) = (mass[0] / k, mass[1] / k);
+        println!("{} joint: two-stage mass {m2:.3}, one stage {m1:.3}", regime.name());
+        assert!(m2 >= m1, "{}: {m2} < {m1}", regime.name());
+    }
+    two.stop().await;
+    one.stop().await;
+}
+
 /// COMPUTE.md §3's "adaptive reaches fixed-16-chunk quality with ≤ 0.9× its
 /// bytes", on the §2 generator's heads (`strata-testdata`, the bench's
 /// seed and steps: semantic at 4K, needle at 16K): once the adaptive

@@ -1253,7 +1253,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .map(|&t| t as usize)
         .sum();
     let correct = seq.req.sparf_mean_correction;
-    if let Some(factor) = refine_factor(&ctx.cfg, &seq, kv) {
+    if let Some(factor) = refine_factor(&ctx.cfg, &seq) {
         // Two-stage ranking (`refined_blocks`): no r-channel scan at all.
         let k_tokens = seq
             .req
@@ -1723,16 +1723,12 @@ fn prefetch_sketch(seq: &Seq, i: usize, channels: &[u32], r: usize) {
 /// Candidate blocks per chosen block of SPARF's two-stage ranking
 /// (`compute.sparf_candidates`), when it applies to this call: the
 /// defaults' channels (a request naming `sparf_channels` asks for SparQ's
-/// ranking on that many channels), whole blocks (`sparf_by_token` ranks
-/// single tokens), one choice per KV head (`sparf_joint_heads` with
-/// several KV heads keeps its shares of the r-channel scores). None: the
-/// one-stage r-channel ranking.
-fn refine_factor(cfg: &AttendConfig, seq: &Seq, kv: usize) -> Option<usize> {
+/// ranking on that many channels) and whole blocks (`sparf_by_token` ranks
+/// single tokens), per KV head or jointly. None: the one-stage r-channel
+/// ranking.
+fn refine_factor(cfg: &AttendConfig, seq: &Seq) -> Option<usize> {
     let req = &seq.req;
-    let two_stage = cfg.sparf_candidates > 0
-        && req.sparf_channels.is_none()
-        && !req.sparf_by_token
-        && !(req.sparf_joint_heads && kv > 1);
+    let two_stage = cfg.sparf_candidates > 0 && req.sparf_channels.is_none() && !req.sparf_by_token;
     two_stage.then_some(cfg.sparf_candidates)
 }
 
@@ -1748,7 +1744,11 @@ fn refine_factor(cfg: &AttendConfig, seq: &Seq, kv: usize) -> Option<usize> {
 /// 2. each candidate is scored on all d channels of its key sketch (the
 ///    8-bit codes the entry already holds: the decoded keys within half a
 ///    step) and candidates are taken best-first by the log-sum-exp of
-///    those scores until k tokens are in (as [`best_blocks`]).
+///    those scores until k tokens are in (as [`best_blocks`]). With
+///    `sparf_joint_heads` and several KV heads, one set for the layer: the
+///    union of every head's candidates, each head rescored on all of them,
+///    ranked by the sum over heads of each head's estimated share of its
+///    mass over the union (as [`joint_best_blocks`]).
 ///
 /// Why: on r = d/8 channels of `|q|` the scores miss keys that stand out
 /// in many channels but not in those (COMPUTE.md §2's needles), and even
@@ -1773,6 +1773,7 @@ fn refined_blocks(
     runs: Option<&SketchRuns>,
     mut alpha: Option<&mut [f32]>,
 ) -> Option<(Vec<Vec<u32>>, u64)> {
+    let joint = seq.req.sparf_joint_heads && seq.req.geom.kv_heads > 1;
     let geom = seq.req.geom;
     let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
     let layer = seq.req.layer;
@@ -1851,145 +1852,256 @@ fn refined_blocks(
         .filter(|&n| n > 0)
         .min()
         .unwrap_or(1);
-    let m = factor.saturating_mul(k.div_ceil(least)).max(1).min(present);
-    let all: Vec<u32> = (0..d as u32).collect();
+    // Candidates for at least the default k = N/16: a smaller k asks for
+    // fewer blocks, not for a weaker filter (at k = N/32 a pool of 3 × k/16
+    // blocks cost semantic heads 0.02 of mass against one stage).
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let m = factor
+        .saturating_mul(k.max(total.div_ceil(16)).div_ceil(least))
+        .max(1)
+        .min(present);
     let tpb = geom.tokens_per_block as usize;
-    // Candidates are scored a chunk at a time from a run of their own:
-    // their code rows and bounds gathered channel-major (a 16-byte copy
-    // per channel and block), so that `run_scores` streams them as it
-    // streams a chain's run, instead of one block's 128 channels at a time.
-    const CHUNK: usize = 32;
-    let mut gc = vec![0u8; d * CHUNK * tpb];
-    let (mut glo, mut ghi) = (vec![0u16; d * CHUNK], vec![0u16; d * CHUNK]);
-    let mut rsc = RunScratch::default();
-    let mut group = vec![0f32; CHUNK * tpb];
-    // Each query head's own scores of a candidate, for `alpha` only.
-    let (mut lo, mut hi) = (vec![0f32; d], vec![0f32; d]);
-    let mut acc = SketchScratch::new();
-    let mut row = vec![0f32; tpb];
-    let mut own = vec![0f32; if alpha.is_some() { g * tpb } else { 0 }];
+    let mut sc = Rescore::new(d, tpb, g, alpha.is_some());
     let mut chosen = Vec::with_capacity(kv);
-    for h in 0..kv {
-        let mut cand: Vec<(f32, usize)> = ub[h * present..(h + 1) * present]
-            .iter()
-            .copied()
-            .zip(0..)
+    if joint {
+        // One set for the layer: the union of every head's candidates,
+        // each head rescored on all of them, blocks ranked by the sum over
+        // heads of each head's estimated share of its mass over the union
+        // (as `joint_best_blocks` does over every block).
+        let mut union: Vec<usize> = (0..kv)
+            .flat_map(|h| top_blocks(&ub[h * present..(h + 1) * present], m))
             .collect();
-        let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if m < cand.len() {
-            cand.select_nth_unstable_by(m - 1, order);
-            cand.truncate(m);
+        union.sort_unstable();
+        union.dedup();
+        let cspans: Vec<(usize, usize)> = union.iter().map(|&i| spans[i]).collect();
+        let mut weight = vec![0f64; union.len()];
+        let mut heads_lse = Vec::with_capacity(kv);
+        for h in 0..kv {
+            let (w, hl) = sc.score(seq, h, &union, &spans, &mut bytes)?;
+            let all = log_sum_exp_f64(&w);
+            if all.is_finite() {
+                for (x, &l) in weight.iter_mut().zip(&w) {
+                    *x += (l - all).exp();
+                }
+            }
+            heads_lse.push(hl);
         }
-        // Block order: the entries are read front to back.
-        cand.sort_unstable_by_key(|c| c.1);
+        let mut c = take_best(weight, &cspans, k);
+        c.sort_unstable();
+        if let Some(a) = alpha.as_deref_mut() {
+            for (h, hl) in heads_lse.iter().enumerate() {
+                shares(hl, &cspans, &c, &mut a[h * g..(h + 1) * g]);
+            }
+        }
+        chosen.resize(kv, c);
+        return Some((chosen, bytes));
+    }
+    for h in 0..kv {
+        let cand = top_blocks(&ub[h * present..(h + 1) * present], m);
+        let cspans: Vec<(usize, usize)> = cand.iter().map(|&i| spans[i]).collect();
+        let (weight, head_lse) = sc.score(seq, h, &cand, &spans, &mut bytes)?;
+        let mut c = take_best(weight, &cspans, k);
+        c.sort_unstable();
+        if let Some(a) = alpha.as_deref_mut() {
+            shares(&head_lse, &cspans, &c, &mut a[h * g..(h + 1) * g]);
+        }
+        chosen.push(c);
+    }
+    Some((chosen, bytes))
+}
+
+/// The best `m` blocks by `ub` (ties to the earlier block), in block
+/// order (entries are then read front to back).
+fn top_blocks(ub: &[f32], m: usize) -> Vec<usize> {
+    let mut cand: Vec<(f32, usize)> = ub.iter().copied().zip(0..).collect();
+    let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if m < cand.len() {
+        cand.select_nth_unstable_by(m.max(1) - 1, order);
+        cand.truncate(m);
+    }
+    let mut out: Vec<usize> = cand.into_iter().map(|c| c.1).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Each query head's share (`out`, `[g]`) of its own estimated mass over
+/// the candidates (`head_lse` `[g][candidates]`, spans `cspans`) that the
+/// chosen token positions `chosen` (sorted) hold: the mean-value
+/// correction's `alpha` from the two-stage scores.
+fn shares(head_lse: &[f64], cspans: &[(usize, usize)], chosen: &[u32], out: &mut [f32]) {
+    let nc = cspans.len();
+    let taken: Vec<bool> = cspans
+        .iter()
+        .map(|&(start, n)| n > 0 && chosen.binary_search(&(start as u32)).is_ok())
+        .collect();
+    for (j, a) in out.iter_mut().enumerate() {
+        let l = &head_lse[j * nc..(j + 1) * nc];
+        let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (mut all, mut part) = (0f64, 0f64);
+        for (&x, &t) in l.iter().zip(&taken) {
+            let w = if m.is_finite() { (x - m).exp() } else { 0.0 };
+            all += w;
+            part += if t { w } else { 0.0 };
+        }
+        *a = if all > 0.0 { (part / all) as f32 } else { 0.0 };
+    }
+}
+
+/// `ln sum exp` of `x` (`-inf` when empty or all `-inf`).
+fn log_sum_exp_f64(x: &[f64]) -> f64 {
+    let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln()
+}
+
+/// Stage 2 of [`refined_blocks`]: candidates rescored on every channel of
+/// their key sketches, a chunk at a time from a run of their own (their
+/// code rows and bounds gathered channel-major, a 16-byte copy per channel
+/// and block), so that `run_scores` streams them as it streams a chain's
+/// run instead of one block's d channels at a time. Scratch reused across
+/// KV heads.
+struct Rescore {
+    d: usize,
+    tpb: usize,
+    g: usize,
+    all: Vec<u32>,
+    codes: Vec<u8>,
+    lo: Vec<u16>,
+    hi: Vec<u16>,
+    run: RunScratch,
+    group: Vec<f32>,
+    /// Each query head's own scores of one candidate (for `alpha` only).
+    each: Option<EachScratch>,
+}
+
+struct EachScratch {
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+    acc: SketchScratch,
+    row: Vec<f32>,
+    own: Vec<f32>,
+}
+
+/// Candidates per gathered chunk (`run_scores`' chunk of blocks).
+const RESCORE_CHUNK: usize = 32;
+
+impl Rescore {
+    fn new(d: usize, tpb: usize, g: usize, each: bool) -> Self {
+        Rescore {
+            d,
+            tpb,
+            g,
+            all: (0..d as u32).collect(),
+            codes: vec![0; d * RESCORE_CHUNK * tpb],
+            lo: vec![0; d * RESCORE_CHUNK],
+            hi: vec![0; d * RESCORE_CHUNK],
+            run: RunScratch::default(),
+            group: vec![0.0; RESCORE_CHUNK * tpb],
+            each: each.then(|| EachScratch {
+                lo: vec![0.0; d],
+                hi: vec![0.0; d],
+                acc: SketchScratch::new(),
+                row: vec![0.0; tpb],
+                own: vec![0.0; g * tpb],
+            }),
+        }
+    }
+
+    /// KV head `h`'s candidates `cand` (block indices, in order; `spans`
+    /// of every block): the log-sum-exp of each one's group scores on all
+    /// channels, and with `each` `[g][cand]` those of each query head's own
+    /// scores. Adds the code bytes read to `bytes`. None when a candidate
+    /// has no sketch or a non-finite box.
+    fn score(
+        &mut self,
+        seq: &Seq,
+        h: usize,
+        cand: &[usize],
+        spans: &[(usize, usize)],
+        bytes: &mut u64,
+    ) -> Option<(Vec<f64>, Vec<f64>)> {
+        let (d, tpb, g) = (self.d, self.tpb, self.g);
+        let geom = seq.req.geom;
+        let layer = seq.req.layer;
+        let s = &seq.req.seqs[seq.idx];
         let q = &s.q[h * g * d..(h + 1) * g * d];
+        let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
         let mut weight = Vec::with_capacity(cand.len());
-        let mut cspans = Vec::with_capacity(cand.len());
-        // `[g][candidates]` log-sum-exps of each query head's own scores.
-        let mut head_lse = vec![0f64; if alpha.is_some() { g * cand.len() } else { 0 }];
+        let mut head_lse = vec![0f64; if self.each.is_some() { g * cand.len() } else { 0 }];
         // The candidates' entries are scattered over the region: ask for
         // them a few ahead, so that the misses overlap.
         const AHEAD: usize = 4;
-        for &(_, i) in cand.iter().take(AHEAD) {
+        for &i in cand.iter().take(AHEAD) {
             prefetch_entry(seq, i, h);
         }
-        for (p, part) in cand.chunks(CHUNK).enumerate() {
+        for (p, part) in cand.chunks(RESCORE_CHUNK).enumerate() {
             let cb = part.len();
-            for (j, &(_, i)) in part.iter().enumerate() {
-                if let Some(&(_, next)) = cand.get(p * CHUNK + j + AHEAD) {
+            for (j, &i) in part.iter().enumerate() {
+                if let Some(&next) = cand.get(p * RESCORE_CHUNK + j + AHEAD) {
                     prefetch_entry(seq, next, h);
                 }
                 let view = seq.pin.summary(i, geom)?;
                 let codes = view.sketch(layer, h as u32)?;
                 view.bounds(layer, h as u32, &mut mn, &mut mx);
-                gather_rows(codes, d, tpb, &mut gc[j * tpb..], cb * tpb);
+                gather_rows(codes, d, tpb, &mut self.codes[j * tpb..], cb * tpb);
                 for c in 0..d {
-                    glo[c * cb + j] = mn[c].to_bits();
-                    ghi[c * cb + j] = mx[c].to_bits();
+                    self.lo[c * cb + j] = mn[c].to_bits();
+                    self.hi[c * cb + j] = mx[c].to_bits();
                 }
             }
             let run = SketchRun {
-                codes: &gc[..d * cb * tpb],
-                lo: &glo[..d * cb],
-                hi: &ghi[..d * cb],
+                codes: &self.codes[..d * cb * tpb],
+                lo: &self.lo[..d * cb],
+                hi: &self.hi[..d * cb],
                 cap: cb,
                 tpb,
             };
-            let out = &mut group[..cb * tpb];
-            run_scores(q, g, d, &run, 0..cb, &all, seq.req.scale, &mut rsc, out);
-            for (j, &(_, i)) in part.iter().enumerate() {
-                let (start, n) = spans[i];
+            let out = &mut self.group[..cb * tpb];
+            run_scores(q, g, d, &run, 0..cb, &self.all, seq.req.scale, &mut self.run, out);
+            for (j, &i) in part.iter().enumerate() {
                 // A partial last block's slots past its tokens are unused.
+                let n = spans[i].1;
                 weight.push(log_sum_exp(&out[j * tpb..j * tpb + n]));
-                cspans.push((start, n));
-                bytes += (d * n) as u64;
+                *bytes += (d * n) as u64;
             }
-            if alpha.is_none() {
+            let Some(e) = self.each.as_mut() else {
                 continue;
-            }
-            for (j, &(_, i)) in part.iter().enumerate() {
+            };
+            for (j, &i) in part.iter().enumerate() {
                 let view = seq.pin.summary(i, geom)?;
                 let codes = view.sketch(layer, h as u32)?;
                 let n = spans[i].1;
                 for c in 0..d {
-                    (lo[c], hi[c]) = (
-                        f16::from_bits(glo[c * cb + j]).to_f32_const(),
-                        f16::from_bits(ghi[c * cb + j]).to_f32_const(),
-                    );
+                    e.lo[c] = f16::from_bits(self.lo[c * cb + j]).to_f32_const();
+                    e.hi[c] = f16::from_bits(self.hi[c * cb + j]).to_f32_const();
                 }
                 let sk = Sketch {
                     codes,
                     stride: tpb,
                     n,
-                    lo: &lo,
-                    hi: &hi,
+                    lo: &e.lo,
+                    hi: &e.hi,
                 };
-                let each = HeadScores {
-                    out: &mut own[..],
+                let heads = HeadScores {
+                    out: &mut e.own[..],
                     pitch: tpb,
                 };
-                let at = weight.len() - cb + j;
-                let scored = sketch_scores_with_heads(
-                    q,
-                    g,
-                    d,
-                    &sk,
-                    &all,
-                    seq.req.scale,
-                    &mut acc,
-                    &mut row[..n],
-                    each,
-                );
-                if !scored {
+                let row = &mut e.row[..n];
+                let scale = seq.req.scale;
+                if !sketch_scores_with_heads(q, g, d, &sk, &self.all, scale, &mut e.acc, row, heads)
+                {
                     return None;
                 }
+                let at = p * RESCORE_CHUNK + j;
                 for jj in 0..g {
-                    head_lse[jj * cand.len() + at] = log_sum_exp(&own[jj * tpb..jj * tpb + n]);
+                    head_lse[jj * cand.len() + at] = log_sum_exp(&e.own[jj * tpb..jj * tpb + n]);
                 }
             }
         }
-        let mut c = take_best(weight, &cspans, k);
-        c.sort_unstable();
-        if let Some(a) = alpha.as_deref_mut() {
-            let taken: Vec<bool> = cspans
-                .iter()
-                .map(|&(start, n)| n > 0 && c.binary_search(&(start as u32)).is_ok())
-                .collect();
-            for j in 0..g {
-                let l = &head_lse[j * cand.len()..(j + 1) * cand.len()];
-                let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let (mut all, mut part) = (0f64, 0f64);
-                for (&x, &t) in l.iter().zip(&taken) {
-                    let w = if m.is_finite() { (x - m).exp() } else { 0.0 };
-                    all += w;
-                    part += if t { w } else { 0.0 };
-                }
-                a[h * g + j] = if all > 0.0 { (part / all) as f32 } else { 0.0 };
-            }
-        }
-        chosen.push(c);
+        Some((weight, head_lse))
     }
-    Some((chosen, bytes))
 }
 
 /// Starts loading block `i`'s key sketch (every channel) and bounds of KV
