@@ -318,6 +318,21 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
     let d = Daemon::start_with("1GiB", "[compute]\nkey_sketch = true\n")?;
     let mut c = Client::connect(&d.endpoint()).await?;
     let ns = c.register_layout(&layout()).await?.namespace;
+    // The same with SPARF's one-stage ranking on r channels (the choice
+    // before the two-stage default), for the row beside it.
+    let d1 = Daemon::start_with(
+        "1GiB",
+        "[compute]\nkey_sketch = true\nsparf_candidates = 0\n",
+    )?;
+    let mut c1 = Client::connect(&d1.endpoint()).await?;
+    let ns1 = c1.register_layout(&layout()).await?.namespace;
+    let one_stage = AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token: false,
+        mean_correction: false,
+        joint_heads: false,
+    };
     // Summaries with 8-token leaves (two per block): one daemon always
     // ranking leaves, one choosing the level per (namespace, layer) from
     // the skew it measured. Each regime is its own namespace there (a
@@ -370,6 +385,8 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
             l8.model_id = format!("bench/attend-int8/{}/{n}", regime.name());
             let ns8 = c.register_layout(&l8).await?.namespace;
             let keys8 = store_head(&mut c, ns8, 100 + ri as u32, &k8, &v8).await?;
+            store_head(&mut c1, ns1, ri as u32, &h.keys, &h.values).await?;
+            let mut one_acc = Acc::default();
             let full = full_kv_fp16_bytes(n, D);
             let modes = [
                 ("dense", AttendMode::Dense),
@@ -495,6 +512,9 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                     }
                     acc.add(&exact, &out, &tokens_of(&out.covered), &h.values, n);
                 }
+                let out = attend_one(&mut c1, &request(ns1, one_stage, &keys, q)).await?;
+                let sel = out.head_covered.first().map_or(vec![], |r| tokens_of(r));
+                one_acc.add(&exact, &out, &sel, &h.values, n);
                 for ((_, di, t), acc) in leaf_rows.iter().zip(&mut leaf_accs) {
                     let mode = AttendMode::Sparse(SparseBudget::Tokens(*t));
                     let req = request(leaf_ns[*di], mode, &keys, q);
@@ -520,13 +540,18 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
             for ((name, _), acc) in int8_modes.iter().zip(&int8_accs) {
                 rep.row(&acc.row(regime.name(), n, name));
             }
+            rep.row(&one_acc.row(
+                regime.name(),
+                n,
+                "sparf r=d/8 k=N/16, blocks, one stage (sparf_candidates = 0)",
+            ));
             for ((name, ..), acc) in leaf_rows.iter().zip(&leaf_accs) {
                 rep.row(&acc.row(regime.name(), n, name));
             }
         }
     }
     rep.note(&format!(
-        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on) scores every token from the r = d/8 sketch rows, then reads K and V of the chosen blocks: whole blocks best-first by the log-sum-exp of their tokens' scores until k tokens are in (blocks), or every block holding one of the top-k tokens (tokens). + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at a running mean >= 0.3, blocks again at <= 0.2); calls that ranked leaves (a piece of half a block in the answer): {} of {}. int8 payload: the same head stored in its own namespace after its K and V went through int8 and back (per block and tensor, per-channel asymmetric, strata_kernels::quant: the values an int8 copy would give the math, and the abstracts computed from them); mass and relerr still against the f16 data (COMPUTE.md §3: int8 payload costs ≤ 0.005 mass).",
+        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on), blocks: two-stage ranking (compute.sparf_candidates = 3, the default): every block's upper bound from all d channels of its min/max box (max over the group), the best 3 × k/16 blocks rescored on all d channels of their key sketch, whole blocks best-first by the log-sum-exp of those scores until k tokens are in, then K and V of the chosen blocks read and attended exactly; summary read % = both bounds of every block and the candidates' code rows. one stage (a second daemon with sparf_candidates = 0): every token scored from the r = d/8 sketch rows, whole blocks best-first by the log-sum-exp of those scores. tokens: every block holding one of the top-k tokens by the r-channel scores. + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the r-channel sketch rows and the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at a running mean >= 0.3, blocks again at <= 0.2); calls that ranked leaves (a piece of half a block in the answer): {} of {}. int8 payload: the same head stored in its own namespace after its K and V went through int8 and back (per block and tensor, per-channel asymmetric, strata_kernels::quant: the values an int8 copy would give the math, and the abstracts computed from them); mass and relerr still against the f16 data (COMPUTE.md §3: int8 payload costs ≤ 0.005 mass).",
         half_block_calls[1], leaf_calls[1]
     ));
 

@@ -223,6 +223,9 @@ pub struct ComputeSection {
     pub promote: bool,
     pub sketch_runs: bool,
     pub sketch_runs_bytes: ByteSize,
+    /// SPARF's two-stage ranking: candidate blocks per chosen block, 0 to
+    /// rank on r channels in one stage.
+    pub sparf_candidates: u32,
 }
 
 impl Default for ComputeSection {
@@ -242,6 +245,7 @@ impl Default for ComputeSection {
             promote: false,
             sketch_runs: true,
             sketch_runs_bytes: ByteSize(0),
+            sparf_candidates: 3,
         }
     }
 }
@@ -850,6 +854,15 @@ impl Config {
                 format!("{} must be between 1MiB and 16GiB", cp.read_wave_bytes),
             );
         }
+        // More candidates than 16 chosen blocks' worth would read more
+        // summary bytes than the K+V the choice saves (two-stage ranking in
+        // attend/exec.rs: a candidate's code rows are a quarter of its K+V).
+        if cp.sparf_candidates > 16 {
+            return bad(
+                "compute.sparf_candidates",
+                format!("{} must be at most 16 (0 = one stage)", cp.sparf_candidates),
+            );
+        }
         let nvme_bytes = nvme.as_ref().map_or(0, |n| n.capacity_bytes);
         if cp.key_sketch && !cp.abstracts {
             return bad(
@@ -1071,6 +1084,7 @@ impl Config {
                 promote: cp.promote,
                 sketch_runs_bytes,
                 leaf_level,
+                sparf_candidates: cp.sparf_candidates as usize,
             },
             drain,
             auth,
@@ -1511,6 +1525,10 @@ mod tests {
         );
         let c = Config::from_toml("[compute]\nmax_sequences = 0\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "compute.max_sequences");
+        let c = Config::from_toml("[compute]\nsparf_candidates = 17\n").unwrap();
+        assert_eq!(c.resolve().unwrap_err().field, "compute.sparf_candidates");
+        let c = Config::from_toml("[compute]\nsparf_candidates = 0\n").unwrap();
+        assert_eq!(c.resolve().unwrap().compute.sparf_candidates, 0);
         let c = Config::from_toml("[auth]\ntcp = \"kerberos\"\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "auth.tcp");
         // 1GiB of DRAM + 4GiB of NVMe by default: a sixteenth for abstracts.

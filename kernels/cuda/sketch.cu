@@ -20,6 +20,13 @@
 //
 // span_lse: the log-sum-exp of each span (start, len) of scores, -inf for
 // an empty span or one of -inf scores. One thread per span.
+//
+// run_upper_bounds: LeoAM's bound of blocks b0..b0 + nb of a run whose
+// boxes are channel-major (lo, hi [d][cap], f16 bits):
+//   out[h * nb + b] = sum_c max(q[h][c] * hi[c][b0 + b], q[h][c] * lo[c][b0 + b])
+// summed in channel order, products rounded apart, as the CPU does (the
+// same bits). One thread per (head, block); neighbouring threads read
+// neighbouring blocks of a channel.
 #include "common.cuh"
 
 #define SKETCH_MAX_HEADS 16
@@ -109,4 +116,22 @@ extern "C" __global__ void span_lse(const float* __restrict__ scores,
     float sum = 0.f;
     for (long j = 0; j < len; ++j) sum += __expf(scores[start + j] - m);
     out[s] = m + __logf(sum);
+}
+
+extern "C" __global__ void run_upper_bounds(const float* __restrict__ q, int heads, int d,
+                                            const u16* __restrict__ lo,
+                                            const u16* __restrict__ hi, int cap, int b0, int nb,
+                                            float* __restrict__ out) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)heads * nb) return;
+    const int h = (int)(i / nb), b = (int)(i - (long)h * nb);
+    float s = 0.f;
+    for (int c = 0; c < d; ++c) {
+        const float a = q[h * d + c];
+        const long at = (long)c * cap + b0 + b;
+        const float x = __fmul_rn(a, f16_to_f32(hi[at]));
+        const float y = __fmul_rn(a, f16_to_f32(lo[at]));
+        s = __fadd_rn(s, x > y ? x : y);
+    }
+    out[i] = s;
 }

@@ -427,6 +427,51 @@ fn check_abstracts(cx: &mut Ctx<'_>, n: usize) -> R<()> {
         tol: 1e-5,
         note: format!("{HEADS} heads x {chunks} chunks; max abs / max |UB|"),
     });
+
+    // The same boxes as a sketch run (channel-major), both sides.
+    let (mut rlo, mut rhi) = (vec![0u16; D * chunks], vec![0u16; D * chunks]);
+    for j in 0..chunks {
+        for c in 0..D {
+            rlo[c * chunks + j] = mn[j * D + c].to_bits();
+            rhi[c * chunks + j] = mx[j * D + c].to_bits();
+        }
+    }
+    let run = sketch::SketchRun {
+        codes: &[],
+        lo: &rlo,
+        hi: &rhi,
+        cap: chunks,
+        tpb: chunk,
+    };
+    let mut rs = sketch::RunBoundScratch::default();
+    let mut rub = vec![0.0; HEADS * chunks];
+    let cpu_run_ms =
+        time_cpu(|| sketch::run_upper_bounds(&q, HEADS, D, &run, 0..chunks, &mut rs, &mut rub));
+    let (dlo, dhi) = (g.upload(&rlo)?, g.upload(&rhi)?);
+    let mut grub = g.zeros::<f32>(HEADS * chunks)?;
+    let gpu_run_ms = time_gpu(g, || {
+        Ok(g.run_upper_bounds(&dq, HEADS, D, &dlo, &dhi, chunks, 0..chunks, &mut grub)?)
+    })?;
+    let got = g.download(&grub)?;
+    let bad = got
+        .iter()
+        .zip(&rub)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    cx.rows.push(Row {
+        check: "run upper bounds (channel-major)".into(),
+        dtype: "f16",
+        n,
+        cpu_ms: cpu_run_ms,
+        gpu_ms: gpu_run_ms,
+        err: if bad > 0 {
+            f64::INFINITY
+        } else {
+            rel_max(&got, &rub)
+        },
+        tol: 1e-5,
+        note: format!("{HEADS} heads x {chunks} blocks; bit mismatches {bad} (must be 0)"),
+    });
     Ok(())
 }
 

@@ -109,6 +109,7 @@ pub const SOURCES: [Source; 5] = [
             "sketch_encode_bf16",
             "sketch_scores",
             "span_lse",
+            "run_upper_bounds",
         ],
     },
     Source {
@@ -638,6 +639,61 @@ impl Gpu {
                 shared_mem_bytes: 0,
             };
             // SAFETY: matches chunk_upper_bounds; shapes checked above.
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        })
+    }
+
+    /// `out[h][b] = UB_b(q_h)` of blocks `blocks` of a run's channel-major
+    /// boxes (`lo`, `hi` `[d][cap]`, f16 bits; `out` `[heads][blocks]`):
+    /// the twin of [`crate::sketch::run_upper_bounds`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_upper_bounds(
+        &self,
+        q: &CudaSlice<f32>,
+        heads: usize,
+        d: usize,
+        lo: &CudaSlice<u16>,
+        hi: &CudaSlice<u16>,
+        cap: usize,
+        blocks: std::ops::Range<usize>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        shape(d > 0 && q.len() == heads * d, || {
+            "q is not [heads][d]".into()
+        })?;
+        shape(
+            lo.len() == hi.len() && lo.len() >= d * cap && blocks.end <= cap,
+            || "boxes are not [d][cap] or blocks beyond the run".into(),
+        )?;
+        let nb = blocks.len();
+        shape(out.len() == heads * nb, || {
+            "out is not [heads][blocks]".into()
+        })?;
+        if heads * nb == 0 {
+            return Ok(());
+        }
+        let (h_i, d_i, cap_i) = (int(heads, "heads")?, int(d, "d")?, int(cap, "cap")?);
+        let (b0_i, nb_i) = (int(blocks.start, "blocks")?, int(nb, "blocks")?);
+        let f = self.function("run_upper_bounds")?;
+        guard(|| {
+            let mut b = self.stream.launch_builder(f);
+            b.arg(q)
+                .arg(&h_i)
+                .arg(&d_i)
+                .arg(lo)
+                .arg(hi)
+                .arg(&cap_i)
+                .arg(&b0_i)
+                .arg(&nb_i)
+                .arg(out);
+            let cfg = LaunchConfig {
+                grid_dim: ((heads * nb).div_ceil(128) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches run_upper_bounds in sketch.cu; shapes checked
+            // above.
             unsafe { b.launch(cfg) }?;
             Ok(())
         })

@@ -751,6 +751,121 @@ fn chunk_sums<const FMA: bool, const T: usize>(
     }
 }
 
+/// Scratch for [`run_upper_bounds`], reused across calls.
+#[derive(Debug, Clone, Default)]
+pub struct RunBoundScratch {
+    /// `[heads][BOUND_CHUNK]` sums, and one channel's boxes of the chunk
+    /// (`[2][BOUND_CHUNK]`).
+    sum: Vec<f32>,
+    x: Vec<f32>,
+}
+
+/// Blocks per pass of [`run_upper_bounds`] (at 4 heads the sums are 16
+/// KiB, in L1; each channel's boxes are two 2 KiB stretches, which the
+/// hardware prefetcher follows: shorter stretches left it behind).
+const BOUND_CHUNK: usize = 1024;
+
+/// LeoAM's upper bound `UB_b(q_h) = sum_i max(q_h,i * hi_i, q_h,i * lo_i)`
+/// of blocks `blocks` of `run` from their boxes (every channel, summed in
+/// channel order), into `out` (`[heads][blocks.len()]`). Each block's sum
+/// is the same operations in the same order whatever the run's capacity,
+/// so one block's box viewed as a run of capacity 1 (its `[d]` f16 rows)
+/// gives bit for bit what a long run gives for it. (The same bound as
+/// [`crate::abstracts::upper_bounds`], which sums in eight lanes: equal to
+/// rounding.) SparF's two-stage ranking takes its candidate blocks by this
+/// bound: every channel counts, so a key that stands out in many channels
+/// (a needle) raises its block's bound even where `|q|`'s top channels
+/// miss it.
+pub fn run_upper_bounds(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    run: &SketchRun<'_>,
+    blocks: std::ops::Range<usize>,
+    scratch: &mut RunBoundScratch,
+    out: &mut [f32],
+) {
+    assert_eq!(q.len(), heads * d, "run bounds: q is not [heads][d]");
+    assert!(blocks.end <= run.cap, "run bounds: blocks beyond the run");
+    assert!(
+        run.lo.len() >= d * run.cap && run.hi.len() >= d * run.cap,
+        "run bounds: rows shorter than [d][cap]"
+    );
+    assert_eq!(
+        out.len(),
+        heads * blocks.len(),
+        "run bounds: out is not [heads][blocks]"
+    );
+    let sc = scratch;
+    sc.sum.resize(heads * BOUND_CHUNK, 0.0);
+    sc.x.resize(2 * BOUND_CHUNK, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2_fma() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        unsafe { run_upper_bounds_avx2(q, heads, d, run, blocks, sc, out) };
+        return;
+    }
+    run_upper_bounds_impl::<false>(q, heads, d, run, blocks, sc, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_upper_bounds_avx2(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    run: &SketchRun<'_>,
+    blocks: std::ops::Range<usize>,
+    sc: &mut RunBoundScratch,
+    out: &mut [f32],
+) {
+    run_upper_bounds_impl::<true>(q, heads, d, run, blocks, sc, out);
+}
+
+/// The sums over a chunk of blocks, channel by channel: one channel's
+/// boxes converted once and added to every head's sums (a plain loop over
+/// slices that LLVM vectorises; products rounded apart, never fused, as
+/// `max` needs them).
+#[inline(always)]
+fn run_upper_bounds_impl<const FAST: bool>(
+    q: &[f32],
+    heads: usize,
+    d: usize,
+    run: &SketchRun<'_>,
+    blocks: std::ops::Range<usize>,
+    sc: &mut RunBoundScratch,
+    out: &mut [f32],
+) {
+    let (cap, nb) = (run.cap, blocks.len());
+    // SAFETY: f16 is a u16 bit pattern of the same size.
+    let as_f16 =
+        |b: &[u16]| unsafe { std::slice::from_raw_parts(b.as_ptr() as *const half::f16, b.len()) };
+    let mut b0 = blocks.start;
+    while b0 < blocks.end {
+        let cb = BOUND_CHUNK.min(blocks.end - b0);
+        sc.sum[..heads * BOUND_CHUNK].fill(0.0);
+        let (lo, hi) = sc.x.split_at_mut(BOUND_CHUNK);
+        let (lo, hi) = (&mut lo[..cb], &mut hi[..cb]);
+        for c in 0..d {
+            let at = c * cap + b0;
+            simd::widen::<half::f16, FAST>(as_f16(&run.lo[at..at + cb]), lo);
+            simd::widen::<half::f16, FAST>(as_f16(&run.hi[at..at + cb]), hi);
+            for (h, acc) in sc.sum.chunks_exact_mut(BOUND_CHUNK).take(heads).enumerate() {
+                let qc = q[h * d + c];
+                for ((a, &l), &u) in acc[..cb].iter_mut().zip(lo.iter()).zip(hi.iter()) {
+                    let (x, y) = (qc * u, qc * l);
+                    *a += if x > y { x } else { y };
+                }
+            }
+        }
+        for h in 0..heads {
+            out[h * nb + (b0 - blocks.start)..][..cb]
+                .copy_from_slice(&sc.sum[h * BOUND_CHUNK..h * BOUND_CHUNK + cb]);
+        }
+        b0 += cb;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -916,6 +1031,97 @@ mod tests {
             let mut moved = vec![0f32; n];
             sketch_scores(&q, heads, d, &s, &channels, scale, &mut acc, &mut moved);
             assert_ne!(moved[0], got[0]);
+        }
+    }
+
+    /// A run's upper bounds are bit for bit those of each block's box
+    /// alone (a run of capacity 1, as the daemon scores blocks outside a
+    /// run), within rounding of `upper_bounds`: chunk boundaries crossed
+    /// (more blocks than a chunk), a sub-range of blocks, d not a multiple
+    /// of 8; and a changed bound moves the result (the test can fail).
+    #[test]
+    fn run_upper_bounds_equal_each_blocks_bounds() {
+        use crate::abstracts::{AbstractScratch, upper_bounds};
+        for (d, blocks, heads) in [(32, 300, 4), (13, 40, 3), (4, 3, 1), (128, 70, 2)] {
+            let cap = blocks + 5;
+            let mut rng = Rng::new(d as u64 * 31 + blocks as u64);
+            let q = rng.normal_vec(heads * d, 1.0);
+            let lo: Vec<f16> = rng.normal_kv(cap * d, 1.0);
+            let hi: Vec<f16> = lo
+                .iter()
+                .zip(rng.normal_vec(cap * d, 1.0))
+                .map(|(l, w)| f16::from_f32(l.to_f32() + w.abs()))
+                .collect();
+            // Channel-major, as a run keeps them.
+            let (mut lo16, mut hi16) = (vec![0u16; d * cap], vec![0u16; d * cap]);
+            for b in 0..cap {
+                for i in 0..d {
+                    lo16[i * cap + b] = lo[b * d + i].to_bits();
+                    hi16[i * cap + b] = hi[b * d + i].to_bits();
+                }
+            }
+            let run = SketchRun {
+                codes: &[],
+                lo: &lo16,
+                hi: &hi16,
+                cap,
+                tpb: 16,
+            };
+            let mut rs = RunBoundScratch::default();
+            let mut scratch = AbstractScratch::new(d);
+            for range in [0..blocks, 1..blocks.min(35)] {
+                let nb = range.len();
+                let mut got = vec![0f32; heads * nb];
+                run_upper_bounds(&q, heads, d, &run, range.clone(), &mut rs, &mut got);
+                for b in range.clone() {
+                    let (l, u): (Vec<u16>, Vec<u16>) = (
+                        lo[b * d..(b + 1) * d].iter().map(|x| x.to_bits()).collect(),
+                        hi[b * d..(b + 1) * d].iter().map(|x| x.to_bits()).collect(),
+                    );
+                    let one = SketchRun {
+                        codes: &[],
+                        lo: &l,
+                        hi: &u,
+                        cap: 1,
+                        tpb: 16,
+                    };
+                    let mut alone = vec![0f32; heads];
+                    run_upper_bounds(&q, heads, d, &one, 0..1, &mut rs, &mut alone);
+                    let mut lanes = vec![0f32; heads];
+                    upper_bounds(
+                        &q,
+                        heads,
+                        d,
+                        &lo[b * d..(b + 1) * d],
+                        &hi[b * d..(b + 1) * d],
+                        &mut scratch,
+                        &mut lanes,
+                    );
+                    for h in 0..heads {
+                        let g = got[h * nb + b - range.start];
+                        assert_eq!(g.to_bits(), alone[h].to_bits(), "d {d} block {b} head {h}");
+                        assert!(
+                            (g - lanes[h]).abs() <= 1e-4 * (1.0 + lanes[h].abs()),
+                            "d {d} block {b} head {h}: {g} vs {}",
+                            lanes[h]
+                        );
+                    }
+                }
+            }
+            let mut was = vec![0f32; heads * blocks];
+            run_upper_bounds(&q, heads, d, &run, 0..blocks, &mut rs, &mut was);
+            hi16[(d - 1) * cap] = f16::from_f32(1e4).to_bits();
+            lo16[(d - 1) * cap] = f16::from_f32(-1e4).to_bits();
+            let mut moved = vec![0f32; heads * blocks];
+            let run = SketchRun {
+                codes: &[],
+                lo: &lo16,
+                hi: &hi16,
+                cap,
+                tpb: 16,
+            };
+            run_upper_bounds(&q, heads, d, &run, 0..blocks, &mut rs, &mut moved);
+            assert!((0..heads).any(|h| moved[h * blocks] != was[h * blocks]));
         }
     }
 

@@ -12,13 +12,14 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
 use strata_kernels::sketch::{
-    RunScratch, Sketch, SketchScratch, run_scores, sketch_scores, sketch_scores_with_heads,
-    span_lse,
+    RunBoundScratch, RunScratch, Sketch, SketchRun, SketchScratch, run_scores, run_upper_bounds,
+    sketch_scores, sketch_scores_with_heads, span_lse,
 };
 use strata_kernels::sparf::{
     HeadScores, SparfScratch, chosen_mass, mean_correct, score_temperature, sparf_scores_head,
@@ -1282,9 +1283,43 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         .iter()
         .map(|&t| t as usize)
         .sum();
+    let correct = seq.req.sparf_mean_correction;
+    if let Some(factor) = refine_factor(&ctx.cfg, &seq) {
+        // Two-stage ranking (`refined_blocks`): no r-channel scan at all.
+        let k_tokens = seq
+            .req
+            .sparf_tokens
+            .map_or(total.div_ceil(16).max(1), |k| k as usize)
+            .min(total);
+        let runs = ctx.runs.clone();
+        let (s, got) = ctx
+            .blocking(move || {
+                let mut alpha = vec![0f32; if correct { heads } else { 0 }];
+                let got = refined_blocks(
+                    &seq,
+                    factor,
+                    k_tokens,
+                    runs.as_deref(),
+                    correct.then_some(&mut alpha[..]),
+                );
+                (seq, got.map(|g| (g, alpha)))
+            })
+            .await?;
+        seq = s;
+        if let Some(((chosen, bytes), alpha)) = got {
+            let (seq, chosen) = attend_chosen(ctx, seq, chosen).await?;
+            return finish_sparf(
+                ctx,
+                seq,
+                chosen,
+                bytes,
+                correct.then_some(Alpha::Given(alpha)),
+            )
+            .await;
+        }
+    }
     // Channels per KV head; scores per KV head over all tokens, first of
     // the blocks with a sketch (`need`: those without).
-    let correct = seq.req.sparf_mean_correction;
     let runs = ctx.runs.clone();
     let (mut seq, channels, mut scores, mut each, need, sketch_bytes) = ctx
         .blocking(move || {
@@ -1408,14 +1443,33 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
             (seq, chosen)
         })
         .await?;
-    let (mut seq, mut chosen) = attend_chosen(ctx, seq, chosen).await?;
-    let mut summary_bytes = sketch_bytes;
+    let (seq, chosen) = attend_chosen(ctx, seq, chosen).await?;
+    let alpha = correct.then(|| Alpha::Sketch {
+        channels: Arc::unwrap_or_clone(channels),
+        r,
+        each,
+    });
+    finish_sparf(ctx, seq, chosen, sketch_bytes, alpha).await
+}
+
+/// SPARF's answer once the chosen set is attended: the mean-value
+/// correction when asked for (`alpha`), and the summary bytes the ranking
+/// read (`summary_bytes`, the correction's V sums added).
+async fn finish_sparf(
+    ctx: &AttendCtx,
+    seq: Seq,
+    chosen: Arc<Vec<Vec<u32>>>,
+    summary_bytes: u64,
+    alpha: Option<Alpha>,
+) -> Result<SeqResult, StoreError> {
+    let (mut seq, mut chosen) = (seq, chosen);
+    let mut summary_bytes = summary_bytes;
     let mut corrected = false;
-    if correct {
+    if let Some(alpha) = alpha {
         let (s, c, outcome, bytes) = ctx
             .blocking(move || {
                 let mut seq = seq;
-                let (outcome, bytes) = mean_correction(&mut seq, &chosen, &channels, r, &each);
+                let (outcome, bytes) = mean_correction(&mut seq, &chosen, &alpha);
                 (seq, chosen, outcome, bytes)
             })
             .await?;
@@ -1431,6 +1485,21 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         out.exact = false;
     }
     Ok(out)
+}
+
+/// Where the mean-value correction's `alpha` (the chosen set's estimated
+/// share of each query head's softmax mass) comes from.
+pub(crate) enum Alpha {
+    /// SparQ's: each query head's own r-channel scores over every token
+    /// (`each`, `[heads][total]`), at its temperature on the group's
+    /// `channels` (`[kv][r]`).
+    Sketch {
+        channels: Vec<u32>,
+        r: usize,
+        each: Vec<f32>,
+    },
+    /// Per query head, from the two-stage ranking ([`refined_blocks`]).
+    Given(Vec<f32>),
 }
 
 /// What became of a requested mean-value correction (the metric's label).
@@ -1449,26 +1518,19 @@ pub(crate) enum Correction {
 
 /// SparQ's mean-value correction of a SparF answer whose chosen tokens
 /// were attended exactly into `seq.acc`, per query head `j` of KV head
-/// `h`: `alpha_j`, the softmax mass of the chosen set estimated from the
-/// head's own r-channel scores `each[j]` at SparQ's temperature
-/// (`score_temperature` on the group's channels), and `v_mean_h`, the mean
+/// `h`: `alpha_j`, the softmax mass of the chosen set ([`Alpha`]: as
+/// SparQ estimates it from the head's own r-channel scores at its
+/// temperature, or as the two-stage ranking does), and `v_mean_h`, the mean
 /// of V over every present token from the summaries' V sums (no V read);
 /// then `o_j = alpha_j o_j + (1 - alpha_j) v_mean_h` and `lse_j -= ln
 /// alpha_j` (`strata_kernels::sparf::mean_correct`). Everything is over
 /// the present prefix as it stands after phase 2 (a block cut there leaves
 /// the estimate as well). Returns what happened and the V-sum bytes read.
-fn mean_correction(
-    seq: &mut Seq,
-    chosen: &[Vec<u32>],
-    channels: &[u32],
-    r: usize,
-    each: &[f32],
-) -> (Correction, u64) {
+fn mean_correction(seq: &mut Seq, chosen: &[Vec<u32>], alpha: &Alpha) -> (Correction, u64) {
     let geom = seq.req.geom;
     let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
     let heads = seq.input().heads;
     let g = heads / kv;
-    let total = each.len() / heads;
     let present = seq.present();
     let end: usize = seq.tokens[..present].iter().map(|&t| t as usize).sum();
     // Chosen positions of each KV head inside the present prefix (sorted).
@@ -1503,8 +1565,15 @@ fn mean_correction(
     let s = &seq.req.seqs[seq.idx];
     for j in 0..heads {
         let h = j / g;
-        let t = score_temperature(&s.q[j * d..(j + 1) * d], &channels[h * r..(h + 1) * r]);
-        let alpha = chosen_mass(&each[j * total..j * total + end], inside[h], t);
+        let alpha = match alpha {
+            Alpha::Sketch { channels, r, each } => {
+                let total = each.len() / heads;
+                let ch = &channels[h * r..(h + 1) * r];
+                let t = score_temperature(&s.q[j * d..(j + 1) * d], ch);
+                chosen_mass(&each[j * total..j * total + end], inside[h], t)
+            }
+            Alpha::Given(a) => a[j],
+        };
         mean_correct(
             &mut seq.acc.o[j * d..(j + 1) * d],
             &mut seq.acc.lse[j],
@@ -1686,6 +1755,480 @@ fn prefetch_sketch(seq: &Seq, i: usize, channels: &[u32], r: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (seq, i, channels, r);
+}
+
+/// Candidate blocks per chosen block of SPARF's two-stage ranking
+/// (`compute.sparf_candidates`), when it applies to this call: the
+/// defaults' channels (a request naming `sparf_channels` asks for SparQ's
+/// ranking on that many channels) and whole blocks (`sparf_by_token` ranks
+/// single tokens), per KV head or jointly. None: the one-stage r-channel
+/// ranking.
+fn refine_factor(cfg: &AttendConfig, seq: &Seq) -> Option<usize> {
+    let req = &seq.req;
+    let two_stage = cfg.sparf_candidates > 0 && req.sparf_channels.is_none() && !req.sparf_by_token;
+    two_stage.then_some(cfg.sparf_candidates)
+}
+
+/// SPARF's two-stage block choice, per KV head, over the present blocks
+/// (all of which must have a key sketch; None otherwise, and the caller
+/// ranks on r channels):
+///
+/// 1. every block's upper bound `UB = sum_i max(q_i lo_i, q_i hi_i)` over
+///    **all** d channels of its box (the maximum over the group's query
+///    heads; from the chain's sketch run for the blocks it covers, bit for
+///    bit as from the entries), and the best `factor` times as many blocks
+///    as k tokens fill become candidates;
+/// 2. each candidate is scored on all d channels of its key sketch (the
+///    8-bit codes the entry already holds: the decoded keys within half a
+///    step) and candidates are taken best-first by the log-sum-exp of
+///    those scores until k tokens are in (as [`best_blocks`]). With
+///    `sparf_joint_heads` and several KV heads, one set for the layer: the
+///    union of every head's candidates, each head rescored on all of them,
+///    ranked by the sum over heads of each head's estimated share of its
+///    mass over the union (as [`joint_best_blocks`]).
+///
+/// Why: on r = d/8 channels of `|q|` the scores miss keys that stand out
+/// in many channels but not in those (COMPUTE.md §2's needles), and even
+/// on topic runs they rank blocks worse than all channels do; the bound
+/// sees every channel and costs d values per block instead of r codes per
+/// token, and the full-width rescoring is paid only for the candidates.
+/// The set is then attended exactly, as before (bench/README "Attend").
+/// Returns the chosen token positions per KV head (sorted) and the summary
+/// bytes read: both bounds of every channel of every block and KV head,
+/// and the code rows of every channel of each candidate.
+///
+/// With `alpha` (`[heads]`, for the mean-value correction), each query
+/// head's share of its own estimated softmax mass over the candidates
+/// that the chosen blocks hold, from its own full-width sketch scores: the
+/// blocks left out of the candidates are taken to weigh nothing (their
+/// bound on every channel put them below the candidates), which the
+/// r-channel estimate over every token cannot match in accuracy.
+fn refined_blocks(
+    seq: &Seq,
+    factor: usize,
+    k: usize,
+    runs: Option<&SketchRuns>,
+    mut alpha: Option<&mut [f32]>,
+) -> Option<(Vec<Vec<u32>>, u64)> {
+    let joint = seq.req.sparf_joint_heads && seq.req.geom.kv_heads > 1;
+    let geom = seq.req.geom;
+    let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
+    let layer = seq.req.layer;
+    let s = &seq.req.seqs[seq.idx];
+    let g = s.heads / kv;
+    let present = seq.present();
+    let spans: Vec<(usize, usize)> = (0..present)
+        .map(|i| (seq.starts[i] as usize, seq.tokens[i] as usize))
+        .collect();
+    // Stage 1: `ub[h][i]`, the group's largest bound of block i.
+    let mut ub = vec![f32::NEG_INFINITY; kv * present];
+    let mut per_head = vec![0f32; g * present];
+    let mut first = 0;
+    if let Some(runs) = runs {
+        let covered = runs.with_run(
+            seq.req.namespace,
+            layer,
+            geom,
+            &seq.pin.blocks,
+            present,
+            &seq.tokens,
+            |i| seq.pin.summary(i, geom),
+            |view| {
+                let m = view.covered;
+                let mut rs = RunBoundScratch::default();
+                for h in 0..kv {
+                    let out = &mut per_head[..g * m];
+                    run_upper_bounds(
+                        &s.q[h * g * d..(h + 1) * g * d],
+                        g,
+                        d,
+                        &view.head(h),
+                        0..m,
+                        &mut rs,
+                        out,
+                    );
+                    group_max(out, g, m, &mut ub[h * present..h * present + m]);
+                }
+                m
+            },
+        );
+        first = covered.unwrap_or(0);
+    }
+    // The rest from their entries: a block's `[d]` bound rows are a run
+    // of one block, so the bounds are bit for bit those a run gives.
+    let mut rs = RunBoundScratch::default();
+    let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    for i in first..present {
+        let view = seq.pin.summary(i, geom)?;
+        if !view.has_sketch() {
+            return None;
+        }
+        for h in 0..kv {
+            view.bounds(layer, h as u32, &mut mn, &mut mx);
+            let one = SketchRun {
+                codes: &[],
+                lo: mn.reinterpret_cast(),
+                hi: mx.reinterpret_cast(),
+                cap: 1,
+                tpb: geom.tokens_per_block as usize,
+            };
+            let out = &mut per_head[..g];
+            run_upper_bounds(
+                &s.q[h * g * d..(h + 1) * g * d],
+                g,
+                d,
+                &one,
+                0..1,
+                &mut rs,
+                out,
+            );
+            group_max(out, g, 1, &mut ub[h * present + i..h * present + i + 1]);
+        }
+    }
+    // A non-finite box (or query) bounds nothing: rank on r channels.
+    if !ub.iter().all(|x| x.is_finite()) {
+        return None;
+    }
+    let mut bytes = (present * kv * 2 * d * 2) as u64;
+    // Stage 2, per KV head.
+    let least = spans
+        .iter()
+        .map(|s| s.1)
+        .filter(|&n| n > 0)
+        .min()
+        .unwrap_or(1);
+    // Candidates for at least the default k = N/16: a smaller k asks for
+    // fewer blocks, not for a weaker filter (at k = N/32 a pool of 3 × k/16
+    // blocks cost semantic heads 0.02 of mass against one stage).
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let m = factor
+        .saturating_mul(k.max(total.div_ceil(16)).div_ceil(least))
+        .max(1)
+        .min(present);
+    let tpb = geom.tokens_per_block as usize;
+    let mut sc = Rescore::new(d, tpb, g, alpha.is_some());
+    let mut chosen = Vec::with_capacity(kv);
+    if joint {
+        // One set for the layer: the union of every head's candidates,
+        // each head rescored on all of them, blocks ranked by the sum over
+        // heads of each head's estimated share of its mass over the union
+        // (as `joint_best_blocks` does over every block).
+        let mut union: Vec<usize> = (0..kv)
+            .flat_map(|h| top_blocks(&ub[h * present..(h + 1) * present], m))
+            .collect();
+        union.sort_unstable();
+        union.dedup();
+        let cspans: Vec<(usize, usize)> = union.iter().map(|&i| spans[i]).collect();
+        let mut weight = vec![0f64; union.len()];
+        let mut heads_lse = Vec::with_capacity(kv);
+        for h in 0..kv {
+            let (w, hl) = sc.score(seq, h, &union, &spans, &mut bytes)?;
+            let all = log_sum_exp_f64(&w);
+            if all.is_finite() {
+                for (x, &l) in weight.iter_mut().zip(&w) {
+                    *x += (l - all).exp();
+                }
+            }
+            heads_lse.push(hl);
+        }
+        let mut c = take_best(weight, &cspans, k);
+        c.sort_unstable();
+        if let Some(a) = alpha.as_deref_mut() {
+            for (h, hl) in heads_lse.iter().enumerate() {
+                shares(hl, &cspans, &c, &mut a[h * g..(h + 1) * g]);
+            }
+        }
+        chosen.resize(kv, c);
+        return Some((chosen, bytes));
+    }
+    for h in 0..kv {
+        let cand = top_blocks(&ub[h * present..(h + 1) * present], m);
+        let cspans: Vec<(usize, usize)> = cand.iter().map(|&i| spans[i]).collect();
+        let (weight, head_lse) = sc.score(seq, h, &cand, &spans, &mut bytes)?;
+        let mut c = take_best(weight, &cspans, k);
+        c.sort_unstable();
+        if let Some(a) = alpha.as_deref_mut() {
+            shares(&head_lse, &cspans, &c, &mut a[h * g..(h + 1) * g]);
+        }
+        chosen.push(c);
+    }
+    Some((chosen, bytes))
+}
+
+/// The best `m` blocks by `ub` (ties to the earlier block), in block
+/// order (entries are then read front to back).
+fn top_blocks(ub: &[f32], m: usize) -> Vec<usize> {
+    let mut cand: Vec<(f32, usize)> = ub.iter().copied().zip(0..).collect();
+    let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if m < cand.len() {
+        cand.select_nth_unstable_by(m.max(1) - 1, order);
+        cand.truncate(m);
+    }
+    let mut out: Vec<usize> = cand.into_iter().map(|c| c.1).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Each query head's share (`out`, `[g]`) of its own estimated mass over
+/// the candidates (`head_lse` `[g][candidates]`, spans `cspans`) that the
+/// chosen token positions `chosen` (sorted) hold: the mean-value
+/// correction's `alpha` from the two-stage scores.
+fn shares(head_lse: &[f64], cspans: &[(usize, usize)], chosen: &[u32], out: &mut [f32]) {
+    let nc = cspans.len();
+    let taken: Vec<bool> = cspans
+        .iter()
+        .map(|&(start, n)| n > 0 && chosen.binary_search(&(start as u32)).is_ok())
+        .collect();
+    for (j, a) in out.iter_mut().enumerate() {
+        let l = &head_lse[j * nc..(j + 1) * nc];
+        let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (mut all, mut part) = (0f64, 0f64);
+        for (&x, &t) in l.iter().zip(&taken) {
+            let w = if m.is_finite() { (x - m).exp() } else { 0.0 };
+            all += w;
+            part += if t { w } else { 0.0 };
+        }
+        *a = if all > 0.0 { (part / all) as f32 } else { 0.0 };
+    }
+}
+
+/// `ln sum exp` of `x` (`-inf` when empty or all `-inf`).
+fn log_sum_exp_f64(x: &[f64]) -> f64 {
+    let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln()
+}
+
+/// Stage 2 of [`refined_blocks`]: candidates rescored on every channel of
+/// their key sketches, a chunk at a time from a run of their own (their
+/// code rows and bounds gathered channel-major, a 16-byte copy per channel
+/// and block), so that `run_scores` streams them as it streams a chain's
+/// run instead of one block's d channels at a time. Scratch reused across
+/// KV heads.
+struct Rescore {
+    d: usize,
+    tpb: usize,
+    g: usize,
+    all: Vec<u32>,
+    codes: Vec<u8>,
+    lo: Vec<u16>,
+    hi: Vec<u16>,
+    run: RunScratch,
+    group: Vec<f32>,
+    /// Each query head's own scores of one candidate (for `alpha` only).
+    each: Option<EachScratch>,
+}
+
+struct EachScratch {
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+    acc: SketchScratch,
+    row: Vec<f32>,
+    own: Vec<f32>,
+}
+
+/// Candidates per gathered chunk (`run_scores`' chunk of blocks).
+const RESCORE_CHUNK: usize = 32;
+
+impl Rescore {
+    fn new(d: usize, tpb: usize, g: usize, each: bool) -> Self {
+        Rescore {
+            d,
+            tpb,
+            g,
+            all: (0..d as u32).collect(),
+            codes: vec![0; d * RESCORE_CHUNK * tpb],
+            lo: vec![0; d * RESCORE_CHUNK],
+            hi: vec![0; d * RESCORE_CHUNK],
+            run: RunScratch::default(),
+            group: vec![0.0; RESCORE_CHUNK * tpb],
+            each: each.then(|| EachScratch {
+                lo: vec![0.0; d],
+                hi: vec![0.0; d],
+                acc: SketchScratch::new(),
+                row: vec![0.0; tpb],
+                own: vec![0.0; g * tpb],
+            }),
+        }
+    }
+
+    /// KV head `h`'s candidates `cand` (block indices, in order; `spans`
+    /// of every block): the log-sum-exp of each one's group scores on all
+    /// channels, and with `each` `[g][cand]` those of each query head's own
+    /// scores. Adds the code bytes read to `bytes`. None when a candidate
+    /// has no sketch or a non-finite box.
+    fn score(
+        &mut self,
+        seq: &Seq,
+        h: usize,
+        cand: &[usize],
+        spans: &[(usize, usize)],
+        bytes: &mut u64,
+    ) -> Option<(Vec<f64>, Vec<f64>)> {
+        let (d, tpb, g) = (self.d, self.tpb, self.g);
+        let geom = seq.req.geom;
+        let layer = seq.req.layer;
+        let s = &seq.req.seqs[seq.idx];
+        let q = &s.q[h * g * d..(h + 1) * g * d];
+        let (mut mn, mut mx) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+        let mut weight = Vec::with_capacity(cand.len());
+        let mut head_lse = vec![
+            0f64;
+            if self.each.is_some() {
+                g * cand.len()
+            } else {
+                0
+            }
+        ];
+        // The candidates' entries are scattered over the region: ask for
+        // them a few ahead, so that the misses overlap.
+        const AHEAD: usize = 4;
+        for &i in cand.iter().take(AHEAD) {
+            prefetch_entry(seq, i, h);
+        }
+        for (p, part) in cand.chunks(RESCORE_CHUNK).enumerate() {
+            let cb = part.len();
+            for (j, &i) in part.iter().enumerate() {
+                if let Some(&next) = cand.get(p * RESCORE_CHUNK + j + AHEAD) {
+                    prefetch_entry(seq, next, h);
+                }
+                let view = seq.pin.summary(i, geom)?;
+                let codes = view.sketch(layer, h as u32)?;
+                view.bounds(layer, h as u32, &mut mn, &mut mx);
+                gather_rows(codes, d, tpb, &mut self.codes[j * tpb..], cb * tpb);
+                for c in 0..d {
+                    self.lo[c * cb + j] = mn[c].to_bits();
+                    self.hi[c * cb + j] = mx[c].to_bits();
+                }
+            }
+            let run = SketchRun {
+                codes: &self.codes[..d * cb * tpb],
+                lo: &self.lo[..d * cb],
+                hi: &self.hi[..d * cb],
+                cap: cb,
+                tpb,
+            };
+            let out = &mut self.group[..cb * tpb];
+            run_scores(
+                q,
+                g,
+                d,
+                &run,
+                0..cb,
+                &self.all,
+                seq.req.scale,
+                &mut self.run,
+                out,
+            );
+            for (j, &i) in part.iter().enumerate() {
+                // A partial last block's slots past its tokens are unused.
+                let n = spans[i].1;
+                weight.push(log_sum_exp(&out[j * tpb..j * tpb + n]));
+                *bytes += (d * n) as u64;
+            }
+            let Some(e) = self.each.as_mut() else {
+                continue;
+            };
+            for (j, &i) in part.iter().enumerate() {
+                let view = seq.pin.summary(i, geom)?;
+                let codes = view.sketch(layer, h as u32)?;
+                let n = spans[i].1;
+                for c in 0..d {
+                    e.lo[c] = f16::from_bits(self.lo[c * cb + j]).to_f32_const();
+                    e.hi[c] = f16::from_bits(self.hi[c * cb + j]).to_f32_const();
+                }
+                let sk = Sketch {
+                    codes,
+                    stride: tpb,
+                    n,
+                    lo: &e.lo,
+                    hi: &e.hi,
+                };
+                let heads = HeadScores {
+                    out: &mut e.own[..],
+                    pitch: tpb,
+                };
+                let row = &mut e.row[..n];
+                let scale = seq.req.scale;
+                if !sketch_scores_with_heads(q, g, d, &sk, &self.all, scale, &mut e.acc, row, heads)
+                {
+                    return None;
+                }
+                let at = p * RESCORE_CHUNK + j;
+                for jj in 0..g {
+                    head_lse[jj * cand.len() + at] = log_sum_exp(&e.own[jj * tpb..jj * tpb + n]);
+                }
+            }
+        }
+        Some((weight, head_lse))
+    }
+}
+
+/// Starts loading block `i`'s key sketch (every channel) and bounds of KV
+/// head `h` into L2. A hint only: never faults, changes nothing.
+fn prefetch_entry(seq: &Seq, i: usize, h: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let geom = seq.req.geom;
+        let Some(view) = seq.pin.summary(i, geom) else {
+            return;
+        };
+        let fetch = |p: *const u8| {
+            // SAFETY: a prefetch of a mapped address; SSE is baseline on
+            // x86-64.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    p as *const i8,
+                )
+            }
+        };
+        if let Some(codes) = view.sketch(seq.req.layer, h as u32) {
+            for off in (0..codes.len()).step_by(64) {
+                fetch(codes[off..].as_ptr());
+            }
+        }
+        let (lo, hi) = view.bound_ptrs(seq.req.layer, h as u32);
+        let rows = 2 * geom.head_dim as usize * view.leaves() as usize;
+        for p in [lo, hi] {
+            for off in (0..rows).step_by(64) {
+                fetch(p.wrapping_add(off));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (seq, i, h);
+}
+
+/// Copies the `d` rows of `tpb` codes of `codes` to `out` at a pitch of
+/// `pitch` bytes (row `c` at `out[c * pitch..]`). 16-token rows are copied
+/// as fixed-size arrays: a slice copy of a run-time length is a call.
+fn gather_rows(codes: &[u8], d: usize, tpb: usize, out: &mut [u8], pitch: usize) {
+    const FIXED: usize = 16;
+    if tpb == FIXED {
+        for (c, src) in codes.chunks_exact(FIXED).take(d).enumerate() {
+            let src: &[u8; FIXED] = src.try_into().expect("16 codes");
+            let dst: &mut [u8; FIXED] = (&mut out[c * pitch..c * pitch + FIXED])
+                .try_into()
+                .expect("16 codes");
+            *dst = *src;
+        }
+        return;
+    }
+    for c in 0..d {
+        out[c * pitch..c * pitch + tpb].copy_from_slice(&codes[c * tpb..(c + 1) * tpb]);
+    }
+}
+
+/// `out[b] = max_h x[h][b]` of `x` (`[heads][n]`), heads in order.
+fn group_max(x: &[f32], heads: usize, n: usize, out: &mut [f32]) {
+    out.copy_from_slice(&x[..n]);
+    for h in 1..heads {
+        for (o, &v) in out.iter_mut().zip(&x[h * n..(h + 1) * n]) {
+            *o = if v > *o { v } else { *o };
+        }
+    }
 }
 
 /// Whole blocks best-first by the log-sum-exp of their tokens' scores

@@ -115,6 +115,9 @@ pub struct AttendConfig {
     pub sketch_runs_bytes: u64,
     /// SPARSE's leaf level (`compute.leaf_level`).
     pub leaf_level: LeafLevel,
+    /// SPARF's two-stage ranking: candidate blocks per chosen block
+    /// (`compute.sparf_candidates`); 0: one stage on r channels.
+    pub sparf_candidates: usize,
 }
 
 impl Default for AttendConfig {
@@ -129,6 +132,7 @@ impl Default for AttendConfig {
             promote: false,
             sketch_runs_bytes: 0,
             leaf_level: LeafLevel::Adaptive,
+            sparf_candidates: 3,
         }
     }
 }
