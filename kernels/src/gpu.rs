@@ -760,7 +760,11 @@ impl Gpu {
             )
         })?;
         shape(scores.len() >= rows * n, || {
-            format!("top-k: scores hold {} < rows * n = {}", scores.len(), rows * n)
+            format!(
+                "top-k: scores hold {} < rows * n = {}",
+                scores.len(),
+                rows * n
+            )
         })?;
         shape(
             idx.len() >= rows * k && val.len() >= rows * k && count.len() >= rows,
@@ -773,7 +777,12 @@ impl Gpu {
         let f = self.function("topk_rows")?;
         guard(|| {
             let mut b = self.stream.launch_builder(f);
-            b.arg(scores).arg(&n_i).arg(&k_i).arg(idx).arg(val).arg(count);
+            b.arg(scores)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(idx)
+                .arg(val)
+                .arg(count);
             let cfg = LaunchConfig {
                 grid_dim: (rows_i as u32, 1, 1),
                 block_dim: (TOPK_THREADS, 1, 1),
