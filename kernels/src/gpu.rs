@@ -299,6 +299,33 @@ fn topk_shared_bytes(k: usize) -> usize {
     8 * k.max(1).next_power_of_two()
 }
 
+/// The argument checks of [`Gpu::top_k`] (as the CPU twin's asserts, but
+/// errors): `lens` are those of scores, idx, val and count.
+fn topk_shape(
+    k_max: usize,
+    (rows, n, k): (usize, usize, usize),
+    [scores, idx, val, count]: [usize; 4],
+) -> Result<(), GpuError> {
+    shape(k <= k_max, || {
+        format!(
+            "top-k: k = {k} exceeds this device's limit {k_max} (the sort lives in shared memory)"
+        )
+    })?;
+    // The kernel counts `base + threadIdx.x` in an int.
+    shape(n <= i32::MAX as usize - TOPK_THREADS as usize, || {
+        format!("top-k: n = {n} exceeds i32 less a block")
+    })?;
+    let (Some(cells), Some(slots)) = (rows.checked_mul(n), rows.checked_mul(k)) else {
+        return Err(GpuError::Shape(format!("top-k: {rows} rows overflow")));
+    };
+    shape(scores >= cells, || {
+        format!("top-k: scores hold {scores} < rows * n = {cells}")
+    })?;
+    shape(idx >= slots && val >= slots && count >= rows, || {
+        "top-k: outputs shorter than rows * k (idx, val) or rows (count)".into()
+    })
+}
+
 /// A device with every kernel family loaded.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -742,8 +769,9 @@ impl Gpu {
     /// and `val[r * k..][..count[r]]`, best first (higher value, then lower
     /// index); the rest of a row's `k` slots are not written. `idx` and
     /// `val` hold at least `rows * k` entries, `count` at least `rows`.
-    /// Limits: `k <= self.top_k_max()` (8192 on GPUs from Volta on) and
-    /// `n`, `rows` within `i32`; beyond them a [`GpuError::Shape`].
+    /// Limits: `k <= self.top_k_max()` (8192 on GPUs from Volta on),
+    /// `n <= i32::MAX - 1024`, `rows <= i32::MAX`; beyond them a
+    /// [`GpuError::Shape`].
     pub fn top_k(
         &self,
         scores: &CudaSlice<f32>,
@@ -753,22 +781,10 @@ impl Gpu {
         val: &mut CudaSlice<f32>,
         count: &mut CudaSlice<u32>,
     ) -> Result<(), GpuError> {
-        shape(k <= self.topk_max_k, || {
-            format!(
-                "top-k: k = {k} exceeds this device's limit {} (the sort lives in shared memory)",
-                self.topk_max_k
-            )
-        })?;
-        shape(scores.len() >= rows * n, || {
-            format!(
-                "top-k: scores hold {} < rows * n = {}",
-                scores.len(),
-                rows * n
-            )
-        })?;
-        shape(
-            idx.len() >= rows * k && val.len() >= rows * k && count.len() >= rows,
-            || "top-k: outputs shorter than rows * k (idx, val) or rows (count)".into(),
+        topk_shape(
+            self.topk_max_k,
+            (rows, n, k),
+            [scores.len(), idx.len(), val.len(), count.len()],
         )?;
         if rows == 0 {
             return Ok(());
@@ -1044,6 +1060,23 @@ mod tests {
         // Below the default 48 KB, with room for the kernel's static
         // histogram and scan slots (about 1.3 KB).
         assert!(topk_shared_bytes(TOPK_MAX_K_DEFAULT_SHARED) + 2048 <= SHARED_MAX);
+    }
+
+    #[test]
+    fn topk_refuses_bad_shapes_with_an_error() {
+        let ok = |rows_n_k, lens| topk_shape(TOPK_MAX_K, rows_n_k, lens).is_ok();
+        assert!(ok((8, 131_072, 8192), [8 * 131_072, 8 * 8192, 8 * 8192, 8]));
+        assert!(ok((3, 5000, 0), [15_000, 1, 1, 3]));
+        assert!(ok((0, 0, 0), [1, 1, 1, 1]));
+        // Over the limit, short scores, short outputs, overflowing rows.
+        assert!(!ok((1, 100, TOPK_MAX_K + 1), [100, 9000, 9000, 1]));
+        assert!(!ok((2, 100, 10), [199, 20, 20, 2]));
+        assert!(!ok((2, 100, 10), [200, 19, 20, 2]));
+        assert!(!ok((2, 100, 10), [200, 20, 20, 1]));
+        assert!(!ok((usize::MAX, 2, 1), [usize::MAX; 4]));
+        assert!(!ok((1, i32::MAX as usize, 1), [usize::MAX; 4]));
+        let small = topk_shape(TOPK_MAX_K_DEFAULT_SHARED, (1, 8192, 8192), [8192; 4]);
+        assert!(matches!(small, Err(GpuError::Shape(m)) if m.contains("limit 4096")));
     }
 
     #[test]
