@@ -612,6 +612,174 @@ fn check_sketch(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     Ok(())
 }
 
+/// Scores of one top-k row.
+#[derive(Clone, Copy)]
+enum Scores {
+    /// Normal values rounded to 1/4: many ties at every rank; 1% NaN.
+    Ties,
+    /// Normal values (ties rare).
+    Normal,
+    /// 15/16 NaN, so that k = n/16 exceeds the other scores' count.
+    MostlyNan,
+    /// Only 0.0, -0.0, +-inf and NaN: ties between the zeros' signs.
+    Specials,
+}
+
+impl Rng {
+    fn scores(&mut self, n: usize, kind: Scores) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u = self.next();
+                match kind {
+                    Scores::Ties if u.is_multiple_of(100) => f32::NAN,
+                    Scores::Ties => (self.normal() * 8.0).round() / 4.0,
+                    Scores::Normal => self.normal(),
+                    Scores::MostlyNan if !u.is_multiple_of(16) => f32::NAN,
+                    Scores::MostlyNan => (self.normal() * 4.0).round(),
+                    Scores::Specials => {
+                        [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN][(u % 5) as usize]
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Rows of the GPU top-k that differ from the CPU's `top_k` (count, then
+/// idx and val bit for bit over the count), and the CPU's time for all.
+fn topk_mismatches(
+    scores: &[f32],
+    (rows, n, k): (usize, usize, usize),
+    (gidx, gval, gcount): (&[u32], &[f32], &[u32]),
+) -> (usize, f64) {
+    let (mut idx, mut val) = (vec![0u32; k], vec![0f32; k]);
+    let mut bad = 0;
+    for r in 0..rows {
+        let c = top_k(&scores[r * n..(r + 1) * n], k, &mut idx, &mut val);
+        let (gi, gv) = (&gidx[r * k..][..k], &gval[r * k..][..k]);
+        let same = gcount[r] as usize == c
+            && gi[..c] == idx[..c]
+            && gv[..c]
+                .iter()
+                .zip(&val[..c])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        if !same {
+            bad += 1;
+        }
+    }
+    let cpu_ms = time_cpu(|| {
+        for r in 0..rows {
+            top_k(&scores[r * n..(r + 1) * n], k, &mut idx, &mut val);
+        }
+    });
+    (bad, cpu_ms)
+}
+
+/// GPU top-k of `rows` rows of `n` scores against the CPU's, exactly.
+fn check_topk(cx: &mut Ctx<'_>, rows: usize, n: usize, k: usize, kind: Scores) -> R<()> {
+    let scores: Vec<f32> = (0..rows).flat_map(|_| cx.rng.scores(n, kind)).collect();
+    let g = cx.gpu;
+    let ds = g.upload(&scores)?;
+    let (mut gi, mut gv) = (g.zeros::<u32>(rows * k)?, g.zeros::<f32>(rows * k)?);
+    let mut gc = g.zeros::<u32>(rows)?;
+    let gpu_ms = time_gpu(g, || {
+        Ok(g.top_k(&ds, (rows, n), k, &mut gi, &mut gv, &mut gc)?)
+    })?;
+    let (hi, hv, hc) = (g.download(&gi)?, g.download(&gv)?, g.download(&gc)?);
+    let (bad, cpu_ms) = topk_mismatches(&scores, (rows, n, k), (&hi, &hv, &hc));
+    let what = match kind {
+        Scores::Ties => "ties (values in 1/4 steps), 1% NaN",
+        Scores::Normal => "normal",
+        Scores::MostlyNan => "15/16 NaN, k > the rest",
+        Scores::Specials => "only +-0, +-inf, NaN",
+    };
+    cx.rows.push(Row {
+        check: format!("top-k (k = {k}, {rows} rows)"),
+        dtype: "f32",
+        n,
+        cpu_ms,
+        gpu_ms,
+        err: bad as f64,
+        tol: 0.0,
+        note: format!("{what}; rows differing from top_k {bad} (must be 0; idx, val bits, count)"),
+    });
+    Ok(())
+}
+
+/// A k above the device's limit is a shape error, not a launch.
+fn check_topk_limit(cx: &mut Ctx<'_>) -> R<()> {
+    let g = cx.gpu;
+    let (n, k) = (1024, g.top_k_max() + 1);
+    let ds = g.upload(&cx.rng.scores(n, Scores::Normal))?;
+    let (mut gi, mut gv, mut gc) = (g.zeros::<u32>(k)?, g.zeros::<f32>(k)?, g.zeros::<u32>(1)?);
+    let got = g.top_k(&ds, (1, n), k, &mut gi, &mut gv, &mut gc);
+    let refused = matches!(got, Err(gpu::GpuError::Shape(_)));
+    cx.rows.push(Row {
+        check: format!("top-k refuses k = {k}"),
+        dtype: "f32",
+        n,
+        cpu_ms: 0.0,
+        gpu_ms: 0.0,
+        err: if refused { 0.0 } else { 1.0 },
+        tol: 0.0,
+        note: format!("must be a shape error: {got:?}"),
+    });
+    Ok(())
+}
+
+/// SparF's selection on the device: scores (r = d/8) then top-k
+/// (k = n/16), timed as one; the GPU top-k must equal the CPU's `top_k`
+/// of the GPU's own scores, and the note gives the overlap with the CPU
+/// pipeline's choice.
+fn check_sparf_topk(cx: &mut Ctx<'_>, n: usize) -> R<()> {
+    let (r, kk) = (D / 8, n / 16);
+    let scale = 1.0 / (D as f32).sqrt();
+    let q = cx.rng.normals(HEADS * D, 1.0);
+    let k: Vec<f16> = cx.rng.keys(n, D);
+    let mut kt = vec![f16::ZERO; n * D];
+    to_dim_major(&k, D, &mut kt);
+    let mut s = SparfScratch::new(HEADS, D, n);
+    let mut channels = vec![0u32; r];
+    top_channels(&q, HEADS, D, &mut s, &mut channels);
+    let mut scores = vec![0.0; n];
+    let (mut ci, mut cv) = (vec![0u32; kk], vec![0.0; kk]);
+    let cpu_ms = time_cpu(|| {
+        sparf_scores(&q, HEADS, D, &kt, &channels, scale, &mut s, &mut scores);
+        top_k(&scores, kk, &mut ci, &mut cv);
+    });
+
+    let g = cx.gpu;
+    let (dq, dkt, dch) = (g.upload(&q)?, g.upload_kv(&kt)?, g.upload(&channels)?);
+    let mut gs = g.zeros::<f32>(n)?;
+    let (mut gi, mut gv) = (g.zeros::<u32>(kk)?, g.zeros::<f32>(kk)?);
+    let mut gc = g.zeros::<u32>(1)?;
+    let gpu_ms = time_gpu(g, || {
+        g.sparf_scores::<f16>(&dq, HEADS, D, &dkt, &dch, scale, &mut gs)?;
+        Ok(g.top_k(&gs, (1, n), kk, &mut gi, &mut gv, &mut gc)?)
+    })?;
+    let (hs, hi) = (g.download(&gs)?, g.download(&gi)?);
+    let (bad, _) = topk_mismatches(&hs, (1, n, kk), (&hi, &g.download(&gv)?, &g.download(&gc)?));
+    let mut a = ci.clone();
+    let mut b = hi.clone();
+    a.sort_unstable();
+    b.sort_unstable();
+    let same = a.iter().filter(|t| b.binary_search(t).is_ok()).count();
+    cx.rows.push(Row {
+        check: format!("SparF scores + top-k (r = {r}, k = {kk})"),
+        dtype: "f16",
+        n,
+        cpu_ms,
+        gpu_ms,
+        err: bad as f64,
+        tol: 0.0,
+        note: format!(
+            "GPU top-k differs from top_k of the GPU scores: {bad} (must be 0); \
+             overlap with the CPU pipeline {same}/{kk}"
+        ),
+    });
+    Ok(())
+}
+
 fn check_quant(cx: &mut Ctx<'_>, n: usize, bits: QuantBits) -> R<()> {
     let x: Vec<f16> = cx.rng.keys(n, D);
     let rb = bits.row_bytes(D);
@@ -754,6 +922,27 @@ fn run() -> R<()> {
     for &n in sizes {
         check_sketch(&mut cx, n)?;
     }
+    // SparF's k = n/16 at the sizes of interest, one row per query head.
+    let topk_sizes: &[usize] = if quick {
+        &[4096]
+    } else {
+        &[4096, 16384, 32768, 131072]
+    };
+    for &n in topk_sizes {
+        check_topk(&mut cx, HEADS, n, n / 16, Scores::Ties)?;
+    }
+    check_topk(&mut cx, HEADS, mid, mid / 16, Scores::Normal)?;
+    // Retrieval's k (top-100 up to 1024) over many heads.
+    check_topk(&mut cx, 64, mid, 1024, Scores::Normal)?;
+    check_topk(&mut cx, 32, mid, 100, Scores::Ties)?;
+    check_topk(&mut cx, HEADS, mid, mid / 16, Scores::MostlyNan)?;
+    check_topk(&mut cx, HEADS, 1000, 700, Scores::Specials)?;
+    // Edges: k = 0, k = 1, k above n, n not a multiple of the block.
+    check_topk(&mut cx, 3, 5000, 0, Scores::Ties)?;
+    check_topk(&mut cx, 3, 5000, 1, Scores::Ties)?;
+    check_topk(&mut cx, 3, 777, gpu.top_k_max(), Scores::Ties)?;
+    check_topk_limit(&mut cx)?;
+    check_sparf_topk(&mut cx, *sizes.last().unwrap_or(&4096))?;
     check_quant(&mut cx, *sizes.last().unwrap_or(&4096), QuantBits::Int8)?;
     check_quant(&mut cx, *sizes.last().unwrap_or(&4096), QuantBits::Int4)?;
 

@@ -73,7 +73,7 @@ const COMMON: &str = include_str!("../cuda/common.cuh");
 const INCLUDE: &str = "#include \"common.cuh\"";
 
 /// Every kernel family; a test checks that this covers `kernels/cuda/*.cu`.
-pub const SOURCES: [Source; 5] = [
+pub const SOURCES: [Source; 6] = [
     Source {
         name: "attention",
         code: include_str!("../cuda/attention.cu"),
@@ -111,6 +111,11 @@ pub const SOURCES: [Source; 5] = [
             "span_lse",
             "run_upper_bounds",
         ],
+    },
+    Source {
+        name: "topk",
+        code: include_str!("../cuda/topk.cu"),
+        kernels: &["topk_rows"],
     },
     Source {
         name: "quant",
@@ -264,6 +269,14 @@ const ATTN_THREADS: u32 = 128;
 const SHARED_MAX: usize = 48 * 1024;
 /// Query heads per group that the SparF kernel holds in registers.
 pub const SPARF_MAX_HEADS: usize = 16;
+/// Largest `k` of [`Gpu::top_k`]: its sort holds `next_pow2(k)` entries of
+/// 8 bytes in shared memory, 64 KB here, which needs the opt-in above 48 KB
+/// that every GPU from Volta on grants.
+pub const TOPK_MAX_K: usize = 8192;
+/// Largest `k` when the device refuses that opt-in (32 KB of entries).
+const TOPK_MAX_K_DEFAULT_SHARED: usize = 4096;
+/// Threads per block of `topk_rows` (its `__launch_bounds__`).
+const TOPK_THREADS: u32 = 1024;
 
 fn int(x: usize, what: &str) -> Result<i32, GpuError> {
     i32::try_from(x).map_err(|_| GpuError::Shape(format!("{what} = {x} exceeds i32")))
@@ -282,6 +295,38 @@ fn attn_shared_bytes(heads: usize, d: usize, tile: usize) -> usize {
     4 * (heads * d + tile * (d + 1) + tile * d + heads * tile + heads * d + 3 * heads) + 4 * tile
 }
 
+/// Bytes of dynamic shared memory of `topk_rows` for `k` (see topk.cu).
+fn topk_shared_bytes(k: usize) -> usize {
+    8 * k.max(1).next_power_of_two()
+}
+
+/// The argument checks of [`Gpu::top_k`] (as the CPU twin's asserts, but
+/// errors): `lens` are those of scores, idx, val and count.
+fn topk_shape(
+    k_max: usize,
+    (rows, n, k): (usize, usize, usize),
+    [scores, idx, val, count]: [usize; 4],
+) -> Result<(), GpuError> {
+    shape(k <= k_max, || {
+        format!(
+            "top-k: k = {k} exceeds this device's limit {k_max} (the sort lives in shared memory)"
+        )
+    })?;
+    // The kernel counts `base + threadIdx.x` in an int.
+    shape(n <= i32::MAX as usize - TOPK_THREADS as usize, || {
+        format!("top-k: n = {n} exceeds i32 less a block")
+    })?;
+    let (Some(cells), Some(slots)) = (rows.checked_mul(n), rows.checked_mul(k)) else {
+        return Err(GpuError::Shape(format!("top-k: {rows} rows overflow")));
+    };
+    shape(scores >= cells, || {
+        format!("top-k: scores hold {scores} < rows * n = {cells}")
+    })?;
+    shape(idx >= slots && val >= slots && count >= rows, || {
+        "top-k: outputs shorter than rows * k (idx, val) or rows (count)".into()
+    })
+}
+
 /// A device with every kernel family loaded.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -290,6 +335,8 @@ pub struct Gpu {
     sms: usize,
     no_mask: CudaSlice<u64>,
     no_rows: CudaSlice<u32>,
+    /// Largest `k` of [`Gpu::top_k`] on this device.
+    topk_max_k: usize,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -334,6 +381,18 @@ impl Gpu {
                     functions.insert(name, module.load_function(name)?);
                 }
             }
+            // The sort of k = TOPK_MAX_K entries needs more dynamic shared
+            // memory than the 48 KB granted without asking; a device that
+            // refuses keeps the smaller limit, and top_k says so.
+            let topk_max_k = match functions.get("topk_rows").map(|f| {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    topk_shared_bytes(TOPK_MAX_K) as i32,
+                )
+            }) {
+                Some(Ok(())) => TOPK_MAX_K,
+                _ => TOPK_MAX_K_DEFAULT_SHARED,
+            };
             let stream = ctx.default_stream();
             let no_mask = stream.alloc_zeros::<u64>(1)?;
             let no_rows = stream.alloc_zeros::<u32>(1)?;
@@ -344,6 +403,7 @@ impl Gpu {
                 sms: sms.max(1),
                 no_mask,
                 no_rows,
+                topk_max_k,
             })
         })
     }
@@ -753,6 +813,61 @@ impl Gpu {
         })
     }
 
+    /// Largest `k` that [`Gpu::top_k`] accepts on this device
+    /// ([`TOPK_MAX_K`], or less where the device refuses the shared memory).
+    pub fn top_k_max(&self) -> usize {
+        self.topk_max_k
+    }
+
+    /// Top-k of each row of `scores` (`[rows][n]`): the twin of
+    /// [`crate::topk::top_k`], bit for bit. Row `r` gets its best
+    /// `count[r] = min(k, non-NaN scores)` in `idx[r * k..][..count[r]]`
+    /// and `val[r * k..][..count[r]]`, best first (higher value, then lower
+    /// index); the rest of a row's `k` slots are not written. `idx` and
+    /// `val` hold at least `rows * k` entries, `count` at least `rows`.
+    /// Limits: `k <= self.top_k_max()` (8192 on GPUs from Volta on),
+    /// `n <= i32::MAX - 1024`, `rows <= i32::MAX`; beyond them a
+    /// [`GpuError::Shape`].
+    pub fn top_k(
+        &self,
+        scores: &CudaSlice<f32>,
+        (rows, n): (usize, usize),
+        k: usize,
+        idx: &mut CudaSlice<u32>,
+        val: &mut CudaSlice<f32>,
+        count: &mut CudaSlice<u32>,
+    ) -> Result<(), GpuError> {
+        topk_shape(
+            self.topk_max_k,
+            (rows, n, k),
+            [scores.len(), idx.len(), val.len(), count.len()],
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (n_i, k_i, rows_i) = (int(n, "n")?, int(k, "k")?, int(rows, "rows")?);
+        let f = self.function("topk_rows")?;
+        guard(|| {
+            let mut b = self.stream.launch_builder(f);
+            b.arg(scores)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(idx)
+                .arg(val)
+                .arg(count);
+            let cfg = LaunchConfig {
+                grid_dim: (rows_i as u32, 1, 1),
+                block_dim: (TOPK_THREADS, 1, 1),
+                shared_mem_bytes: topk_shared_bytes(k) as u32,
+            };
+            // SAFETY: matches topk_rows in topk.cu; the buffers hold
+            // rows * n scores and rows * k, rows outputs (checked above),
+            // and the shared memory for k was granted in `new`.
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        })
+    }
+
     /// Group scores of `nb` blocks of `n` tokens from their key sketches
     /// (`codes` `[nb][d][stride]`, the boxes of the chosen channels `lo`,
     /// `hi` `[nb][r]`): the twin of [`crate::sketch::sketch_scores`] over a
@@ -991,6 +1106,33 @@ mod tests {
                 assert!(text.contains(&k[..k.rfind('_').unwrap_or(k.len())]), "{k}");
             }
         }
+    }
+
+    #[test]
+    fn topk_shared_memory_limits() {
+        assert_eq!(topk_shared_bytes(0), 8);
+        assert_eq!(topk_shared_bytes(TOPK_MAX_K), 64 * 1024);
+        assert_eq!(topk_shared_bytes(TOPK_MAX_K - 1), 64 * 1024);
+        // Below the default 48 KB, with room for the kernel's static
+        // histogram and scan slots (about 1.3 KB).
+        assert!(topk_shared_bytes(TOPK_MAX_K_DEFAULT_SHARED) + 2048 <= SHARED_MAX);
+    }
+
+    #[test]
+    fn topk_refuses_bad_shapes_with_an_error() {
+        let ok = |rows_n_k, lens| topk_shape(TOPK_MAX_K, rows_n_k, lens).is_ok();
+        assert!(ok((8, 131_072, 8192), [8 * 131_072, 8 * 8192, 8 * 8192, 8]));
+        assert!(ok((3, 5000, 0), [15_000, 1, 1, 3]));
+        assert!(ok((0, 0, 0), [1, 1, 1, 1]));
+        // Over the limit, short scores, short outputs, overflowing rows.
+        assert!(!ok((1, 100, TOPK_MAX_K + 1), [100, 9000, 9000, 1]));
+        assert!(!ok((2, 100, 10), [199, 20, 20, 2]));
+        assert!(!ok((2, 100, 10), [200, 19, 20, 2]));
+        assert!(!ok((2, 100, 10), [200, 20, 20, 1]));
+        assert!(!ok((usize::MAX, 2, 1), [usize::MAX; 4]));
+        assert!(!ok((1, i32::MAX as usize, 1), [usize::MAX; 4]));
+        let small = topk_shape(TOPK_MAX_K_DEFAULT_SHARED, (1, 8192, 8192), [8192; 4]);
+        assert!(matches!(small, Err(GpuError::Shape(m)) if m.contains("limit 4096")));
     }
 
     #[test]
