@@ -1043,13 +1043,8 @@ const MIN_PART_BLOCKS: usize = 64;
 /// How a wave of `n` blocks is split between compute threads: (parts,
 /// blocks per part), at most `compute.threads` parts of at least
 /// [`MIN_PART_BLOCKS`] (but one part however small the wave).
-fn part_split(ctx: &AttendCtx, n: usize) -> (usize, usize) {
-    let parts = ctx
-        .cfg
-        .threads
-        .max(1)
-        .min(n.div_ceil(MIN_PART_BLOCKS))
-        .max(1);
+fn part_split(threads: usize, n: usize) -> (usize, usize) {
+    let parts = threads.max(1).min(n.div_ceil(MIN_PART_BLOCKS)).max(1);
     (parts, n.div_ceil(parts).max(1))
 }
 
@@ -1105,7 +1100,7 @@ async fn compute_wave(
         Some(c) => wave.into_iter().take_while(|&i| i < c).collect(),
         None => wave,
     };
-    let (parts, per) = part_split(ctx, wave.len());
+    let (parts, per) = part_split(ctx.cfg.threads, wave.len());
     let seq = Arc::new(seq);
     let wave = Arc::new(wave);
     let got = Arc::new(got);
@@ -1119,28 +1114,37 @@ async fn compute_wave(
     let done = futures_util::future::join_all(tasks).await;
     let mut seq = Arc::try_unwrap(seq)
         .map_err(|_| StoreError::Internal("Attend compute part still holds the sequence".into()))?;
-    let d = seq.req.geom.head_dim as usize;
     for part in done {
-        let part = part?;
-        for &(i, tier, n) in &part.reads {
-            seq.count(i, tier, n);
-        }
-        merge_into(
-            d,
-            &mut seq.acc.o,
-            &mut seq.acc.lse,
-            &part.acc.o,
-            &part.acc.lse,
-        );
-        if let Some((i, tier)) = part.cut {
-            if let Some(tier) = tier {
-                seq.pin.store().attend_corrupt(seq.pin.blocks[i].r, tier);
-            }
-            seq.cut_at(i);
+        if !apply_part(&mut seq, part?) {
             break;
         }
     }
     Ok(seq)
+}
+
+/// Applies one part's reads and `(o, lse)` to the sequence, in block
+/// order; false when the part stopped at a block (the covered prefix ends
+/// there, and a corrupt copy is reported), so later parts are dropped.
+fn apply_part(seq: &mut Seq, part: Part) -> bool {
+    let d = seq.req.geom.head_dim as usize;
+    for &(i, tier, n) in &part.reads {
+        seq.count(i, tier, n);
+    }
+    merge_into(
+        d,
+        &mut seq.acc.o,
+        &mut seq.acc.lse,
+        &part.acc.o,
+        &part.acc.lse,
+    );
+    if let Some((i, tier)) = part.cut {
+        if let Some(tier) = tier {
+            seq.pin.store().attend_corrupt(seq.pin.blocks[i].r, tier);
+        }
+        seq.cut_at(i);
+        return false;
+    }
+    true
 }
 
 /// One part of [`compute_wave`]: `blocks` with what the wave read for each.
@@ -1292,8 +1296,10 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
             .map_or(total.div_ceil(16).max(1), |k| k as usize)
             .min(total);
         let runs = ctx.runs.clone();
-        let (s, got) = ctx
+        let threads = ctx.cfg.threads;
+        let (s, got, done) = ctx
             .blocking(move || {
+                let mut seq = seq;
                 let mut alpha = vec![0f32; if correct { heads } else { 0 }];
                 let got = refined_blocks(
                     &seq,
@@ -1302,12 +1308,20 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                     runs.as_deref(),
                     correct.then_some(&mut alpha[..]),
                 );
-                (seq, got.map(|g| (g, alpha)))
+                let done = got
+                    .as_ref()
+                    .and_then(|(chosen, _)| attend_chosen_here(threads, &mut seq, chosen))
+                    .is_some();
+                (seq, got.map(|g| (g, alpha)), done)
             })
             .await?;
         seq = s;
         if let Some(((chosen, bytes), alpha)) = got {
-            let (seq, chosen) = attend_chosen(ctx, seq, chosen).await?;
+            let (seq, chosen) = if done {
+                (seq, Arc::new(chosen))
+            } else {
+                attend_chosen(ctx, seq, chosen).await?
+            };
             return finish_sparf(
                 ctx,
                 seq,
@@ -2352,19 +2366,7 @@ async fn attend_chosen(
     chosen: Vec<Vec<u32>>,
 ) -> Result<(Seq, Arc<Vec<Vec<u32>>>), StoreError> {
     let chosen = Arc::new(chosen);
-    // Blocks holding a chosen token of any head.
-    let present = seq.present();
-    let mut blocks = Vec::new();
-    for i in 0..present {
-        let (a, b) = (seq.starts[i], seq.starts[i] + seq.tokens[i] as u64);
-        let hit = chosen.iter().any(|c| {
-            let p = c.partition_point(|&t| (t as u64) < a);
-            c.get(p).is_some_and(|&t| (t as u64) < b)
-        });
-        if hit {
-            blocks.push(i);
-        }
-    }
+    let blocks = chosen_blocks(&seq, &chosen);
     let mut seq = seq;
     for wave in waves(&seq, &blocks, Want::Kv, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0] >= c) {
@@ -2374,6 +2376,37 @@ async fn attend_chosen(
         seq = compute_wave(ctx, seq, wave, got, RowSel::Chosen(chosen.clone())).await?;
     }
     Ok((seq, chosen))
+}
+
+/// The present blocks holding a chosen token of any head, in order.
+fn chosen_blocks(seq: &Seq, chosen: &[Vec<u32>]) -> Vec<usize> {
+    (0..seq.present())
+        .filter(|&i| {
+            let (a, b) = (seq.starts[i], seq.starts[i] + seq.tokens[i] as u64);
+            chosen.iter().any(|c| {
+                let p = c.partition_point(|&t| (t as u64) < a);
+                c.get(p).is_some_and(|&t| (t as u64) < b)
+            })
+        })
+        .collect()
+}
+
+/// [`attend_chosen`] on the calling (blocking) thread, when it is one part
+/// of DRAM-resident blocks (no read to wait for, no split to make): the
+/// sequence then goes to the blocking pool once instead of twice (32
+/// hand-offs less per batch-32 call). None, with nothing done, otherwise.
+fn attend_chosen_here(threads: usize, seq: &mut Seq, chosen: &[Vec<u32>]) -> Option<()> {
+    let blocks = chosen_blocks(seq, chosen);
+    if blocks.iter().any(|&i| seq.pin.blocks[i].dram.is_none())
+        || part_split(threads, blocks.len()).0 > 1
+    {
+        return None;
+    }
+    let got: Vec<Option<Result<Got, NvmeError>>> = blocks.iter().map(|_| None).collect();
+    let sel = RowSel::Chosen(Arc::new(chosen.to_vec()));
+    let part = compute_part(seq, &blocks, &got, &sel);
+    apply_part(seq, part);
+    Some(())
 }
 
 /// The answer of [`finish_chosen`] from what [`attend_chosen`] computed.

@@ -427,7 +427,7 @@ async fn compute_pieces_wave(
         Some(c) => wave.into_iter().take_while(|p| p.block < c).collect(),
         None => wave,
     };
-    let (parts, per) = part_split(ctx, wave.len());
+    let (parts, per) = part_split(ctx.cfg.threads, wave.len());
     let seq = Arc::new(seq);
     let wave = Arc::new(wave);
     let got = Arc::new(got);
