@@ -1215,12 +1215,7 @@ fn prefetch_dram(seq: &Seq, i: usize) {
         // region that is as cold as the block (8% of a dense call stalled
         // on it without this).
         if let Some(view) = seq.pin.summary(i, geom) {
-            // SAFETY: as below.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    view.layer_sums(seq.req.layer) as *const i8,
-                )
-            };
+            prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(view.layer_sums(seq.req.layer));
         }
         let (kr, vr) = (
             geom.tensor_range(tokens, seq.req.layer, 0),
@@ -1229,19 +1224,24 @@ fn prefetch_dram(seq: &Seq, i: usize) {
         for r in [kr, vr] {
             if let Some(bytes) = seq.pin.dram_bytes(i, r) {
                 for line in bytes.chunks(64).step_by(PREFETCH_EVERY_LINES) {
-                    // SAFETY: a prefetch of a mapped address; SSE is
-                    // baseline on x86-64.
-                    unsafe {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                            line.as_ptr() as *const i8,
-                        )
-                    };
+                    prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr());
                 }
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (seq, i);
+}
+
+/// Asks the CPU to load the line holding `p` (`HINT`: `_MM_HINT_T0` into
+/// L1, `_MM_HINT_T1` into L2). A hint only: never faults, even past a
+/// mapping, and changes nothing.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch<const HINT: i32>(p: *const u8) {
+    // SAFETY: a prefetch does not access memory architecturally; SSE is
+    // baseline on x86-64.
+    unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p as *const i8) }
 }
 
 /// A slice from a pointer range.
@@ -1741,15 +1741,7 @@ fn prefetch_sketch(seq: &Seq, i: usize, channels: &[u32], r: usize) {
         let Some(view) = seq.pin.summary(i, geom) else {
             return;
         };
-        let fetch = |p: *const u8| {
-            // SAFETY: a prefetch of a mapped address; SSE is baseline on
-            // x86-64.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p as *const i8,
-                )
-            }
-        };
+        let fetch = prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>;
         let tpb = geom.tokens_per_block as usize;
         for h in 0..geom.kv_heads {
             let Some(codes) = view.sketch(seq.req.layer, h) else {
@@ -2189,15 +2181,7 @@ fn prefetch_entry(seq: &Seq, i: usize, h: usize) {
         let Some(view) = seq.pin.summary(i, geom) else {
             return;
         };
-        let fetch = |p: *const u8| {
-            // SAFETY: a prefetch of a mapped address; SSE is baseline on
-            // x86-64.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                    p as *const i8,
-                )
-            }
-        };
+        let fetch = prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>;
         if let Some(codes) = view.sketch(seq.req.layer, h as u32) {
             for off in (0..codes.len()).step_by(64) {
                 fetch(codes[off..].as_ptr());

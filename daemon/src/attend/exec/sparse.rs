@@ -441,29 +441,14 @@ async fn compute_pieces_wave(
     let done = futures_util::future::join_all(tasks).await;
     let mut seq = Arc::try_unwrap(seq)
         .map_err(|_| StoreError::Internal("Attend compute part still holds the sequence".into()))?;
-    let d = seq.req.geom.head_dim as usize;
     let mut scores: Vec<Vec<f32>> = Vec::new();
     for part in done {
         let (part, s) = part?;
-        for &(i, tier, n) in &part.reads {
-            seq.count(i, tier, n);
-        }
-        merge_into(
-            d,
-            &mut seq.acc.o,
-            &mut seq.acc.lse,
-            &part.acc.o,
-            &part.acc.lse,
-        );
         scores.resize(s.len(), Vec::new());
         for (a, b) in scores.iter_mut().zip(s) {
             a.extend(b);
         }
-        if let Some((i, tier)) = part.cut {
-            if let Some(tier) = tier {
-                seq.pin.store().attend_corrupt(seq.pin.blocks[i].r, tier);
-            }
-            seq.cut_at(i);
+        if !apply_part(&mut seq, part) {
             break;
         }
     }
