@@ -1,11 +1,11 @@
 //! The block index: a chunked slab of fixed-size block records and a hash
 //! table of slab ids keyed by (namespace, key).
 //!
-//! Memory per block: the record ([`Meta`], 104 bytes, with the addresses
-//! of both its DRAM and NVMe copies) plus 4 bytes of id and
-//! one control byte in the table at a load factor between 7/16 and 7/8
-//! (about 6-11 bytes), plus the eviction policy's 4-byte position: roughly
-//! 115-120 bytes, which the benchmark measures. The slab grows in fixed
+//! Memory per block: the record ([`Meta`], 112 bytes, with the addresses
+//! of both its DRAM and NVMe copies and its parent's key hash) plus 4
+//! bytes of id and one control byte in the table at a load factor between
+//! 7/16 and 7/8 (about 6-11 bytes), plus the eviction policy's 4-byte
+//! position: roughly 123-128 bytes, which the benchmark measures. The slab grows in fixed
 //! chunks of one 2 MiB huge page each, so it never holds more than one chunk
 //! of slack (a doubling `Vec` could hold 2x); the table and the chunks live
 //! on huge pages (see `huge.rs`) so that a lookup's scattered probes do not
@@ -74,7 +74,7 @@ pub const STATE_RETIRING: u8 = 1;
 pub struct Meta {
     pub key: BlockKey,
     pub flags: u8,
-    /// `STATE_*` bits (in what was padding: the record stays 104 bytes).
+    /// `STATE_*` bits (in what was padding).
     pub state: u8,
     pub ns: u32,
     pub pins: u32,
