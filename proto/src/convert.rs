@@ -677,10 +677,10 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             }
         };
         let mut sequences = Vec::with_capacity(r.sequences.len());
-        for (i, s) in r.sequences.into_iter().enumerate() {
+        for (i, mut s) in r.sequences.into_iter().enumerate() {
             let f = |name: &str| format!("sequences[{i}].{name}");
             let chain = attend_chain(&s, &f)?;
-            let queries = attend_queries(&s, io_dtype, &f)?;
+            let queries = attend_queries(&mut s, io_dtype, &f)?;
             sequences.push(AttendSeq {
                 chain,
                 last_block_tokens: (s.last_block_tokens != 0).then_some(s.last_block_tokens),
@@ -743,7 +743,7 @@ fn attend_chain(s: &pb::AttendSequence, f: &dyn Fn(&str) -> String) -> Result<Ch
 /// A sequence's queries as f32, from `queries` or `queries_packed` as
 /// `io` says; every value finite.
 fn attend_queries(
-    s: &pb::AttendSequence,
+    s: &mut pb::AttendSequence,
     io: IoDtype,
     f: &dyn Fn(&str) -> String,
 ) -> Result<Vec<f32>, FieldError> {
@@ -761,7 +761,7 @@ fn attend_queries(
                     "is empty; [num_q_heads][head_dim] f32 values are required",
                 ));
             }
-            s.queries.clone()
+            std::mem::take(&mut s.queries)
         }
         IoDtype::F16 | IoDtype::Bf16 => {
             if !s.queries.is_empty() {

@@ -31,7 +31,7 @@ use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
 use tokio::sync::Semaphore;
 
 use super::fetch::{Got, Need, What, fetch};
-use super::runs::SketchRuns;
+use super::runs::{RunView, SketchRuns};
 use super::summary::Geom;
 use super::{AttendConfig, LeafLevel};
 use crate::metrics::AttendMetrics;
@@ -321,12 +321,11 @@ pub fn pin_seq(store: &Arc<Store>, req: &Checked, i: usize) -> Result<ChainPin, 
     let s = &req.seqs[i];
     let pin = match &s.chain {
         Chain::Keys(keys) => store.pin_chain(req.namespace, keys)?,
-        Chain::Tail { tail, blocks } => store.pin_tail(
-            req.namespace,
-            tail,
-            *blocks as usize,
-            &format!("sequences[{i}].chain_blocks"),
-        )?,
+        Chain::Tail { tail, blocks } => {
+            store.pin_tail(req.namespace, tail, *blocks as usize, || {
+                format!("sequences[{i}].chain_blocks")
+            })?
+        }
     };
     if let Some(t) = s.last_block_tokens
         && pin.blocks.len() == s.chain.len()
@@ -1297,7 +1296,7 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
             .min(total);
         let runs = ctx.runs.clone();
         let threads = ctx.cfg.threads;
-        let (s, got, done) = ctx
+        let (s, got) = ctx
             .blocking(move || {
                 let mut seq = seq;
                 let mut alpha = vec![0f32; if correct { heads } else { 0 }];
@@ -1307,20 +1306,16 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                     k_tokens,
                     runs.as_deref(),
                     correct.then_some(&mut alpha[..]),
-                );
-                let done = got
-                    .as_ref()
-                    .and_then(|(chosen, _)| attend_chosen_here(threads, &mut seq, chosen))
-                    .is_some();
-                (seq, got.map(|g| (g, alpha)), done)
+                )
+                .map(|(chosen, bytes)| (attend_chosen_here(threads, &mut seq, chosen), bytes));
+                (seq, got.map(|g| (g, alpha)))
             })
             .await?;
         seq = s;
         if let Some(((chosen, bytes), alpha)) = got {
-            let (seq, chosen) = if done {
-                (seq, Arc::new(chosen))
-            } else {
-                attend_chosen(ctx, seq, chosen).await?
+            let (seq, chosen) = match chosen {
+                Ok(done) => (seq, done),
+                Err(chosen) => attend_chosen(ctx, seq, chosen).await?,
             };
             return finish_sparf(
                 ctx,
@@ -1630,35 +1625,26 @@ fn score_sketches(
     let present = seq.present();
     let mut first = 0;
     if let (Some(runs), None) = (runs, each.as_ref()) {
-        let covered = runs.with_run(
-            seq.req.namespace,
-            layer,
-            geom,
-            &seq.pin.blocks,
-            present,
-            &seq.tokens,
-            |i| seq.pin.summary(i, geom),
-            |view| {
-                let (m, tpb) = (view.covered, geom.tokens_per_block as usize);
-                let mut rs = RunScratch::default();
-                for h in 0..kv {
-                    // Covered blocks are full and lead the chain: tokens
-                    // 0..m * tpb.
-                    run_scores(
-                        &s.q[h * g * d..(h + 1) * g * d],
-                        g,
-                        d,
-                        &view.head(h),
-                        0..m,
-                        &channels[h * r..(h + 1) * r],
-                        seq.req.scale,
-                        &mut rs,
-                        &mut scores[h * total..h * total + m * tpb],
-                    );
-                }
-                m
-            },
-        );
+        let covered = seq_run(runs, seq, |view| {
+            let (m, tpb) = (view.covered, geom.tokens_per_block as usize);
+            let mut rs = RunScratch::default();
+            for h in 0..kv {
+                // Covered blocks are full and lead the chain: tokens
+                // 0..m * tpb.
+                run_scores(
+                    &s.q[h * g * d..(h + 1) * g * d],
+                    g,
+                    d,
+                    &view.head(h),
+                    0..m,
+                    &channels[h * r..(h + 1) * r],
+                    seq.req.scale,
+                    &mut rs,
+                    &mut scores[h * total..h * total + m * tpb],
+                );
+            }
+            m
+        });
         if let Some(m) = covered {
             first = m;
             let tpb = geom.tokens_per_block as u64;
@@ -1831,33 +1817,24 @@ fn refined_blocks(
     let mut per_head = vec![0f32; g * present];
     let mut first = 0;
     if let Some(runs) = runs {
-        let covered = runs.with_run(
-            seq.req.namespace,
-            layer,
-            geom,
-            &seq.pin.blocks,
-            present,
-            &seq.tokens,
-            |i| seq.pin.summary(i, geom),
-            |view| {
-                let m = view.covered;
-                let mut rs = RunBoundScratch::default();
-                for h in 0..kv {
-                    let out = &mut per_head[..g * m];
-                    run_upper_bounds(
-                        &s.q[h * g * d..(h + 1) * g * d],
-                        g,
-                        d,
-                        &view.head(h),
-                        0..m,
-                        &mut rs,
-                        out,
-                    );
-                    group_max(out, g, m, &mut ub[h * present..h * present + m]);
-                }
-                m
-            },
-        );
+        let covered = seq_run(runs, seq, |view| {
+            let m = view.covered;
+            let mut rs = RunBoundScratch::default();
+            for h in 0..kv {
+                let out = &mut per_head[..g * m];
+                run_upper_bounds(
+                    &s.q[h * g * d..(h + 1) * g * d],
+                    g,
+                    d,
+                    &view.head(h),
+                    0..m,
+                    &mut rs,
+                    out,
+                );
+                group_max(out, g, m, &mut ub[h * present..h * present + m]);
+            }
+            m
+        });
         first = covered.unwrap_or(0);
     }
     // The rest from their entries: a block's `[d]` bound rows are a run
@@ -2172,6 +2149,21 @@ impl Rescore {
     }
 }
 
+/// [`SketchRuns::with_run`] for the sequence's present chain at its layer.
+fn seq_run<R>(runs: &SketchRuns, seq: &Seq, f: impl FnOnce(RunView<'_>) -> R) -> Option<R> {
+    let geom = seq.req.geom;
+    runs.with_run(
+        seq.req.namespace,
+        seq.req.layer,
+        geom,
+        &seq.pin.blocks,
+        seq.present(),
+        &seq.tokens,
+        |i| seq.pin.summary(i, geom),
+        f,
+    )
+}
+
 /// Starts loading block `i`'s key sketch (every channel) and bounds of KV
 /// head `h` into L2. A hint only: never faults, changes nothing.
 fn prefetch_entry(seq: &Seq, i: usize, h: usize) {
@@ -2378,19 +2370,25 @@ fn chosen_blocks(seq: &Seq, chosen: &[Vec<u32>]) -> Vec<usize> {
 /// [`attend_chosen`] on the calling (blocking) thread, when it is one part
 /// of DRAM-resident blocks (no read to wait for, no split to make): the
 /// sequence then goes to the blocking pool once instead of twice (32
-/// hand-offs less per batch-32 call). None, with nothing done, otherwise.
-fn attend_chosen_here(threads: usize, seq: &mut Seq, chosen: &[Vec<u32>]) -> Option<()> {
-    let blocks = chosen_blocks(seq, chosen);
+/// hand-offs less per batch-32 call). Otherwise nothing is done and
+/// `chosen` comes back for [`attend_chosen`].
+#[allow(clippy::type_complexity)]
+fn attend_chosen_here(
+    threads: usize,
+    seq: &mut Seq,
+    chosen: Vec<Vec<u32>>,
+) -> Result<Arc<Vec<Vec<u32>>>, Vec<Vec<u32>>> {
+    let blocks = chosen_blocks(seq, &chosen);
     if blocks.iter().any(|&i| seq.pin.blocks[i].dram.is_none())
         || part_split(threads, blocks.len()).0 > 1
     {
-        return None;
+        return Err(chosen);
     }
+    let chosen = Arc::new(chosen);
     let got: Vec<Option<Result<Got, NvmeError>>> = blocks.iter().map(|_| None).collect();
-    let sel = RowSel::Chosen(Arc::new(chosen.to_vec()));
-    let part = compute_part(seq, &blocks, &got, &sel);
+    let part = compute_part(seq, &blocks, &got, &RowSel::Chosen(chosen.clone()));
     apply_part(seq, part);
-    Some(())
+    Ok(chosen)
 }
 
 /// The answer of [`finish_chosen`] from what [`attend_chosen`] computed.

@@ -897,14 +897,14 @@ impl Store {
     /// is pinned when the tail is absent or a link on the way no longer
     /// resolves (the chain's head cannot be known). A stored chain of
     /// another length is an error naming `field`: the caller's chain and
-    /// the stored one differ. The walk holds the lock for at most `n`
-    /// steps (the caller bounds `n`).
+    /// the stored one differ (`field` names it, formatted only then). The
+    /// walk holds the lock for at most `n` steps (the caller bounds `n`).
     pub fn pin_tail(
         self: &Arc<Self>,
         ns: NamespaceId,
         tail: &BlockKey,
         n: usize,
-        field: &str,
+        field: impl Fn() -> String,
     ) -> Result<ChainPin, StoreError> {
         let mut g = self.lock();
         let g = &mut *g;
@@ -926,7 +926,7 @@ impl Store {
             };
             if at.is_some() && ids.len() == n {
                 return Err(FieldError::new(
-                    field,
+                    field(),
                     format!(
                         "is {n}, but the chain stored up to chain_tail is longer (its block {n} from the end has a parent); give the chain's length in blocks"
                     ),
@@ -936,7 +936,7 @@ impl Store {
         }
         if !ids.is_empty() && ids.len() < n {
             return Err(FieldError::new(
-                field,
+                field(),
                 format!(
                     "is {n}, but the chain stored up to chain_tail has {} blocks (its root, a block stored without a parent, comes sooner)",
                     ids.len()

@@ -706,19 +706,25 @@ fn pin_tail_follows_parents_to_the_root() {
         .iter()
         .map(|b| b.key)
         .collect();
-    let pin = f.store.pin_tail(f.ns, &key(1, 4), 5, "f").unwrap();
+    let pin = f
+        .store
+        .pin_tail(f.ns, &key(1, 4), 5, || "f".into())
+        .unwrap();
     let by_tail: Vec<BlockKey> = pin.blocks.iter().map(|b| b.key).collect();
     assert_eq!(by_tail, by_keys);
     assert_eq!(by_tail, chain);
     assert_eq!(pin.blocks[4].len, f.block);
     drop(pin);
-    let prefix = f.store.pin_tail(f.ns, &key(1, 2), 3, "f").unwrap();
+    let prefix = f
+        .store
+        .pin_tail(f.ns, &key(1, 2), 3, || "f".into())
+        .unwrap();
     assert_eq!(prefix.blocks.len(), 3);
     drop(prefix);
     for n in [4, 6] {
         let e = f
             .store
-            .pin_tail(f.ns, &key(1, 4), n, "seq.chain_blocks")
+            .pin_tail(f.ns, &key(1, 4), n, || "seq.chain_blocks".into())
             .unwrap_err();
         assert!(
             e.to_string().starts_with("seq.chain_blocks: is "),
@@ -727,7 +733,7 @@ fn pin_tail_follows_parents_to_the_root() {
     }
     assert!(
         f.store
-            .pin_tail(f.ns, &key(9, 9), 3, "f")
+            .pin_tail(f.ns, &key(9, 9), 3, || "f".into())
             .unwrap()
             .blocks
             .is_empty()
@@ -740,7 +746,7 @@ fn pin_tail_follows_parents_to_the_root() {
         .unwrap();
     assert!(
         f.store
-            .pin_tail(f.ns, &key(1, 4), 5, "f")
+            .pin_tail(f.ns, &key(1, 4), 5, || "f".into())
             .unwrap()
             .blocks
             .is_empty(),
