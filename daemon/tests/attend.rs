@@ -331,6 +331,95 @@ async fn dense_attend_at_32k_tokens_meets_the_exactness_target() {
     d.stop().await;
 }
 
+/// A DENSE batch is computed as one pool of work over the sequences held
+/// in DRAM (items of 1 MiB of layer bytes, 128 blocks here): each answer
+/// is the one its sequence gets alone, bit for bit, in request order; a
+/// corrupt block in one sequence's second item ends that sequence's
+/// prefix there (counted, the copy dropped) and changes no other answer.
+#[tokio::test]
+async fn a_dense_batch_answers_each_sequence_as_alone() {
+    let d = start(|c| c.tiers.dram.bytes = ByteSize(32 << 20)).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    // Three chains of 300, 129 and 40 blocks: 3, 2 and 1 items.
+    let sizes = [300usize, 129, 40];
+    let kvs: Vec<Kv> = sizes
+        .iter()
+        .enumerate()
+        .map(|(s, &b)| Kv::random(b * TPB, 40 + s as u64))
+        .collect();
+    for (s, kv) in kvs.iter().enumerate() {
+        put(&mut c, ns, kv, 1 + s as u8, 0..sizes[s], None).await;
+    }
+    let qs: Vec<Vec<f32>> = (0..3).map(|s| queries(50 + s)).collect();
+    let batch = |qs: &[Vec<f32>]| {
+        let mut r = request(ns, 1, AttendMode::Dense, chain(1, sizes[0]), &qs[0]);
+        for s in 1..3 {
+            r.sequences.push(AttendSequence {
+                chain: Chain::Keys(chain(1 + s as u8, sizes[s])),
+                last_block_tokens: None,
+                queries: qs[s].clone(),
+            });
+        }
+        r
+    };
+    let alone = async |c: &mut Client, s: usize| {
+        attend1(
+            c,
+            &request(
+                ns,
+                1,
+                AttendMode::Dense,
+                chain(1 + s as u8, sizes[s]),
+                &qs[s],
+            ),
+        )
+        .await
+    };
+    let all = c.attend(&batch(&qs)).await.unwrap();
+    assert_eq!(all.len(), 3);
+    for (s, out) in all.iter().enumerate() {
+        let one = alone(&mut c, s).await;
+        assert_eq!(out.keys_present as usize, sizes[s]);
+        assert!(out.exact);
+        assert_eq!(
+            out.read_bytes(TierKind::Dram),
+            sizes[s] as u64 * LAYER_BYTES
+        );
+        assert_eq!(out.read_blocks(TierKind::Dram) as usize, sizes[s]);
+        assert_eq!((&out.o, &out.lse), (&one.o, &one.lse), "sequence {s}");
+        assert_eq!(out.covered, one.covered);
+        let every: Vec<usize> = (0..sizes[s] * TPB).collect();
+        let (o, _) = kvs[s].reference(1, &qs[s], scale(), &every);
+        assert!(relerr(&out.o, &o) <= 5e-4, "{s}: {}", relerr(&out.o, &o));
+    }
+    // Block 200 of the first chain is in its second item (blocks 128..256).
+    let failures = d.running.as_ref().unwrap().store.stats().checksum_failures;
+    corrupt(&d, ns, &chain(1, sizes[0]), 200 * TPB + 3, 1);
+    let cut = c.attend(&batch(&qs)).await.unwrap();
+    assert_eq!(
+        cut[0].keys_present, 200,
+        "the prefix ends at the corrupt block"
+    );
+    assert_eq!(cut[0].covered, vec![0..(200 * TPB) as u64]);
+    assert_eq!(cut[0].tokens_attended as usize, 200 * TPB);
+    let prefix: Vec<usize> = (0..200 * TPB).collect();
+    let (o, _) = kvs[0].reference(1, &qs[0], scale(), &prefix);
+    assert!(relerr(&cut[0].o, &o) <= 5e-4, "{}", relerr(&cut[0].o, &o));
+    assert_eq!(
+        d.running.as_ref().unwrap().store.stats().checksum_failures,
+        failures + 1
+    );
+    for s in 1..3 {
+        assert_eq!((&cut[s].o, &cut[s].lse), (&all[s].o, &all[s].lse));
+    }
+    // The corrupt copy was dropped: the chain now ends before it, alone too.
+    let again = alone(&mut c, 0).await;
+    assert_eq!(again.keys_present, 200);
+    assert_eq!((&again.o, &again.lse), (&cut[0].o, &cut[0].lse));
+    d.stop().await;
+}
+
 /// Mass of each head's set: exp(lse_set - lse_all).
 fn masses(part: &AttendOutput, full: &AttendOutput) -> Vec<f64> {
     part.lse
@@ -1602,6 +1691,33 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
         assert!(out.read_bytes(TierKind::Nvme) > 0, "{mode:?}");
     }
     let dense_nvme = out.o.clone();
+    // A batch mixing this chain (read wave by wave from NVMe) with a short
+    // one held in DRAM (computed in the DRAM pool): each answer is its
+    // sequence's alone, in request order.
+    let short = Kv::random(4 * TPB, 14);
+    put(&mut c, ns, &short, 2, 0..4, None).await;
+    let l = c.lookup(ns, &chain(2, 4), 0).await.unwrap();
+    assert!(
+        l.tiers.iter().all(|t| *t == TierKind::Dram),
+        "{:?}",
+        l.tiers
+    );
+    let q2 = queries(15);
+    let mut mixed = request(ns, 1, AttendMode::Dense, keys.clone(), &q);
+    mixed.sequences.push(AttendSequence {
+        chain: Chain::Keys(chain(2, 4)),
+        last_block_tokens: None,
+        queries: q2.clone(),
+    });
+    let both = c.attend(&mixed).await.unwrap();
+    let one = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
+    let two = attend1(&mut c, &request(ns, 1, AttendMode::Dense, chain(2, 4), &q2)).await;
+    assert!(both[0].read_blocks(TierKind::Nvme) > 0);
+    assert_eq!(both[1].read_blocks(TierKind::Dram), 4);
+    for (b, a) in both.iter().zip([&one, &two]) {
+        assert_eq!((&b.o, &b.lse, &b.covered), (&a.o, &a.lse, &a.covered));
+    }
+    assert_eq!(both[0].keys_present as usize, blocks);
     // After a restart: the layout comes back from disk (no RegisterLayout),
     // every block has its abstract again, and the answer is the same.
     let dir = d.dir.path().to_path_buf();
@@ -1616,7 +1732,7 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
     .await
     .unwrap();
     let s = c.stats().await.unwrap();
-    assert_eq!(s.abstract_blocks, blocks as u64);
+    assert_eq!(s.abstract_blocks, blocks as u64 + 4, "both chains'");
     let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
     assert_eq!(out.o, dense_nvme, "same answer after the restart");
     // The parents are known again (recovery links them from the records):
