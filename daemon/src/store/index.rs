@@ -15,7 +15,8 @@
 //! * the table holds the id of every live record and nothing else;
 //! * a record's `generation` changes whenever its slot is freed, so a
 //!   [`BlockRef`] taken before a removal never reaches the slot's next
-//!   occupant;
+//!   occupant; it is odd while the slot is live and even while it is free
+//!   (insert and remove each add one), which is how liveness is told;
 //! * (namespace, key) is unique among live records.
 
 use allocator_api2::vec::Vec as HVec;
@@ -42,8 +43,13 @@ pub const NO_PARENT: BlockRef = BlockRef {
     generation: 0,
 };
 
-// Flags of a record.
-const FLAG_LIVE: u8 = 1;
+// Flags of a record. (Liveness is no flag: it is the parity of
+// `generation`, see [`Meta::is_live`].)
+/// Retired by a namespace eviction while pinned: doomed (hidden from new
+/// lookups, removed when its last pin goes) but still readable by the
+/// holders of the pins it had, so a lease taken before the eviction can
+/// read what its Lookup reported. Set only with [`FLAG_DOOMED`].
+pub const FLAG_RETIRING: u8 = 1;
 /// Failed a checksum: invisible now, removed when its last pin goes.
 pub const FLAG_DOOMED: u8 = 2;
 /// The DRAM eviction policy tracks this block (it is a candidate).
@@ -60,13 +66,6 @@ pub const FLAG_PROMOTING: u8 = 64;
 /// Looked up or read since it was stored (admission and reclaim use it).
 pub const FLAG_HIT: u8 = 128;
 
-// States of a record (`Meta::state`; the flags byte is full).
-/// Retired by a namespace eviction while pinned: doomed (hidden from new
-/// lookups, removed when its last pin goes) but still readable by the
-/// holders of the pins it had, so a lease taken before the eviction can
-/// read what its Lookup reported.
-pub const STATE_RETIRING: u8 = 1;
-
 /// One published block. Fixed size, no heap pointers. The fields a lookup
 /// reads (key, flags, namespace, pins, tick) come first.
 #[derive(Debug, Clone, Copy)]
@@ -74,8 +73,6 @@ pub const STATE_RETIRING: u8 = 1;
 pub struct Meta {
     pub key: BlockKey,
     pub flags: u8,
-    /// `STATE_*` bits (in what was padding).
-    pub state: u8,
     pub ns: u32,
     pub pins: u32,
     pub len: u32,
@@ -107,12 +104,14 @@ impl Meta {
     pub fn is_doomed(&self) -> bool {
         self.flags & FLAG_DOOMED != 0
     }
+    /// The slot holds a record: its generation is odd (see the module's
+    /// invariants).
     fn is_live(&self) -> bool {
-        self.flags & FLAG_LIVE != 0
+        self.generation & 1 == 1
     }
-    /// Retired by a namespace eviction (see [`STATE_RETIRING`]).
+    /// Retired by a namespace eviction (see [`FLAG_RETIRING`]).
     pub fn is_retiring(&self) -> bool {
-        self.state & STATE_RETIRING != 0
+        self.flags & FLAG_RETIRING != 0
     }
     /// Readable by someone who pinned it (or holds a lease on it) before
     /// now: not doomed, or doomed only by retirement.
@@ -122,8 +121,7 @@ impl Meta {
     /// Marks the block doomed because a copy failed (or is unreachable):
     /// unreadable even by pin holders.
     pub fn doom(&mut self) {
-        self.flags |= FLAG_DOOMED;
-        self.state &= !STATE_RETIRING;
+        self.flags = (self.flags | FLAG_DOOMED) & !FLAG_RETIRING;
     }
     pub fn in_dram(&self) -> bool {
         self.flags & FLAG_DRAM != 0
@@ -152,7 +150,6 @@ fn empty_meta() -> Meta {
     Meta {
         key: BlockKey::new(&[0]).expect("1-byte key"),
         flags: 0,
-        state: 0,
         ns: 0,
         pins: 0,
         len: 0,
@@ -307,8 +304,10 @@ impl Index {
             }
         };
         let old = self.slot_mut(id);
+        debug_assert!(!old.is_live(), "inserting into a live slot");
+        // Free slots have even generations (0 when new), so this one is
+        // odd: live.
         meta.generation = old.generation.wrapping_add(1);
-        meta.flags |= FLAG_LIVE;
         *old = meta;
         let chunks = &self.chunks;
         self.table
@@ -338,9 +337,8 @@ impl Index {
         }
         let m = self.slot_mut(id);
         m.flags = 0;
-        m.state = 0;
-        // The generation moves on now, so refs to the old record go stale
-        // even before the slot is reused.
+        // The generation moves on now (to even: free), so refs to the old
+        // record go stale even before the slot is reused.
         m.generation = meta.generation.wrapping_add(1);
         self.free.push(id);
         self.count -= 1;
@@ -402,5 +400,40 @@ impl Index {
             + self.chunks.len() * super::huge::HUGE_PAGE
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + self.free.capacity() * std::mem::size_of::<BlockId>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(ns: u32, k: u8) -> Meta {
+        Meta {
+            key: BlockKey::new(&[k; 8]).unwrap(),
+            ns,
+            ..empty_meta()
+        }
+    }
+
+    /// Liveness is the generation's parity: odd from insert, even from
+    /// remove, and a reused slot never answers for its earlier occupant.
+    #[test]
+    fn liveness_follows_the_generation() {
+        let mut ix = Index::with_capacity(4);
+        let a = ix.insert(meta(1, 1));
+        assert_eq!(a.generation % 2, 1);
+        assert!(ix.is_live(a.id) && ix.resolve(a).is_some());
+        ix.get_mut(a.id).flags |= FLAG_DOOMED | FLAG_RETIRING;
+        ix.remove(a.id);
+        assert!(!ix.is_live(a.id) && ix.resolve(a).is_none());
+        assert_eq!(ix.find(1, &meta(1, 1).key), None);
+        let b = ix.insert(meta(1, 2));
+        assert_eq!(b.id, a.id, "the slot is reused");
+        assert_eq!(b.generation, a.generation + 2);
+        assert!(ix.resolve(a).is_none());
+        let m = ix.resolve(b).unwrap();
+        assert!(!m.is_doomed() && !m.is_retiring(), "no flag survives reuse");
+        assert_eq!(ix.live_ids().collect::<Vec<_>>(), [b.id]);
+        assert_eq!(ix.find(1, &meta(1, 2).key), Some(b.id));
     }
 }

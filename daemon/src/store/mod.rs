@@ -1345,7 +1345,6 @@ impl Store {
         let meta = Meta {
             key: p.key,
             flags: 0,
-            state: 0,
             ns: p.ns,
             pins: 0,
             len: p.len as u32,
@@ -2532,7 +2531,6 @@ impl Store {
                 let r = g.index.insert(Meta {
                     key: h.key,
                     flags: FLAG_NVME,
-                    state: 0,
                     ns,
                     pins: 0,
                     len: h.len,
