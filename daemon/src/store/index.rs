@@ -31,6 +31,14 @@ pub const LOCAL_TIERS: usize = 4;
 /// Index of a record in the slab.
 pub type BlockId = u32;
 
+/// A namespace's ordinal in the store (its row in the store's namespace
+/// table): 16 bits, to keep [`Meta`] small.
+pub type NsOrd = u16;
+
+/// Most namespaces one store can tell apart: every [`NsOrd`] value. The
+/// store refuses to register (or recover) more (`store::ns_insert`).
+pub const MAX_NAMESPACES: usize = 1 << NsOrd::BITS;
+
 /// A reference that survives removal of its target: `generation` must match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlockRef {
@@ -73,7 +81,8 @@ pub const FLAG_HIT: u8 = 128;
 pub struct Meta {
     pub key: BlockKey,
     pub flags: u8,
-    pub ns: u32,
+    /// Namespace ordinal (at most [`MAX_NAMESPACES`] of them).
+    pub ns: NsOrd,
     pub pins: u32,
     pub len: u32,
     /// Children of this block that have a DRAM copy (prefix-aware eviction).
@@ -178,8 +187,8 @@ pub struct Index {
 }
 
 #[inline]
-fn hash(ns: u32, key: &BlockKey) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), ns as u64)
+fn hash(ns: NsOrd, key: &BlockKey) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), u64::from(ns))
 }
 
 #[inline]
@@ -207,7 +216,7 @@ impl Index {
         self.count == 0
     }
 
-    pub fn find(&self, ns: u32, key: &BlockKey) -> Option<BlockId> {
+    pub fn find(&self, ns: NsOrd, key: &BlockKey) -> Option<BlockId> {
         let chunks = &self.chunks;
         self.table
             .find(hash(ns, key), |&id| {
@@ -219,7 +228,7 @@ impl Index {
 
     /// The hash the table files `(ns, key)` under (what a child keeps of
     /// its parent's key, [`Meta::parent_hash`]).
-    pub fn key_hash(ns: u32, key: &BlockKey) -> u64 {
+    pub fn key_hash(ns: NsOrd, key: &BlockKey) -> u64 {
         hash(ns, key)
     }
 
@@ -227,7 +236,7 @@ impl Index {
     /// ([`Index::key_hash`]): the parent a child named, found without its
     /// key. Two keys of one namespace with the same 64-bit hash are taken
     /// as the same (odds 2^-64 per pair, as for the table itself).
-    pub fn find_hashed(&self, ns: u32, h: u64) -> Option<BlockId> {
+    pub fn find_hashed(&self, ns: NsOrd, h: u64) -> Option<BlockId> {
         let chunks = &self.chunks;
         self.table
             .find(h, |&id| {
@@ -239,7 +248,7 @@ impl Index {
 
     /// The slot `guess`, if it holds (ns, key).
     #[inline]
-    fn probe_guess(&self, guess: Option<u64>, ns: u32, key: &BlockKey) -> Option<BlockId> {
+    fn probe_guess(&self, guess: Option<u64>, ns: NsOrd, key: &BlockKey) -> Option<BlockId> {
         let g = guess.filter(|&g| g < self.used as u64)? as BlockId;
         let m = slot(&self.chunks, g);
         (m.is_live() && m.ns == ns && m.key == *key).then_some(g)
@@ -253,7 +262,7 @@ impl Index {
     /// falling back to the table. Keys are resolved a window at a time with
     /// no dependency between them, so the CPU overlaps their cache misses;
     /// the walk stops after the window holding the first miss.
-    pub fn find_run(&self, ns: u32, keys: &[BlockKey], out: &mut Vec<BlockId>) {
+    pub fn find_run(&self, ns: NsOrd, keys: &[BlockKey], out: &mut Vec<BlockId>) {
         const WINDOW: usize = 32;
         let Some(k0) = keys.first() else { return };
         let Some(first) = self.find(ns, k0) else {
@@ -407,7 +416,7 @@ impl Index {
 mod tests {
     use super::*;
 
-    fn meta(ns: u32, k: u8) -> Meta {
+    fn meta(ns: NsOrd, k: u8) -> Meta {
         Meta {
             key: BlockKey::new(&[k; 8]).unwrap(),
             ns,
