@@ -1,7 +1,7 @@
 //! The block index: a chunked slab of fixed-size block records and a hash
 //! table of slab ids keyed by (namespace, key).
 //!
-//! Memory per block: the record ([`Meta`], 112 bytes, with the addresses
+//! Memory per block: the record ([`Meta`], 104 bytes, with the addresses
 //! of both its DRAM and NVMe copies and its parent's key hash) plus 4
 //! bytes of id and one control byte in the table at a load factor between
 //! 7/16 and 7/8 (about 6-11 bytes), plus the eviction policy's 4-byte
@@ -39,6 +39,11 @@ pub type NsOrd = u16;
 /// store refuses to register (or recover) more (`store::ns_insert`).
 pub const MAX_NAMESPACES: usize = 1 << NsOrd::BITS;
 
+/// Most granules a DRAM arena may have: [`Meta`] keeps a block's DRAM
+/// address as a 32-bit granule index (config validation refuses larger
+/// arenas, and `Store::new` checks).
+pub const MAX_DRAM_GRANULES: u64 = 1 << u32::BITS;
+
 /// A reference that survives removal of its target: `generation` must match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlockRef {
@@ -62,7 +67,7 @@ pub const FLAG_RETIRING: u8 = 1;
 pub const FLAG_DOOMED: u8 = 2;
 /// The DRAM eviction policy tracks this block (it is a candidate).
 pub const FLAG_TRACKED: u8 = 4;
-/// A copy is in the DRAM arena at `dram_addr`.
+/// A copy is in the DRAM arena at [`Meta::dram_addr`].
 pub const FLAG_DRAM: u8 = 8;
 /// A copy is in an NVMe segment at `nvme_loc`.
 pub const FLAG_NVME: u8 = 16;
@@ -76,6 +81,10 @@ pub const FLAG_HIT: u8 = 128;
 
 /// One published block. Fixed size, no heap pointers. The fields a lookup
 /// reads (key, flags, namespace, pins, tick) come first.
+///
+/// 104 bytes, no padding: key (33: its length and 32 bytes), flags, ns
+/// (u16) | pins, len, dram_children, generation, dram_granule (5 x u32) |
+/// tick, checksum, nvme_loc, seq, parent, parent_hash (6 x 8).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct Meta {
@@ -88,11 +97,12 @@ pub struct Meta {
     /// Children of this block that have a DRAM copy (prefix-aware eviction).
     pub dram_children: u32,
     pub generation: u32,
+    /// Arena offset in granules, valid with FLAG_DRAM: read and written in
+    /// bytes through [`Meta::dram_addr`] and [`Meta::set_dram_addr`].
+    pub dram_granule: u32,
     /// Logical time of the last access (monotonic, unique per access).
     pub tick: u64,
     pub checksum: u64,
-    /// Arena offset, valid with FLAG_DRAM.
-    pub dram_addr: u64,
     /// Segment location (`tier::nvme::Loc`), valid with FLAG_NVME.
     pub nvme_loc: u64,
     /// Sequence number of the NVMe record (newest wins at recovery).
@@ -107,7 +117,7 @@ pub struct Meta {
     pub parent_hash: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<Meta>() == 112);
+const _: () = assert!(std::mem::size_of::<Meta>() == 104);
 
 impl Meta {
     pub fn is_doomed(&self) -> bool {
@@ -142,6 +152,26 @@ impl Meta {
     pub fn busy(&self) -> bool {
         self.flags & (FLAG_WRITING | FLAG_PROMOTING) != 0
     }
+    /// Byte offset of the DRAM copy (valid with FLAG_DRAM) in an arena of
+    /// `1 << granule_shift`-byte granules.
+    #[inline]
+    pub fn dram_addr(&self, granule_shift: u32) -> u64 {
+        u64::from(self.dram_granule) << granule_shift
+    }
+    /// Sets the DRAM copy's byte offset. It is granule-aligned (extents
+    /// are) and below [`MAX_DRAM_GRANULES`] granules (the arena's size is
+    /// checked at start): nothing is lost, and a bug that breaks either
+    /// stops here rather than point the block at other bytes.
+    #[inline]
+    pub fn set_dram_addr(&mut self, addr: u64, granule_shift: u32) {
+        assert_eq!(
+            addr & ((1 << granule_shift) - 1),
+            0,
+            "unaligned DRAM address {addr}"
+        );
+        self.dram_granule =
+            u32::try_from(addr >> granule_shift).expect("DRAM address past 2^32 granules");
+    }
     /// The fastest tier holding a copy.
     pub fn tier(&self) -> TierKind {
         if self.in_dram() {
@@ -166,7 +196,7 @@ fn empty_meta() -> Meta {
         generation: 0,
         tick: 0,
         checksum: 0,
-        dram_addr: 0,
+        dram_granule: 0,
         nvme_loc: 0,
         seq: 0,
         parent: NO_PARENT,
@@ -444,5 +474,30 @@ mod tests {
         assert!(!m.is_doomed() && !m.is_retiring(), "no flag survives reuse");
         assert_eq!(ix.live_ids().collect::<Vec<_>>(), [b.id]);
         assert_eq!(ix.find(1, &meta(1, 2).key), Some(b.id));
+    }
+
+    /// The DRAM address is kept in granules and read back in bytes, up to
+    /// the last granule of the largest arena allowed.
+    #[test]
+    fn dram_address_round_trips_in_granules() {
+        let mut m = empty_meta();
+        for shift in [4, 12, 26] {
+            for g in [0, 1, 12345, MAX_DRAM_GRANULES - 1] {
+                m.set_dram_addr(g << shift, shift);
+                assert_eq!(m.dram_addr(shift), g << shift);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "past 2^32 granules")]
+    fn dram_address_past_the_limit_is_refused() {
+        empty_meta().set_dram_addr(MAX_DRAM_GRANULES << 12, 12);
+    }
+
+    #[test]
+    #[should_panic(expected = "unaligned")]
+    fn unaligned_dram_address_is_refused() {
+        empty_meta().set_dram_addr(4096 + 16, 12);
     }
 }

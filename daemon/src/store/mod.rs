@@ -70,7 +70,7 @@ pub use evict::EvictionKind;
 use evict::{Candidate, EvictionPolicy};
 use index::{
     BlockId, BlockRef, FLAG_DRAM, FLAG_HIT, FLAG_NVME, FLAG_PROMOTING, FLAG_TRACKED, FLAG_WRITING,
-    Index, LOCAL_TIERS, MAX_NAMESPACES, Meta, NO_PARENT, NsOrd,
+    Index, LOCAL_TIERS, MAX_DRAM_GRANULES, MAX_NAMESPACES, Meta, NO_PARENT, NsOrd,
 };
 use tenants::{DEFAULT_ID, TenantId, Tenants};
 pub use tenants::{TenantConfig, TenantSpec, TenantUsage, UNOWNED};
@@ -457,6 +457,8 @@ struct Inner {
     tenants: Tenants,
     /// DRAM's allocation unit (the store's, copied for the helpers).
     granule: u64,
+    /// log2 of `granule`: [`Meta::dram_addr`] is kept in granules.
+    granule_shift: u32,
     tiers: [TierBook; LOCAL_TIERS],
     leases: HashMap<u64, Lease>,
     lease_expiry: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -597,9 +599,16 @@ impl Store {
         ];
         // Start the index at the number of full-granule blocks the DRAM tier
         // can hold (capped), so that steady state never rehashes.
-        let initial = ((cap / granule.max(1)) as usize)
-            .min(cfg.max_blocks)
-            .min(1 << 20);
+        // Config validation refuses larger arenas (`tiers.dram.bytes`).
+        assert!(
+            granule.is_power_of_two(),
+            "DRAM granule {granule} is not a power of two"
+        );
+        assert!(
+            cap / granule <= MAX_DRAM_GRANULES,
+            "DRAM arena of {cap} bytes is over 2^32 granules of {granule} bytes"
+        );
+        let initial = ((cap / granule) as usize).min(cfg.max_blocks).min(1 << 20);
         let inner = Inner {
             namespaces: HashMap::new(),
             ns_table: Vec::new(),
@@ -607,6 +616,7 @@ impl Store {
             policy: cfg.eviction.build(),
             tenants: Tenants::new(&cfg.tenants, (cap as f64 * cfg.low_watermark) as u64),
             granule,
+            granule_shift: granule.trailing_zeros(),
             tiers,
             leases: HashMap::new(),
             lease_expiry: BinaryHeap::new(),
@@ -980,7 +990,7 @@ impl Store {
                 key: m.key,
                 len: m.len as u64,
                 checksum: m.checksum,
-                dram: m.in_dram().then_some(m.dram_addr),
+                dram: m.in_dram().then_some(m.dram_addr(g.granule_shift)),
                 nvme,
                 summary: summary_at(g, id),
                 expect: Expect {
@@ -1186,7 +1196,7 @@ impl Store {
                 }
             };
             out.push(Slot {
-                offset: m.dram_addr,
+                offset: m.dram_addr(g.granule_shift),
                 len: m.len as u64,
                 checksum: m.checksum,
             });
@@ -1354,7 +1364,7 @@ impl Store {
             generation: 0,
             tick: g.tick,
             checksum,
-            dram_addr: 0,
+            dram_granule: 0,
             nvme_loc: 0,
             seq: 0,
             parent,
@@ -1557,7 +1567,7 @@ impl Store {
                     out.push(SharedReservation {
                         key: b.key,
                         id: None,
-                        offset: m.dram_addr,
+                        offset: m.dram_addr(g.granule_shift),
                         len: m.len as u64,
                         checksum: m.checksum,
                     });
@@ -1725,7 +1735,7 @@ impl Store {
         g.index
             .resolve(r)
             .filter(|m| m.in_dram() && m.readable_pinned())
-            .map(|m| m.dram_addr)
+            .map(|m| m.dram_addr(g.granule_shift))
     }
 
     /// Records a failed checksum of a block's DRAM copy: the block stops
@@ -1939,7 +1949,7 @@ impl Store {
                 checksum: m.checksum,
                 payload_offset: 0, // set by append
             },
-            dram_addr: m.dram_addr,
+            dram_addr: m.dram_addr(g.granule_shift),
             keep_dram,
         }
     }
@@ -2554,7 +2564,7 @@ impl Store {
                     generation: 0,
                     tick: g.tick,
                     checksum: h.checksum,
-                    dram_addr: 0,
+                    dram_granule: 0,
                     nvme_loc: s.loc.0,
                     seq: h.seq,
                     // Linked by key in `finish_recovery`, once every
@@ -3117,7 +3127,7 @@ impl ChainPin {
                 .index
                 .resolve(b.r)
                 .filter(|m| m.in_dram() && !m.is_doomed())
-                .map(|m| m.dram_addr);
+                .map(|m| m.dram_addr(g.granule_shift));
         }
     }
 }
@@ -3366,7 +3376,7 @@ fn add_dram(g: &mut Inner, granule: u64, id: BlockId, addr: u64) {
     let m = g.index.get_mut(id);
     debug_assert!(!m.in_dram());
     m.flags |= FLAG_DRAM;
-    m.dram_addr = addr;
+    m.set_dram_addr(addr, g.granule_shift);
     let (len, parent, ns) = (m.len as u64, m.parent, m.ns);
     ns_gain(g, ns, DRAM, len);
     log_event(g, EventKind::Stored, TierKind::Dram, id);
@@ -3385,7 +3395,7 @@ fn drop_dram(g: &mut Inner, granule: u64, dram: &DramTier, id: BlockId) {
     let m = g.index.get_mut(id);
     debug_assert!(m.in_dram() && m.on_nvme());
     m.flags &= !FLAG_DRAM;
-    let (len, addr, parent, ns) = (m.len as u64, m.dram_addr, m.parent, m.ns);
+    let (len, addr, parent, ns) = (m.len as u64, m.dram_addr(g.granule_shift), m.parent, m.ns);
     ns_lose(g, ns, DRAM, len);
     let rounded = len.div_ceil(granule) * granule;
     dram.free(addr, rounded);
@@ -3477,7 +3487,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
     debug_assert!(m.pins == 0 && !m.busy(), "removing a pinned or busy block");
     if m.in_dram() {
         let rounded = s.rounded(m.len as u64);
-        s.dram.free(m.dram_addr, rounded);
+        s.dram.free(m.dram_addr(g.granule_shift), rounded);
         g.tiers[DRAM].used -= rounded;
         g.tiers[DRAM].blocks -= 1;
         ns_lose(g, m.ns, DRAM, m.len as u64);
