@@ -5,7 +5,7 @@
 //! of both its DRAM and NVMe copies and its parent's key hash) plus 4
 //! bytes of id and one control byte in the table at a load factor between
 //! 7/16 and 7/8 (about 6-11 bytes), plus the eviction policy's 4-byte
-//! position: roughly 123-128 bytes, which the benchmark measures. The slab grows in fixed
+//! position: roughly 115-120 bytes, which the benchmark measures. The slab grows in fixed
 //! chunks of one 2 MiB huge page each, so it never holds more than one chunk
 //! of slack (a doubling `Vec` could hold 2x); the table and the chunks live
 //! on huge pages (see `huge.rs`) so that a lookup's scattered probes do not
