@@ -425,6 +425,9 @@ impl Default for LogConfig {
     }
 }
 
+/// Largest `tiers.dram.granule_bytes`.
+const MAX_GRANULE: u64 = 64 << 20;
+
 /// A configuration field that is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config: {field}: {reason}")]
@@ -641,7 +644,7 @@ impl Config {
 
         let d = &self.tiers.dram;
         let granule = d.granule_bytes.0;
-        if !granule.is_power_of_two() || !(16..=(64 << 20)).contains(&granule) {
+        if !granule.is_power_of_two() || !(16..=MAX_GRANULE).contains(&granule) {
             return bad(
                 "tiers.dram.granule_bytes",
                 format!(
@@ -654,6 +657,29 @@ impl Config {
             return bad(
                 "tiers.dram.bytes",
                 format!("{} is too small; at least 1MiB", d.bytes),
+            );
+        }
+        // The block index keeps a DRAM address as a 32-bit granule index.
+        let max_granules = crate::store::index::MAX_DRAM_GRANULES;
+        if d.bytes.0 / granule > max_granules {
+            let fits = d.bytes.0.div_ceil(max_granules).next_power_of_two();
+            let raise = if fits <= MAX_GRANULE {
+                format!(
+                    "raise tiers.dram.granule_bytes to {} or more",
+                    ByteSize(fits)
+                )
+            } else {
+                "no granule_bytes is large enough".into()
+            };
+            return bad(
+                "tiers.dram.bytes",
+                format!(
+                    "{} is {} granules of {}, more than the 2^32 a DRAM tier may have (the block index keeps a DRAM address as a 32-bit granule index): {raise}, or lower tiers.dram.bytes to {} or less",
+                    d.bytes,
+                    d.bytes.0 / granule,
+                    d.granule_bytes,
+                    ByteSize(granule * max_granules),
+                ),
             );
         }
         if !(0.0 < d.low_watermark
@@ -1500,6 +1526,56 @@ mod tests {
         assert!("lots".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
         assert_eq!(ByteSize(1000).to_string(), "1000B");
+    }
+
+    /// A DRAM tier may have at most 2^32 granules (the index keeps its
+    /// addresses as 32-bit granule indexes): larger is refused with what to
+    /// change, and the largest that fits is accepted.
+    #[test]
+    fn dram_tier_is_at_most_2_pow_32_granules() {
+        // Without abstracts, whose region would be over its own limit for
+        // tiers this large.
+        let dram = |bytes: &str, granule: &str| {
+            Config::from_toml(&format!(
+                "[tiers.dram]\nbytes = \"{bytes}\"\ngranule_bytes = \"{granule}\"\n[compute]\nabstracts = false\n"
+            ))
+            .unwrap()
+            .resolve()
+        };
+        // 4KiB granules (the default): up to 16TiB.
+        assert_eq!(dram("16TiB", "4KiB").unwrap().dram.bytes, 16 << 40);
+        let e = dram("32TiB", "4KiB").unwrap_err();
+        assert_eq!(e.field, "tiers.dram.bytes");
+        assert!(
+            e.reason.contains("8589934592 granules of 4KiB"),
+            "{}",
+            e.reason
+        );
+        assert!(
+            e.reason
+                .contains("raise tiers.dram.granule_bytes to 8KiB or more"),
+            "{}",
+            e.reason
+        );
+        assert!(
+            e.reason.contains("lower tiers.dram.bytes to 16TiB or less"),
+            "{}",
+            e.reason
+        );
+        assert!(dram("32TiB", "8KiB").is_ok());
+        // 16B granules (the smallest): up to 64GiB.
+        assert!(dram("64GiB", "16B").is_ok());
+        let e = dram("65GiB", "16B").unwrap_err();
+        assert_eq!(e.field, "tiers.dram.bytes");
+        assert!(
+            e.reason
+                .contains("raise tiers.dram.granule_bytes to 32B or more"),
+            "{}",
+            e.reason
+        );
+        // Bytes past the last whole granule are dropped (as the arena
+        // drops them), so 2^32 granules and 15 bytes of 16B fit.
+        assert!(dram(&format!("{}", (64u64 << 30) + 15), "16B").is_ok());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use strata_proto::{Layout, NamespaceId, TierKind};
 
-use super::index::{BlockId, FLAG_DOOMED, STATE_RETIRING};
+use super::index::{BlockId, FLAG_DOOMED, FLAG_RETIRING};
 use super::{
     DRAM, NVME, ReadBlock, ReadGuard, Store, StoreError, WriteJob, ns_ord, pin, refresh,
     remove_block,
@@ -116,8 +116,7 @@ impl Store {
                 if !m.is_doomed() {
                     // Already-doomed blocks (a failed copy) stay unreadable.
                     let mm = g.index.get_mut(id);
-                    mm.flags |= FLAG_DOOMED;
-                    mm.state |= STATE_RETIRING;
+                    mm.flags |= FLAG_DOOMED | FLAG_RETIRING;
                     refresh(g, id);
                     out.retired += 1;
                 }

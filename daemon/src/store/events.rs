@@ -19,6 +19,8 @@ use std::sync::Arc;
 use strata_proto::{BlockKey, TierKind};
 use tokio::sync::Notify;
 
+use super::index::NsOrd;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     Stored,
@@ -34,7 +36,7 @@ pub struct Event {
     pub seq: u64,
     pub kind: EventKind,
     pub medium: TierKind,
-    pub ns: u32,
+    pub ns: NsOrd,
     pub key: BlockKey,
     pub parent: Option<BlockKey>,
     pub len: u32,
@@ -92,7 +94,7 @@ impl EventLog {
         &mut self,
         kind: EventKind,
         medium: TierKind,
-        ns: u32,
+        ns: NsOrd,
         key: BlockKey,
         parent: Option<BlockKey>,
         len: u32,
@@ -238,7 +240,7 @@ mod tests {
             log.push(
                 EventKind::Stored,
                 TierKind::Dram,
-                u32::from(i % 2),
+                NsOrd::from(i % 2),
                 key(i),
                 None,
                 1,

@@ -1,11 +1,11 @@
 //! The block index: a chunked slab of fixed-size block records and a hash
 //! table of slab ids keyed by (namespace, key).
 //!
-//! Memory per block: the record ([`Meta`], 112 bytes, with the addresses
+//! Memory per block: the record ([`Meta`], 104 bytes, with the addresses
 //! of both its DRAM and NVMe copies and its parent's key hash) plus 4
 //! bytes of id and one control byte in the table at a load factor between
 //! 7/16 and 7/8 (about 6-11 bytes), plus the eviction policy's 4-byte
-//! position: roughly 123-128 bytes, which the benchmark measures. The slab grows in fixed
+//! position: roughly 115-120 bytes, which the benchmark measures. The slab grows in fixed
 //! chunks of one 2 MiB huge page each, so it never holds more than one chunk
 //! of slack (a doubling `Vec` could hold 2x); the table and the chunks live
 //! on huge pages (see `huge.rs`) so that a lookup's scattered probes do not
@@ -15,7 +15,8 @@
 //! * the table holds the id of every live record and nothing else;
 //! * a record's `generation` changes whenever its slot is freed, so a
 //!   [`BlockRef`] taken before a removal never reaches the slot's next
-//!   occupant;
+//!   occupant; it is odd while the slot is live and even while it is free
+//!   (insert and remove each add one), which is how liveness is told;
 //! * (namespace, key) is unique among live records.
 
 use allocator_api2::vec::Vec as HVec;
@@ -30,6 +31,19 @@ pub const LOCAL_TIERS: usize = 4;
 /// Index of a record in the slab.
 pub type BlockId = u32;
 
+/// A namespace's ordinal in the store (its row in the store's namespace
+/// table): 16 bits, to keep [`Meta`] small.
+pub type NsOrd = u16;
+
+/// Most namespaces one store can tell apart: every [`NsOrd`] value. The
+/// store refuses to register (or recover) more (`store::ns_insert`).
+pub const MAX_NAMESPACES: usize = 1 << NsOrd::BITS;
+
+/// Most granules a DRAM arena may have: [`Meta`] keeps a block's DRAM
+/// address as a 32-bit granule index (config validation refuses larger
+/// arenas, and `Store::new` checks).
+pub const MAX_DRAM_GRANULES: u64 = 1 << u32::BITS;
+
 /// A reference that survives removal of its target: `generation` must match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlockRef {
@@ -42,13 +56,18 @@ pub const NO_PARENT: BlockRef = BlockRef {
     generation: 0,
 };
 
-// Flags of a record.
-const FLAG_LIVE: u8 = 1;
+// Flags of a record. (Liveness is no flag: it is the parity of
+// `generation`, see [`Meta::is_live`].)
+/// Retired by a namespace eviction while pinned: doomed (hidden from new
+/// lookups, removed when its last pin goes) but still readable by the
+/// holders of the pins it had, so a lease taken before the eviction can
+/// read what its Lookup reported. Set only with [`FLAG_DOOMED`].
+pub const FLAG_RETIRING: u8 = 1;
 /// Failed a checksum: invisible now, removed when its last pin goes.
 pub const FLAG_DOOMED: u8 = 2;
 /// The DRAM eviction policy tracks this block (it is a candidate).
 pub const FLAG_TRACKED: u8 = 4;
-/// A copy is in the DRAM arena at `dram_addr`.
+/// A copy is in the DRAM arena at [`Meta::dram_addr`].
 pub const FLAG_DRAM: u8 = 8;
 /// A copy is in an NVMe segment at `nvme_loc`.
 pub const FLAG_NVME: u8 = 16;
@@ -60,33 +79,30 @@ pub const FLAG_PROMOTING: u8 = 64;
 /// Looked up or read since it was stored (admission and reclaim use it).
 pub const FLAG_HIT: u8 = 128;
 
-// States of a record (`Meta::state`; the flags byte is full).
-/// Retired by a namespace eviction while pinned: doomed (hidden from new
-/// lookups, removed when its last pin goes) but still readable by the
-/// holders of the pins it had, so a lease taken before the eviction can
-/// read what its Lookup reported.
-pub const STATE_RETIRING: u8 = 1;
-
 /// One published block. Fixed size, no heap pointers. The fields a lookup
 /// reads (key, flags, namespace, pins, tick) come first.
+///
+/// 104 bytes, no padding: key (33: its length and 32 bytes), flags, ns
+/// (u16) | pins, len, dram_children, generation, dram_granule (5 x u32) |
+/// tick, checksum, nvme_loc, seq, parent, parent_hash (6 x 8).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct Meta {
     pub key: BlockKey,
     pub flags: u8,
-    /// `STATE_*` bits (in what was padding).
-    pub state: u8,
-    pub ns: u32,
+    /// Namespace ordinal (at most [`MAX_NAMESPACES`] of them).
+    pub ns: NsOrd,
     pub pins: u32,
     pub len: u32,
     /// Children of this block that have a DRAM copy (prefix-aware eviction).
     pub dram_children: u32,
     pub generation: u32,
+    /// Arena offset in granules, valid with FLAG_DRAM: read and written in
+    /// bytes through [`Meta::dram_addr`] and [`Meta::set_dram_addr`].
+    pub dram_granule: u32,
     /// Logical time of the last access (monotonic, unique per access).
     pub tick: u64,
     pub checksum: u64,
-    /// Arena offset, valid with FLAG_DRAM.
-    pub dram_addr: u64,
     /// Segment location (`tier::nvme::Loc`), valid with FLAG_NVME.
     pub nvme_loc: u64,
     /// Sequence number of the NVMe record (newest wins at recovery).
@@ -101,18 +117,20 @@ pub struct Meta {
     pub parent_hash: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<Meta>() == 112);
+const _: () = assert!(std::mem::size_of::<Meta>() == 104);
 
 impl Meta {
     pub fn is_doomed(&self) -> bool {
         self.flags & FLAG_DOOMED != 0
     }
+    /// The slot holds a record: its generation is odd (see the module's
+    /// invariants).
     fn is_live(&self) -> bool {
-        self.flags & FLAG_LIVE != 0
+        self.generation & 1 == 1
     }
-    /// Retired by a namespace eviction (see [`STATE_RETIRING`]).
+    /// Retired by a namespace eviction (see [`FLAG_RETIRING`]).
     pub fn is_retiring(&self) -> bool {
-        self.state & STATE_RETIRING != 0
+        self.flags & FLAG_RETIRING != 0
     }
     /// Readable by someone who pinned it (or holds a lease on it) before
     /// now: not doomed, or doomed only by retirement.
@@ -122,8 +140,7 @@ impl Meta {
     /// Marks the block doomed because a copy failed (or is unreachable):
     /// unreadable even by pin holders.
     pub fn doom(&mut self) {
-        self.flags |= FLAG_DOOMED;
-        self.state &= !STATE_RETIRING;
+        self.flags = (self.flags | FLAG_DOOMED) & !FLAG_RETIRING;
     }
     pub fn in_dram(&self) -> bool {
         self.flags & FLAG_DRAM != 0
@@ -134,6 +151,26 @@ impl Meta {
     /// An NVMe transfer is in flight: not evictable, not deletable.
     pub fn busy(&self) -> bool {
         self.flags & (FLAG_WRITING | FLAG_PROMOTING) != 0
+    }
+    /// Byte offset of the DRAM copy (valid with FLAG_DRAM) in an arena of
+    /// `1 << granule_shift`-byte granules.
+    #[inline]
+    pub fn dram_addr(&self, granule_shift: u32) -> u64 {
+        u64::from(self.dram_granule) << granule_shift
+    }
+    /// Sets the DRAM copy's byte offset. It is granule-aligned (extents
+    /// are) and below [`MAX_DRAM_GRANULES`] granules (the arena's size is
+    /// checked at start): nothing is lost, and a bug that breaks either
+    /// stops here rather than point the block at other bytes.
+    #[inline]
+    pub fn set_dram_addr(&mut self, addr: u64, granule_shift: u32) {
+        assert_eq!(
+            addr & ((1 << granule_shift) - 1),
+            0,
+            "unaligned DRAM address {addr}"
+        );
+        self.dram_granule =
+            u32::try_from(addr >> granule_shift).expect("DRAM address past 2^32 granules");
     }
     /// The fastest tier holding a copy.
     pub fn tier(&self) -> TierKind {
@@ -152,7 +189,6 @@ fn empty_meta() -> Meta {
     Meta {
         key: BlockKey::new(&[0]).expect("1-byte key"),
         flags: 0,
-        state: 0,
         ns: 0,
         pins: 0,
         len: 0,
@@ -160,7 +196,7 @@ fn empty_meta() -> Meta {
         generation: 0,
         tick: 0,
         checksum: 0,
-        dram_addr: 0,
+        dram_granule: 0,
         nvme_loc: 0,
         seq: 0,
         parent: NO_PARENT,
@@ -181,8 +217,8 @@ pub struct Index {
 }
 
 #[inline]
-fn hash(ns: u32, key: &BlockKey) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), ns as u64)
+fn hash(ns: NsOrd, key: &BlockKey) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), u64::from(ns))
 }
 
 #[inline]
@@ -210,7 +246,7 @@ impl Index {
         self.count == 0
     }
 
-    pub fn find(&self, ns: u32, key: &BlockKey) -> Option<BlockId> {
+    pub fn find(&self, ns: NsOrd, key: &BlockKey) -> Option<BlockId> {
         let chunks = &self.chunks;
         self.table
             .find(hash(ns, key), |&id| {
@@ -222,7 +258,7 @@ impl Index {
 
     /// The hash the table files `(ns, key)` under (what a child keeps of
     /// its parent's key, [`Meta::parent_hash`]).
-    pub fn key_hash(ns: u32, key: &BlockKey) -> u64 {
+    pub fn key_hash(ns: NsOrd, key: &BlockKey) -> u64 {
         hash(ns, key)
     }
 
@@ -230,7 +266,7 @@ impl Index {
     /// ([`Index::key_hash`]): the parent a child named, found without its
     /// key. Two keys of one namespace with the same 64-bit hash are taken
     /// as the same (odds 2^-64 per pair, as for the table itself).
-    pub fn find_hashed(&self, ns: u32, h: u64) -> Option<BlockId> {
+    pub fn find_hashed(&self, ns: NsOrd, h: u64) -> Option<BlockId> {
         let chunks = &self.chunks;
         self.table
             .find(h, |&id| {
@@ -242,7 +278,7 @@ impl Index {
 
     /// The slot `guess`, if it holds (ns, key).
     #[inline]
-    fn probe_guess(&self, guess: Option<u64>, ns: u32, key: &BlockKey) -> Option<BlockId> {
+    fn probe_guess(&self, guess: Option<u64>, ns: NsOrd, key: &BlockKey) -> Option<BlockId> {
         let g = guess.filter(|&g| g < self.used as u64)? as BlockId;
         let m = slot(&self.chunks, g);
         (m.is_live() && m.ns == ns && m.key == *key).then_some(g)
@@ -256,7 +292,7 @@ impl Index {
     /// falling back to the table. Keys are resolved a window at a time with
     /// no dependency between them, so the CPU overlaps their cache misses;
     /// the walk stops after the window holding the first miss.
-    pub fn find_run(&self, ns: u32, keys: &[BlockKey], out: &mut Vec<BlockId>) {
+    pub fn find_run(&self, ns: NsOrd, keys: &[BlockKey], out: &mut Vec<BlockId>) {
         const WINDOW: usize = 32;
         let Some(k0) = keys.first() else { return };
         let Some(first) = self.find(ns, k0) else {
@@ -307,8 +343,10 @@ impl Index {
             }
         };
         let old = self.slot_mut(id);
+        debug_assert!(!old.is_live(), "inserting into a live slot");
+        // Free slots have even generations (0 when new), so this one is
+        // odd: live.
         meta.generation = old.generation.wrapping_add(1);
-        meta.flags |= FLAG_LIVE;
         *old = meta;
         let chunks = &self.chunks;
         self.table
@@ -338,9 +376,8 @@ impl Index {
         }
         let m = self.slot_mut(id);
         m.flags = 0;
-        m.state = 0;
-        // The generation moves on now, so refs to the old record go stale
-        // even before the slot is reused.
+        // The generation moves on now (to even: free), so refs to the old
+        // record go stale even before the slot is reused.
         m.generation = meta.generation.wrapping_add(1);
         self.free.push(id);
         self.count -= 1;
@@ -402,5 +439,65 @@ impl Index {
             + self.chunks.len() * super::huge::HUGE_PAGE
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + self.free.capacity() * std::mem::size_of::<BlockId>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(ns: NsOrd, k: u8) -> Meta {
+        Meta {
+            key: BlockKey::new(&[k; 8]).unwrap(),
+            ns,
+            ..empty_meta()
+        }
+    }
+
+    /// Liveness is the generation's parity: odd from insert, even from
+    /// remove, and a reused slot never answers for its earlier occupant.
+    #[test]
+    fn liveness_follows_the_generation() {
+        let mut ix = Index::with_capacity(4);
+        let a = ix.insert(meta(1, 1));
+        assert_eq!(a.generation % 2, 1);
+        assert!(ix.is_live(a.id) && ix.resolve(a).is_some());
+        ix.get_mut(a.id).flags |= FLAG_DOOMED | FLAG_RETIRING;
+        ix.remove(a.id);
+        assert!(!ix.is_live(a.id) && ix.resolve(a).is_none());
+        assert_eq!(ix.find(1, &meta(1, 1).key), None);
+        let b = ix.insert(meta(1, 2));
+        assert_eq!(b.id, a.id, "the slot is reused");
+        assert_eq!(b.generation, a.generation + 2);
+        assert!(ix.resolve(a).is_none());
+        let m = ix.resolve(b).unwrap();
+        assert!(!m.is_doomed() && !m.is_retiring(), "no flag survives reuse");
+        assert_eq!(ix.live_ids().collect::<Vec<_>>(), [b.id]);
+        assert_eq!(ix.find(1, &meta(1, 2).key), Some(b.id));
+    }
+
+    /// The DRAM address is kept in granules and read back in bytes, up to
+    /// the last granule of the largest arena allowed.
+    #[test]
+    fn dram_address_round_trips_in_granules() {
+        let mut m = empty_meta();
+        for shift in [4, 12, 26] {
+            for g in [0, 1, 12345, MAX_DRAM_GRANULES - 1] {
+                m.set_dram_addr(g << shift, shift);
+                assert_eq!(m.dram_addr(shift), g << shift);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "past 2^32 granules")]
+    fn dram_address_past_the_limit_is_refused() {
+        empty_meta().set_dram_addr(MAX_DRAM_GRANULES << 12, 12);
+    }
+
+    #[test]
+    #[should_panic(expected = "unaligned")]
+    fn unaligned_dram_address_is_refused() {
+        empty_meta().set_dram_addr(4096 + 16, 12);
     }
 }

@@ -54,7 +54,7 @@ pub mod tenants;
 pub mod tiering;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -70,7 +70,7 @@ pub use evict::EvictionKind;
 use evict::{Candidate, EvictionPolicy};
 use index::{
     BlockId, BlockRef, FLAG_DRAM, FLAG_HIT, FLAG_NVME, FLAG_PROMOTING, FLAG_TRACKED, FLAG_WRITING,
-    Index, LOCAL_TIERS, Meta, NO_PARENT,
+    Index, LOCAL_TIERS, MAX_DRAM_GRANULES, MAX_NAMESPACES, Meta, NO_PARENT, NsOrd,
 };
 use tenants::{DEFAULT_ID, TenantId, Tenants};
 pub use tenants::{TenantConfig, TenantSpec, TenantUsage, UNOWNED};
@@ -348,7 +348,7 @@ pub struct StoreStats {
 /// Space reserved for a block in DRAM; not yet visible.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    ns: u32,
+    ns: NsOrd,
     /// The namespace's geometry, when Attend serves it (for the summary).
     geom: Option<Geom>,
     key: BlockKey,
@@ -366,7 +366,7 @@ struct SharedPending {
 
 #[derive(Debug)]
 struct Lease {
-    ns: u32,
+    ns: NsOrd,
     /// Sorted by id, for membership checks.
     blocks: Vec<BlockRef>,
     expires: Instant,
@@ -440,14 +440,16 @@ impl Budget {
 #[derive(Default)]
 struct Recovery {
     parents: Vec<(BlockId, BlockKey)>,
-    tombstones: HashMap<(u32, BlockKey), u64>,
+    tombstones: HashMap<(NsOrd, BlockKey), u64>,
     /// Namespaces evicted (`evict_namespace`): records with a lower
     /// sequence number are void.
     evicted: HashMap<NamespaceId, u64>,
+    /// Namespaces refused for want of an ordinal (logged once each).
+    refused: HashSet<NamespaceId>,
 }
 
 struct Inner {
-    namespaces: HashMap<NamespaceId, u32>,
+    namespaces: HashMap<NamespaceId, NsOrd>,
     ns_table: Vec<NsEntry>,
     index: Index,
     /// DRAM's eviction policy; its groups are tenants.
@@ -455,6 +457,8 @@ struct Inner {
     tenants: Tenants,
     /// DRAM's allocation unit (the store's, copied for the helpers).
     granule: u64,
+    /// log2 of `granule`: [`Meta::dram_addr`] is kept in granules.
+    granule_shift: u32,
     tiers: [TierBook; LOCAL_TIERS],
     leases: HashMap<u64, Lease>,
     lease_expiry: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -595,9 +599,16 @@ impl Store {
         ];
         // Start the index at the number of full-granule blocks the DRAM tier
         // can hold (capped), so that steady state never rehashes.
-        let initial = ((cap / granule.max(1)) as usize)
-            .min(cfg.max_blocks)
-            .min(1 << 20);
+        // Config validation refuses larger arenas (`tiers.dram.bytes`).
+        assert!(
+            granule.is_power_of_two(),
+            "DRAM granule {granule} is not a power of two"
+        );
+        assert!(
+            cap / granule <= MAX_DRAM_GRANULES,
+            "DRAM arena of {cap} bytes is over 2^32 granules of {granule} bytes"
+        );
+        let initial = ((cap / granule) as usize).min(cfg.max_blocks).min(1 << 20);
         let inner = Inner {
             namespaces: HashMap::new(),
             ns_table: Vec::new(),
@@ -605,6 +616,7 @@ impl Store {
             policy: cfg.eviction.build(),
             tenants: Tenants::new(&cfg.tenants, (cap as f64 * cfg.low_watermark) as u64),
             granule,
+            granule_shift: granule.trailing_zeros(),
             tiers,
             leases: HashMap::new(),
             lease_expiry: BinaryHeap::new(),
@@ -730,7 +742,7 @@ impl Store {
                 }
                 (o, true)
             }
-            None => (ns_insert(g, id, Some(layout)), false),
+            None => (ns_insert(g, id, Some(layout))?, false),
         };
         let tenant = g.ns_table[o as usize].tenant;
         Ok(Registered {
@@ -978,7 +990,7 @@ impl Store {
                 key: m.key,
                 len: m.len as u64,
                 checksum: m.checksum,
-                dram: m.in_dram().then_some(m.dram_addr),
+                dram: m.in_dram().then_some(m.dram_addr(g.granule_shift)),
                 nvme,
                 summary: summary_at(g, id),
                 expect: Expect {
@@ -1184,7 +1196,7 @@ impl Store {
                 }
             };
             out.push(Slot {
-                offset: m.dram_addr,
+                offset: m.dram_addr(g.granule_shift),
                 len: m.len as u64,
                 checksum: m.checksum,
             });
@@ -1345,7 +1357,6 @@ impl Store {
         let meta = Meta {
             key: p.key,
             flags: 0,
-            state: 0,
             ns: p.ns,
             pins: 0,
             len: p.len as u32,
@@ -1353,7 +1364,7 @@ impl Store {
             generation: 0,
             tick: g.tick,
             checksum,
-            dram_addr: 0,
+            dram_granule: 0,
             nvme_loc: 0,
             seq: 0,
             parent,
@@ -1472,7 +1483,7 @@ impl Store {
     fn reserve_space(
         &self,
         g: &mut Inner,
-        ns: u32,
+        ns: NsOrd,
         key: BlockKey,
         parent: Option<BlockKey>,
         len: u64,
@@ -1556,7 +1567,7 @@ impl Store {
                     out.push(SharedReservation {
                         key: b.key,
                         id: None,
-                        offset: m.dram_addr,
+                        offset: m.dram_addr(g.granule_shift),
                         len: m.len as u64,
                         checksum: m.checksum,
                     });
@@ -1724,7 +1735,7 @@ impl Store {
         g.index
             .resolve(r)
             .filter(|m| m.in_dram() && m.readable_pinned())
-            .map(|m| m.dram_addr)
+            .map(|m| m.dram_addr(g.granule_shift))
     }
 
     /// Records a failed checksum of a block's DRAM copy: the block stops
@@ -1938,7 +1949,7 @@ impl Store {
                 checksum: m.checksum,
                 payload_offset: 0, // set by append
             },
-            dram_addr: m.dram_addr,
+            dram_addr: m.dram_addr(g.granule_shift),
             keep_dram,
         }
     }
@@ -1962,7 +1973,7 @@ impl Store {
     /// Whether a block of namespace ordinal `ns` may gain an NVMe copy of
     /// `len` bytes under its tenant's NVMe quota (writes in flight count);
     /// a refusal is counted.
-    fn nvme_quota_room(&self, g: &mut Inner, ns: u32, len: u64) -> bool {
+    fn nvme_quota_room(&self, g: &mut Inner, ns: NsOrd, len: u64) -> bool {
         let b = &mut g.tenants.books[g.ns_table[ns as usize].tenant as usize];
         let quota = b.quota[NVME];
         if quota == 0 || b.used[NVME] + b.writing + len <= quota {
@@ -2458,7 +2469,21 @@ impl Store {
         }
         let ns = match g.namespaces.get(&h.namespace) {
             Some(&o) => o,
-            None => ns_insert(g, h.namespace, None),
+            None => match ns_insert(g, h.namespace, None) {
+                Ok(o) => o,
+                Err(e) => {
+                    // Past the namespace limit: the record stays out of the
+                    // index, like one past store.max_blocks. It was never
+                    // counted live, so there is nothing to release, and it
+                    // has no summary (an unknown namespace has no geometry).
+                    debug_assert!(summary.is_none());
+                    let rec = g.recovery.get_or_insert_with(Recovery::default);
+                    if rec.refused.insert(h.namespace) {
+                        tracing::warn!(error = %e, "a namespace found on NVMe is refused; its records there are not indexed");
+                    }
+                    return;
+                }
+            },
         };
         let geom = g.ns_table[ns as usize].geom;
         let summary = if h.kind == RecordKind::Block {
@@ -2532,7 +2557,6 @@ impl Store {
                 let r = g.index.insert(Meta {
                     key: h.key,
                     flags: FLAG_NVME,
-                    state: 0,
                     ns,
                     pins: 0,
                     len: h.len,
@@ -2540,7 +2564,7 @@ impl Store {
                     generation: 0,
                     tick: g.tick,
                     checksum: h.checksum,
-                    dram_addr: 0,
+                    dram_granule: 0,
                     nvme_loc: s.loc.0,
                     seq: h.seq,
                     // Linked by key in `finish_recovery`, once every
@@ -3103,7 +3127,7 @@ impl ChainPin {
                 .index
                 .resolve(b.r)
                 .filter(|m| m.in_dram() && !m.is_doomed())
-                .map(|m| m.dram_addr);
+                .map(|m| m.dram_addr(g.granule_shift));
         }
     }
 }
@@ -3149,13 +3173,26 @@ fn pick_victim(g: &Inner, for_tenant: Option<TenantId>) -> Option<BlockId> {
 }
 
 /// Counts a DRAM eviction against the tenant of namespace ordinal `ns`.
-fn count_eviction(g: &mut Inner, ns: u32) {
+fn count_eviction(g: &mut Inner, ns: NsOrd) {
     let t = g.ns_table[ns as usize].tenant;
     g.tenants.books[t as usize].evictions[DRAM] += 1;
 }
 
-fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
-    let ord = g.ns_table.len() as u32;
+/// Gives namespace `id` the next ordinal. Ordinals are 16 bits
+/// ([`NsOrd`], to keep the index record small) and never freed while the
+/// daemon runs (an evicted namespace keeps its row), so a namespace past
+/// the [`MAX_NAMESPACES`]th is refused. A restart assigns them again, to
+/// the layouts persisted beside the NVMe segments (which are kept for
+/// good) and the namespaces of the records found there.
+fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> Result<NsOrd, StoreError> {
+    let Ok(ord) = NsOrd::try_from(g.ns_table.len()) else {
+        return Err(StoreError::Limit {
+            limit: "namespaces",
+            detail: format!(
+                "namespace {id} is refused: this daemon already knows {MAX_NAMESPACES} namespaces, the most its block index can tell apart (every one registered or found on NVMe since it started, evicted ones included); reuse the layouts (model, shape, tenant salt) already registered rather than minting new ones, or serve more from another daemon"
+            ),
+        });
+    };
     let geom = layout.as_ref().and_then(Geom::of);
     let tenant = g.tenants.owner_of(layout.as_ref());
     g.tenants.books[tenant as usize].namespaces += 1;
@@ -3167,7 +3204,7 @@ fn ns_insert(g: &mut Inner, id: NamespaceId, layout: Option<Layout>) -> u32 {
         count: NsCount::default(),
     });
     g.namespaces.insert(id, ord);
-    ord
+    Ok(ord)
 }
 
 /// Where a chain goes from a block towards its root.
@@ -3196,7 +3233,7 @@ fn up(g: &Inner, id: BlockId) -> Up {
     }
 }
 
-fn ns_ord(g: &Inner, ns: NamespaceId) -> Result<u32, StoreError> {
+fn ns_ord(g: &Inner, ns: NamespaceId) -> Result<NsOrd, StoreError> {
     g.namespaces
         .get(&ns)
         .copied()
@@ -3205,7 +3242,7 @@ fn ns_ord(g: &Inner, ns: NamespaceId) -> Result<u32, StoreError> {
 
 fn check_block(
     g: &Inner,
-    ns: u32,
+    ns: NsOrd,
     key: &BlockKey,
     parent: Option<&BlockKey>,
     len: u64,
@@ -3339,7 +3376,7 @@ fn add_dram(g: &mut Inner, granule: u64, id: BlockId, addr: u64) {
     let m = g.index.get_mut(id);
     debug_assert!(!m.in_dram());
     m.flags |= FLAG_DRAM;
-    m.dram_addr = addr;
+    m.set_dram_addr(addr, g.granule_shift);
     let (len, parent, ns) = (m.len as u64, m.parent, m.ns);
     ns_gain(g, ns, DRAM, len);
     log_event(g, EventKind::Stored, TierKind::Dram, id);
@@ -3358,7 +3395,7 @@ fn drop_dram(g: &mut Inner, granule: u64, dram: &DramTier, id: BlockId) {
     let m = g.index.get_mut(id);
     debug_assert!(m.in_dram() && m.on_nvme());
     m.flags &= !FLAG_DRAM;
-    let (len, addr, parent, ns) = (m.len as u64, m.dram_addr, m.parent, m.ns);
+    let (len, addr, parent, ns) = (m.len as u64, m.dram_addr(g.granule_shift), m.parent, m.ns);
     ns_lose(g, ns, DRAM, len);
     let rounded = len.div_ceil(granule) * granule;
     dram.free(addr, rounded);
@@ -3398,7 +3435,7 @@ fn clear_nvme(g: &mut Inner, id: BlockId) {
 }
 
 /// The ordinals of `only` (None: every namespace).
-fn ordinals(g: &Inner, only: &[NamespaceId]) -> Option<Vec<u32>> {
+fn ordinals(g: &Inner, only: &[NamespaceId]) -> Option<Vec<NsOrd>> {
     (!only.is_empty()).then(|| {
         only.iter()
             .filter_map(|id| g.namespaces.get(id).copied())
@@ -3450,7 +3487,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
     debug_assert!(m.pins == 0 && !m.busy(), "removing a pinned or busy block");
     if m.in_dram() {
         let rounded = s.rounded(m.len as u64);
-        s.dram.free(m.dram_addr, rounded);
+        s.dram.free(m.dram_addr(g.granule_shift), rounded);
         g.tiers[DRAM].used -= rounded;
         g.tiers[DRAM].blocks -= 1;
         ns_lose(g, m.ns, DRAM, m.len as u64);
@@ -3475,7 +3512,7 @@ fn remove_block(g: &mut Inner, s: &Store, id: BlockId) {
 
 /// Counts a copy of `len` bytes in `tier` gained by a block of namespace
 /// ordinal `ns`.
-fn ns_gain(g: &mut Inner, ns: u32, tier: usize, len: u64) {
+fn ns_gain(g: &mut Inner, ns: NsOrd, tier: usize, len: u64) {
     let e = &mut g.ns_table[ns as usize];
     e.count.tier_blocks[tier] += 1;
     e.count.tier_bytes[tier] += len;
@@ -3497,7 +3534,7 @@ fn tenant_bytes(granule: u64, tier: usize, len: u64) -> u64 {
 
 /// Counts a copy of `len` bytes in `tier` lost by a block of namespace
 /// ordinal `ns`.
-fn ns_lose(g: &mut Inner, ns: u32, tier: usize, len: u64) {
+fn ns_lose(g: &mut Inner, ns: NsOrd, tier: usize, len: u64) {
     let e = &mut g.ns_table[ns as usize];
     e.count.tier_blocks[tier] -= 1;
     e.count.tier_bytes[tier] -= len;
@@ -3510,7 +3547,7 @@ fn ns_lose(g: &mut Inner, ns: u32, tier: usize, len: u64) {
 /// Moves namespace `ns` (and what its blocks hold) to tenant `to`: a
 /// namespace found on disk whose owner became known. One pass over the
 /// index; the eviction policy forgets the blocks under the old group first.
-fn rehome(g: &mut Inner, ns: u32, to: TenantId) {
+fn rehome(g: &mut Inner, ns: NsOrd, to: TenantId) {
     let from = g.ns_table[ns as usize].tenant;
     let ids: Vec<BlockId> = g
         .index

@@ -130,7 +130,7 @@ fn owners_are_read_off_the_salt_and_unknown_owners_are_rehomed() {
     let id = l.namespace_id();
     {
         let mut g = store.lock();
-        ns_insert(&mut g, id, None);
+        ns_insert(&mut g, id, None).unwrap();
     }
     let unowned = store.tenant_id(UNOWNED).unwrap();
     assert_eq!(store.namespace_owner(id), Some(unowned));

@@ -1039,3 +1039,58 @@ fn lookup_walks_consecutive_slots_but_checks_every_key() {
     assert_eq!(f.lookup(&asked, 0).hits, 3);
     f.store.check_invariants();
 }
+
+/// Namespace ordinals are 16 bits in the index record: the store knows at
+/// most 65,536 namespaces and refuses the next one with a clear error
+/// (never wrapping its ordinal onto another namespace's blocks); those it
+/// knows keep working.
+#[test]
+fn namespaces_past_the_ordinal_limit_are_refused() {
+    let f = fixture(4, 1, StoreConfig::default());
+    let other = |i: usize| Layout {
+        model_id: format!("model-{i}"),
+        ..layout(1)
+    };
+    // The fixture registered one.
+    let mut last = f.ns;
+    for i in 1..MAX_NAMESPACES {
+        let r = f.store.register(other(i)).unwrap();
+        assert!(!r.existed);
+        last = r.id;
+    }
+    let e = f.store.register(other(MAX_NAMESPACES)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::Limit {
+                limit: "namespaces",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("65536 namespaces"), "{msg}");
+    assert!(msg.contains("reuse the layouts"), "{msg}");
+    assert_eq!(
+        crate::server::status::code_of(&e),
+        tonic::Code::ResourceExhausted
+    );
+    let refused = other(MAX_NAMESPACES).namespace_id();
+    assert!(f.store.namespace_owner(refused).is_none());
+    // Known namespaces still register and store; their blocks stay apart.
+    assert!(f.store.register(other(7)).unwrap().existed);
+    f.put(key(1, 1), None).unwrap();
+    let r = f
+        .store
+        .lookup(&LookupReq {
+            namespace: last,
+            keys: vec![key(1, 1)],
+            lease_ttl_ms: 0,
+            want_slots: false,
+        })
+        .unwrap();
+    assert_eq!(r.hits, 0);
+    assert_eq!(f.lookup(&[key(1, 1)], 0).hits, 1);
+    f.store.check_invariants();
+}

@@ -386,7 +386,9 @@ pub async fn recover(
     for (id, bytes) in n.persisted_layouts() {
         match strata_proto::Layout::from_canonical(&bytes) {
             Ok(l) if l.namespace_id().0 == id => {
-                store.register_layout(l);
+                if let Err(e) = store.register(l) {
+                    tracing::warn!(namespace = %NamespaceId(id), error = %e, "a persisted layout is refused");
+                }
             }
             _ => tracing::warn!(
                 namespace = %NamespaceId(id),
