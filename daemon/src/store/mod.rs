@@ -2493,11 +2493,15 @@ impl Store {
             None
         };
         let existing = g.index.find(ns, &h.key);
-        let release = |loc: Loc, len: u32| {
-            if let Some(n) = &self.nvme {
-                n.release(loc, len);
-            }
-        };
+        // Live accounting: every segment starts recovery at zero live bytes
+        // and records, and a record counts live only once `add_live` is
+        // called for it, when it goes into the index. So only a record the
+        // index held is released (a tombstone or a newer copy superseding
+        // it: `remove_block` and the newer-copy path below); a record
+        // skipped here (voided, not newer, past `store.max_blocks`) was
+        // never added and is not released: `NvmeTier::release` saturates
+        // at zero, and releasing it would take the count of the segment's
+        // other live records down. Tombstones are never live.
         match h.kind {
             RecordKind::Tombstone => {
                 if let Some(id) = existing
@@ -2516,20 +2520,24 @@ impl Store {
                     .and_then(|r| r.tombstones.get(&(ns, h.key)))
                     .is_some_and(|&t| t > h.seq);
                 if voided {
-                    release(s.loc, h.len);
+                    // Never counted live: nothing to release.
                     self.free_summary(geom, summary);
                     return;
                 }
                 if let Some(id) = existing {
                     let m = *g.index.get(id);
                     if m.seq >= h.seq {
-                        release(s.loc, h.len);
+                        // Not newer than the indexed copy (say, a retired
+                        // block's copy-forward, which keeps its number,
+                        // left beside its source by an interrupted
+                        // reclaim): never counted live.
                         self.free_summary(geom, summary);
                         return;
                     }
-                    // A newer record of the same block.
-                    release(Loc(m.nvme_loc), m.len);
+                    // A newer record of the same block: the indexed one
+                    // was counted live when it went in; this one is now.
                     if let Some(n) = &self.nvme {
+                        n.release(Loc(m.nvme_loc), m.len);
                         n.add_live(s.loc, h.len);
                     }
                     let e = &mut g.ns_table[ns as usize];
@@ -2549,7 +2557,7 @@ impl Store {
                     return;
                 }
                 if g.index.len() >= self.cfg.max_blocks {
-                    release(s.loc, h.len);
+                    // Stays out of the index: never counted live.
                     self.free_summary(geom, summary);
                     return;
                 }
