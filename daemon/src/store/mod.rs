@@ -284,7 +284,20 @@ pub struct DeleteResult {
     pub pinned: Vec<BlockKey>,
     /// Deleted blocks that had an NVMe record: a tombstone must be written
     /// so that a restart does not bring them back.
-    pub tombstones: Vec<(NamespaceId, BlockKey)>,
+    pub tombstones: Vec<Tombstone>,
+}
+
+/// A tombstone to write for a deleted block. Its sequence number is taken
+/// by the delete, under the store's lock: a record of the same key stored
+/// after the delete takes a later one, so the tombstone (whenever it is
+/// written) never voids it at recovery. Taken when the tombstone was
+/// written instead, a put acknowledged between the delete and that write
+/// came back void after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tombstone {
+    pub namespace: NamespaceId,
+    pub key: BlockKey,
+    pub seq: u64,
 }
 
 /// An event read out for a subscriber.
@@ -1805,7 +1818,12 @@ impl Store {
                 }
                 Some(id) => {
                     if g.index.get(id).on_nvme() {
-                        res.tombstones.push((req.namespace, *k));
+                        g.seq += 1;
+                        res.tombstones.push(Tombstone {
+                            namespace: req.namespace,
+                            key: *k,
+                            seq: g.seq - 1,
+                        });
                     }
                     remove_block(g, self, id);
                     res.deleted += 1;

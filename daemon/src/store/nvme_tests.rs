@@ -1188,9 +1188,11 @@ async fn recovery_counts_live_exactly_the_records_it_indexes() {
         for x in [a, k, v] {
             put_durable(&f, x).await;
         }
-        // V is deleted and put again while its tombstone is being written:
-        // the new record's sequence number was taken first, so the
-        // tombstone (newer) lands before it and voids it at recovery.
+        // V is deleted and put again before its tombstone is written: the
+        // tombstone's sequence number was taken by the delete, so the new
+        // record's is later and the tombstone (written before it) does not
+        // void it at recovery.
+        let v_seq = seq_of(&f, v);
         let d = f
             .store
             .delete(&DeleteReq {
@@ -1199,17 +1201,25 @@ async fn recovery_counts_live_exactly_the_records_it_indexes() {
             })
             .unwrap();
         assert_eq!(d.tombstones.len(), 1);
+        assert!(d.tombstones[0].seq > v_seq);
         let (_, r) = f.put(v, None).unwrap();
         let job = f.store.begin_persist(r).unwrap();
         assert_eq!(tiering::write_tombstones(&f.store, &d.tombstones).await, 0);
         assert!(tiering::write_job(f.store.clone(), job).await);
-        // Segment 1 (a restart seals segment 0): B; then K copied forward
-        // with its own sequence number (as for a retired block) and A with
+        assert!(seq_of(&f, v) > d.tombstones[0].seq);
+        // Segment 1 (a restart seals segment 0): B; then V's first record
+        // copied forward with its own sequence number (as for a retired
+        // block: below the tombstone's, so void), K the same way and A with
         // a new one, each by a reclaim stopped before it deleted segment 0.
         // A skipped record must come after a live one of its segment to
         // show: below zero, a release changes nothing.
         let f = f.reopen(o.clone()).await;
+        assert!(
+            f.store.contains(f.ns, &v),
+            "{e:?}: V stored again after its delete survives the restart"
+        );
         put_durable(&f, b).await;
+        let v_copy = copy_forward_interrupted(&f, v, v_seq).await;
         let k_seq = seq_of(&f, k);
         let k_copy = copy_forward_interrupted(&f, k, k_seq).await;
         let a_seq = f.store.next_seq();
@@ -1221,10 +1231,11 @@ async fn recovery_counts_live_exactly_the_records_it_indexes() {
         );
 
         // Scanned: A, K, V (indexed), the tombstone (V removed), V again
-        // (voided); B, K's copy (not newer: skipped), A's copy (newer:
-        // replaces A).
+        // (indexed); B, V's first record again (voided by the tombstone),
+        // K's copy (not newer: skipped), A's copy (newer: replaces A).
         let f = f.reopen(o.clone()).await;
-        assert!(!f.store.contains(f.ns, &v), "{e:?}: V's record is voided");
+        assert!(f.store.contains(f.ns, &v), "{e:?}: V's second record stays");
+        assert_ne!(slot_of(&f, v), v_copy.slot(), "{e:?}: V's old copy is void");
         assert_eq!(slot_of(&f, a), a_copy.slot(), "{e:?}: A's newer copy wins");
         assert_ne!(
             slot_of(&f, k),

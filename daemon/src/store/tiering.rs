@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use strata_proto::{BlockKey, NamespaceId};
+use strata_proto::NamespaceId;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PromoteFailure, PromoteJob, ReadGuard, ReclaimAction, ReclaimOrder, Store, StoreError, WriteJob,
+    PromoteFailure, PromoteJob, ReadGuard, ReclaimAction, ReclaimOrder, Store, StoreError,
+    Tombstone, WriteJob,
 };
 use crate::tier::nvme::format::{RecordHeader, RecordKind};
 use crate::tier::nvme::{Expect, Loc, NvmeError, NvmeTier, RecordBuf, ScanStats, Scanned};
@@ -253,14 +254,20 @@ pub async fn persist_layout(store: &Arc<Store>, layout: &strata_proto::Layout) {
 /// Writes tombstones for deleted blocks that had NVMe records, so that a
 /// restart does not bring them back. Returns how many could not be written
 /// (those blocks may come back after a restart, with their true bytes).
-pub async fn write_tombstones(store: &Arc<Store>, deleted: &[(NamespaceId, BlockKey)]) -> usize {
+pub async fn write_tombstones(store: &Arc<Store>, deleted: &[Tombstone]) -> usize {
     let Some(n) = store.nvme() else { return 0 };
     let mut failed = 0;
-    for &(namespace, key) in deleted {
+    for &Tombstone {
+        namespace,
+        key,
+        seq,
+    } in deleted
+    {
         let header = RecordHeader {
             kind: RecordKind::Tombstone,
             namespace,
-            seq: store.next_seq(),
+            // Taken by the delete (see `Tombstone`).
+            seq,
             segment: 0,
             key,
             parent: None,
