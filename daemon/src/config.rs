@@ -226,6 +226,13 @@ pub struct ComputeSection {
     /// SPARF's two-stage ranking: candidate blocks per chosen block, 0 to
     /// rank on r channels in one stage.
     pub sparf_candidates: u32,
+    /// Attend's accesses follow the attention it found: only the blocks
+    /// that carried at least `hot_factor` times an even share of some
+    /// query head's attention count as accessed (eviction order), and the
+    /// NVMe-only ones among them are promoted in the background. Off:
+    /// every block an Attend pins is an access.
+    pub hotness: bool,
+    pub hot_factor: f64,
 }
 
 impl Default for ComputeSection {
@@ -246,6 +253,8 @@ impl Default for ComputeSection {
             sketch_runs: true,
             sketch_runs_bytes: ByteSize(0),
             sparf_candidates: 3,
+            hotness: true,
+            hot_factor: 1.0,
         }
     }
 }
@@ -889,6 +898,15 @@ impl Config {
                 format!("{} must be at most 16 (0 = one stage)", cp.sparf_candidates),
             );
         }
+        if !(cp.hot_factor > 0.0 && cp.hot_factor <= 1000.0) {
+            return bad(
+                "compute.hot_factor",
+                format!(
+                    "{} must be above 0 and at most 1000 (a block is hot at this many times an even share of the attention)",
+                    cp.hot_factor
+                ),
+            );
+        }
         let nvme_bytes = nvme.as_ref().map_or(0, |n| n.capacity_bytes);
         if cp.key_sketch && !cp.abstracts {
             return bad(
@@ -1111,6 +1129,7 @@ impl Config {
                 sketch_runs_bytes,
                 leaf_level,
                 sparf_candidates: cp.sparf_candidates as usize,
+                hot_factor: cp.hotness.then_some(cp.hot_factor),
             },
             drain,
             auth,
@@ -1601,6 +1620,15 @@ mod tests {
         );
         let c = Config::from_toml("[compute]\nmax_sequences = 0\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "compute.max_sequences");
+        for bad_factor in ["0.0", "-1.0", "1001.0", "nan"] {
+            let c = Config::from_toml(&format!("[compute]\nhot_factor = {bad_factor}\n")).unwrap();
+            let e = c.resolve().unwrap_err();
+            assert_eq!(e.field, "compute.hot_factor", "{bad_factor}");
+        }
+        let c = Config::from_toml("[compute]\nhot_factor = 4.0\n").unwrap();
+        assert_eq!(c.resolve().unwrap().compute.hot_factor, Some(4.0));
+        let c = Config::from_toml("[compute]\nhotness = false\n").unwrap();
+        assert_eq!(c.resolve().unwrap().compute.hot_factor, None);
         let c = Config::from_toml("[compute]\nsparf_candidates = 17\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "compute.sparf_candidates");
         let c = Config::from_toml("[compute]\nsparf_candidates = 0\n").unwrap();

@@ -363,6 +363,10 @@ pub struct AttendMetrics {
     pub runs: crate::attend::runs::RunMetrics,
     /// SPARSE sequences by the level they ranked at: [block, leaf].
     pub sparse_level: [Counter; 2],
+    /// `compute.hotness`: blocks found hot in answers (touched), and the
+    /// NVMe-only ones among them handed to a background promotion.
+    pub hot_blocks: Counter,
+    pub hot_promoted: Counter,
 }
 
 impl AttendMetrics {
@@ -417,6 +421,16 @@ impl AttendMetrics {
                     &[("level", level)],
                 )
             }),
+            hot_blocks: r.counter(
+                "strata_attend_hot_blocks_total",
+                "Blocks an Attend answer found hot (compute.hot_factor times an even share of some query head's attention or more): touched for eviction order",
+                &[],
+            ),
+            hot_promoted: r.counter(
+                "strata_attend_hot_promoted_total",
+                "Hot NVMe-only blocks handed to a background promotion into DRAM (compute.hotness)",
+                &[],
+            ),
         }
     }
 }

@@ -2627,3 +2627,120 @@ async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
     fixed.stop().await;
     adaptive.stop().await;
 }
+
+/// Which of `keys`' blocks have a DRAM copy, asked without touching them
+/// (a pin that does not count as an access, dropped at once).
+fn in_dram(d: &TestDaemon, ns: NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
+    let store = &d.running.as_ref().unwrap().store;
+    let pin = store.pin_chain_with(ns, keys, false).unwrap();
+    assert_eq!(pin.blocks.len(), keys.len(), "every block is stored");
+    pin.blocks.iter().map(|b| b.dram.is_some()).collect()
+}
+
+/// Eight blocks of which block 0 holds, for every query head, a key along
+/// its query: nearly all of the layer's attention is there.
+fn hot_first_block(seed: u64, q: &[f32]) -> Kv {
+    let mut kv = Kv::random(8 * TPB, seed);
+    for j in 0..HEADS {
+        kv.plant(1, 1 + j, j / (HEADS / KV), &q[j * D..(j + 1) * D], 10.0);
+    }
+    kv
+}
+
+/// `compute.hotness` (COMPUTE.md §3): an Attend answer counts as an access
+/// only for the blocks that carried attention. Chain A (stored first,
+/// attention all in its block 0) and chain B (stored after it, never
+/// attended): after a DENSE Attend over A, filling DRAM evicts A's cold
+/// tail before anything of B, and A's block 0 stays. With hotness off the
+/// Attend touches all of A, so B's tail goes first. After a restart (every
+/// block NVMe-only), an Attend over A promotes its hot block 0 into DRAM
+/// in the background and leaves the cold ones on NVMe.
+#[tokio::test]
+async fn attention_decides_what_attend_keeps_warm() {
+    for hotness in [true, false] {
+        let small = move |c: &mut stratad::config::Config| {
+            c.tiers.dram.bytes = ByteSize(1 << 20);
+            c.tiers.nvme.bytes = ByteSize(64 << 20);
+            c.tiers.nvme.write_through = true;
+            c.tiers.nvme.engine = "psync".into();
+            c.compute.hotness = hotness;
+        };
+        let mut d = start(small).await;
+        let mut c = d.tcp_client().await;
+        let ns = c.register_layout(&layout()).await.unwrap().namespace;
+        let q = queries(61);
+        let a = hot_first_block(60, &q);
+        let b = Kv::random(8 * TPB, 62);
+        put(&mut c, ns, &a, 1, 0..8, None).await;
+        put(&mut c, ns, &b, 2, 0..8, None).await;
+        let (ka, kb) = (chain(1, 8), chain(2, 8));
+        let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, ka.clone(), &q)).await;
+        assert_eq!(out.keys_present, 8);
+        // Fill DRAM with a third chain, a block at a time, until the first
+        // A or B block loses its DRAM copy (a shed takes ~3 blocks).
+        let filler = Kv::random(64 * TPB, 63);
+        let store = d.running.as_ref().unwrap().store.clone();
+        let evictions = || store.stats().tiers[0].evictions;
+        let mut next = 0;
+        while next < 64 && evictions() == 0 {
+            put(&mut c, ns, &filler, 3, next..next + 1, None).await;
+            next += 1;
+        }
+        assert!(evictions() > 0, "DRAM never filled");
+        let (da, db) = (in_dram(&d, ns, &ka), in_dram(&d, ns, &kb));
+        let ea: Vec<usize> = (0..8).filter(|&i| !da[i]).collect();
+        let eb: Vec<usize> = (0..8).filter(|&i| !db[i]).collect();
+        if hotness {
+            assert!(eb.is_empty(), "B was evicted ({eb:?}) before A's cold tail");
+            assert!(!ea.is_empty() && !ea.contains(&0), "A evicted: {ea:?}");
+            assert_eq!(*ea.last().unwrap(), 7, "A's tail goes first: {ea:?}");
+            // Further: the rest of A's cold blocks, then B's tail, while
+            // A's hot block 0 (older than all of B, but touched) stays.
+            while next < 64 && in_dram(&d, ns, &kb)[7] {
+                put(&mut c, ns, &filler, 3, next..next + 1, None).await;
+                next += 1;
+            }
+            let da = in_dram(&d, ns, &ka);
+            assert!(!in_dram(&d, ns, &kb)[7], "B's tail was never evicted");
+            assert_eq!(da, [true, false, false, false, false, false, false, false]);
+        } else {
+            assert!(ea.is_empty(), "A was touched whole, yet {ea:?} went first");
+            assert!(eb.contains(&7), "B's tail goes first: {eb:?}");
+            d.stop().await;
+            continue;
+        }
+
+        // After a restart every block is on NVMe only.
+        let dir = d.dir.path().to_path_buf();
+        d.running.take().unwrap().shutdown().await;
+        let mut cfg = config(&dir);
+        small(&mut cfg);
+        d.running = Some(stratad::server::start(&cfg).await.unwrap());
+        let mut c = Client::connect(&format!(
+            "http://{}",
+            d.running.as_ref().unwrap().tcp_addr.unwrap()
+        ))
+        .await
+        .unwrap();
+        assert_eq!(in_dram(&d, ns, &ka), vec![false; 8]);
+        let again = attend1(&mut c, &request(ns, 1, AttendMode::Dense, ka.clone(), &q)).await;
+        assert_eq!(again.read_blocks(TierKind::Nvme), 8);
+        assert_eq!(
+            (&again.o, &again.lse),
+            (&out.o, &out.lse),
+            "same answer from NVMe"
+        );
+        let mut now = vec![];
+        for _ in 0..500 {
+            now = in_dram(&d, ns, &ka);
+            if now[0] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut want = vec![false; 8];
+        want[0] = true;
+        assert_eq!(now, want, "only the hot block is promoted");
+        d.stop().await;
+    }
+}

@@ -365,6 +365,16 @@ impl AttnState {
         );
     }
 
+    /// The running max score and sum of exponentials (relative to that
+    /// max) of each head, `[heads]` each: the log-sum-exp so far is
+    /// `m + ln(l)` (`-inf` before any token). What a caller compares
+    /// before and after feeding a block to learn that block's own mass
+    /// (`l_after - l_before * exp(m_before - m_after)`, relative to
+    /// `m_after`) without a second pass.
+    pub fn running(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.l)
+    }
+
     /// `(o, lse)` over everything fed since the last reset.
     pub fn finish(&self, o: &mut [f32], lse: &mut [f32]) {
         assert_eq!(

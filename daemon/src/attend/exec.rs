@@ -36,6 +36,7 @@ use super::runs::{RunView, SketchRuns};
 use super::summary::Geom;
 use super::{AttendConfig, LeafLevel};
 use crate::metrics::AttendMetrics;
+use crate::store::index::BlockRef;
 use crate::store::{ChainPin, Store, StoreError, tiering};
 use crate::tier::nvme::NvmeError;
 
@@ -56,6 +57,9 @@ pub struct AttendCtx {
     runs: Option<Arc<SketchRuns>>,
     /// SPARSE's leaf level per (namespace, layer), learned.
     skew: sparse::SkewTable,
+    /// One background promotion of hot NVMe-only blocks at a time
+    /// ([`AttendCtx::promote_hot`]).
+    promoting: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for AttendCtx {
@@ -78,7 +82,36 @@ impl AttendCtx {
             metrics,
             runs,
             skew: sparse::SkewTable::new(),
+            promoting: Arc::new(Semaphore::new(1)),
         })
+    }
+
+    /// Promotes the hot NVMe-only blocks of `answers` into DRAM in the
+    /// background (`compute.hotness`), unless `compute.promote` already
+    /// promoted what was read, or a promotion started by an earlier call
+    /// is still running: then these wait for a later answer that finds
+    /// them hot again. At most one such task runs, so DRAM reservations
+    /// and NVMe reads for it stay bounded.
+    fn promote_hot(&self, store: &Arc<Store>, answers: &[SeqResult]) {
+        if self.cfg.promote || store.nvme().is_none() {
+            return;
+        }
+        let refs: Vec<BlockRef> = answers
+            .iter()
+            .flat_map(|r| r.hot_nvme.iter().copied())
+            .collect();
+        if refs.is_empty() {
+            return;
+        }
+        let Ok(permit) = self.promoting.clone().try_acquire_owned() else {
+            return;
+        };
+        self.metrics.hot_promoted.increment(refs.len() as u64);
+        let store = store.clone();
+        tokio::spawn(async move {
+            tiering::promote(&store, &refs).await;
+            drop(permit);
+        });
     }
 
     /// Admits one call, or refuses it (`compute.max_inflight`).
@@ -282,6 +315,10 @@ pub struct SeqResult {
     /// `(o, lse)` estimate attention over every present token and are not
     /// a partial over `covered` (never merge them).
     pub mean_corrected: bool,
+    /// `compute.hotness`: blocks that carried attention here (touched), and
+    /// those among them held only on NVMe (to promote).
+    pub hot_blocks: u32,
+    pub hot_nvme: Vec<BlockRef>,
 }
 
 /// Runs a checked request: all sequences are pinned first (a state error,
@@ -294,8 +331,9 @@ pub async fn run(
 ) -> Result<Vec<SeqResult>, StoreError> {
     let req = Arc::new(req);
     let mut pins = Vec::with_capacity(req.seqs.len());
+    let touch = ctx.cfg.hot_factor.is_none();
     for i in 0..req.seqs.len() {
-        pins.push(pin_seq(store, &req, i)?);
+        pins.push(pin_seq(store, &req, i, touch)?);
     }
     let out = if req.mode == AttendMode::Dense {
         dense(ctx, &req, pins).await?
@@ -315,22 +353,33 @@ pub async fn run(
         ctx.metrics.read_blocks[0].increment(r.dram.blocks as u64);
         ctx.metrics.read_blocks[1].increment(r.nvme.blocks as u64);
         store.count_reads(r.dram.bytes, r.nvme.bytes);
+        ctx.metrics.hot_blocks.increment(r.hot_blocks as u64);
     }
+    ctx.promote_hot(store, &out);
     Ok(out)
 }
 
 /// Pins sequence `i`'s chain (from its keys, or from its tail through the
 /// parent links) and checks `last_block_tokens` against the last block
 /// when the whole chain is present.
-pub fn pin_seq(store: &Arc<Store>, req: &Checked, i: usize) -> Result<ChainPin, StoreError> {
+/// With `touch`, the pinned blocks are touched now (an access); without,
+/// the answer touches the hot ones ([`settle_hot`]).
+pub fn pin_seq(
+    store: &Arc<Store>,
+    req: &Checked,
+    i: usize,
+    touch: bool,
+) -> Result<ChainPin, StoreError> {
     let s = &req.seqs[i];
     let pin = match &s.chain {
-        Chain::Keys(keys) => store.pin_chain(req.namespace, keys)?,
-        Chain::Tail { tail, blocks } => {
-            store.pin_tail(req.namespace, tail, *blocks as usize, || {
-                format!("sequences[{i}].chain_blocks")
-            })?
-        }
+        Chain::Keys(keys) => store.pin_chain_with(req.namespace, keys, touch)?,
+        Chain::Tail { tail, blocks } => store.pin_tail_with(
+            req.namespace,
+            tail,
+            *blocks as usize,
+            || format!("sequences[{i}].chain_blocks"),
+            touch,
+        )?,
     };
     if let Some(t) = s.last_block_tokens
         && pin.blocks.len() == s.chain.len()
@@ -375,6 +424,11 @@ struct Seq {
     /// The first block that could not be read or failed verification:
     /// the covered prefix ends there.
     cut: Option<usize>,
+    /// `compute.hotness`: the hot factor, and each block's own log-sum-exp
+    /// per query head over what was attended of it (`[blocks][heads]`,
+    /// `-inf` where nothing was); empty when off.
+    hot_factor: f64,
+    mass: Vec<f32>,
 }
 
 impl Seq {
@@ -421,7 +475,7 @@ async fn dense(
     let mut here = Vec::new();
     let mut away = Vec::new();
     for (i, pin) in pins.into_iter().enumerate() {
-        let seq = seq_of(req.clone(), i, pin);
+        let seq = seq_of(req.clone(), i, pin, ctx.cfg.hot_factor);
         let blocks = &seq.pin.blocks[..seq.present()];
         if blocks.iter().all(|b| b.dram.is_some()) {
             here.push(seq);
@@ -440,13 +494,31 @@ async fn dense(
         done.push(seq?);
     }
     done.sort_by_key(|s| s.idx);
-    Ok(done
-        .into_iter()
-        .map(|seq| {
-            let all: Vec<usize> = (0..seq.present()).collect();
-            finish_blocks(seq, &all, 0)
+    // Each answer's hot blocks and unpinning walk its pinned blocks
+    // (~40 µs a 1,024-block chain): split over the compute threads.
+    let parts = ctx.cfg.threads.max(1).min(done.len()).max(1);
+    let per = done.len().div_ceil(parts).max(1);
+    let mut chunks = Vec::with_capacity(parts);
+    while !done.is_empty() {
+        let rest = done.split_off(per.min(done.len()));
+        chunks.push(std::mem::replace(&mut done, rest));
+    }
+    let tasks = chunks.into_iter().map(|chunk| {
+        ctx.blocking(move || {
+            chunk
+                .into_iter()
+                .map(|seq| {
+                    let all: Vec<usize> = (0..seq.present()).collect();
+                    finish_blocks(seq, &all, 0)
+                })
+                .collect::<Vec<_>>()
         })
-        .collect())
+    });
+    let mut out = Vec::with_capacity(req.seqs.len());
+    for r in futures_util::future::join_all(tasks).await {
+        out.extend(r?);
+    }
+    Ok(out)
 }
 
 /// Layer bytes (K and V) of one item of [`dense_in_dram`]'s pool: large
@@ -527,7 +599,7 @@ async fn run_seq(
     idx: usize,
     pin: ChainPin,
 ) -> Result<SeqResult, StoreError> {
-    let seq = seq_of(req.clone(), idx, pin);
+    let seq = seq_of(req.clone(), idx, pin, ctx.cfg.hot_factor);
     match req.mode {
         // Batches go through `dense`, which pools the sequences in DRAM.
         AttendMode::Dense => Err(StoreError::Internal(
@@ -545,7 +617,7 @@ async fn run_seq(
 
 /// A sequence's state before any read: tokens and start of each pinned
 /// block (a block not of whole tokens ends the prefix).
-fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin) -> Seq {
+fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin, hot: Option<f64>) -> Seq {
     let geom = req.geom;
     let s = &req.seqs[idx];
     let n = pin.blocks.len();
@@ -589,6 +661,11 @@ fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin) -> Seq {
         dram_seen: vec![false; n],
         nvme_seen: vec![false; n],
         cut,
+        hot_factor: hot.unwrap_or(0.0),
+        mass: match hot {
+            Some(_) => vec![f32::NEG_INFINITY; n * s.heads],
+            None => Vec::new(),
+        },
         req: req.clone(),
     };
     if let Some(c) = cut {
@@ -646,7 +723,7 @@ impl ChainReader {
             }],
         });
         ChainReader {
-            seq: seq_of(req, 0, pin),
+            seq: seq_of(req, 0, pin, None),
         }
     }
 
@@ -748,6 +825,7 @@ fn widen_k<E: KvElem>(k: &[u8], n: usize, kv: usize, d: usize, out: &mut [Vec<f3
 
 /// The answer of DENSE and SPARSE from the blocks attended.
 fn finish_blocks(seq: Seq, chosen: &[usize], abstract_bytes: u64) -> SeqResult {
+    let (hot_blocks, hot_nvme) = settle_hot(&seq);
     let present = seq.present();
     let done: Vec<usize> = chosen.iter().copied().filter(|&i| i < present).collect();
     let covered = merge_ranges(done.iter().map(|&i| {
@@ -772,7 +850,78 @@ fn finish_blocks(seq: Seq, chosen: &[usize], abstract_bytes: u64) -> SeqResult {
         tokens_attended,
         abstract_bytes,
         mean_corrected: false,
+        hot_blocks,
+        hot_nvme,
     }
+}
+
+/// `ln(x)` for a normal `x > 0`, within 1.4e-4 (a block's mass is only
+/// compared with a threshold): the exponent from the bits and a quartic
+/// (least squares on [0, 1)) for the mantissa's log2. A fraction of libm's
+/// cost, paid a block and a query head at a time in the compute loop.
+#[inline]
+fn fast_ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let e = ((bits >> 23) & 0xff) as i32 - 127;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000) - 1.0;
+    let log2m = m * (1.438_548 + m * (-0.678_089_5 + m * (0.323_646_3 - m * 0.084_294_66)));
+    (e as f32 + log2m) * std::f32::consts::LN_2
+}
+
+/// `log(exp(a) + exp(b))`, `-inf` for nothing.
+fn log_add_exp(a: f32, b: f32) -> f32 {
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    if lo == f32::NEG_INFINITY {
+        return hi;
+    }
+    hi + (lo - hi).exp().ln_1p()
+}
+
+/// `compute.hotness` (COMPUTE.md §3, hotness from the exact scores of what
+/// was read): the present blocks that carried at least `hot_factor` times
+/// an even share (1 / present blocks) of some query head's attention over
+/// what this answer attended are touched (an access: DRAM eviction order
+/// follows the attention, not the pins), and the NVMe-only ones among
+/// them come back for promotion. Returns how many were hot.
+fn settle_hot(seq: &Seq) -> (u32, Vec<BlockRef>) {
+    let present = seq.present();
+    if seq.mass.is_empty() || present == 0 {
+        return (0, Vec::new());
+    }
+    let heads = seq.input().heads;
+    // The answer's own lse is the total over what was attended (taken
+    // before SPARF's mean correction changes it); a head that attended
+    // nothing has no hot block.
+    let bar = (seq.hot_factor / present as f64).ln() as f32;
+    let at_least: Vec<f32> = seq
+        .acc
+        .lse
+        .iter()
+        .map(|&t| {
+            if t.is_finite() {
+                t + bar
+            } else {
+                f32::INFINITY
+            }
+        })
+        .collect();
+    let hot: Vec<usize> = seq.mass[..present * heads]
+        .chunks_exact(heads)
+        .enumerate()
+        .filter(|(_, row)| row.iter().zip(&at_least).any(|(x, t)| x >= t))
+        .map(|(i, _)| i)
+        .collect();
+    let mut refs = Vec::with_capacity(hot.len());
+    let mut nvme = Vec::new();
+    for &i in &hot {
+        let b = &seq.pin.blocks[i];
+        refs.push(b.r);
+        if b.dram.is_none() && b.nvme.is_some() {
+            nvme.push(b.r);
+        }
+    }
+    seq.pin.store().touch_refs(&refs);
+    (hot.len() as u32, nvme)
 }
 
 /// Merges ranges given in increasing order of start.
@@ -1170,6 +1319,14 @@ struct Part {
     /// The block that could not be read or failed its check (the part
     /// stopped there), and the tier whose copy failed.
     cut: Option<(usize, Option<TierKind>)>,
+    /// `compute.hotness`: the blocks attended, in order, and each one's own
+    /// log-sum-exp per query head (`[blocks][heads]`); `m0`, `l0`: the
+    /// states' running `(m, l)` before the current block. Empty when off.
+    track: bool,
+    mass_blocks: Vec<usize>,
+    mass: Vec<f32>,
+    m0: Vec<f32>,
+    l0: Vec<f32>,
 }
 
 impl Part {
@@ -1183,6 +1340,63 @@ impl Part {
             },
             reads: Vec::with_capacity(reads),
             cut: None,
+            track: false,
+            mass_blocks: Vec::new(),
+            mass: Vec::new(),
+            m0: Vec::new(),
+            l0: Vec::new(),
+        }
+    }
+
+    /// Records each attended block's own mass for `seq` when it tracks
+    /// hotness.
+    fn tracking(mut self, seq: &Seq) -> Self {
+        self.track = !seq.mass.is_empty();
+        self
+    }
+
+    /// Before feeding a block: the states' running `(m, l)`.
+    fn before(&mut self, states: &[AttnState]) {
+        if !self.track {
+            return;
+        }
+        self.m0.clear();
+        self.l0.clear();
+        for st in states {
+            let (m, l) = st.running();
+            self.m0.extend_from_slice(m);
+            self.l0.extend_from_slice(l);
+        }
+    }
+
+    /// After feeding block `i`: its own log-sum-exp per query head, what
+    /// the states gained since [`Part::before`] (`l1 - l0 exp(m0 - m1)`
+    /// relative to `m1`; one `ln` a head, no second pass over the block).
+    /// A block below ~1e-6 of the running total reads as rounding noise
+    /// at that level, still a negligible share (tested).
+    fn after(&mut self, i: usize, states: &[AttnState]) {
+        if !self.track {
+            return;
+        }
+        self.mass_blocks.push(i);
+        let mut h = 0;
+        for st in states {
+            let (m1, l1) = st.running();
+            for (&m, &l) in m1.iter().zip(l1) {
+                let (m0, l0) = (self.m0[h], self.l0[h]);
+                // The running max moves seldom: no exp when it stayed.
+                let own = match (l0 > 0.0, m0 == m) {
+                    (false, _) => l,
+                    (true, true) => l - l0,
+                    (true, false) => l - l0 * (m0 - m).exp(),
+                };
+                self.mass.push(if own > 0.0 {
+                    m + fast_ln(own)
+                } else {
+                    f32::NEG_INFINITY
+                });
+                h += 1;
+            }
         }
     }
 
@@ -1244,6 +1458,14 @@ fn apply_part(seq: &mut Seq, part: Part) -> bool {
     for &(i, tier, n) in &part.reads {
         seq.count(i, tier, n);
     }
+    // A block attended in pieces (SPARSE leaves) sums them.
+    let heads = seq.input().heads;
+    for (j, &i) in part.mass_blocks.iter().enumerate() {
+        let at = &mut seq.mass[i * heads..(i + 1) * heads];
+        for (a, &b) in at.iter_mut().zip(&part.mass[j * heads..(j + 1) * heads]) {
+            *a = log_add_exp(*a, b);
+        }
+    }
     merge_into(
         d,
         &mut seq.acc.o,
@@ -1273,7 +1495,7 @@ fn compute_part(
     let g = heads / geom.kv_heads as usize;
     let mut w = Work::new(g, d);
     let mut states: Vec<AttnState> = (0..geom.kv_heads).map(|_| AttnState::new(g, d)).collect();
-    let mut part = Part::new(heads, d, blocks.len() * 2);
+    let mut part = Part::new(heads, d, blocks.len() * 2).tracking(seq);
     for (j, &i) in blocks.iter().enumerate() {
         if let Some(&next) = blocks.get(j + 1) {
             prefetch_dram(seq, next);
@@ -1283,9 +1505,11 @@ fn compute_part(
         part.reads.extend(read.map(|(t, n)| (i, t, n)));
         match r {
             Ok(Some((k, v))) => {
+                part.before(&states);
                 dispatch_rows(seq, &mut states, k, v, &mut w, &|h, rows| {
                     sel.rows(seq, i, h, rows)
                 });
+                part.after(i, &states);
             }
             Ok(None) => {
                 part.cut = Some((i, None));
@@ -1586,6 +1810,7 @@ async fn finish_sparf(
     summary_bytes: u64,
     alpha: Option<Alpha>,
 ) -> Result<SeqResult, StoreError> {
+    let hot = settle_hot(&seq);
     let (mut seq, mut chosen) = (seq, chosen);
     let mut summary_bytes = summary_bytes;
     let mut corrected = false;
@@ -1602,7 +1827,7 @@ async fn finish_sparf(
         summary_bytes += bytes;
         (seq, chosen) = (s, c);
     }
-    let mut out = chosen_result(seq, &chosen);
+    let mut out = chosen_result(seq, &chosen, hot);
     out.abstract_bytes = summary_bytes;
     if corrected {
         out.mean_corrected = true;
@@ -2446,7 +2671,8 @@ async fn finish_chosen(
     chosen: Vec<Vec<u32>>,
 ) -> Result<SeqResult, StoreError> {
     let (seq, chosen) = attend_chosen(ctx, seq, chosen).await?;
-    Ok(chosen_result(seq, &chosen))
+    let hot = settle_hot(&seq);
+    Ok(chosen_result(seq, &chosen, hot))
 }
 
 /// The reads and math of [`finish_chosen`]: `seq.acc` holds the exact
@@ -2507,7 +2733,9 @@ fn attend_chosen_here(
 }
 
 /// The answer of [`finish_chosen`] from what [`attend_chosen`] computed.
-fn chosen_result(seq: Seq, chosen: &[Vec<u32>]) -> SeqResult {
+/// `hot`: what [`settle_hot`] found, before any correction.
+fn chosen_result(seq: Seq, chosen: &[Vec<u32>], hot: (u32, Vec<BlockRef>)) -> SeqResult {
+    let (hot_blocks, hot_nvme) = hot;
     let present = seq.present();
     let end = seq
         .starts
@@ -2556,6 +2784,8 @@ fn chosen_result(seq: Seq, chosen: &[Vec<u32>]) -> SeqResult {
         tokens_attended,
         abstract_bytes: 0,
         mean_corrected: false,
+        hot_blocks,
+        hot_nvme,
     }
 }
 
@@ -2697,5 +2927,87 @@ mod take_best_tests {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod mass_tests {
+    use super::*;
+    use strata_kernels::attention::{AttnParams, partial_attention};
+
+    /// A block's own log-sum-exp, read from the running state before and
+    /// after feeding it ([`Part::before`], [`Part::after`]), is the
+    /// log-sum-exp of that block alone: blocks whose scores raise the
+    /// running max, lower it, tie it, and one far below everything.
+    #[test]
+    fn block_mass_from_the_running_state_is_the_blocks_own() {
+        let (g, d, n) = (2usize, 16usize, 8usize);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let q: Vec<f32> = (0..g * d).map(|_| rnd()).collect();
+        // Per block, a factor on its keys: scores up, down, the same, tiny.
+        let factors = [1.0f32, 8.0, 0.5, 8.0, -30.0];
+        let blocks: Vec<(Vec<f32>, Vec<f32>)> = factors
+            .iter()
+            .map(|&f| {
+                let k = (0..n * d).map(|_| rnd() * f).collect();
+                let v = (0..n * d).map(|_| rnd()).collect();
+                (k, v)
+            })
+            .collect();
+        let mut states = vec![AttnState::new(g, d)];
+        let mut scratch = AttnScratch::new(g, d);
+        let mut part = Part::new(g, d, 0);
+        part.track = true;
+        for (i, (k, v)) in blocks.iter().enumerate() {
+            part.before(&states);
+            states[0].feed_head(&q, 1.0, k, v, 1, 0, Tokens::All, &mut scratch);
+            part.after(i, &states);
+        }
+        assert_eq!(part.mass_blocks, (0..factors.len()).collect::<Vec<_>>());
+        let p = AttnParams {
+            heads: g,
+            d,
+            scale: 1.0,
+        };
+        let mut running = vec![f32::NEG_INFINITY; g];
+        let mut small = 0;
+        for (i, (k, v)) in blocks.iter().enumerate() {
+            let (mut o, mut lse) = (vec![0.0; g * d], vec![0.0; g]);
+            partial_attention(&p, &q, k, v, Tokens::All, &mut scratch, &mut o, &mut lse);
+            for h in 0..g {
+                running[h] = log_add_exp(running[h], lse[h]);
+                let got = part.mass[i * g + h];
+                if lse[h] - running[h] >= (1e-4f32).ln() {
+                    assert!(
+                        (got - lse[h]).abs() <= 1e-3 * (1.0 + lse[h].abs()),
+                        "block {i} head {h}: {got} vs {}",
+                        lse[h]
+                    );
+                } else {
+                    // Far below the running total the difference meets
+                    // f32 rounding: its share is off by at most ~1e-6.
+                    small += 1;
+                    let (want, read) = ((lse[h] - running[h]).exp(), (got - running[h]).exp());
+                    assert!(read <= want + 1e-6, "block {i} head {h}: {read} vs {want}");
+                }
+            }
+        }
+        assert!(small > 0, "a block far below the running total was tried");
+        assert_eq!(log_add_exp(f32::NEG_INFINITY, 2.0), 2.0);
+        for i in 0..20_000 {
+            let x = 1e-30f32 * 1.0049f32.powi(i * 2);
+            if !x.is_normal() {
+                continue;
+            }
+            let e = (fast_ln(x) - x.ln()).abs();
+            assert!(e <= 1.5e-4, "ln({x}): {} vs {}", fast_ln(x), x.ln());
+        }
+        assert!((log_add_exp(1.0, 1.0) - (1.0 + std::f32::consts::LN_2)).abs() < 1e-6);
     }
 }

@@ -118,6 +118,11 @@ pub struct AttendConfig {
     /// SPARF's two-stage ranking: candidate blocks per chosen block
     /// (`compute.sparf_candidates`); 0: one stage on r channels.
     pub sparf_candidates: usize,
+    /// `compute.hotness` on: a block is hot, touched and (NVMe-only)
+    /// promoted in the background, when it carried at least this many
+    /// times an even share (1 / blocks present) of some query head's
+    /// attention in an answer. None: every pinned block is touched.
+    pub hot_factor: Option<f64>,
 }
 
 impl Default for AttendConfig {
@@ -133,6 +138,7 @@ impl Default for AttendConfig {
             sketch_runs_bytes: 0,
             leaf_level: LeafLevel::Adaptive,
             sparf_candidates: 3,
+            hot_factor: Some(1.0),
         }
     }
 }

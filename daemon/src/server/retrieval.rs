@@ -168,7 +168,7 @@ impl StrataService {
             }
         }
         for i in 0..checked.seqs.len() {
-            let pin = exec::pin_seq(&self.store, &checked, i)?;
+            let pin = exec::pin_seq(&self.store, &checked, i, true)?;
             let a = rpc
                 .registry
                 .attend(

@@ -904,6 +904,18 @@ impl Store {
         ns: NamespaceId,
         keys: &[BlockKey],
     ) -> Result<ChainPin, StoreError> {
+        self.pin_chain_with(ns, keys, true)
+    }
+
+    /// [`Store::pin_chain`], touching the pinned blocks only with `touch`
+    /// (Attend with `compute.hotness` touches afterwards the blocks that
+    /// carried attention, [`Store::touch_refs`]).
+    pub fn pin_chain_with(
+        self: &Arc<Self>,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        touch: bool,
+    ) -> Result<ChainPin, StoreError> {
         let mut g = self.lock();
         let g = &mut *g;
         let o = ns_ord(g, ns)?;
@@ -912,7 +924,7 @@ impl Store {
         }
         let mut ids = Vec::with_capacity(keys.len());
         g.index.find_run(o, keys, &mut ids);
-        Ok(self.pin_ids(g, ns, ids))
+        Ok(self.pin_ids(g, ns, ids, touch))
     }
 
     /// Pins the chain that ends at `tail` and is `n` blocks long, found by
@@ -930,6 +942,19 @@ impl Store {
         tail: &BlockKey,
         n: usize,
         field: impl Fn() -> String,
+    ) -> Result<ChainPin, StoreError> {
+        self.pin_tail_with(ns, tail, n, field, true)
+    }
+
+    /// [`Store::pin_tail`], touching the pinned blocks only with `touch`
+    /// (see [`Store::pin_chain_with`]).
+    pub fn pin_tail_with(
+        self: &Arc<Self>,
+        ns: NamespaceId,
+        tail: &BlockKey,
+        n: usize,
+        field: impl Fn() -> String,
+        touch: bool,
     ) -> Result<ChainPin, StoreError> {
         let mut g = self.lock();
         let g = &mut *g;
@@ -975,16 +1000,40 @@ impl Store {
             .position(|&id| g.index.get(id).is_doomed())
             .unwrap_or(ids.len());
         ids.truncate(lead);
-        Ok(self.pin_ids(g, ns, ids))
+        Ok(self.pin_ids(g, ns, ids, touch))
+    }
+
+    /// Touches the blocks of `refs` that are still the same blocks: an
+    /// access, as for Get (Attend's hot blocks, `compute.hotness`).
+    pub fn touch_refs(&self, refs: &[BlockRef]) {
+        if refs.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        let g = &mut *g;
+        for &r in refs {
+            if g.index.resolve(r).is_some() {
+                touch(g, r.id);
+            }
+        }
     }
 
     /// Pins `ids` (a chain, root first) and says where each block's copies
-    /// are. Touches every pinned block (an access, as for Get).
-    fn pin_ids(self: &Arc<Self>, g: &mut Inner, ns: NamespaceId, ids: Vec<BlockId>) -> ChainPin {
+    /// are. With `touch`, touches every pinned block (an access, as for
+    /// Get).
+    fn pin_ids(
+        self: &Arc<Self>,
+        g: &mut Inner,
+        ns: NamespaceId,
+        ids: Vec<BlockId>,
+        touch_them: bool,
+    ) -> ChainPin {
         let mut blocks = Vec::with_capacity(ids.len());
         for id in ids {
             pin(g, self.granule, id);
-            touch(g, id);
+            if touch_them {
+                touch(g, id);
+            }
             let m = *g.index.get(id);
             let nvme = if m.on_nvme() {
                 let loc = Loc(m.nvme_loc);

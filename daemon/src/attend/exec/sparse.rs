@@ -351,7 +351,7 @@ fn compute_pieces(
     let g = heads / kv;
     let mut w = Work::new(g, d);
     let mut states: Vec<AttnState> = (0..kv).map(|_| AttnState::new(g, d)).collect();
-    let mut part = Part::new(heads, d, pieces.len());
+    let mut part = Part::new(heads, d, pieces.len()).tracking(seq);
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); if sample { kv } else { 0 }];
     let last = seq.present().saturating_sub(1);
     for (p, got) in pieces.iter().zip(got) {
@@ -366,7 +366,9 @@ fn compute_pieces(
         match r {
             Ok(Some((k, v))) => {
                 let n = piece_tokens(seq, &lg, p).len() as u32;
+                part.before(&states);
                 dispatch_rows(seq, &mut states, k, v, &mut w, &|_, rows| rows.extend(0..n));
+                part.after(i, &states);
                 if sample && i != 0 && i != last {
                     score_first_heads(seq, k, n as usize, &mut scores);
                 }
@@ -502,6 +504,7 @@ pub(super) async fn sparse(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, Store
 
 /// The answer of SPARSE from the pieces attended.
 fn finish_pieces(seq: Seq, pieces: &[Piece], abstract_bytes: u64) -> SeqResult {
+    let (hot_blocks, hot_nvme) = settle_hot(&seq);
     let lg = leaf_geom(&seq);
     let present = seq.present();
     let done: Vec<(usize, Range<u32>)> = pieces
@@ -533,6 +536,8 @@ fn finish_pieces(seq: Seq, pieces: &[Piece], abstract_bytes: u64) -> SeqResult {
         tokens_attended,
         abstract_bytes,
         mean_corrected: false,
+        hot_blocks,
+        hot_nvme,
     }
 }
 
