@@ -195,7 +195,10 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     let blocks = n / TPB as u32;
     let block_bytes = TPB * layers as usize * 2 * kv as usize * D * 2;
     let total = blocks as u64 * block_bytes as u64;
-    let cfg = "[tiers.nvme]\nwrite_through = true\n[compute]\nkey_sketch = true\n";
+    // Hotness off: its background promotion would move the hot blocks
+    // into DRAM after the first step, and the steps would stop reading
+    // from the disk they are meant to time.
+    let cfg = "[tiers.nvme]\nwrite_through = true\n[compute]\nkey_sketch = true\nhotness = false\n";
     let mut d = Daemon::start_with("1GiB", cfg)?;
     let lay = layout("bench/attend-nvme", layers, kv);
     let mut c = Client::connect(&d.endpoint()).await?;
