@@ -1720,17 +1720,7 @@ async fn attend_over_blocks_on_nvme_reads_only_the_layer() {
     assert_eq!(both[0].keys_present as usize, blocks);
     // After a restart: the layout comes back from disk (no RegisterLayout),
     // every block has its abstract again, and the answer is the same.
-    let dir = d.dir.path().to_path_buf();
-    d.running.take().unwrap().shutdown().await;
-    let mut cfg = config(&dir);
-    small(&mut cfg);
-    d.running = Some(stratad::server::start(&cfg).await.unwrap());
-    let mut c = Client::connect(&format!(
-        "http://{}",
-        d.running.as_ref().unwrap().tcp_addr.unwrap()
-    ))
-    .await
-    .unwrap();
+    let mut c = d.restart(small).await;
     let s = c.stats().await.unwrap();
     assert_eq!(s.abstract_blocks, blocks as u64 + 4, "both chains'");
     let out = attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
@@ -2711,17 +2701,7 @@ async fn attention_decides_what_attend_keeps_warm() {
         }
 
         // After a restart every block is on NVMe only.
-        let dir = d.dir.path().to_path_buf();
-        d.running.take().unwrap().shutdown().await;
-        let mut cfg = config(&dir);
-        small(&mut cfg);
-        d.running = Some(stratad::server::start(&cfg).await.unwrap());
-        let mut c = Client::connect(&format!(
-            "http://{}",
-            d.running.as_ref().unwrap().tcp_addr.unwrap()
-        ))
-        .await
-        .unwrap();
+        let mut c = d.restart(small).await;
         assert_eq!(in_dram(&d, ns, &ka), vec![false; 8]);
         let again = attend1(&mut c, &request(ns, 1, AttendMode::Dense, ka.clone(), &q)).await;
         assert_eq!(again.read_blocks(TierKind::Nvme), 8);

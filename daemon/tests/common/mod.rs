@@ -60,6 +60,22 @@ impl TestDaemon {
         LocalClient::connect(&self.uds).await.unwrap()
     }
 
+    /// Stops the daemon and starts it again on the same data directory,
+    /// with the test config changed by `tweak`; a TCP client to it.
+    pub async fn restart(&mut self, tweak: impl FnOnce(&mut Config)) -> Client {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        let mut c = config(self.dir.path());
+        tweak(&mut c);
+        let running = stratad::server::start(&c).await.unwrap();
+        self.tcp = format!("http://{}", running.tcp_addr.unwrap());
+        self.uds = running.uds.clone().unwrap();
+        self.metrics = running.metrics_addr.unwrap();
+        self.running = Some(running);
+        self.tcp_client().await
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
