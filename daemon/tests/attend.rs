@@ -2724,3 +2724,52 @@ async fn attention_decides_what_attend_keeps_warm() {
         d.stop().await;
     }
 }
+
+/// A counter's value in a Prometheus text page (0 when absent).
+fn counter(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Hot NVMe-only blocks are promoted the hottest first, at most
+/// `compute.read_wave_bytes` (1 MiB here: 64 blocks of 16 KiB) per
+/// background batch, however many the answer found hot.
+#[tokio::test]
+async fn hot_promotion_is_bounded_per_batch() {
+    let cfg = |c: &mut stratad::config::Config| {
+        c.tiers.dram.bytes = ByteSize(16 << 20);
+        c.tiers.nvme.bytes = ByteSize(64 << 20);
+        c.tiers.nvme.write_through = true;
+        c.tiers.nvme.engine = "psync".into();
+        c.compute.read_wave_bytes = ByteSize(1 << 20);
+    };
+    let mut d = start(cfg).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let blocks = 200;
+    let kv = Kv::random(blocks * TPB, 70);
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let keys = chain(1, blocks);
+    let mut c = d.restart(cfg).await;
+    assert!(in_dram(&d, ns, &keys).iter().all(|x| !x));
+    let q = queries(71);
+    attend1(&mut c, &request(ns, 1, AttendMode::Dense, keys.clone(), &q)).await;
+    let (_, m) = http_get(d.metrics, "/metrics").await;
+    let hot = counter(&m, "strata_attend_hot_blocks_total");
+    assert!(
+        hot > 64,
+        "{hot} hot blocks: random attention is above even for many"
+    );
+    assert_eq!(counter(&m, "strata_attend_hot_promoted_total"), 64);
+    let mut now = 0;
+    for _ in 0..500 {
+        now = in_dram(&d, ns, &keys).iter().filter(|x| **x).count();
+        if now == 64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(now, 64, "one batch of 1 MiB");
+    d.stop().await;
+}

@@ -87,25 +87,36 @@ impl AttendCtx {
     }
 
     /// Promotes the hot NVMe-only blocks of `answers` into DRAM in the
-    /// background (`compute.hotness`), unless `compute.promote` already
+    /// background (`compute.hotness`), the hottest first and at most
+    /// `compute.read_wave_bytes` of them, unless `compute.promote` already
     /// promoted what was read, or a promotion started by an earlier call
     /// is still running: then these wait for a later answer that finds
-    /// them hot again. At most one such task runs, so DRAM reservations
-    /// and NVMe reads for it stay bounded.
+    /// them hot again. At most one such task runs, so its DRAM
+    /// reservations and NVMe reads stay bounded.
     fn promote_hot(&self, store: &Arc<Store>, answers: &[SeqResult]) {
         if self.cfg.promote || store.nvme().is_none() {
             return;
         }
-        let refs: Vec<BlockRef> = answers
+        let mut hot: Vec<HotBlock> = answers
             .iter()
             .flat_map(|r| r.hot_nvme.iter().copied())
             .collect();
-        if refs.is_empty() {
+        if hot.is_empty() {
             return;
         }
         let Ok(permit) = self.promoting.clone().try_acquire_owned() else {
             return;
         };
+        hot.sort_unstable_by(|a, b| b.share.total_cmp(&a.share));
+        let mut bytes = 0u64;
+        let refs: Vec<BlockRef> = hot
+            .iter()
+            .take_while(|h| {
+                bytes += h.len;
+                bytes <= self.cfg.read_wave_bytes || bytes == h.len
+            })
+            .map(|h| h.r)
+            .collect();
         self.metrics.hot_promoted.increment(refs.len() as u64);
         let store = store.clone();
         tokio::spawn(async move {
@@ -318,7 +329,16 @@ pub struct SeqResult {
     /// `compute.hotness`: blocks that carried attention here (touched), and
     /// those among them held only on NVMe (to promote).
     pub hot_blocks: u32,
-    pub hot_nvme: Vec<BlockRef>,
+    pub hot_nvme: Vec<HotBlock>,
+}
+
+/// A hot block held only on NVMe, to promote ([`AttendCtx::promote_hot`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HotBlock {
+    pub r: BlockRef,
+    pub len: u64,
+    /// Its largest share of a query head's attention in the answer.
+    pub share: f32,
 }
 
 /// Runs a checked request: all sequences are pinned first (a state error,
@@ -883,7 +903,7 @@ fn log_add_exp(a: f32, b: f32) -> f32 {
 /// what this answer attended are touched (an access: DRAM eviction order
 /// follows the attention, not the pins), and the NVMe-only ones among
 /// them come back for promotion. Returns how many were hot.
-fn settle_hot(seq: &Seq) -> (u32, Vec<BlockRef>) {
+fn settle_hot(seq: &Seq) -> (u32, Vec<HotBlock>) {
     let present = seq.present();
     if seq.mass.is_empty() || present == 0 {
         return (0, Vec::new());
@@ -917,7 +937,17 @@ fn settle_hot(seq: &Seq) -> (u32, Vec<BlockRef>) {
         let b = &seq.pin.blocks[i];
         refs.push(b.r);
         if b.dram.is_none() && b.nvme.is_some() {
-            nvme.push(b.r);
+            let row = &seq.mass[i * heads..(i + 1) * heads];
+            let share = row
+                .iter()
+                .zip(&seq.acc.lse)
+                .map(|(&x, &t)| if t.is_finite() { (x - t).exp() } else { 0.0 })
+                .fold(0.0f32, f32::max);
+            nvme.push(HotBlock {
+                r: b.r,
+                len: b.len,
+                share,
+            });
         }
     }
     seq.pin.store().touch_refs(&refs);
@@ -2734,7 +2764,7 @@ fn attend_chosen_here(
 
 /// The answer of [`finish_chosen`] from what [`attend_chosen`] computed.
 /// `hot`: what [`settle_hot`] found, before any correction.
-fn chosen_result(seq: Seq, chosen: &[Vec<u32>], hot: (u32, Vec<BlockRef>)) -> SeqResult {
+fn chosen_result(seq: Seq, chosen: &[Vec<u32>], hot: (u32, Vec<HotBlock>)) -> SeqResult {
     let (hot_blocks, hot_nvme) = hot;
     let present = seq.present();
     let end = seq
