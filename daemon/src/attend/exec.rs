@@ -516,24 +516,24 @@ async fn dense(
     done.sort_by_key(|s| s.idx);
     // Each answer's hot blocks and unpinning walk its pinned blocks
     // (~40 µs a 1,024-block chain): split over the compute threads.
+    let finish = |seq: Seq| {
+        let all: Vec<usize> = (0..seq.present()).collect();
+        finish_blocks(seq, &all, 0)
+    };
     let parts = ctx.cfg.threads.max(1).min(done.len()).max(1);
+    if parts == 1 {
+        // One sequence: no hand-off for it.
+        return Ok(done.into_iter().map(finish).collect());
+    }
     let per = done.len().div_ceil(parts).max(1);
     let mut chunks = Vec::with_capacity(parts);
     while !done.is_empty() {
         let rest = done.split_off(per.min(done.len()));
         chunks.push(std::mem::replace(&mut done, rest));
     }
-    let tasks = chunks.into_iter().map(|chunk| {
-        ctx.blocking(move || {
-            chunk
-                .into_iter()
-                .map(|seq| {
-                    let all: Vec<usize> = (0..seq.present()).collect();
-                    finish_blocks(seq, &all, 0)
-                })
-                .collect::<Vec<_>>()
-        })
-    });
+    let tasks = chunks
+        .into_iter()
+        .map(|chunk| ctx.blocking(move || chunk.into_iter().map(finish).collect::<Vec<_>>()));
     let mut out = Vec::with_capacity(req.seqs.len());
     for r in futures_util::future::join_all(tasks).await {
         out.extend(r?);
