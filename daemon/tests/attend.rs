@@ -2254,8 +2254,12 @@ const D128: usize = 128;
 
 /// One §2 KV head (`strata-testdata`, the bench's seed, 4 query heads),
 /// K and V rounded to f16 as stored.
-fn section2_head(regime: strata_testdata::Regime, n: usize) -> strata_testdata::HeadData {
-    let mut cfg = strata_testdata::Config::new(regime, n, 1);
+fn section2_head(
+    regime: strata_testdata::Regime,
+    n: usize,
+    seed: u64,
+) -> strata_testdata::HeadData {
+    let mut cfg = strata_testdata::Config::new(regime, n, seed);
     cfg.query_heads = 4;
     cfg.train_queries = 0;
     let mut h = strata_testdata::Generator::new(cfg)
@@ -2284,17 +2288,21 @@ fn section2_layout(regime: strata_testdata::Regime) -> Layout {
     }
 }
 
-/// The head's blocks under `keys`, chained.
-fn section2_puts(h: &strata_testdata::HeadData, keys: &[BlockKey]) -> Vec<PutBlock> {
-    let row = TPB * D128;
+/// The heads' blocks under `keys`, chained: per block the K rows then the
+/// V rows, `[token][kv_head][d]` f16.
+fn section2_puts(heads: &[strata_testdata::HeadData], keys: &[BlockKey]) -> Vec<PutBlock> {
     (0..keys.len())
         .map(|b| {
-            let mut data = Vec::with_capacity(4 * row);
-            for x in h.keys[b * row..(b + 1) * row]
-                .iter()
-                .chain(&h.values[b * row..(b + 1) * row])
-            {
-                data.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+            let mut data = Vec::with_capacity(2 * TPB * heads.len() * D128 * 2);
+            for tensor in 0..2 {
+                for t in b * TPB..(b + 1) * TPB {
+                    for h in heads {
+                        let x = if tensor == 0 { &h.keys } else { &h.values };
+                        for v in &x[t * D128..(t + 1) * D128] {
+                            data.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
+                        }
+                    }
+                }
             }
             PutBlock {
                 key: keys[b],
@@ -2303,6 +2311,32 @@ fn section2_puts(h: &strata_testdata::HeadData, keys: &[BlockKey]) -> Vec<PutBlo
             }
         })
         .collect()
+}
+
+/// A daemon with SPARF's two-stage choice (the default) and one with a
+/// single stage (`sparf_candidates = 0`), key sketches on in both.
+async fn sparf_stage_pair() -> (TestDaemon, TestDaemon) {
+    let two = start(|c| c.compute.key_sketch = true).await;
+    let one = start(|c| {
+        c.compute.key_sketch = true;
+        c.compute.sparf_candidates = 0;
+    })
+    .await;
+    (two, one)
+}
+
+/// Registers `layout` on each client and stores `puts` there; the
+/// namespaces, in client order.
+async fn put_to_each(cs: &mut [Client], layout: &Layout, puts: &[PutBlock]) -> Vec<NamespaceId> {
+    let mut ns = Vec::new();
+    for c in cs {
+        let id = c.register_layout(layout).await.unwrap().namespace;
+        for part in puts.chunks(256) {
+            c.put(id, part).await.unwrap();
+        }
+        ns.push(id);
+    }
+    ns
 }
 
 /// SPARF's two-stage block choice (`compute.sparf_candidates`, the
@@ -2318,12 +2352,7 @@ async fn sparf_two_stage_keeps_more_mass_for_the_same_tier_bytes() {
     use strata_testdata::Regime;
     use strata_testdata::metrics::Exact;
     const STEPS: usize = 8;
-    let two = start(|c| c.compute.key_sketch = true).await;
-    let one = start(|c| {
-        c.compute.key_sketch = true;
-        c.compute.sparf_candidates = 0;
-    })
-    .await;
+    let (two, one) = sparf_stage_pair().await;
     let mut cs = [two.tcp_client().await, one.tcp_client().await];
     let n = 4096;
     let blocks = n / TPB;
@@ -2337,21 +2366,10 @@ async fn sparf_two_stage_keeps_more_mass_for_the_same_tier_bytes() {
         joint_heads: false,
     };
     for regime in [Regime::Semantic, Regime::Needle] {
-        let h = section2_head(regime, n);
+        let h = section2_head(regime, n, 1);
         let keys: Vec<BlockKey> = (0..blocks).map(|b| key(9, b)).collect();
-        let puts = section2_puts(&h, &keys);
-        let mut ns = Vec::new();
-        for c in &mut cs {
-            let id = c
-                .register_layout(&section2_layout(regime))
-                .await
-                .unwrap()
-                .namespace;
-            for part in puts.chunks(256) {
-                c.put(id, part).await.unwrap();
-            }
-            ns.push(id);
-        }
+        let puts = section2_puts(std::slice::from_ref(&h), &keys);
+        let ns = put_to_each(&mut cs, &section2_layout(regime), &puts).await;
         let mut mass = [0f64; 2];
         for s in 0..STEPS {
             let step = s * h.steps() / STEPS;
@@ -2412,15 +2430,10 @@ async fn sparf_two_stage_keeps_more_mass_for_the_same_tier_bytes() {
 /// blocks, and exactly their K and V read.
 #[tokio::test]
 async fn sparf_two_stage_joint_keeps_more_mass() {
+    use strata_testdata::Regime;
     use strata_testdata::metrics::Exact;
-    use strata_testdata::{Config, Generator, Regime};
     const STEPS: usize = 8;
-    let two = start(|c| c.compute.key_sketch = true).await;
-    let one = start(|c| {
-        c.compute.key_sketch = true;
-        c.compute.sparf_candidates = 0;
-    })
-    .await;
+    let (two, one) = sparf_stage_pair().await;
     let mut cs = [two.tcp_client().await, one.tcp_client().await];
     let (n, kvh, g) = (4096, 2, 4);
     let blocks = n / TPB;
@@ -2433,51 +2446,14 @@ async fn sparf_two_stage_joint_keeps_more_mass() {
     };
     for regime in [Regime::Semantic, Regime::Needle] {
         let heads: Vec<_> = (1..=kvh as u64)
-            .map(|seed| {
-                let mut cfg = Config::new(regime, n, seed);
-                cfg.query_heads = g;
-                cfg.train_queries = 0;
-                let mut h = Generator::new(cfg).unwrap().generate().data;
-                let round =
-                    |x: &mut Vec<f32>| x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
-                round(&mut h.keys);
-                round(&mut h.values);
-                h
-            })
+            .map(|seed| section2_head(regime, n, seed))
             .collect();
         let mut l = section2_layout(regime);
         l.model_id = format!("attend/quality/joint/{}", regime.name());
         l.num_kv_heads = kvh as u32;
         let keys: Vec<BlockKey> = (0..blocks).map(|b| key(10, b)).collect();
-        // Rows [token][kv_head][d]: K of the block's tokens, then V.
-        let puts: Vec<PutBlock> = (0..blocks)
-            .map(|b| {
-                let mut data = Vec::with_capacity(2 * TPB * kvh * D128 * 2);
-                for tensor in 0..2 {
-                    for t in b * TPB..(b + 1) * TPB {
-                        for h in &heads {
-                            let x = if tensor == 0 { &h.keys } else { &h.values };
-                            for v in &x[t * D128..(t + 1) * D128] {
-                                data.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
-                            }
-                        }
-                    }
-                }
-                PutBlock {
-                    key: keys[b],
-                    parent: (b > 0).then(|| keys[b - 1]),
-                    data: Bytes::from(data),
-                }
-            })
-            .collect();
-        let mut ns = Vec::new();
-        for c in &mut cs {
-            let id = c.register_layout(&l).await.unwrap().namespace;
-            for part in puts.chunks(256) {
-                c.put(id, part).await.unwrap();
-            }
-            ns.push(id);
-        }
+        let puts = section2_puts(&heads, &keys);
+        let ns = put_to_each(&mut cs, &l, &puts).await;
         let mut mass = [0f64; 2];
         for s in 0..STEPS {
             let step = s * heads[0].steps() / STEPS;
@@ -2545,10 +2521,10 @@ async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
     let mut cf = fixed.tcp_client().await;
     let mut ca = adaptive.tcp_client().await;
     for (regime, n) in [(Regime::Semantic, 4096usize), (Regime::Needle, 16384)] {
-        let h = section2_head(regime, n);
+        let h = section2_head(regime, n, 1);
         let l = section2_layout(regime);
         let keys: Vec<BlockKey> = (0..n / TPB).map(|b| key(9, b)).collect();
-        let puts = section2_puts(&h, &keys);
+        let puts = section2_puts(std::slice::from_ref(&h), &keys);
         let nsf = cf.register_layout(&l).await.unwrap().namespace;
         let nsa = ca.register_layout(&l).await.unwrap().namespace;
         for part in puts.chunks(256) {
