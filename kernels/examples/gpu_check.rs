@@ -475,9 +475,21 @@ fn check_abstracts(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     Ok(())
 }
 
-fn check_sparf(cx: &mut Ctx<'_>, n: usize) -> R<()> {
+/// SparF's inputs over `n` fresh keys: queries, K token-major and
+/// dim-major, the top r = d/8 channels of the queries, scratch; k = n/16.
+struct SparfCase {
+    q: Vec<f32>,
+    k: Vec<f16>,
+    kt: Vec<f16>,
+    channels: Vec<u32>,
+    s: SparfScratch,
+    scale: f32,
+    r: usize,
+    kk: usize,
+}
+
+fn sparf_case(cx: &mut Ctx<'_>, n: usize) -> SparfCase {
     let (r, kk) = (D / 8, n / 16);
-    let scale = 1.0 / (D as f32).sqrt();
     let q = cx.rng.normals(HEADS * D, 1.0);
     let k: Vec<f16> = cx.rng.keys(n, D);
     let mut kt = vec![f16::ZERO; n * D];
@@ -485,6 +497,36 @@ fn check_sparf(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     let mut s = SparfScratch::new(HEADS, D, n);
     let mut channels = vec![0u32; r];
     top_channels(&q, HEADS, D, &mut s, &mut channels);
+    SparfCase {
+        q,
+        k,
+        kt,
+        channels,
+        s,
+        scale: 1.0 / (D as f32).sqrt(),
+        r,
+        kk,
+    }
+}
+
+/// How many of `a`'s indices are also in `b`.
+fn overlap(a: &[u32], b: &[u32]) -> usize {
+    let mut b = b.to_vec();
+    b.sort_unstable();
+    a.iter().filter(|t| b.binary_search(t).is_ok()).count()
+}
+
+fn check_sparf(cx: &mut Ctx<'_>, n: usize) -> R<()> {
+    let SparfCase {
+        q,
+        kt,
+        channels,
+        mut s,
+        scale,
+        r,
+        kk,
+        ..
+    } = sparf_case(cx, n);
     let mut scores = vec![0.0; n];
     let cpu_ms =
         time_cpu(|| sparf_scores(&q, HEADS, D, &kt, &channels, scale, &mut s, &mut scores));
@@ -501,9 +543,7 @@ fn check_sparf(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     let (mut ib, mut vb) = (vec![0u32; kk], vec![0.0; kk]);
     top_k(&scores, kk, &mut ia, &mut va);
     top_k(&hs, kk, &mut ib, &mut vb);
-    ia.sort_unstable();
-    ib.sort_unstable();
-    let same = ia.iter().filter(|t| ib.binary_search(t).is_ok()).count();
+    let same = overlap(&ia, &ib);
     cx.rows.push(Row {
         check: format!("SparF scores (r = {r})"),
         dtype: "f16",
@@ -521,13 +561,15 @@ fn check_sparf(cx: &mut Ctx<'_>, n: usize) -> R<()> {
 /// by block vs one GPU launch over all of them.
 fn check_sketch(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     const TPB: usize = 16;
-    let (r, nb) = (D / 8, n / TPB);
-    let scale = 1.0 / (D as f32).sqrt();
-    let q = cx.rng.normals(HEADS * D, 1.0);
-    let k: Vec<f16> = cx.rng.keys(n, D);
-    let mut s = SparfScratch::new(HEADS, D, n);
-    let mut channels = vec![0u32; r];
-    top_channels(&q, HEADS, D, &mut s, &mut channels);
+    let nb = n / TPB;
+    let SparfCase {
+        q,
+        k,
+        channels,
+        scale,
+        r,
+        ..
+    } = sparf_case(cx, n);
     // Per block: the box of its keys, its codes, and the chosen channels'
     // box (as the daemon passes them).
     let mut codes = vec![0u8; nb * D * TPB];
@@ -732,15 +774,16 @@ fn check_topk_limit(cx: &mut Ctx<'_>) -> R<()> {
 /// of the GPU's own scores, and the note gives the overlap with the CPU
 /// pipeline's choice.
 fn check_sparf_topk(cx: &mut Ctx<'_>, n: usize) -> R<()> {
-    let (r, kk) = (D / 8, n / 16);
-    let scale = 1.0 / (D as f32).sqrt();
-    let q = cx.rng.normals(HEADS * D, 1.0);
-    let k: Vec<f16> = cx.rng.keys(n, D);
-    let mut kt = vec![f16::ZERO; n * D];
-    to_dim_major(&k, D, &mut kt);
-    let mut s = SparfScratch::new(HEADS, D, n);
-    let mut channels = vec![0u32; r];
-    top_channels(&q, HEADS, D, &mut s, &mut channels);
+    let SparfCase {
+        q,
+        kt,
+        channels,
+        mut s,
+        scale,
+        r,
+        kk,
+        ..
+    } = sparf_case(cx, n);
     let mut scores = vec![0.0; n];
     let (mut ci, mut cv) = (vec![0u32; kk], vec![0.0; kk]);
     let cpu_ms = time_cpu(|| {
@@ -759,11 +802,7 @@ fn check_sparf_topk(cx: &mut Ctx<'_>, n: usize) -> R<()> {
     })?;
     let (hs, hi) = (g.download(&gs)?, g.download(&gi)?);
     let (bad, _) = topk_mismatches(&hs, (1, n, kk), (&hi, &g.download(&gv)?, &g.download(&gc)?));
-    let mut a = ci.clone();
-    let mut b = hi.clone();
-    a.sort_unstable();
-    b.sort_unstable();
-    let same = a.iter().filter(|t| b.binary_search(t).is_ok()).count();
+    let same = overlap(&ci, &hi);
     cx.rows.push(Row {
         check: format!("SparF scores + top-k (r = {r}, k = {kk})"),
         dtype: "f16",
