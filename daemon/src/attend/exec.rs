@@ -2244,12 +2244,7 @@ fn refined_blocks(
     }
     let mut bytes = (present * kv * 2 * d * 2) as u64;
     // Stage 2, per KV head.
-    let least = spans
-        .iter()
-        .map(|s| s.1)
-        .filter(|&n| n > 0)
-        .min()
-        .unwrap_or(1);
+    let least = least_span(&spans);
     // Candidates for at least the default k = N/16: a smaller k asks for
     // fewer blocks, not for a weaker filter (at k = N/32 a pool of 3 × k/16
     // blocks cost semantic heads 0.02 of mass against one stage).
@@ -2601,6 +2596,17 @@ fn best_blocks(scores: &[f32], spans: &[(usize, usize)], k: usize) -> Vec<u32> {
     take_best(lse.into_iter().map(f64::from).collect(), spans, k)
 }
 
+/// Tokens of the smallest non-empty block span (1 when all are empty): the
+/// most blocks `k` tokens can take is `k.div_ceil(least_span)`.
+fn least_span(spans: &[(usize, usize)]) -> usize {
+    spans
+        .iter()
+        .map(|s| s.1)
+        .filter(|&n| n > 0)
+        .min()
+        .unwrap_or(1)
+}
+
 /// The blocks of `spans` in descending `weight` (ties to the earlier
 /// block) until at least `k` tokens are in; their token positions.
 fn take_best(weight: Vec<f64>, spans: &[(usize, usize)], k: usize) -> Vec<u32> {
@@ -2610,12 +2616,7 @@ fn take_best(weight: Vec<f64>, spans: &[(usize, usize)], k: usize) -> Vec<u32> {
     // order only the best `m` (a 16K-token chain has 1,024 blocks and
     // takes 64), the same prefix a full sort gives (a total order).
     // (Empty spans may come first without adding tokens: counted in.)
-    let least = spans
-        .iter()
-        .map(|s| s.1)
-        .filter(|&n| n > 0)
-        .min()
-        .unwrap_or(1);
+    let least = least_span(spans);
     let empty = spans.iter().filter(|s| s.1 == 0).count();
     let m = k.div_ceil(least).max(1) + empty;
     if m < w.len() {
