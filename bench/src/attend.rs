@@ -26,7 +26,8 @@ use bytes::Bytes;
 use half::f16;
 use prost::Message;
 use strata_client::attend::{
-    AttendMode, AttendOutput, AttendRequest, AttendSequence, Chain, IoDtype, SparseBudget,
+    AttendMode, AttendOutput, AttendRequest, AttendSequence, Chain, IoDtype, Precision,
+    SparseBudget,
 };
 use strata_client::{Client, PutBlock};
 use strata_kernels::quant::{QuantBits, QuantScratch, dequantize, quant_params, quantize};
@@ -138,6 +139,7 @@ async fn store_head(
 fn request(ns: NamespaceId, mode: AttendMode, keys: &[BlockKey], q: &[f32]) -> AttendRequest {
     AttendRequest {
         io_dtype: IoDtype::F32,
+        min_precision: Precision::Stored,
         namespace: ns,
         layer: 0,
         mode,
@@ -229,6 +231,8 @@ fn wire_bytes(req: &AttendRequest, out: &AttendOutput) -> (usize, usize) {
             retrieval_source: Vec::new(),
             retrieval_scanned: Vec::new(),
             mean_corrected: out.mean_corrected,
+            quantized_blocks: out.quantized_blocks,
+            quantized_bytes: out.quantized_bytes,
         }],
     };
     (pbreq.encoded_len() + 5, pbresp.encoded_len() + 5)

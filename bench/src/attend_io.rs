@@ -31,7 +31,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use half::f16;
 use strata_client::attend::{
-    AttendMode, AttendRequest, AttendSequence, Chain, IoDtype, SparseBudget,
+    AttendMode, AttendRequest, AttendSequence, Chain, IoDtype, Precision, SparseBudget,
 };
 use strata_client::{Client, PutBlock};
 use strata_kernels::attention::{AttnParams, AttnScratch, Tokens, merge_into, partial_attention};
@@ -198,7 +198,9 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     // Hotness off: its background promotion would move the hot blocks
     // into DRAM after the first step, and the steps would stop reading
     // from the disk they are meant to time.
-    let cfg = "[tiers.nvme]\nwrite_through = true\n[compute]\nkey_sketch = true\nhotness = false\n";
+    // Quant copies: room for an int8 copy of every layer of every block
+    // (~62% of the f16 KV), for the min_precision INT8 rows.
+    let cfg = "[tiers.nvme]\nwrite_through = true\n[compute]\nkey_sketch = true\nhotness = false\nquant_bytes = \"160MiB\"\n";
     let mut d = Daemon::start_with("1GiB", cfg)?;
     let lay = layout("bench/attend-nvme", layers, kv);
     let mut c = Client::connect(&d.endpoint()).await?;
@@ -247,8 +249,16 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     let mut rows = Vec::new();
     let mut sparse_med = Duration::ZERO;
     let mut dense_med = Duration::ZERO;
-    for (name, mode) in [
-        ("sparse 5%", AttendMode::Sparse(SparseBudget::Default)),
+    let stored = Precision::Stored;
+    let int8 = Precision::Int8;
+    // The INT8 rows come last: the first of them reads NVMe and makes the
+    // copies (timed on its own), the next compute on them.
+    for (name, mode, precision) in [
+        (
+            "sparse 5%",
+            AttendMode::Sparse(SparseBudget::Default),
+            stored,
+        ),
         (
             "SparF r=d/8 k=N/16",
             AttendMode::Sparf {
@@ -258,6 +268,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
                 mean_correction: false,
                 joint_heads: false,
             },
+            stored,
         ),
         (
             "SparF r=d/8 k=N/16, joint heads",
@@ -268,16 +279,35 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
                 mean_correction: false,
                 joint_heads: true,
             },
+            stored,
         ),
-        ("dense", AttendMode::Dense),
+        ("dense", AttendMode::Dense, stored),
+        (
+            "dense, min_precision INT8, first step (makes the int8 copies)",
+            AttendMode::Dense,
+            int8,
+        ),
+        (
+            "dense, min_precision INT8 (int8 copies in DRAM)",
+            AttendMode::Dense,
+            int8,
+        ),
+        (
+            "sparse 5%, min_precision INT8 (int8 copies in DRAM)",
+            AttendMode::Sparse(SparseBudget::Default),
+            int8,
+        ),
     ] {
+        let first = name.contains("first step");
+        let steps = if first { 1 } else { steps };
         let mut lat = Vec::with_capacity(steps);
-        let (mut nvme_bytes, mut dram_bytes) = (0u64, 0u64);
+        let (mut nvme_bytes, mut dram_bytes, mut quant_blocks) = (0u64, 0u64, 0u64);
         for _ in 0..steps {
             let t = Instant::now();
             for layer in 0..layers {
                 let req = AttendRequest {
                     io_dtype: IoDtype::F32,
+                    min_precision: precision,
                     namespace: ns,
                     layer,
                     mode,
@@ -294,11 +324,22 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
                 }
                 nvme_bytes += out.read_bytes(TierKind::Nvme);
                 dram_bytes += out.read_bytes(TierKind::Dram);
+                quant_blocks += out.quantized_blocks as u64;
             }
             lat.push(t.elapsed());
         }
         if dram_bytes != 0 {
             bail!("{name}: {dram_bytes} bytes came from DRAM; the blocks should be on NVMe only");
+        }
+        // Every block of every layer from a copy once they are made, and
+        // none before.
+        let copies = precision == int8 && !first;
+        if copies != (quant_blocks > 0)
+            || (copies
+                && name.starts_with("dense")
+                && quant_blocks != steps as u64 * (blocks * layers) as u64)
+        {
+            bail!("{name}: {quant_blocks} blocks computed from int8 copies");
         }
         let m = median(lat);
         if name == "dense" {
@@ -360,7 +401,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
         "1.00".into(),
     ]);
     rep.note(&format!(
-        "Blocks written through to NVMe, then the daemon restarted so that only the NVMe copies remain (Attend does not promote: compute.promote = false; the step's DRAM bytes are checked to be 0). One step = {layers} Attend calls (one per layer, in order, {heads} query heads, fresh queries each), median of {steps}; SPARSE reads the chosen blocks' layer ranges (4 KiB-aligned) after ranking every block by the abstracts kept in DRAM; SPARF (compute.key_sketch on, sketches rebuilt at the restart's recovery) scores every token from the key sketches in DRAM and reads the chosen blocks' layer ranges. Full load: Get of every block in calls of 256 keys after a fresh restart, best of 2; the attention math the engine would then run is not counted. Sparse ÷ dense: {:.2}×.",
+        "Blocks written through to NVMe, then the daemon restarted so that only the NVMe copies remain (Attend does not promote: compute.promote = false; the step's DRAM bytes are checked to be 0). min_precision INT8 (compute.quant_bytes = 160 MiB): the first such step reads NVMe and keeps an int8 copy of every layer it read (one step, timed alone); the later steps compute on the copies (checked: every block of every layer from a copy, no NVMe byte read for DENSE), their answers flagged not exact. One step = {layers} Attend calls (one per layer, in order, {heads} query heads, fresh queries each), median of {steps}; SPARSE reads the chosen blocks' layer ranges (4 KiB-aligned) after ranking every block by the abstracts kept in DRAM; SPARF (compute.key_sketch on, sketches rebuilt at the restart's recovery) scores every token from the key sketches in DRAM and reads the chosen blocks' layer ranges. Full load: Get of every block in calls of 256 keys after a fresh restart, best of 2; the attention math the engine would then run is not counted. Sparse ÷ dense: {:.2}×.",
         dense_med.as_secs_f64() / sparse_med.as_secs_f64()
     ));
     rep.section(
@@ -427,6 +468,7 @@ async fn heads_choice(
                     .collect();
                 let req = AttendRequest {
                     io_dtype: IoDtype::F32,
+                    min_precision: Precision::Stored,
                     namespace: ns,
                     layer: 0,
                     mode,
@@ -624,6 +666,7 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
             };
             let req = AttendRequest {
                 io_dtype: if compact { IoDtype::F16 } else { IoDtype::F32 },
+                min_precision: Precision::Stored,
                 namespace: ns,
                 layer: 0,
                 mode,

@@ -233,6 +233,10 @@ pub struct ComputeSection {
     /// every block an Attend pins is an access.
     pub hotness: bool,
     pub hot_factor: f64,
+    /// Region of int8/int4 copies of cold blocks' layers that Attend calls
+    /// allowing them (`min_precision`) compute on instead of reading NVMe
+    /// (attend/quant.rs); 0: none.
+    pub quant_bytes: ByteSize,
 }
 
 impl Default for ComputeSection {
@@ -255,6 +259,7 @@ impl Default for ComputeSection {
             sparf_candidates: 3,
             hotness: true,
             hot_factor: 1.0,
+            quant_bytes: ByteSize(0),
         }
     }
 }
@@ -938,6 +943,22 @@ impl Config {
             }
             b => b,
         };
+        // Quant copies (attend/quant.rs): off unless asked for, since they
+        // are memory beside the tiers that only calls allowing approximate
+        // answers use.
+        let quant_bytes = match cp.quant_bytes.0 {
+            0 => 0,
+            b if !(1 << 20..=1 << 38).contains(&b) => {
+                return bad(
+                    "compute.quant_bytes",
+                    format!(
+                        "{} must be 0 (no quant copies) or between 1MiB and 256GiB",
+                        cp.quant_bytes
+                    ),
+                );
+            }
+            b => b,
+        };
         // Block sizes are per namespace (RegisterLayout), so the start can
         // only ask for a size that cuts every power-of-two block of at
         // least its size evenly; smaller blocks keep whole-block leaves.
@@ -1130,6 +1151,7 @@ impl Config {
                 leaf_level,
                 sparf_candidates: cp.sparf_candidates as usize,
                 hot_factor: cp.hotness.then_some(cp.hot_factor),
+                quant_bytes,
             },
             drain,
             auth,
@@ -1629,6 +1651,13 @@ mod tests {
         assert_eq!(c.resolve().unwrap().compute.hot_factor, Some(4.0));
         let c = Config::from_toml("[compute]\nhotness = false\n").unwrap();
         assert_eq!(c.resolve().unwrap().compute.hot_factor, None);
+        for bad_quant in ["\"4KiB\"", "\"300GiB\""] {
+            let c = Config::from_toml(&format!("[compute]\nquant_bytes = {bad_quant}\n")).unwrap();
+            assert_eq!(c.resolve().unwrap_err().field, "compute.quant_bytes");
+        }
+        let c = Config::from_toml("[compute]\nquant_bytes = \"8MiB\"\n").unwrap();
+        assert_eq!(c.resolve().unwrap().compute.quant_bytes, 8 << 20);
+        assert_eq!(Config::default().resolve().unwrap().compute.quant_bytes, 0);
         let c = Config::from_toml("[compute]\nsparf_candidates = 17\n").unwrap();
         assert_eq!(c.resolve().unwrap_err().field, "compute.sparf_candidates");
         let c = Config::from_toml("[compute]\nsparf_candidates = 0\n").unwrap();

@@ -350,9 +350,9 @@ pub struct AttendMetrics {
     /// Sequences answered, by mode (dense, sparse, sparf).
     pub sequences: [Counter; 3],
     pub tokens: Counter,
-    /// Bytes and blocks read, [dram, nvme].
-    pub read_bytes: [Counter; 2],
-    pub read_blocks: [Counter; 2],
+    /// Bytes and blocks read, [dram, nvme, quant (copies, attend/quant.rs)].
+    pub read_bytes: [Counter; 3],
+    pub read_blocks: [Counter; 3],
     /// Calls refused by compute.max_inflight.
     pub rejected: Counter,
     /// SPARF sequences that asked for the mean-value correction, by what
@@ -367,6 +367,8 @@ pub struct AttendMetrics {
     /// NVMe-only ones among them handed to a background promotion.
     pub hot_blocks: Counter,
     pub hot_promoted: Counter,
+    /// What the quant copies did (attend/quant.rs).
+    pub quant: crate::attend::quant::QuantMetrics,
 }
 
 impl AttendMetrics {
@@ -399,8 +401,8 @@ impl AttendMetrics {
                 "Tokens attended by Attend (per sequence; SPARF: the largest head's set)",
                 &[],
             ),
-            read_bytes: [bytes("dram"), bytes("nvme")],
-            read_blocks: [blocks("dram"), blocks("nvme")],
+            read_bytes: [bytes("dram"), bytes("nvme"), bytes("quant")],
+            read_blocks: [blocks("dram"), blocks("nvme"), blocks("quant")],
             rejected: r.counter(
                 "strata_server_limit_rejections_total",
                 "Requests refused by a configured limit",
@@ -426,6 +428,7 @@ impl AttendMetrics {
                 "Blocks an Attend answer found hot (compute.hot_factor times an even share of some query head's attention or more): touched for eviction order",
                 &[],
             ),
+            quant: crate::attend::quant::QuantMetrics::new(r),
             hot_promoted: r.counter(
                 "strata_attend_hot_promoted_total",
                 "Hot NVMe-only blocks handed to a background promotion into DRAM (compute.hotness)",

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use common::*;
 use half::f16;
 use strata_client::attend::{
-    AttendMode, AttendOutput, AttendRequest, AttendSequence, Chain, IoDtype, SparseBudget,
+    AttendMode, AttendOutput, AttendRequest, AttendSequence, Chain, IoDtype, Precision,
+    SparseBudget,
 };
 use strata_client::{Client, PutBlock};
 use strata_proto::{BlockKey, Dtype, KvKind, Layout, NamespaceId, TierKind, pb};
@@ -215,6 +216,7 @@ fn request(
 ) -> AttendRequest {
     AttendRequest {
         io_dtype: IoDtype::F32,
+        min_precision: Precision::Stored,
         namespace: ns,
         layer,
         mode,
@@ -1407,6 +1409,25 @@ async fn bad_attend_input_gets_invalid_argument_naming_the_field_and_changes_not
         ),
         (
             pb::AttendRequest {
+                min_precision: 9,
+                ..good()
+            },
+            inv,
+            "min_precision",
+            "unknown value 9",
+        ),
+        (
+            pb::AttendRequest {
+                mode: pb::AttendMode::Retrieval as i32,
+                min_precision: pb::Precision::Int8 as i32,
+                ..good()
+            },
+            inv,
+            "min_precision",
+            "stored K and V only",
+        ),
+        (
+            pb::AttendRequest {
                 sequences: vec![],
                 ..good()
             },
@@ -2379,6 +2400,7 @@ async fn sparf_two_stage_keeps_more_mass_for_the_same_tier_bytes() {
             for (i, (c, &id)) in cs.iter_mut().zip(&ns).enumerate() {
                 let req = AttendRequest {
                     io_dtype: IoDtype::F32,
+                    min_precision: Precision::Stored,
                     namespace: id,
                     layer: 0,
                     mode: sparf,
@@ -2464,6 +2486,7 @@ async fn sparf_two_stage_joint_keeps_more_mass() {
             for (i, (c, &id)) in cs.iter_mut().zip(&ns).enumerate() {
                 let req = AttendRequest {
                     io_dtype: IoDtype::F32,
+                    min_precision: Precision::Stored,
                     namespace: id,
                     layer: 0,
                     mode: joint,
@@ -2539,6 +2562,7 @@ async fn adaptive_leaves_reach_fixed_16_mass_with_fewer_bytes() {
                 let q = h.decode_group(step);
                 let sparse = |ns, b: SparseBudget| AttendRequest {
                     io_dtype: IoDtype::F32,
+                    min_precision: Precision::Stored,
                     namespace: ns,
                     layer: 0,
                     mode: AttendMode::Sparse(b),
@@ -2747,5 +2771,127 @@ async fn hot_promotion_is_bounded_per_batch() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(now, 64, "one batch of 1 MiB");
+    d.stop().await;
+}
+
+/// `min_precision`: a call that allows int8 keeps an int8 copy of each
+/// layer it reads from NVMe (compute.quant_bytes), and later such calls
+/// compute on the copies instead of reading the device, saying so
+/// (quantized_blocks, exact false) and staying close to the exact answer.
+/// Calls that do not allow it never see the copies; another layer has
+/// none; SPARSE computes its chosen blocks from them too.
+#[tokio::test]
+async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
+    let cfg = |c: &mut stratad::config::Config| {
+        c.tiers.dram.bytes = ByteSize(16 << 20);
+        c.tiers.nvme.bytes = ByteSize(64 << 20);
+        c.tiers.nvme.write_through = true;
+        c.tiers.nvme.engine = "psync".into();
+        // Nothing is promoted between the calls: every block stays
+        // NVMe-only.
+        c.compute.hotness = false;
+        c.compute.quant_bytes = ByteSize(1 << 20);
+    };
+    let mut d = start(cfg).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    let n = 8;
+    let kv = Kv::random(n * TPB, 80);
+    put(&mut c, ns, &kv, 1, 0..n, None).await;
+    let keys = chain(1, n);
+    let mut c = d.restart(cfg).await;
+    assert!(in_dram(&d, ns, &keys).iter().all(|x| !x));
+    let q = queries(81);
+    let all: Vec<usize> = (0..n * TPB).collect();
+    let (ro, rl) = kv.reference(1, &q, scale(), &all);
+    let at = |layer: u32, mode: AttendMode, p: Precision| {
+        let mut r = request(ns, layer, mode, keys.clone(), &q);
+        r.min_precision = p;
+        r
+    };
+    let made = || async {
+        let (_, m) = http_get(d.metrics, "/metrics").await;
+        counter(&m, "strata_attend_quant_copies_total{event=\"made\"}")
+    };
+    let nv = n as u32;
+
+    // Stored precision: from NVMe, exact, and no copy is made.
+    let stored = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Stored)).await;
+    assert_eq!(stored.read_blocks(TierKind::Nvme), nv);
+    assert!(stored.exact && stored.quantized_blocks == 0);
+    assert!(relerr(&stored.o, &ro) < 5e-4);
+    assert_eq!(made().await, 0);
+
+    // INT8, first call: the device (an exact answer), and a copy of each
+    // block's layer 1.
+    let first = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Int8)).await;
+    assert_eq!(first.read_blocks(TierKind::Nvme), nv);
+    assert!(first.exact && first.quantized_blocks == 0);
+    assert_eq!((&first.o, &first.lse), (&stored.o, &stored.lse));
+    assert_eq!(made().await, n as u64);
+
+    // INT8 again: the copies, no device read; approximate and close.
+    let second = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Int8)).await;
+    assert_eq!(second.read_bytes(TierKind::Nvme), 0);
+    assert_eq!(second.quantized_blocks, nv);
+    // One copy: f16 lo and step per channel of K and V, then the codes.
+    let copy = (8 * KV * D + 2 * TPB * KV * D) as u64;
+    assert_eq!(second.quantized_bytes, nv as u64 * copy);
+    assert!(!second.exact);
+    assert_eq!(
+        (second.keys_present, &second.covered),
+        (nv, &stored.covered)
+    );
+    let e = relerr(&second.o, &ro);
+    assert!(e > 0.0 && e < 1e-2, "int8 relerr {e}");
+    for (a, b) in second.lse.iter().zip(&rl) {
+        assert!((*a as f64 - b).abs() < 1e-2, "lse {a} against {b}");
+    }
+
+    // An INT4 floor takes the int8 copies too; STORED never does.
+    let four = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Int4)).await;
+    assert_eq!((four.quantized_blocks, &four.o), (nv, &second.o));
+    let again = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Stored)).await;
+    assert_eq!(again.read_blocks(TierKind::Nvme), nv);
+    assert!(again.exact && again.quantized_blocks == 0);
+    assert_eq!(again.o, stored.o);
+
+    // Layer 0 has no copies yet.
+    let other = attend1(&mut c, &at(0, AttendMode::Dense, Precision::Int8)).await;
+    assert_eq!(other.read_blocks(TierKind::Nvme), nv);
+    assert_eq!(other.quantized_blocks, 0);
+
+    // SPARSE computes the blocks it chose from the copies.
+    let sparse = AttendMode::Sparse(SparseBudget::Tokens(3 * TPB as u32));
+    let sp = attend1(&mut c, &at(1, sparse, Precision::Int8)).await;
+    assert_eq!(sp.read_bytes(TierKind::Nvme), 0);
+    assert_eq!(sp.quantized_blocks as usize, blocks_of(&sp.covered));
+    assert!(sp.quantized_blocks >= 2 && !sp.exact);
+    let sp_stored = attend1(&mut c, &at(1, sparse, Precision::Stored)).await;
+    assert_eq!(sp_stored.covered, sp.covered, "the same choice");
+    assert_eq!(sp_stored.quantized_blocks, 0);
+
+    // SPARF scores from the stored K (read from NVMe: no sketches here)
+    // and attends its chosen blocks from the copies.
+    let sparf = AttendMode::Sparf {
+        channels: None,
+        tokens: Some(2 * TPB as u32),
+        by_token: false,
+        mean_correction: false,
+        joint_heads: false,
+    };
+    let sf = attend1(&mut c, &at(1, sparf, Precision::Int8)).await;
+    let sf_stored = attend1(&mut c, &at(1, sparf, Precision::Stored)).await;
+    assert_eq!(sf.head_covered, sf_stored.head_covered, "the same choice");
+    assert_eq!(sf.quantized_blocks as usize, blocks_of(&sf.covered));
+    assert!(sf.quantized_blocks >= 2 && !sf.exact);
+    assert!(sf.read_bytes(TierKind::Nvme) < sf_stored.read_bytes(TierKind::Nvme));
+
+    let (_, m) = http_get(d.metrics, "/metrics").await;
+    assert_eq!(
+        counter(&m, "strata_attend_read_blocks_total{tier=\"quant\"}"),
+        2 * n as u64 + (sp.quantized_blocks + sf.quantized_blocks) as u64
+    );
+    assert!(counter(&m, "strata_attend_quant_bytes") >= n as u64 * copy);
     d.stop().await;
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use strata_client::attend::{AttendMode, AttendRequest, AttendSequence, Chain, IoDtype};
+use strata_client::attend::{AttendMode, AttendRequest, AttendSequence, Chain, IoDtype, Precision};
 use strata_client::retrieval::{
     BuildIndexRequest, IndexState, LayerQueries, RetrieveRequest, RetrieveSource,
 };
@@ -282,6 +282,7 @@ async fn index_lifecycle_on_needle_data() {
         let mut out = c
             .attend(&AttendRequest {
                 io_dtype: IoDtype::F32,
+                min_precision: Precision::Stored,
                 namespace: ns,
                 layer: 0,
                 mode: AttendMode::Retrieval { k: None, ef: None },
@@ -1042,6 +1043,7 @@ async fn kv_heads_choose_what_is_indexed() {
     let out = c
         .attend(&AttendRequest {
             io_dtype: IoDtype::F32,
+            min_precision: Precision::Stored,
             namespace: ns,
             layer: 0,
             mode: AttendMode::Retrieval {

@@ -119,6 +119,7 @@ def sketch_runs_bytes(cfg: dict) -> int:
 def expected_memory_mib(cfg: dict, overhead: str) -> int:
     dram, nvme = size(cfg["tiers"]["dram"]["bytes"]), size(cfg["tiers"]["nvme"]["bytes"])
     total = (dram + abstracts_bytes(cfg) + sketch_runs_bytes(cfg)
+             + size(cfg["compute"].get("quant_bytes", "0"))
              + cfg["store"]["max_blocks"] * 128
              + cfg["store"]["event_buffer"] * 96
              + (cfg["tiers"]["nvme"]["io_buffers"] * size(cfg["tiers"]["nvme"]["io_buffer_bytes"]) if nvme else 0)

@@ -573,6 +573,18 @@ pub struct AttendReq {
     pub retrieval: RetrievalParams,
     /// Queries came, and outputs go, in this dtype.
     pub io_dtype: IoDtype,
+    /// The lowest precision the daemon may compute on for NVMe-only
+    /// blocks (from its int8/int4 copies).
+    pub min_precision: Precision,
+}
+
+/// The lowest precision of KV an Attend may compute on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Precision {
+    /// The stored K and V only.
+    Stored,
+    Int8,
+    Int4,
 }
 
 impl TryFrom<pb::AttendRequest> for AttendReq {
@@ -676,6 +688,23 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
                 ));
             }
         };
+        let min_precision = match pb::Precision::try_from(r.min_precision) {
+            Ok(pb::Precision::Unspecified | pb::Precision::Stored) => Precision::Stored,
+            Ok(pb::Precision::Int8) => Precision::Int8,
+            Ok(pb::Precision::Int4) => Precision::Int4,
+            Err(_) => {
+                return Err(FieldError::new(
+                    "min_precision",
+                    format!("unknown value {}", r.min_precision),
+                ));
+            }
+        };
+        if mode == AttendMode::Retrieval && min_precision != Precision::Stored {
+            return Err(FieldError::new(
+                "min_precision",
+                "RETRIEVAL attends the stored K and V only; STORED or unspecified",
+            ));
+        }
         let mut sequences = Vec::with_capacity(r.sequences.len());
         for (i, mut s) in r.sequences.into_iter().enumerate() {
             let f = |name: &str| format!("sequences[{i}].{name}");
@@ -701,6 +730,7 @@ impl TryFrom<pb::AttendRequest> for AttendReq {
             sparf_joint_heads: r.sparf_joint_heads,
             retrieval,
             io_dtype,
+            min_precision,
         })
     }
 }

@@ -164,6 +164,18 @@ _IO_DTYPES = {None: pb.DTYPE_UNSPECIFIED, "f32": pb.DTYPE_F32, "float32": pb.DTY
               "bfloat16": pb.DTYPE_BF16}
 
 
+_PRECISIONS = {None: pb.PRECISION_UNSPECIFIED, "stored": pb.PRECISION_STORED,
+               "int8": pb.PRECISION_INT8, "int4": pb.PRECISION_INT4}
+
+
+def precision(name) -> int:
+    """Attend's ``min_precision``: None/"stored", "int8", "int4"."""
+    try:
+        return _PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"min_precision {name!r}: one of None, 'stored', 'int8', 'int4'") from None
+
+
 def io_dtype(name) -> int:
     """The Attend wire dtype of queries and outputs: None/"f32", "f16",
     "bf16"."""
@@ -192,7 +204,8 @@ def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget
                    sparf_channels, sparf_tokens, retrieval_k=None,
                    retrieval_ef=None, sparf_by_token: bool = False,
                    sparf_mean_correction: bool = False,
-                   sparf_joint_heads: bool = False, io=None) -> pb.AttendRequest:
+                   sparf_joint_heads: bool = False, io=None,
+                   min_precision=None) -> pb.AttendRequest:
     """The Attend request. ``sequences``: :class:`AttendSequence` s or
     ``(keys, queries[, last_block_tokens])`` tuples. ``io``: the wire
     dtype of queries and outputs (see :func:`io_dtype`)."""
@@ -215,7 +228,8 @@ def attend_request(ns, sequences, layer: int, mode, scale, budget_tokens, budget
         sparf_tokens=int(sparf_tokens or 0), retrieval_k=int(retrieval_k or 0),
         retrieval_ef=int(retrieval_ef or 0), sparf_by_token=bool(sparf_by_token),
         sparf_mean_correction=bool(sparf_mean_correction),
-        sparf_joint_heads=bool(sparf_joint_heads), io_dtype=io)
+        sparf_joint_heads=bool(sparf_joint_heads), io_dtype=io,
+        min_precision=precision(min_precision))
 
 
 def _ranges(rs) -> list[tuple[int, int]]:
@@ -248,7 +262,8 @@ def attend_results(r: pb.AttendResponse, asked: int, io=None) -> list[AttendResu
             sink_included=x.sink_included, recent_included=x.recent_included,
             tokens_attended=x.tokens_attended, abstract_bytes=x.abstract_bytes,
             retrieval_source=[RetrieveSource(v) for v in x.retrieval_source],
-            retrieval_scanned=list(x.retrieval_scanned)))
+            retrieval_scanned=list(x.retrieval_scanned),
+            quantized_blocks=x.quantized_blocks, quantized_bytes=x.quantized_bytes))
     return out
 
 

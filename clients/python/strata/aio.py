@@ -109,13 +109,14 @@ class AsyncClient:
                      retrieval_ef: int | None = None, sparf_by_token: bool = False,
                      sparf_mean_correction: bool = False,
                      sparf_joint_heads: bool = False,
-                     io_dtype: str | None = None) -> list[AttendResult]:
+                     io_dtype: str | None = None,
+                     min_precision: str | None = None) -> list[AttendResult]:
         """See :meth:`strata.Client.attend`."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
                                    sparf_channels, sparf_tokens, retrieval_k, retrieval_ef,
                                    sparf_by_token, sparf_mean_correction, sparf_joint_heads,
-                                   io_dtype)
+                                   io_dtype, min_precision)
         return _wire.attend_results(await self._call(self._stub.Attend, req), len(seqs), io_dtype)
 
     async def build_index(self, ns: "Namespace | int", keys, layers=None, *, training=None,

@@ -121,7 +121,8 @@ class Client:
                retrieval_ef: int | None = None, sparf_by_token: bool = False,
                sparf_mean_correction: bool = False,
                sparf_joint_heads: bool = False,
-               io_dtype: str | None = None) -> list[AttendResult]:
+               io_dtype: str | None = None,
+               min_precision: str | None = None) -> list[AttendResult]:
         """Attention near the data: for one ``layer`` and each sequence (an
         :class:`~strata.types.AttendSequence`, or ``(keys, queries[,
         last_block_tokens])`` with queries ``(heads, head_dim)``), the
@@ -144,12 +145,17 @@ class Client:
         sends the queries and gets ``o`` back in that dtype, half the
         bytes each way (``o`` is returned as float32 all the same; ``lse``
         is always float32); None: float32. A sequence may name its chain
-        by its tail (:meth:`~strata.types.AttendSequence.tail`)."""
+        by its tail (:meth:`~strata.types.AttendSequence.tail`).
+        ``min_precision``: ``"int8"`` or ``"int4"`` lets the daemon compute
+        on its int8 (int4) copies of layers it holds only on NVMe instead
+        of reading the device (``compute.quant_bytes``; see
+        :attr:`~strata.types.AttendResult.quantized_blocks`); None or
+        ``"stored"``: the stored K and V only."""
         seqs = list(sequences)
         req = _wire.attend_request(ns, seqs, layer, mode, scale, budget_tokens, budget_bytes,
                                    sparf_channels, sparf_tokens, retrieval_k, retrieval_ef,
                                    sparf_by_token, sparf_mean_correction, sparf_joint_heads,
-                                   io_dtype)
+                                   io_dtype, min_precision)
         return _wire.attend_results(self._call(self._stub.Attend, req), len(seqs), io_dtype)
 
     def build_index(self, ns: "Namespace | int", keys: Iterable[bytes], layers=None, *,

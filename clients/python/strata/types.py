@@ -302,6 +302,12 @@ class AttendResult:
     retrieval_source: list = field(default_factory=list)
     retrieval_scanned: list = field(default_factory=list)
     mean_corrected: bool = False
+    #: With ``min_precision="int8"``/``"int4"``: blocks computed on from the
+    #: daemon's int8/int4 copies instead of their stored K and V, and the
+    #: copies' bytes read. When nonzero, ``exact`` is False; the answer is
+    #: still a partial over ``covered`` (mergeable), with their rounding.
+    quantized_blocks: int = 0
+    quantized_bytes: int = 0
 
     @property
     def mergeable(self) -> bool:

@@ -293,3 +293,38 @@ def test_attend_by_tail_and_packed_io(daemon):
             assert len(req.sequences[0].queries) == 0
         with pytest.raises(ValueError):
             c.attend(ns, [(keys, q)], 0, io_dtype="fp8")
+
+
+def test_min_precision_lets_the_daemon_use_its_int8_copies():
+    """With ``compute.quant_bytes``, ``min_precision="int8"`` lets the
+    daemon compute on int8 copies of layers it holds only on NVMe: after a
+    restart the first such call reads the device (exact) and keeps copies,
+    the second reads no device byte, says so and stays close; the answer
+    still merges. An unknown name and RETRIEVAL are refused."""
+    n = 256
+    k, v = kv_data(n, 31)
+    q = np.random.default_rng(32).standard_normal((HEADS, D)).astype(np.float32)
+    cfg = '[compute]\nquant_bytes = "8MiB"\nhotness = false\n'
+    with Daemon(config=cfg) as d:
+        with Client(d.endpoint) as c:
+            ns = c.register_layout(layout("test/attend-quant"))
+            keys = put_chain(c, ns, k, v, 9, range(n // TPB))
+        d.stop()  # drains DRAM down to NVMe
+        d.start()
+        with Client(d.endpoint) as c:
+            [exact] = c.attend(ns, [(keys, q)], 1, "dense")
+            [first] = c.attend(ns, [(keys, q)], 1, "dense", min_precision="int8")
+            [second] = c.attend(ns, [(keys, q)], 1, "dense", min_precision="int8")
+            assert exact.exact and exact.read_bytes(Tier.NVME) > 0
+            assert first.exact and first.quantized_blocks == 0
+            np.testing.assert_array_equal(first.o, exact.o)
+            assert second.quantized_blocks == n // TPB and second.quantized_bytes > 0
+            assert not second.exact and second.read_bytes(Tier.NVME) == 0
+            assert second.mergeable
+            assert relerr(second.o, exact.o) < 1e-2
+            assert relerr(second.o, exact.o) > 0
+            with pytest.raises(ValueError, match="min_precision 'int2'"):
+                c.attend(ns, [(keys, q)], 1, "dense", min_precision="int2")
+            with pytest.raises(strata.InvalidArgument) as e:
+                c.attend(ns, [(keys, q)], 1, "retrieval", min_precision="int8")
+            assert e.value.message.startswith("min_precision: RETRIEVAL")

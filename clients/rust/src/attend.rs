@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-pub use strata_proto::convert::{Chain, IoDtype};
+pub use strata_proto::convert::{Chain, IoDtype, Precision};
 use strata_proto::{NamespaceId, TierKind, pb};
 
 /// How the daemon chooses the tokens it attends.
@@ -90,6 +90,12 @@ pub struct AttendRequest {
     /// BF16: half the bytes each way; [`AttendOutput::o`] is f32 either
     /// way, converted back by the client).
     pub io_dtype: IoDtype,
+    /// DENSE, SPARSE, SPARF: the lowest precision the daemon may compute on
+    /// for blocks it holds only on NVMe ([`Precision::Int8`] or `Int4`:
+    /// its quant copies, `compute.quant_bytes`, instead of device reads;
+    /// the answer then counts them in [`AttendOutput::quantized_blocks`]
+    /// and is not exact). [`Precision::Stored`]: the stored K and V only.
+    pub min_precision: Precision,
 }
 
 /// What one tier gave an Attend.
@@ -132,6 +138,10 @@ pub struct AttendOutput {
     pub retrieval_source: Vec<crate::retrieval::RetrieveSource>,
     /// RETRIEVAL: keys scanned per query head.
     pub retrieval_scanned: Vec<u32>,
+    /// Blocks computed on from the daemon's int8/int4 copies (with
+    /// [`AttendRequest::min_precision`]), and the copies' bytes read.
+    pub quantized_blocks: u32,
+    pub quantized_bytes: u64,
 }
 
 impl AttendOutput {
@@ -309,6 +319,11 @@ pub fn request_pb(r: &AttendRequest) -> pb::AttendRequest {
             IoDtype::F16 => pb::Dtype::F16,
             IoDtype::Bf16 => pb::Dtype::Bf16,
         } as i32,
+        min_precision: match r.min_precision {
+            Precision::Stored => pb::Precision::Unspecified,
+            Precision::Int8 => pb::Precision::Int8,
+            Precision::Int4 => pb::Precision::Int4,
+        } as i32,
     }
 }
 
@@ -363,6 +378,8 @@ pub(crate) fn output(mut r: pb::AttendResult, io: IoDtype) -> Result<AttendOutpu
             .map(|&v| crate::retrieval::RetrieveSource::of(v))
             .collect::<Result<_, _>>()?,
         retrieval_scanned: r.retrieval_scanned,
+        quantized_blocks: r.quantized_blocks,
+        quantized_bytes: r.quantized_bytes,
         o: r.o,
         lse: r.lse,
     })

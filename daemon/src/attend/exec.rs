@@ -18,6 +18,7 @@ use half::{bf16, f16};
 use strata_kernels::KvElem;
 use strata_kernels::abstracts::{AbstractScratch, upper_bounds};
 use strata_kernels::attention::{AttnScratch, AttnState, Tokens, merge_into};
+use strata_kernels::quant::QuantBits;
 use strata_kernels::sketch::{
     RunBoundScratch, RunScratch, Sketch, SketchRun, SketchScratch, run_scores, run_upper_bounds,
     sketch_scores, sketch_scores_with_heads, span_lse,
@@ -27,11 +28,12 @@ use strata_kernels::sparf::{
     sparf_scores_head_with_heads, top_channels,
 };
 use strata_kernels::topk::top_k;
-use strata_proto::convert::{AttendMode, AttendReq, Budget, Chain, IoDtype};
+use strata_proto::convert::{AttendMode, AttendReq, Budget, Chain, IoDtype, Precision};
 use strata_proto::{Dtype, FieldError, KvKind, Layout, NamespaceId, TierKind};
 use tokio::sync::Semaphore;
 
 use super::fetch::{Got, Need, What, fetch};
+use super::quant::{BlockIdent, Decoded, QuantCopies, QuantCopy};
 use super::runs::{RunView, SketchRuns};
 use super::summary::Geom;
 use super::{AttendConfig, LeafLevel};
@@ -60,6 +62,8 @@ pub struct AttendCtx {
     /// One background promotion of hot NVMe-only blocks at a time
     /// ([`AttendCtx::promote_hot`]).
     promoting: Arc<Semaphore>,
+    /// Lower-precision copies of cold blocks (`compute.quant_bytes`).
+    quant: Option<Arc<QuantCopies>>,
 }
 
 impl std::fmt::Debug for AttendCtx {
@@ -69,11 +73,16 @@ impl std::fmt::Debug for AttendCtx {
 }
 
 impl AttendCtx {
-    /// Fails only when the sketch-run region cannot be mapped.
+    /// Fails only when the sketch-run or quant-copy region cannot be
+    /// mapped.
     pub fn new(cfg: AttendConfig, metrics: AttendMetrics) -> std::io::Result<Self> {
         let runs = match cfg.sketch_runs_bytes {
             0 => None,
             b => Some(Arc::new(SketchRuns::new(b, metrics.runs.clone())?)),
+        };
+        let quant = match cfg.quant_bytes {
+            0 => None,
+            b => Some(Arc::new(QuantCopies::new(b, metrics.quant.clone())?)),
         };
         Ok(AttendCtx {
             compute: Arc::new(Semaphore::new(cfg.threads.max(1))),
@@ -83,7 +92,24 @@ impl AttendCtx {
             runs,
             skew: sparse::SkewTable::new(),
             promoting: Arc::new(Semaphore::new(1)),
+            quant,
         })
+    }
+
+    /// The quant copies a call may compute on, and the lowest precision
+    /// it allows; None when it allows none or the daemon keeps none.
+    fn quant_for(&self, req: &Checked) -> Option<(Arc<QuantCopies>, QuantBits)> {
+        let floor = match req.min_precision {
+            Precision::Stored => return None,
+            Precision::Int8 => QuantBits::Int8,
+            Precision::Int4 => QuantBits::Int4,
+        };
+        Some((self.quant.clone()?, floor))
+    }
+
+    /// Bytes held by quant copies (0 without the region).
+    pub fn quant_bytes(&self) -> u64 {
+        self.quant.as_ref().map_or(0, |q| q.used_bytes())
     }
 
     /// Promotes the hot NVMe-only blocks of `answers` into DRAM in the
@@ -185,6 +211,8 @@ pub struct Checked {
     pub sparf_joint_heads: bool,
     /// The dtype the outputs go back in (the queries were converted).
     pub io_dtype: IoDtype,
+    /// The lowest precision NVMe-only blocks may be computed on at.
+    pub min_precision: Precision,
     pub seqs: Vec<SeqIn>,
 }
 
@@ -292,6 +320,7 @@ pub fn check(req: AttendReq, layout: &Layout, cfg: &AttendConfig) -> Result<Chec
         sparf_mean_correction: req.sparf_mean_correction,
         sparf_joint_heads: req.sparf_joint_heads,
         io_dtype: req.io_dtype,
+        min_precision: req.min_precision,
         seqs,
     })
 }
@@ -317,6 +346,8 @@ pub struct SeqResult {
     pub head_covered: Vec<Vec<Range<u64>>>,
     pub dram: TierRead,
     pub nvme: TierRead,
+    /// Blocks computed on from quant copies, and those copies' bytes.
+    pub quant: TierRead,
     pub exact: bool,
     pub sink_included: bool,
     pub recent_included: bool,
@@ -372,6 +403,8 @@ pub async fn run(
         ctx.metrics.read_bytes[1].increment(r.nvme.bytes);
         ctx.metrics.read_blocks[0].increment(r.dram.blocks as u64);
         ctx.metrics.read_blocks[1].increment(r.nvme.blocks as u64);
+        ctx.metrics.read_bytes[2].increment(r.quant.bytes);
+        ctx.metrics.read_blocks[2].increment(r.quant.blocks as u64);
         store.count_reads(r.dram.bytes, r.nvme.bytes);
         ctx.metrics.hot_blocks.increment(r.hot_blocks as u64);
     }
@@ -449,6 +482,13 @@ struct Seq {
     /// `-inf` where nothing was); empty when off.
     hot_factor: f64,
     mass: Vec<f32>,
+    /// `min_precision` INT8/INT4 with quant copies kept: the copies and
+    /// the lowest precision allowed; per block, the copy this call computes
+    /// on instead of reading NVMe ([`lease_copies`]; empty without), and
+    /// what was read from copies.
+    quant: Option<(Arc<QuantCopies>, QuantBits)>,
+    leases: Vec<Option<Arc<QuantCopy>>>,
+    qread: TierRead,
 }
 
 impl Seq {
@@ -470,6 +510,11 @@ impl Seq {
             seen[i] = true;
             read.blocks += 1;
         }
+    }
+
+    /// The quant copy block `i` is computed on, if any.
+    fn lease(&self, i: usize) -> Option<&Arc<QuantCopy>> {
+        self.leases.get(i)?.as_ref()
     }
 
     fn cut_at(&mut self, i: usize) {
@@ -495,7 +540,7 @@ async fn dense(
     let mut here = Vec::new();
     let mut away = Vec::new();
     for (i, pin) in pins.into_iter().enumerate() {
-        let seq = seq_of(req.clone(), i, pin, ctx.cfg.hot_factor);
+        let seq = seq_of(req.clone(), i, pin, ctx.cfg.hot_factor, ctx.quant_for(req));
         let blocks = &seq.pin.blocks[..seq.present()];
         if blocks.iter().all(|b| b.dram.is_some()) {
             here.push(seq);
@@ -619,7 +664,13 @@ async fn run_seq(
     idx: usize,
     pin: ChainPin,
 ) -> Result<SeqResult, StoreError> {
-    let seq = seq_of(req.clone(), idx, pin, ctx.cfg.hot_factor);
+    let seq = seq_of(
+        req.clone(),
+        idx,
+        pin,
+        ctx.cfg.hot_factor,
+        ctx.quant_for(&req),
+    );
     match req.mode {
         // Batches go through `dense`, which pools the sequences in DRAM.
         AttendMode::Dense => Err(StoreError::Internal(
@@ -637,7 +688,13 @@ async fn run_seq(
 
 /// A sequence's state before any read: tokens and start of each pinned
 /// block (a block not of whole tokens ends the prefix).
-fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin, hot: Option<f64>) -> Seq {
+fn seq_of(
+    req: Arc<Checked>,
+    idx: usize,
+    pin: ChainPin,
+    hot: Option<f64>,
+    quant: Option<(Arc<QuantCopies>, QuantBits)>,
+) -> Seq {
     let geom = req.geom;
     let s = &req.seqs[idx];
     let n = pin.blocks.len();
@@ -686,6 +743,12 @@ fn seq_of(req: Arc<Checked>, idx: usize, pin: ChainPin, hot: Option<f64>) -> Seq
             Some(_) => vec![f32::NEG_INFINITY; n * s.heads],
             None => Vec::new(),
         },
+        leases: match quant {
+            Some(_) => vec![None; n],
+            None => Vec::new(),
+        },
+        quant,
+        qread: TierRead::default(),
         req: req.clone(),
     };
     if let Some(c) = cut {
@@ -731,6 +794,7 @@ impl ChainReader {
             sparf_mean_correction: false,
             sparf_joint_heads: false,
             io_dtype: IoDtype::F32,
+            min_precision: Precision::Stored,
             seqs: vec![SeqIn {
                 chain: Chain::Keys(Vec::new()),
                 last_block_tokens: None,
@@ -743,7 +807,7 @@ impl ChainReader {
             }],
         });
         ChainReader {
-            seq: seq_of(req, 0, pin, None),
+            seq: seq_of(req, 0, pin, None, None),
         }
     }
 
@@ -860,13 +924,14 @@ fn finish_blocks(seq: Seq, chosen: &[usize], abstract_bytes: u64) -> SeqResult {
         lse: seq.acc.lse,
         keys_present: present as u32,
         tokens_present,
-        exact: done.len() == present,
+        exact: done.len() == present && seq.qread.blocks == 0,
         sink_included: sparse && present > 0 && done.first() == Some(&0),
         recent_included: sparse && present > 0 && done.last() == Some(&(present - 1)),
         covered,
         head_covered: Vec::new(),
         dram: seq.dram,
         nvme: seq.nvme,
+        quant: seq.qread,
         tokens_attended,
         abstract_bytes,
         mean_corrected: false,
@@ -902,7 +967,8 @@ fn log_add_exp(a: f32, b: f32) -> f32 {
 /// an even share (1 / present blocks) of some query head's attention over
 /// what this answer attended are touched (an access: DRAM eviction order
 /// follows the attention, not the pins), and the NVMe-only ones among
-/// them come back for promotion. Returns how many were hot.
+/// them come back for promotion; their quant copies, if leased, are
+/// touched too. Returns how many were hot.
 fn settle_hot(seq: &Seq) -> (u32, Vec<HotBlock>) {
     let present = seq.present();
     if seq.mass.is_empty() || present == 0 {
@@ -936,6 +1002,11 @@ fn settle_hot(seq: &Seq) -> (u32, Vec<HotBlock>) {
     for &i in &hot {
         let b = &seq.pin.blocks[i];
         refs.push(b.r);
+        // A hot block's quant copy is the last to lose precision (and the
+        // block itself is promoted, below).
+        if let (Some((pool, _)), Some(_)) = (&seq.quant, seq.lease(i)) {
+            pool.touch(seq.req.namespace, seq.req.layer, b.key);
+        }
         if b.dram.is_none() && b.nvme.is_some() {
             let row = &seq.mass[i * heads..(i + 1) * heads];
             let share = row
@@ -998,7 +1069,7 @@ fn waves(seq: &Seq, blocks: &[usize], want: Want, wave_bytes: u64) -> Vec<Vec<us
 /// What block `i` needs from NVMe (None: it is read from DRAM).
 fn need_of(seq: &Seq, i: usize, want: Want) -> Option<Need> {
     let b = &seq.pin.blocks[i];
-    if b.dram.is_some() {
+    if b.dram.is_some() || (want == Want::Kv && seq.lease(i).is_some()) {
         return None;
     }
     let (seg, loc) = b.nvme.clone()?;
@@ -1029,7 +1100,7 @@ async fn read_wave(
         if let Some(n) = need_of(seq, i, want) {
             needs.push(n);
             which.push(w);
-        } else if seq.pin.blocks[i].dram.is_none() {
+        } else if seq.pin.blocks[i].dram.is_none() && (want == Want::K || seq.lease(i).is_none()) {
             // Neither copy is readable (NVMe fenced meanwhile): the
             // covered prefix ends here.
             seq.cut_at(i);
@@ -1281,6 +1352,76 @@ async fn promote(seq: &mut Seq, blocks: &[usize]) {
     }
 }
 
+/// With `min_precision` INT8/INT4: takes the quant copy of each of
+/// `blocks` that has no DRAM copy, when one of the allowed precision is
+/// kept, so that its layer is computed from the copy instead of read from
+/// NVMe. The call holds the copies until it is done.
+fn lease_copies(seq: &mut Seq, blocks: &[usize]) {
+    let Some((pool, floor)) = seq.quant.clone() else {
+        return;
+    };
+    let (ns, layer) = (seq.req.namespace, seq.req.layer);
+    for &i in blocks {
+        let b = &seq.pin.blocks[i];
+        if b.dram.is_none() && seq.leases[i].is_none() {
+            seq.leases[i] = pool.get(ns, layer, &BlockIdent::of(b), floor);
+        }
+    }
+}
+
+/// Block `i`'s layer from the quant copy it leased, dequantised into `dq`
+/// (`[tokens][kv][d]` f32 K and V): Some(Ok(bytes of the copy)), or
+/// Some(Err) when the copy failed its check (it is dropped and counted;
+/// the caller ends the covered prefix there, as for a corrupt DRAM copy).
+/// None when the block has no lease.
+fn leased_layer(seq: &Seq, i: usize, dq: &mut Decoded) -> Option<Result<u64, ()>> {
+    let copy = seq.lease(i)?;
+    if copy.decode(dq) {
+        return Some(Ok(copy.bytes_len() as u64));
+    }
+    if let Some((pool, _)) = &seq.quant {
+        pool.corrupt(
+            seq.req.namespace,
+            seq.req.layer,
+            seq.pin.blocks[i].key,
+            copy,
+        );
+    }
+    Some(Err(()))
+}
+
+/// f32 values as their bytes (what [`attend_rows`] takes).
+fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte is initialised; u8 has
+    // alignment 1; the length is the same memory.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+/// With `min_precision` INT8/INT4: keeps an int8 copy of block `i`'s layer
+/// from its K and V just read from NVMe and verified (`k`, `v`: the whole
+/// layer of its stored tokens), unless one made from these bytes is kept.
+fn keep_copy(seq: &Seq, i: usize, k: &[u8], v: &[u8]) {
+    let Some((pool, _)) = &seq.quant else {
+        return;
+    };
+    let b = &seq.pin.blocks[i];
+    let (ns, layer, geom) = (seq.req.namespace, seq.req.layer, seq.req.geom);
+    if b.dram.is_some() {
+        return;
+    }
+    let b = &BlockIdent::of(b);
+    if pool.has_int8(ns, layer, b) {
+        return;
+    }
+    let width = geom.kv_heads as usize * geom.head_dim as usize;
+    match geom.dtype {
+        Dtype::F32 => pool.insert(ns, layer, b, &elems::<f32>(k), &elems::<f32>(v), width),
+        Dtype::F16 => pool.insert(ns, layer, b, &elems::<f16>(k), &elems::<f16>(v), width),
+        Dtype::Bf16 => pool.insert(ns, layer, b, &elems::<bf16>(k), &elems::<bf16>(v), width),
+        Dtype::Fp8E4m3 => unreachable!("checked: Attend refuses fp8"),
+    }
+}
+
 /// Attends over whole blocks (DENSE, SPARSE), in order, wave by wave.
 async fn attend_blocks(
     ctx: &AttendCtx,
@@ -1290,6 +1431,7 @@ async fn attend_blocks(
     if ctx.cfg.promote {
         promote(&mut seq, &blocks).await;
     }
+    lease_copies(&mut seq, &blocks);
     for wave in waves(&seq, &blocks, Want::Kv, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0] >= c) {
             break;
@@ -1346,6 +1488,8 @@ fn part_split(threads: usize, n: usize) -> (usize, usize) {
 struct Part {
     acc: Acc,
     reads: Vec<(usize, TierKind, u64)>,
+    /// Blocks computed from quant copies, and the copies' bytes.
+    quant: Vec<(usize, u64)>,
     /// The block that could not be read or failed its check (the part
     /// stopped there), and the tier whose copy failed.
     cut: Option<(usize, Option<TierKind>)>,
@@ -1369,6 +1513,7 @@ impl Part {
                 lse: vec![f32::NEG_INFINITY; heads],
             },
             reads: Vec::with_capacity(reads),
+            quant: Vec::new(),
             cut: None,
             track: false,
             mass_blocks: Vec::new(),
@@ -1488,6 +1633,10 @@ fn apply_part(seq: &mut Seq, part: Part) -> bool {
     for &(i, tier, n) in &part.reads {
         seq.count(i, tier, n);
     }
+    for &(_, n) in &part.quant {
+        seq.qread.blocks += 1;
+        seq.qread.bytes += n;
+    }
     // A block attended in pieces (SPARSE leaves) sums them.
     let heads = seq.input().heads;
     for (j, &i) in part.mass_blocks.iter().enumerate() {
@@ -1526,9 +1675,27 @@ fn compute_part(
     let mut w = Work::new(g, d);
     let mut states: Vec<AttnState> = (0..geom.kv_heads).map(|_| AttnState::new(g, d)).collect();
     let mut part = Part::new(heads, d, blocks.len() * 2).tracking(seq);
+    let mut dq = Decoded::default();
     for (j, &i) in blocks.iter().enumerate() {
         if let Some(&next) = blocks.get(j + 1) {
             prefetch_dram(seq, next);
+        }
+        match leased_layer(seq, i, &mut dq) {
+            Some(Ok(n)) => {
+                part.quant.push((i, n));
+                part.before(&states);
+                let (k, v) = (f32_bytes(&dq.k), f32_bytes(&dq.v));
+                attend_rows::<f32>(seq, &mut states, k, v, &mut w, &|h, rows| {
+                    sel.rows(seq, i, h, rows)
+                });
+                part.after(i, &states);
+                continue;
+            }
+            Some(Err(())) => {
+                part.cut = Some((i, None));
+                break;
+            }
+            None => {}
         }
         let mut read = None;
         let r = layer_bytes(seq, i, Want::Kv, got[j].as_ref(), &mut read);
@@ -1540,6 +1707,9 @@ fn compute_part(
                     sel.rows(seq, i, h, rows)
                 });
                 part.after(i, &states);
+                if matches!(got[j], Some(Ok(_))) {
+                    keep_copy(seq, i, k, v);
+                }
             }
             Ok(None) => {
                 part.cut = Some((i, None));
@@ -2716,6 +2886,7 @@ async fn attend_chosen(
     let chosen = Arc::new(chosen);
     let blocks = chosen_blocks(&seq, &chosen);
     let mut seq = seq;
+    lease_copies(&mut seq, &blocks);
     for wave in waves(&seq, &blocks, Want::Kv, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0] >= c) {
             break;
@@ -2803,15 +2974,17 @@ fn chosen_result(seq: Seq, chosen: &[Vec<u32>], hot: (u32, Vec<HotBlock>)) -> Se
         lse: seq.acc.lse,
         keys_present: present as u32,
         tokens_present: end,
-        exact: head_covered
-            .iter()
-            .all(|c| c.len() == 1 && c[0] == (0..end) || end == 0),
+        exact: seq.qread.blocks == 0
+            && head_covered
+                .iter()
+                .all(|c| c.len() == 1 && c[0] == (0..end) || end == 0),
         sink_included: false,
         recent_included: false,
         covered,
         head_covered,
         dram: seq.dram,
         nvme: seq.nvme,
+        quant: seq.qread,
         tokens_attended,
         abstract_bytes: 0,
         mean_corrected: false,

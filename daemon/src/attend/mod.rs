@@ -38,6 +38,7 @@
 
 pub mod exec;
 mod fetch;
+pub mod quant;
 pub mod runs;
 pub mod summary;
 #[cfg(test)]
@@ -123,6 +124,9 @@ pub struct AttendConfig {
     /// times an even share (1 / blocks present) of some query head's
     /// attention in an answer. None: every pinned block is touched.
     pub hot_factor: Option<f64>,
+    /// Region of the quant copies ([`quant`], `compute.quant_bytes`); 0:
+    /// none.
+    pub quant_bytes: u64,
 }
 
 impl Default for AttendConfig {
@@ -139,6 +143,7 @@ impl Default for AttendConfig {
             leaf_level: LeafLevel::Adaptive,
             sparf_candidates: 3,
             hot_factor: Some(1.0),
+            quant_bytes: 0,
         }
     }
 }

@@ -461,7 +461,7 @@ async fn attend_dense(
     q: &[f32],
 ) -> super::exec::SeqResult {
     use strata_proto::convert::{
-        AttendMode, AttendReq, AttendSeq, Budget, Chain, IoDtype, RetrievalParams,
+        AttendMode, AttendReq, AttendSeq, Budget, Chain, IoDtype, Precision, RetrievalParams,
     };
     let cfg = super::AttendConfig::default();
     let req = AttendReq {
@@ -482,6 +482,7 @@ async fn attend_dense(
         sparf_joint_heads: false,
         io_dtype: IoDtype::F32,
         retrieval: RetrievalParams::default(),
+        min_precision: Precision::Stored,
     };
     let checked = super::exec::check(req, l, &cfg).unwrap();
     let ctx =

@@ -69,9 +69,13 @@ pub enum StartError {
     #[error("opening tiers: {0}")]
     Task(String),
     #[error(
-        "cannot map the sketch-run region of compute.sketch_runs_bytes ({bytes} bytes): {source}; lower it or raise the memory limit"
+        "cannot map Attend's regions (compute.sketch_runs_bytes: {runs} bytes, compute.quant_bytes: {quant} bytes): {source}; lower them or raise the memory limit"
     )]
-    SketchRuns { bytes: u64, source: std::io::Error },
+    SketchRuns {
+        runs: u64,
+        quant: u64,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tokens(#[from] auth::TokensError),
     #[error("{what} {path}: {source}")]
@@ -413,7 +417,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             crate::metrics::AttendMetrics::new(&registry),
         )
         .map_err(|source| StartError::SketchRuns {
-            bytes: r.compute.sketch_runs_bytes,
+            runs: r.compute.sketch_runs_bytes,
+            quant: r.compute.quant_bytes,
             source,
         })?,
     );

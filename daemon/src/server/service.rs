@@ -236,6 +236,8 @@ pub(super) fn attend_result(r: SeqResult, io: IoDtype) -> pb::AttendResult {
         retrieval_source: Vec::new(),
         retrieval_scanned: Vec::new(),
         mean_corrected: r.mean_corrected,
+        quantized_blocks: r.quant.blocks,
+        quantized_bytes: r.quant.bytes,
     }
 }
 

@@ -206,7 +206,7 @@ fn piece_needs(seq: &Seq, lg: &Geom, p: &Piece) -> Vec<Need> {
         return need_of(seq, p.block, Want::Kv).into_iter().collect();
     }
     let b = &seq.pin.blocks[p.block];
-    if b.dram.is_some() {
+    if b.dram.is_some() || seq.lease(p.block).is_some() {
         return Vec::new();
     }
     let (Some((seg, loc)), Some(stored)) = (b.nvme.clone(), lg.tokens_of(b.len)) else {
@@ -259,7 +259,7 @@ async fn read_pieces(seq: &mut Seq, wave: &[Piece]) -> Vec<PieceGot> {
     let mut which = Vec::new();
     for (w, p) in wave.iter().enumerate() {
         let n = piece_needs(seq, &lg, p);
-        if n.is_empty() && seq.pin.blocks[p.block].dram.is_none() {
+        if n.is_empty() && seq.pin.blocks[p.block].dram.is_none() && seq.lease(p.block).is_none() {
             // Neither copy is readable (NVMe fenced meanwhile).
             seq.cut_at(p.block);
         }
@@ -354,8 +354,37 @@ fn compute_pieces(
     let mut part = Part::new(heads, d, pieces.len()).tracking(seq);
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); if sample { kv } else { 0 }];
     let last = seq.present().saturating_sub(1);
+    let mut dq = Decoded::default();
+    let width = kv * d;
     for (p, got) in pieces.iter().zip(got) {
         let i = p.block;
+        match leased_layer(seq, i, &mut dq) {
+            Some(Ok(n)) => {
+                // Only the piece's rows of the copy (its whole block's).
+                let t = piece_tokens(seq, &lg, p);
+                let rows = t.start as usize * width..t.end as usize * width;
+                let (k, v) = (f32_bytes(&dq.k[rows.clone()]), f32_bytes(&dq.v[rows]));
+                let n_rows = t.len() as u32;
+                // A block attended in pieces counts its copy once.
+                if part.quant.last().is_none_or(|&(b, _)| b != i) {
+                    part.quant.push((i, n));
+                }
+                part.before(&states);
+                attend_rows::<f32>(seq, &mut states, k, v, &mut w, &|_, rows| {
+                    rows.extend(0..n_rows)
+                });
+                part.after(i, &states);
+                if sample && i != 0 && i != last {
+                    score_first_heads(seq, Dtype::F32, k, n_rows as usize, &mut scores);
+                }
+                continue;
+            }
+            Some(Err(())) => {
+                part.cut = Some((i, None));
+                break;
+            }
+            None => {}
+        }
         let mut read = None;
         let r = if p.whole {
             layer_bytes(seq, i, Want::Kv, got.first(), &mut read)
@@ -370,7 +399,10 @@ fn compute_pieces(
                 dispatch_rows(seq, &mut states, k, v, &mut w, &|_, rows| rows.extend(0..n));
                 part.after(i, &states);
                 if sample && i != 0 && i != last {
-                    score_first_heads(seq, k, n as usize, &mut scores);
+                    score_first_heads(seq, seq.req.geom.dtype, k, n as usize, &mut scores);
+                }
+                if p.whole && matches!(got.first(), Some(Ok(_))) {
+                    keep_copy(seq, i, k, v);
                 }
             }
             Ok(None) => {
@@ -389,7 +421,7 @@ fn compute_pieces(
 
 /// Appends `scale q.k` of the first query head of each KV head for the
 /// first `n` rows of `k` (`[token][kv_head][d]`) to `out[kv_head]`.
-fn score_first_heads(seq: &Seq, k: &[u8], n: usize, out: &mut [Vec<f32>]) {
+fn score_first_heads(seq: &Seq, dtype: Dtype, k: &[u8], n: usize, out: &mut [Vec<f32>]) {
     fn go<E: KvElem>(seq: &Seq, k: &[u8], n: usize, out: &mut [Vec<f32>]) {
         let geom = seq.req.geom;
         let (d, kv) = (geom.head_dim as usize, geom.kv_heads as usize);
@@ -406,7 +438,7 @@ fn score_first_heads(seq: &Seq, k: &[u8], n: usize, out: &mut [Vec<f32>]) {
             }
         }
     }
-    match seq.req.geom.dtype {
+    match dtype {
         Dtype::F32 => go::<f32>(seq, k, n, out),
         Dtype::F16 => go::<f16>(seq, k, n, out),
         Dtype::Bf16 => go::<bf16>(seq, k, n, out),
@@ -474,6 +506,9 @@ pub(super) async fn sparse(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, Store
         blocks.dedup();
         promote(&mut seq, &blocks).await;
     }
+    let mut blocks: Vec<usize> = pieces.iter().map(|p| p.block).collect();
+    blocks.dedup();
+    lease_copies(&mut seq, &blocks);
     let mut scores: Vec<Vec<f32>> = Vec::new();
     for wave in piece_waves(&seq, &pieces, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0].block >= c) {
@@ -523,7 +558,7 @@ fn finish_pieces(seq: Seq, pieces: &[Piece], abstract_bytes: u64) -> SeqResult {
         lse: seq.acc.lse,
         keys_present: present as u32,
         tokens_present,
-        exact: tokens_attended == tokens_present,
+        exact: tokens_attended == tokens_present && seq.qread.blocks == 0,
         sink_included: present > 0 && done.first().is_some_and(|(i, t)| *i == 0 && t.start == 0),
         recent_included: present > 0
             && done
@@ -533,6 +568,7 @@ fn finish_pieces(seq: Seq, pieces: &[Piece], abstract_bytes: u64) -> SeqResult {
         head_covered: Vec::new(),
         dram: seq.dram,
         nvme: seq.nvme,
+        quant: seq.qread,
         tokens_attended,
         abstract_bytes,
         mean_corrected: false,

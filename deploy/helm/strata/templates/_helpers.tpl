@@ -147,6 +147,7 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- $runs = max (div $dram 8) 1048576 -}}
 {{- end -}}
 {{- end -}}
+{{- $quant := include "strata.bytes" ($c.compute.quant_bytes | default "0") | int64 -}}
 {{- $index := mul (int64 $c.store.max_blocks) 128 -}}
 {{- $events := mul (int64 $c.store.event_buffer) 96 -}}
 {{- $io := 0 -}}
@@ -155,7 +156,7 @@ says which terms and why). Every term is a bound the daemon enforces.
 {{- end -}}
 {{- $puts := include "strata.bytes" $c.server.max_inflight_put_bytes | int64 -}}
 {{- $overhead := include "strata.bytes" .Values.resources.memoryOverhead | int64 -}}
-{{- $total := add $dram $abstracts $runs $index $events $io $puts $overhead -}}
+{{- $total := add $dram $abstracts $runs $quant $index $events $io $puts $overhead -}}
 {{- div (add $total 1048575) 1048576 -}}
 {{- end -}}
 
