@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use memmap2::{MmapOptions, MmapRaw};
 use metrics::{Counter, Gauge};
 use strata_kernels::elem::KvElem;
@@ -132,12 +133,14 @@ impl QuantCopy {
             return false;
         }
         let w = self.width;
+        // SAFETY: every bit pattern is an f16; the extent starts on a
+        // granule, so the parameters are aligned (checked: pre/post empty).
+        let (pre, params, post) = unsafe { b[..8 * w].align_to::<f16>() };
+        assert!(pre.is_empty() && post.is_empty(), "quant copy misaligned");
         out.params.clear();
-        out.params.extend(
-            b[..8 * w]
-                .chunks_exact(2)
-                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-        );
+        out.params.resize(4 * w, 0.0);
+        // half converts a slice with F16C when the CPU has it.
+        params.convert_to_f32_slice(&mut out.params);
         let rows = self.tokens * self.bits.row_bytes(w);
         let codes = &b[8 * w..];
         for (t, x) in [&mut out.k, &mut out.v].into_iter().enumerate() {
@@ -173,27 +176,31 @@ fn encode<E: KvElem>(k: &[E], v: &[E], width: usize, bits: QuantBits, out: &mut 
     let tokens = k.len() / width;
     let rows = tokens * bits.row_bytes(width);
     let mut scratch = QuantScratch::new(width);
-    let (mut lo, mut step) = (vec![0f32; width], vec![0f32; width]);
+    // lo then step, f32.
+    let mut ls = vec![0f32; 2 * width];
     let (params, codes) = out.split_at_mut(8 * width);
+    // SAFETY: every bit pattern is an f16; the extent starts on a granule,
+    // so the parameters are aligned (checked: pre/post empty).
+    let (pre, params, post) = unsafe { params.align_to_mut::<f16>() };
+    assert!(pre.is_empty() && post.is_empty(), "quant copy misaligned");
     for (t, x) in [k, v].into_iter().enumerate() {
-        quant_params(x, width, bits, &mut scratch, &mut lo, &mut step);
+        let (lo, step) = ls.split_at_mut(width);
+        quant_params(x, width, bits, &mut scratch, lo, step);
         // The codes are made against the f16-rounded parameters, so that
         // decoding gives back what was encoded.
-        let p = &mut params[4 * t * width..4 * (t + 1) * width];
-        for (i, x) in lo.iter_mut().chain(step.iter_mut()).enumerate() {
-            let h = f16::from_f32(*x);
-            if !h.is_finite() {
-                return false;
-            }
-            *x = h.to_f32();
-            p[2 * i..2 * i + 2].copy_from_slice(&h.to_bits().to_le_bytes());
+        let p = &mut params[2 * t * width..2 * (t + 1) * width];
+        p.convert_from_f32_slice(&ls);
+        if !p.iter().all(|h| h.is_finite()) {
+            return false;
         }
+        p.convert_to_f32_slice(&mut ls);
+        let (lo, step) = ls.split_at(width);
         quantize(
             x,
             width,
             bits,
-            &lo,
-            &step,
+            lo,
+            step,
             &mut scratch,
             &mut codes[t * rows..(t + 1) * rows],
         );
