@@ -59,6 +59,9 @@ struct Region {
     map: MmapRaw,
     len: u64,
     alloc: Mutex<ExtentAllocator>,
+    /// `strata_attend_quant_bytes`, set on every allocation and free (a
+    /// dropped copy's extent is freed when its last holder lets go).
+    used_gauge: Gauge,
 }
 
 impl Region {
@@ -71,6 +74,21 @@ impl Region {
     fn used(&self) -> u64 {
         let a = self.allocator();
         a.capacity_bytes() - a.free_bytes()
+    }
+
+    fn allocate(&self, len: usize) -> Option<u64> {
+        let mut a = self.allocator();
+        let off = a.allocate(len as u64)?;
+        self.used_gauge
+            .set((a.capacity_bytes() - a.free_bytes()) as f64);
+        Some(off)
+    }
+
+    fn free(&self, offset: u64, len: usize) {
+        let mut a = self.allocator();
+        a.free(offset, len as u64);
+        self.used_gauge
+            .set((a.capacity_bytes() - a.free_bytes()) as f64);
     }
 }
 
@@ -92,7 +110,7 @@ pub struct QuantCopy {
 
 impl Drop for QuantCopy {
     fn drop(&mut self) {
-        self.region.allocator().free(self.offset, self.len as u64);
+        self.region.free(self.offset, self.len);
     }
 }
 
@@ -324,6 +342,7 @@ impl QuantCopies {
                 map: MmapRaw::from(map),
                 len,
                 alloc: Mutex::new(ExtentAllocator::new(len, GRANULE)),
+                used_gauge: metrics.used_bytes.clone(),
             }),
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
@@ -446,7 +465,6 @@ impl QuantCopies {
         };
         self.inner().put(key, Arc::new(copy), None);
         self.metrics.made.increment(1);
-        self.metrics.used_bytes.set(self.used_bytes() as f64);
     }
 
     /// Fills the extent at `offset` with `fill` and makes the copy of the
@@ -492,7 +510,7 @@ impl QuantCopies {
     fn room(&self, len: usize) -> Option<u64> {
         let mut from = 0u64;
         loop {
-            if let Some(off) = self.region.allocator().allocate(len as u64) {
+            if let Some(off) = self.region.allocate(len) {
                 return Some(off);
             }
             let mut inner = self.inner();
@@ -526,7 +544,7 @@ impl QuantCopies {
         drop(old);
         let bits = QuantBits::Int4;
         let len = copy_bytes(tokens, width, bits);
-        let offset = self.region.allocator().allocate(len as u64)?;
+        let offset = self.region.allocate(len)?;
         self.write(offset, len, bits, tokens, width, from, |out| {
             encode(&x.k, &x.v, width, bits, out)
         })
