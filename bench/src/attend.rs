@@ -74,29 +74,26 @@ fn round_f16(x: &[f32]) -> Vec<f32> {
 
 /// Stores `k`, `v` (`[n][D]`, f16-exact) as one chain of blocks (each block
 /// K `[16][D]` then V `[16][D]`, f16) and returns its keys.
-/// `x` (`[n][D]`) as an int8 payload gives it back: each block's
+/// `x` (`[n][D]`) as an int8 (int4) payload gives it back, as the
+/// daemon's quant copies hold it (attend/quant.rs): each block's
 /// `[TOKENS_PER_BLOCK][D]` tile quantised per channel
-/// (`strata_kernels::quant`, from the f16 values a block holds) and
-/// dequantised.
-fn int8_round_trip(x: &[f32]) -> Vec<f32> {
+/// (`strata_kernels::quant`, from the f16 values a block holds) against
+/// its `lo` and `step` rounded to f16, and dequantised.
+fn quant_round_trip(x: &[f32], bits: QuantBits) -> Vec<f32> {
     let row = TOKENS_PER_BLOCK * D;
     let mut s = QuantScratch::new(D);
     let (mut lo, mut step) = (vec![0f32; D], vec![0f32; D]);
-    let mut codes = vec![0u8; row];
+    let mut codes = vec![0u8; TOKENS_PER_BLOCK * bits.row_bytes(D)];
     let mut out = vec![0f32; x.len()];
     for (t, o) in x.chunks(row).zip(out.chunks_mut(row)) {
         let t: Vec<f16> = t.iter().map(|&v| f16::from_f32(v)).collect();
-        quant_params(&t, D, QuantBits::Int8, &mut s, &mut lo, &mut step);
-        quantize(
-            &t,
-            D,
-            QuantBits::Int8,
-            &lo,
-            &step,
-            &mut s,
-            &mut codes[..t.len()],
-        );
-        dequantize(&codes[..t.len()], D, QuantBits::Int8, &lo, &step, o);
+        quant_params(&t, D, bits, &mut s, &mut lo, &mut step);
+        for p in lo.iter_mut().chain(step.iter_mut()) {
+            *p = f16::from_f32(*p).to_f32();
+        }
+        let c = &mut codes[..t.len() / D * bits.row_bytes(D)];
+        quantize(&t, D, bits, &lo, &step, &mut s, c);
+        dequantize(c, D, bits, &lo, &step, o);
     }
     out
 }
@@ -385,14 +382,22 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         for &n in sizes {
             let h = generate(regime, n)?;
             let keys = store_head(&mut c, ns, ri as u32, &h.keys, &h.values).await?;
-            // The same head with its payload through int8 (per block and
-            // tensor, per channel: what a cold int8 copy would give the
-            // math), in a namespace of its own; exact stays the f16 data.
-            let (k8, v8) = (int8_round_trip(&h.keys), int8_round_trip(&h.values));
-            let mut l8 = layout();
-            l8.model_id = format!("bench/attend-int8/{}/{n}", regime.name());
-            let ns8 = c.register_layout(&l8).await?.namespace;
-            let keys8 = store_head(&mut c, ns8, 100 + ri as u32, &k8, &v8).await?;
+            // The same head with its payload through int8 and int4 (per
+            // block and tensor, per channel: what the daemon's quant copies
+            // give the math), each in a namespace of its own; exact stays
+            // the f16 data.
+            let mut quant_keys = Vec::new();
+            for (tag, bits) in [("int8", QuantBits::Int8), ("int4", QuantBits::Int4)] {
+                let (kq, vq) = (
+                    quant_round_trip(&h.keys, bits),
+                    quant_round_trip(&h.values, bits),
+                );
+                let mut lq = layout();
+                lq.model_id = format!("bench/attend-{tag}/{}/{n}", regime.name());
+                let nsq = c.register_layout(&lq).await?.namespace;
+                let seq = 100 + 10 * quant_keys.len() as u32 + ri as u32;
+                quant_keys.push((nsq, store_head(&mut c, nsq, seq, &kq, &vq).await?));
+            }
             store_head(&mut c1, ns1, ri as u32, &h.keys, &h.values).await?;
             let mut one_acc = Acc::default();
             let full = full_kv_fp16_bytes(n, D);
@@ -432,10 +437,17 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
             ];
             let mut accs: Vec<Acc> = modes.iter().map(|_| Acc::default()).collect();
             let int8_modes = [
-                ("dense, int8 payload", AttendMode::Dense),
+                ("dense, int8 payload", AttendMode::Dense, 0),
                 (
                     "sparse 5%, int8 payload",
                     AttendMode::Sparse(SparseBudget::Default),
+                    0,
+                ),
+                ("dense, int4 payload", AttendMode::Dense, 1),
+                (
+                    "sparse 5%, int4 payload",
+                    AttendMode::Sparse(SparseBudget::Default),
+                    1,
                 ),
             ];
             let mut int8_accs: Vec<Acc> = int8_modes.iter().map(|_| Acc::default()).collect();
@@ -513,8 +525,9 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
                         wire.push((n, format!("{name}, tail + f16"), a, b, full));
                     }
                 }
-                for ((_, mode), acc) in int8_modes.iter().zip(&mut int8_accs) {
-                    let out = attend_one(&mut c, &request(ns8, *mode, &keys8, q)).await?;
+                for ((_, mode, qi), acc) in int8_modes.iter().zip(&mut int8_accs) {
+                    let (nsq, keysq) = &quant_keys[*qi];
+                    let out = attend_one(&mut c, &request(*nsq, *mode, keysq, q)).await?;
                     if out.tokens_present != n as u64 {
                         bail!("Attend covered {} of {n} stored tokens", out.tokens_present);
                     }
@@ -545,7 +558,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
             for ((name, _), acc) in modes.iter().zip(&accs) {
                 rep.row(&acc.row(regime.name(), n, name));
             }
-            for ((name, _), acc) in int8_modes.iter().zip(&int8_accs) {
+            for ((name, ..), acc) in int8_modes.iter().zip(&int8_accs) {
                 rep.row(&acc.row(regime.name(), n, name));
             }
             rep.row(&one_acc.row(
@@ -559,7 +572,7 @@ pub async fn attend(rep: &mut Report, quick: bool) -> Result<()> {
         }
     }
     rep.note(&format!(
-        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on), blocks: two-stage ranking (compute.sparf_candidates = 3, the default): every block's upper bound from all d channels of its min/max box (max over the group), the best 3 × k/16 blocks rescored on all d channels of their key sketch, whole blocks best-first by the log-sum-exp of those scores until k tokens are in, then K and V of the chosen blocks read and attended exactly; summary read % = both bounds of every block and the candidates' code rows. one stage (a second daemon with sparf_candidates = 0): every token scored from the r = d/8 sketch rows, whole blocks best-first by the log-sum-exp of those scores. tokens: every block holding one of the top-k tokens by the r-channel scores. + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the r-channel sketch rows and the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at a running mean >= 0.3, blocks again at <= 0.2); calls that ranked leaves (a piece of half a block in the answer): {} of {}. int8 payload: the same head stored in its own namespace after its K and V went through int8 and back (per block and tensor, per-channel asymmetric, strata_kernels::quant: the values an int8 copy would give the math, and the abstracts computed from them); mass and relerr still against the f16 data (COMPUTE.md §3: int8 payload costs ≤ 0.005 mass).",
+        "One KV head, d = {D}, a GQA group of {QUERY_HEADS} query heads, f16 blocks of {TOKENS_PER_BLOCK} tokens (one layer), all in DRAM; {STEPS} decode steps spread over the generator's 256 (seed 1), means over steps and query heads. The daemon's (o, lse) over the tokens it chose is the estimate of full attention; exact = f64 over the stored (f16-rounded) K, V. tokens % = tokens attended ÷ N (SPARSE: the union over heads, sink and recent blocks included; SPARF: the KV head's set); the oracle is the exact top tokens at the same count. read % = bytes of the answer's tier read counters ÷ the head's fp16 K+V; summary read % = the abstracts (SPARSE) or key-sketch rows (SPARF) read from DRAM, same denominator. SPARF (compute.key_sketch on), blocks: two-stage ranking (compute.sparf_candidates = 3, the default): every block's upper bound from all d channels of its min/max box (max over the group), the best 3 × k/16 blocks rescored on all d channels of their key sketch, whole blocks best-first by the log-sum-exp of those scores until k tokens are in, then K and V of the chosen blocks read and attended exactly; summary read % = both bounds of every block and the candidates' code rows. one stage (a second daemon with sparf_candidates = 0): every token scored from the r = d/8 sketch rows, whole blocks best-first by the log-sum-exp of those scores. tokens: every block holding one of the top-k tokens by the r-channel scores. + mean correction: the blocks row's choice, with SparQ's reallocation o = alpha o_chosen + (1 - alpha) mean(V) per query head (alpha: the chosen set's softmax mass estimated from the head's r-channel scores at SparQ's temperature; mean(V) from the V sums kept with the sketches): its mass is that of the blocks row (the same tokens), its relerr is the corrected output's, and it is not a mergeable partial (the answer says so); summary read % adds the r-channel sketch rows and the V sums read. sparse b%, 8-token leaves: a daemon with compute.leaf_tokens = 8 (two leaves per block, each with its own min/max box and K/V checksums: abstracts 12.5% of the KV) ranking leaves (compute.leaf_level = \"leaf\") at a budget of b% of N: it reads and verifies only the chosen leaves' K and V rows (sink and recent blocks whole). sparse b%, adaptive: the same summaries, the level chosen per (namespace, layer) from the top-2% mass share of the tokens it attended (leaves at a running mean >= 0.3, blocks again at <= 0.2); calls that ranked leaves (a piece of half a block in the answer): {} of {}. int8 (int4) payload: the same head stored in its own namespace after its K and V went through int8 (int4) and back (per block and tensor, per-channel asymmetric, strata_kernels::quant, lo and step rounded to f16: the values the daemon's quant copies give the math under min_precision INT8 (INT4), and the abstracts computed from them); mass and relerr still against the f16 data (COMPUTE.md §3: int8 payload costs ≤ 0.005 mass).",
         half_block_calls[1], leaf_calls[1]
     ));
 
