@@ -2871,8 +2871,8 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
     assert_eq!(sp_stored.covered, sp.covered, "the same choice");
     assert_eq!(sp_stored.quantized_blocks, 0);
 
-    // SPARF scores from the stored K (read from NVMe: no sketches here)
-    // and attends its chosen blocks from the copies.
+    // SPARF (no key sketches here) scores every block from its copy's K
+    // and attends its chosen blocks from the copies: no device read.
     let sparf = AttendMode::Sparf {
         channels: None,
         tokens: Some(2 * TPB as u32),
@@ -2885,7 +2885,13 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
     assert_eq!(sf.head_covered, sf_stored.head_covered, "the same choice");
     assert_eq!(sf.quantized_blocks as usize, blocks_of(&sf.covered));
     assert!(sf.quantized_blocks >= 2 && !sf.exact);
-    assert!(sf.read_bytes(TierKind::Nvme) < sf_stored.read_bytes(TierKind::Nvme));
+    assert_eq!(sf.read_bytes(TierKind::Nvme), 0);
+    assert!(sf_stored.read_bytes(TierKind::Nvme) > 0);
+    // Scoring read every copy once, attending the chosen ones again.
+    assert_eq!(
+        sf.quantized_bytes,
+        (n as u64 + sf.quantized_blocks as u64) * copy
+    );
 
     let (_, m) = http_get(d.metrics, "/metrics").await;
     assert_eq!(

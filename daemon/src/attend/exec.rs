@@ -1069,7 +1069,7 @@ fn waves(seq: &Seq, blocks: &[usize], want: Want, wave_bytes: u64) -> Vec<Vec<us
 /// What block `i` needs from NVMe (None: it is read from DRAM).
 fn need_of(seq: &Seq, i: usize, want: Want) -> Option<Need> {
     let b = &seq.pin.blocks[i];
-    if b.dram.is_some() || (want == Want::Kv && seq.lease(i).is_some()) {
+    if b.dram.is_some() || seq.lease(i).is_some() {
         return None;
     }
     let (seg, loc) = b.nvme.clone()?;
@@ -1100,7 +1100,7 @@ async fn read_wave(
         if let Some(n) = need_of(seq, i, want) {
             needs.push(n);
             which.push(w);
-        } else if seq.pin.blocks[i].dram.is_none() && (want == Want::K || seq.lease(i).is_none()) {
+        } else if seq.pin.blocks[i].dram.is_none() && seq.lease(i).is_none() {
             // Neither copy is readable (NVMe fenced meanwhile): the
             // covered prefix ends here.
             seq.cut_at(i);
@@ -1899,6 +1899,9 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         })
         .await?;
     let channels = Arc::new(channels);
+    // With min_precision INT8/INT4, blocks with a quant copy are scored
+    // from it (no K read); their chosen tokens are attended from it too.
+    lease_copies(&mut seq, &need);
     for wave in waves(&seq, &need, Want::K, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0] >= c) {
             break;
@@ -1908,19 +1911,34 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
         (seq, scores, each) = ctx
             .blocking(move || {
                 let mut sc = SparfScratch::new(g, d, 0);
+                let mut dq = Decoded::default();
                 for (j, &i) in wave.iter().enumerate() {
                     if seq.cut.is_some_and(|c| i >= c) {
                         break;
                     }
-                    let Some((k, v)) = take_layer(&mut seq, i, Want::K, got[j].as_ref()) else {
-                        break;
+                    let (k, dtype) = match leased_layer(&seq, i, &mut dq) {
+                        Some(Ok(n)) => {
+                            // Read, not attended: bytes only (the answer
+                            // stays exact over what it attends).
+                            seq.qread.bytes += n;
+                            (f32_bytes(&dq.k), Dtype::F32)
+                        }
+                        Some(Err(())) => {
+                            seq.cut_at(i);
+                            break;
+                        }
+                        None => {
+                            let Some((k, _)) = take_layer(&mut seq, i, Want::K, got[j].as_ref())
+                            else {
+                                break;
+                            };
+                            // SAFETY: as in `attend_blocks`.
+                            (unsafe { slice_of(k) }, geom.dtype)
+                        }
                     };
-                    let _ = v;
-                    // SAFETY: as in `attend_blocks`.
-                    let k = unsafe { slice_of(k) };
                     let (start, n) = (seq.starts[i] as usize, seq.tokens[i] as usize);
                     let s = &seq.req.seqs[seq.idx];
-                    let score = match geom.dtype {
+                    let score = match dtype {
                         Dtype::F32 => score_block::<f32>,
                         Dtype::F16 => score_block::<f16>,
                         Dtype::Bf16 => score_block::<bf16>,
