@@ -2809,8 +2809,8 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
         r.min_precision = p;
         r
     };
-    let made = || async {
-        let (_, m) = http_get(d.metrics, "/metrics").await;
+    let made = |metrics| async move {
+        let (_, m) = http_get(metrics, "/metrics").await;
         counter(&m, "strata_attend_quant_copies_total{event=\"made\"}")
     };
     let nv = n as u32;
@@ -2820,7 +2820,7 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
     assert_eq!(stored.read_blocks(TierKind::Nvme), nv);
     assert!(stored.exact && stored.quantized_blocks == 0);
     assert!(relerr(&stored.o, &ro) < 5e-4);
-    assert_eq!(made().await, 0);
+    assert_eq!(made(d.metrics).await, 0);
 
     // INT8, first call: the device (an exact answer), and a copy of each
     // block's layer 1.
@@ -2828,7 +2828,7 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
     assert_eq!(first.read_blocks(TierKind::Nvme), nv);
     assert!(first.exact && first.quantized_blocks == 0);
     assert_eq!((&first.o, &first.lse), (&stored.o, &stored.lse));
-    assert_eq!(made().await, n as u64);
+    assert_eq!(made(d.metrics).await, n as u64);
 
     // INT8 again: the copies, no device read; approximate and close.
     let second = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Int8)).await;
@@ -2899,5 +2899,21 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
         2 * n as u64 + (sp.quantized_blocks + sf.quantized_blocks) as u64
     );
     assert!(counter(&m, "strata_attend_quant_bytes") >= n as u64 * copy);
+
+    // After a restart (the copies live in DRAM only), SPARF is the first
+    // to allow copies: it reads K and V of every block once, in its
+    // scoring phase (not K alone), and makes a copy of each; it attends
+    // its chosen blocks from those copies (no second read), and its next
+    // call reads no device byte.
+    let mut c = d.restart(cfg).await;
+    let first = attend1(&mut c, &at(1, sparf, Precision::Int8)).await;
+    assert_eq!(first.read_blocks(TierKind::Nvme), nv);
+    assert_eq!(first.read_bytes(TierKind::Nvme), nv as u64 * LAYER_BYTES);
+    assert_eq!(first.quantized_blocks as usize, blocks_of(&first.covered));
+    assert_eq!(made(d.metrics).await, n as u64);
+    let next = attend1(&mut c, &at(1, sparf, Precision::Int8)).await;
+    assert_eq!(next.read_bytes(TierKind::Nvme), 0);
+    assert_eq!(next.head_covered, first.head_covered);
+    assert!(next.quantized_blocks >= 2);
     d.stop().await;
 }

@@ -1901,12 +1901,20 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
     let channels = Arc::new(channels);
     // With min_precision INT8/INT4, blocks with a quant copy are scored
     // from it (no K read); their chosen tokens are attended from it too.
+    // Those without read K and V (not K alone) when the call allows
+    // copies, so that each gets one: a decode loop's later steps then read
+    // no device byte, for twice the bytes in this one.
     lease_copies(&mut seq, &need);
-    for wave in waves(&seq, &need, Want::K, ctx.cfg.read_wave_bytes) {
+    let want = if seq.quant.is_some() {
+        Want::Kv
+    } else {
+        Want::K
+    };
+    for wave in waves(&seq, &need, want, ctx.cfg.read_wave_bytes) {
         if seq.cut.is_some_and(|c| wave[0] >= c) {
             break;
         }
-        let got = read_wave(&mut seq, &wave, Want::K).await;
+        let got = read_wave(&mut seq, &wave, want).await;
         let channels = channels.clone();
         (seq, scores, each) = ctx
             .blocking(move || {
@@ -1916,24 +1924,30 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                     if seq.cut.is_some_and(|c| i >= c) {
                         break;
                     }
-                    let (k, dtype) = match leased_layer(&seq, i, &mut dq) {
+                    let (k, v, dtype) = match leased_layer(&seq, i, &mut dq) {
                         Some(Ok(n)) => {
                             // Read, not attended: bytes only (the answer
                             // stays exact over what it attends).
                             seq.qread.bytes += n;
-                            (f32_bytes(&dq.k), Dtype::F32)
+                            (f32_bytes(&dq.k), None, Dtype::F32)
                         }
                         Some(Err(())) => {
                             seq.cut_at(i);
                             break;
                         }
                         None => {
-                            let Some((k, _)) = take_layer(&mut seq, i, Want::K, got[j].as_ref())
-                            else {
+                            // A DRAM copy needs no quant copy: K alone.
+                            let w = match seq.pin.blocks[i].dram {
+                                Some(_) => Want::K,
+                                None => want,
+                            };
+                            let Some((k, v)) = take_layer(&mut seq, i, w, got[j].as_ref()) else {
                                 break;
                             };
                             // SAFETY: as in `attend_blocks`.
-                            (unsafe { slice_of(k) }, geom.dtype)
+                            let (k, v) = unsafe { (slice_of(k), slice_of(v)) };
+                            let fresh = w == Want::Kv && matches!(got[j], Some(Ok(_)));
+                            (k, fresh.then_some(v), geom.dtype)
                         }
                     };
                     let (start, n) = (seq.starts[i] as usize, seq.tokens[i] as usize);
@@ -1959,6 +1973,9 @@ async fn sparf(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, StoreError> {
                         &mut scores,
                         correct.then_some(&mut each[..]),
                     );
+                    if let Some(v) = v {
+                        keep_copy(&seq, i, k, v);
+                    }
                 }
                 (seq, scores, each)
             })
