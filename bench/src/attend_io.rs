@@ -297,6 +297,17 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
             AttendMode::Sparse(SparseBudget::Default),
             int8,
         ),
+        (
+            "SparF r=d/8 k=N/16, min_precision INT8 (int8 copies in DRAM)",
+            AttendMode::Sparf {
+                channels: None,
+                tokens: None,
+                by_token: false,
+                mean_correction: false,
+                joint_heads: false,
+            },
+            int8,
+        ),
     ] {
         let first = name.contains("first step");
         let steps = if first { 1 } else { steps };
