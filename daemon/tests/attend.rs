@@ -2917,3 +2917,48 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
     assert!(next.quantized_blocks >= 2);
     d.stop().await;
 }
+
+/// SPARSE at the leaf level on quant copies: each chosen leaf's rows are
+/// sliced from its block's copy; the same leaves as at stored precision,
+/// each block counted once however many of its leaves were chosen, no
+/// device read, and the answer close to the stored one.
+#[tokio::test]
+async fn sparse_leaves_on_quant_copies_slice_the_chosen_rows() {
+    let cfg = |c: &mut stratad::config::Config| {
+        c.tiers.nvme.write_through = true;
+        c.tiers.nvme.engine = "psync".into();
+        c.compute.hotness = false;
+        c.compute.quant_bytes = ByteSize(4 << 20);
+        c.compute.leaf_tokens = 8;
+        c.compute.leaf_level = "leaf".into();
+    };
+    let n = 2048;
+    let blocks = n / TPB;
+    let q = queries(31);
+    let kv = planted_kv(n, 30, &q);
+    let keys = chain(1, blocks);
+    let mut d = start(cfg).await;
+    let mut c = d.tcp_client().await;
+    let ns = c.register_layout(&layout()).await.unwrap().namespace;
+    put(&mut c, ns, &kv, 1, 0..blocks, None).await;
+    let mut c = d.restart(cfg).await;
+    let at = |mode: AttendMode, p: Precision| {
+        let mut r = request(ns, 1, mode, keys.clone(), &q);
+        r.min_precision = p;
+        r
+    };
+    // Copies of every block's layer 1 (DENSE reads them all).
+    attend1(&mut c, &at(AttendMode::Dense, Precision::Int8)).await;
+    let sparse = AttendMode::Sparse(SparseBudget::Tokens(96));
+    let stored = attend1(&mut c, &at(sparse, Precision::Stored)).await;
+    let copies = attend1(&mut c, &at(sparse, Precision::Int8)).await;
+    assert!(has_half_blocks(&stored.covered), "leaves were chosen");
+    assert_eq!(copies.covered, stored.covered, "the same leaves");
+    assert_eq!(copies.read_bytes(TierKind::Nvme), 0);
+    assert_eq!(copies.quantized_blocks as usize, blocks_of(&copies.covered));
+    assert!(!copies.exact);
+    let want: Vec<f64> = stored.o.iter().map(|&x| x as f64).collect();
+    let e = relerr(&copies.o, &want);
+    assert!(e > 0.0 && e < 1e-2, "int8 leaves relerr {e}");
+    d.stop().await;
+}

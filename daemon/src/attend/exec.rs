@@ -489,6 +489,9 @@ struct Seq {
     quant: Option<(Arc<QuantCopies>, QuantBits)>,
     leases: Vec<Option<Arc<QuantCopy>>>,
     qread: TierRead,
+    /// Blocks already counted in `qread.blocks` (a SPARSE block may come
+    /// in pieces split between parts).
+    qseen: Vec<bool>,
 }
 
 impl Seq {
@@ -745,6 +748,10 @@ fn seq_of(
         },
         leases: match quant {
             Some(_) => vec![None; n],
+            None => Vec::new(),
+        },
+        qseen: match quant {
+            Some(_) => vec![false; n],
             None => Vec::new(),
         },
         quant,
@@ -1633,9 +1640,11 @@ fn apply_part(seq: &mut Seq, part: Part) -> bool {
     for &(i, tier, n) in &part.reads {
         seq.count(i, tier, n);
     }
-    for &(_, n) in &part.quant {
-        seq.qread.blocks += 1;
-        seq.qread.bytes += n;
+    for &(i, n) in &part.quant {
+        if !std::mem::replace(&mut seq.qseen[i], true) {
+            seq.qread.blocks += 1;
+            seq.qread.bytes += n;
+        }
     }
     // A block attended in pieces (SPARSE leaves) sums them.
     let heads = seq.input().heads;

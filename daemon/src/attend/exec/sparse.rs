@@ -355,20 +355,28 @@ fn compute_pieces(
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); if sample { kv } else { 0 }];
     let last = seq.present().saturating_sub(1);
     let mut dq = Decoded::default();
+    // The block `dq` holds: its leaves' pieces come one after another.
+    let mut decoded = None;
     let width = kv * d;
     for (p, got) in pieces.iter().zip(got) {
         let i = p.block;
-        match leased_layer(seq, i, &mut dq) {
+        let copy = match decoded {
+            Some(b) if b == i => Some(Ok(0)),
+            _ => leased_layer(seq, i, &mut dq),
+        };
+        if matches!(copy, Some(Ok(_))) {
+            decoded = Some(i);
+        }
+        match copy {
             Some(Ok(n)) => {
                 // Only the piece's rows of the copy (its whole block's).
                 let t = piece_tokens(seq, &lg, p);
                 let rows = t.start as usize * width..t.end as usize * width;
                 let (k, v) = (f32_bytes(&dq.k[rows.clone()]), f32_bytes(&dq.v[rows]));
                 let n_rows = t.len() as u32;
-                // A block attended in pieces counts its copy once.
-                if part.quant.last().is_none_or(|&(b, _)| b != i) {
-                    part.quant.push((i, n));
-                }
+                // A block attended in pieces counts its copy once
+                // (`apply_part` keeps the first).
+                part.quant.push((i, n));
                 part.before(&states);
                 attend_rows::<f32>(seq, &mut states, k, v, &mut w, &|_, rows| {
                     rows.extend(0..n_rows)
