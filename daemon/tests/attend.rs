@@ -2848,6 +2848,17 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
         assert!((*a as f64 - b).abs() < 1e-2, "lse {a} against {b}");
     }
 
+    // A batch of two such sequences: each answers as alone.
+    let mut two = at(1, AttendMode::Dense, Precision::Int8);
+    two.sequences.push(two.sequences[0].clone());
+    for out in c.attend(&two).await.unwrap() {
+        assert_eq!(
+            (out.quantized_blocks, &out.o, &out.lse),
+            (nv, &second.o, &second.lse)
+        );
+        assert_eq!(out.read_bytes(TierKind::Nvme), 0);
+    }
+
     // An INT4 floor takes the int8 copies too; STORED never does.
     let four = attend1(&mut c, &at(1, AttendMode::Dense, Precision::Int4)).await;
     assert_eq!((four.quantized_blocks, &four.o), (nv, &second.o));
@@ -2896,7 +2907,7 @@ async fn quant_copies_stand_in_for_nvme_when_a_call_allows_them() {
     let (_, m) = http_get(d.metrics, "/metrics").await;
     assert_eq!(
         counter(&m, "strata_attend_read_blocks_total{tier=\"quant\"}"),
-        2 * n as u64 + (sp.quantized_blocks + sf.quantized_blocks) as u64
+        4 * n as u64 + (sp.quantized_blocks + sf.quantized_blocks) as u64
     );
     assert!(counter(&m, "strata_attend_quant_bytes") >= n as u64 * copy);
 

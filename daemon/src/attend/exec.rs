@@ -533,8 +533,9 @@ enum Want {
 }
 
 /// DENSE over a batch. The sequences whose present blocks all have a DRAM
-/// copy are computed as one pool of work ([`dense_in_dram`]); the others
-/// go wave by wave, reading NVMe, beside it.
+/// copy (or a quant copy this call may use) are computed as one pool of
+/// work ([`dense_in_dram`]); the others go wave by wave, reading NVMe,
+/// beside it.
 async fn dense(
     ctx: &AttendCtx,
     req: &Arc<Checked>,
@@ -543,9 +544,19 @@ async fn dense(
     let mut here = Vec::new();
     let mut away = Vec::new();
     for (i, pin) in pins.into_iter().enumerate() {
-        let seq = seq_of(req.clone(), i, pin, ctx.cfg.hot_factor, ctx.quant_for(req));
+        let mut seq = seq_of(req.clone(), i, pin, ctx.cfg.hot_factor, ctx.quant_for(req));
+        // Blocks on quant copies need no read either: such a sequence
+        // joins the pool too.
+        if !ctx.cfg.promote {
+            let all: Vec<usize> = (0..seq.present()).collect();
+            lease_copies(&mut seq, &all);
+        }
         let blocks = &seq.pin.blocks[..seq.present()];
-        if blocks.iter().all(|b| b.dram.is_some()) {
+        if blocks
+            .iter()
+            .enumerate()
+            .all(|(j, b)| b.dram.is_some() || seq.lease(j).is_some())
+        {
             here.push(seq);
         } else {
             away.push(seq);
