@@ -189,6 +189,19 @@ async fn put_heads(
 
 /// One decode step from NVMe: sparse and dense Attend per layer vs loading
 /// the whole KV from the same disk.
+/// SPARF at its defaults (r = d/8, k = N/16): whole blocks, or with
+/// `by_token` the top-k single tokens; `joint_heads`: one choice for the
+/// layer.
+fn sparf_default(by_token: bool, joint_heads: bool) -> AttendMode {
+    AttendMode::Sparf {
+        channels: None,
+        tokens: None,
+        by_token,
+        mean_correction: false,
+        joint_heads,
+    }
+}
+
 pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
     let (layers, kv) = (8u32, 2u32);
     let n: u32 = if quick { 4 << 10 } else { 32 << 10 };
@@ -259,26 +272,10 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
             AttendMode::Sparse(SparseBudget::Default),
             stored,
         ),
-        (
-            "SparF r=d/8 k=N/16",
-            AttendMode::Sparf {
-                channels: None,
-                tokens: None,
-                by_token: false,
-                mean_correction: false,
-                joint_heads: false,
-            },
-            stored,
-        ),
+        ("SparF r=d/8 k=N/16", sparf_default(false, false), stored),
         (
             "SparF r=d/8 k=N/16, joint heads",
-            AttendMode::Sparf {
-                channels: None,
-                tokens: None,
-                by_token: false,
-                mean_correction: false,
-                joint_heads: true,
-            },
+            sparf_default(false, true),
             stored,
         ),
         ("dense", AttendMode::Dense, stored),
@@ -299,13 +296,7 @@ pub async fn nvme_steps(rep: &mut Report, quick: bool) -> Result<()> {
         ),
         (
             "SparF r=d/8 k=N/16, min_precision INT8 (int8 copies in DRAM)",
-            AttendMode::Sparf {
-                channels: None,
-                tokens: None,
-                by_token: false,
-                mean_correction: false,
-                joint_heads: false,
-            },
+            sparf_default(false, false),
             int8,
         ),
     ] {
@@ -646,26 +637,8 @@ pub async fn near_vs_ship(rep: &mut Report, quick: bool) -> Result<()> {
     let mut near = Vec::new();
     for (name, mode) in [
         ("dense", AttendMode::Dense),
-        (
-            "SparF r=d/8 k=N/16, blocks",
-            AttendMode::Sparf {
-                channels: None,
-                tokens: None,
-                by_token: false,
-                mean_correction: false,
-                joint_heads: false,
-            },
-        ),
-        (
-            "SparF r=d/8 k=N/16, tokens",
-            AttendMode::Sparf {
-                channels: None,
-                tokens: None,
-                by_token: true,
-                mean_correction: false,
-                joint_heads: false,
-            },
-        ),
+        ("SparF r=d/8 k=N/16, blocks", sparf_default(false, false)),
+        ("SparF r=d/8 k=N/16, tokens", sparf_default(true, false)),
     ] {
         for compact in [false, true] {
             // The engine's choice of form: every key and f32 queries/outputs,
