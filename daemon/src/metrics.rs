@@ -428,12 +428,12 @@ impl AttendMetrics {
                 "Blocks an Attend answer found hot (compute.hot_factor times an even share of some query head's attention or more): touched for eviction order",
                 &[],
             ),
-            quant: crate::attend::quant::QuantMetrics::new(r),
             hot_promoted: r.counter(
                 "strata_attend_hot_promoted_total",
                 "Hot NVMe-only blocks handed to a background promotion into DRAM (compute.hotness)",
                 &[],
             ),
+            quant: crate::attend::quant::QuantMetrics::new(r),
         }
     }
 }

@@ -547,7 +547,7 @@ async fn dense(
         let mut seq = seq_of(req.clone(), i, pin, ctx.cfg.hot_factor, ctx.quant_for(req));
         // Blocks on quant copies need no read either: such a sequence
         // joins the pool too.
-        if !ctx.cfg.promote {
+        if !ctx.cfg.promote && seq.quant.is_some() {
             let all: Vec<usize> = (0..seq.present()).collect();
             lease_copies(&mut seq, &all);
         }

@@ -191,11 +191,49 @@ pub struct Decoded {
 /// ([`copy_bytes`] long); false when a range does not fit f16 (a value
 /// past ±65504): no copy then.
 fn encode<E: KvElem>(k: &[E], v: &[E], width: usize, bits: QuantBits, out: &mut [u8]) -> bool {
+    ENCODE.with_borrow_mut(|e| {
+        if e.width < width {
+            *e = EncodeScratch {
+                width,
+                q: QuantScratch::new(width),
+                ls: vec![0f32; 2 * width],
+            };
+        }
+        encode_with(k, v, width, bits, &mut e.q, &mut e.ls[..2 * width], out)
+    })
+}
+
+/// Scratch of [`encode`], one per compute thread, grown to the widest
+/// layout seen: a copy is made per block read, so nothing is allocated
+/// for it.
+struct EncodeScratch {
+    width: usize,
+    q: QuantScratch,
+    /// lo then step, f32.
+    ls: Vec<f32>,
+}
+
+thread_local! {
+    static ENCODE: std::cell::RefCell<EncodeScratch> = std::cell::RefCell::new(EncodeScratch {
+        width: 0,
+        q: QuantScratch::new(0),
+        ls: Vec::new(),
+    });
+    /// A demoted copy's values ([`QuantCopies::demote`]).
+    static DEMOTE: std::cell::RefCell<Decoded> = std::cell::RefCell::new(Decoded::default());
+}
+
+fn encode_with<E: KvElem>(
+    k: &[E],
+    v: &[E],
+    width: usize,
+    bits: QuantBits,
+    scratch: &mut QuantScratch,
+    ls: &mut [f32],
+    out: &mut [u8],
+) -> bool {
     let tokens = k.len() / width;
     let rows = tokens * bits.row_bytes(width);
-    let mut scratch = QuantScratch::new(width);
-    // lo then step, f32.
-    let mut ls = vec![0f32; 2 * width];
     let (params, codes) = out.split_at_mut(8 * width);
     // SAFETY: every bit pattern is an f16; the extent starts on a granule,
     // so the parameters are aligned (checked: pre/post empty).
@@ -203,15 +241,15 @@ fn encode<E: KvElem>(k: &[E], v: &[E], width: usize, bits: QuantBits, out: &mut 
     assert!(pre.is_empty() && post.is_empty(), "quant copy misaligned");
     for (t, x) in [k, v].into_iter().enumerate() {
         let (lo, step) = ls.split_at_mut(width);
-        quant_params(x, width, bits, &mut scratch, lo, step);
+        quant_params(x, width, bits, scratch, lo, step);
         // The codes are made against the f16-rounded parameters, so that
         // decoding gives back what was encoded.
         let p = &mut params[2 * t * width..2 * (t + 1) * width];
-        p.convert_from_f32_slice(&ls);
+        p.convert_from_f32_slice(ls);
         if !p.iter().all(|h| h.is_finite()) {
             return false;
         }
-        p.convert_to_f32_slice(&mut ls);
+        p.convert_to_f32_slice(ls);
         let (lo, step) = ls.split_at(width);
         quantize(
             x,
@@ -219,7 +257,7 @@ fn encode<E: KvElem>(k: &[E], v: &[E], width: usize, bits: QuantBits, out: &mut 
             bits,
             lo,
             step,
-            &mut scratch,
+            scratch,
             &mut codes[t * rows..(t + 1) * rows],
         );
     }
@@ -534,19 +572,20 @@ impl QuantCopies {
     /// `old` (int8) as int4, when it verifies and the int4 copy finds room
     /// once `old` itself is freed (not when a call still holds it).
     fn demote(&self, old: Arc<QuantCopy>) -> Option<QuantCopy> {
-        let mut x = Decoded::default();
-        if !old.decode(&mut x) {
-            self.metrics.corrupt.increment(1);
-            return None;
-        }
-        let (tokens, width) = (old.tokens, old.width);
-        let from = (old.block_checksum, old.block_len);
-        drop(old);
-        let bits = QuantBits::Int4;
-        let len = copy_bytes(tokens, width, bits);
-        let offset = self.region.allocate(len)?;
-        self.write(offset, len, bits, tokens, width, from, |out| {
-            encode(&x.k, &x.v, width, bits, out)
+        DEMOTE.with_borrow_mut(|x| {
+            if !old.decode(x) {
+                self.metrics.corrupt.increment(1);
+                return None;
+            }
+            let (tokens, width) = (old.tokens, old.width);
+            let from = (old.block_checksum, old.block_len);
+            drop(old);
+            let bits = QuantBits::Int4;
+            let len = copy_bytes(tokens, width, bits);
+            let offset = self.region.allocate(len)?;
+            self.write(offset, len, bits, tokens, width, from, |out| {
+                encode(&x.k, &x.v, width, bits, out)
+            })
         })
     }
 }

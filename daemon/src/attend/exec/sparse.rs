@@ -509,13 +509,11 @@ pub(super) async fn sparse(ctx: &AttendCtx, seq: Seq) -> Result<SeqResult, Store
             (seq, pieces, ab)
         })
         .await?;
-    if ctx.cfg.promote {
-        let mut blocks: Vec<usize> = pieces.iter().map(|p| p.block).collect();
-        blocks.dedup();
-        promote(&mut seq, &blocks).await;
-    }
     let mut blocks: Vec<usize> = pieces.iter().map(|p| p.block).collect();
     blocks.dedup();
+    if ctx.cfg.promote {
+        promote(&mut seq, &blocks).await;
+    }
     lease_copies(&mut seq, &blocks);
     let mut scores: Vec<Vec<f32>> = Vec::new();
     for wave in piece_waves(&seq, &pieces, ctx.cfg.read_wave_bytes) {
